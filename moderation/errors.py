@@ -1,0 +1,45 @@
+"""One exception root for the package, with exceptions that say what the caller should do."""
+
+from __future__ import annotations
+
+from enum import StrEnum
+
+
+class Reason(StrEnum):
+    """Stable dead-letter reason codes. Consumers key alerts and replays on these: never rename one."""
+
+    INVALID_EVENT = "invalid_event"
+    UNSUPPORTED_SCHEMA = "unsupported_schema"
+    FORBIDDEN_BUCKET = "forbidden_bucket"
+    OBJECT_MISSING = "object_missing"
+    STORAGE_UNAVAILABLE = "storage_unavailable"
+    TOO_LARGE = "too_large"
+    EMPTY_OBJECT = "empty_object"
+    INVALID_IMAGE = "invalid_image"
+    TOO_MANY_PIXELS = "too_many_pixels"
+    INFERENCE_FAILED = "inference_failed"
+    INFERENCE_UNAVAILABLE = "inference_unavailable"
+
+
+RETRYABLE = frozenset({Reason.STORAGE_UNAVAILABLE, Reason.INFERENCE_UNAVAILABLE, Reason.INFERENCE_FAILED})
+
+
+class ModerationError(Exception):
+    """Root of our errors."""
+
+
+class Rejected(ModerationError):
+    """This event cannot be moderated: dead-letter it with a stable reason code."""
+
+    def __init__(self, reason: Reason, detail: str) -> None:
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
+        self.detail = detail
+
+    @property
+    def retryable(self) -> bool:
+        return self.reason in RETRYABLE
+
+
+class ModelError(ModerationError):
+    """The model could not be loaded or run."""
