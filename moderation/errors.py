@@ -12,16 +12,21 @@ class Reason(StrEnum):
     UNSUPPORTED_SCHEMA = "unsupported_schema"
     FORBIDDEN_BUCKET = "forbidden_bucket"
     OBJECT_MISSING = "object_missing"
+    ACCESS_DENIED = "access_denied"
     STORAGE_UNAVAILABLE = "storage_unavailable"
     TOO_LARGE = "too_large"
+    CHECKSUM_MISMATCH = "checksum_mismatch"
     EMPTY_OBJECT = "empty_object"
     INVALID_IMAGE = "invalid_image"
     TOO_MANY_PIXELS = "too_many_pixels"
     INFERENCE_FAILED = "inference_failed"
     INFERENCE_UNAVAILABLE = "inference_unavailable"
+    INTERNAL_ERROR = "internal_error"
 
 
-RETRYABLE = frozenset({Reason.STORAGE_UNAVAILABLE, Reason.INFERENCE_UNAVAILABLE, Reason.INFERENCE_FAILED})
+RETRYABLE = frozenset(
+    {Reason.STORAGE_UNAVAILABLE, Reason.INFERENCE_UNAVAILABLE, Reason.INFERENCE_FAILED, Reason.INTERNAL_ERROR}
+)
 
 
 class ModerationError(Exception):

@@ -1,0 +1,111 @@
+"""The Faust topology, top to bottom: uploads -> moderate a batch -> verdicts / flagged / dead letters.
+
+Offsets: the agent takes batches without acking (`noack_take`) and acks an event only after the
+broker acknowledged every outcome published for it, so a committed offset always means a delivered
+outcome. Agent concurrency stays 1: faust-streaming commits past in-flight messages otherwise
+(faust-streaming issue 606); the batch's I/O runs concurrently inside the agent instead.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+
+import faust
+from faust.types import EventT
+
+from moderation.detector import TritonDetector
+from moderation.events import DeadLetter
+from moderation.kafka import faust_credentials
+from moderation.pipeline import Incoming, Outcome, Pipeline
+from moderation.policy import Policy
+from moderation.settings import Settings
+from moderation.storage import S3Store
+
+log = logging.getLogger(__name__)
+
+DELIVERY_ATTEMPTS = 5
+
+
+def create_app(settings: Settings) -> faust.App:
+    app = faust.App(settings.kafka_consumer_group, **faust_options(settings))
+    topic_options = {"key_type": bytes, "value_type": bytes, "partitions": settings.kafka_topic_partitions}
+    uploads = app.topic(settings.topic_uploads, **topic_options)
+    verdicts = app.topic(settings.topic_verdicts, **topic_options)
+    flagged = app.topic(settings.topic_flagged, **topic_options)
+    dead_letters = app.topic(settings.topic_dlq, **topic_options)
+
+    def routes(outcome: Outcome) -> list[faust.TopicT]:
+        if isinstance(outcome, DeadLetter):
+            return [dead_letters]
+        return [verdicts, flagged] if outcome.action == "flag" else [verdicts]
+
+    @app.agent(uploads, concurrency=1)
+    async def moderate_uploads(stream: faust.StreamT[bytes]) -> None:
+        async with open_pipeline(settings) as pipeline:
+            async for events in stream.noack_take(settings.batch_size, within=settings.batch_wait_s):
+                outcomes = await pipeline.moderate_batch([incoming(event) for event in events])
+                await asyncio.gather(
+                    *(deliver(topic, outcome) for outcome in outcomes for topic in routes(outcome))
+                )
+                for event in events:
+                    await stream.ack(event)
+
+    return app
+
+
+@contextlib.asynccontextmanager
+async def open_pipeline(settings: Settings) -> AsyncIterator[Pipeline]:
+    """S3 and Triton clients, opened once per worker and closed when it stops."""
+    store, detector = S3Store(settings), TritonDetector(settings)
+    await store.start()
+    try:
+        await detector.start()
+        try:
+            yield Pipeline(store, detector, Policy.from_settings(settings), settings.max_image_pixels)
+        finally:
+            await detector.stop()
+    finally:
+        await store.stop()
+
+
+def incoming(event: EventT) -> Incoming:
+    message = event.message
+    return Incoming(value=event.value, topic=message.topic, partition=message.partition, offset=message.offset)
+
+
+async def deliver(topic: faust.TopicT, outcome: Outcome) -> None:
+    """Publish keyed by event_id and wait for the broker's ack, retrying a few times with backoff."""
+    key = outcome.event_id.encode() if outcome.event_id else None
+    for attempt in range(1, DELIVERY_ATTEMPTS + 1):
+        try:
+            await (await topic.send(key=key, value=outcome.to_bytes()))
+            return
+        except Exception:
+            if attempt == DELIVERY_ATTEMPTS:
+                raise  # the event stays un-acked, so its offset is never committed
+            log.warning("publish to %s failed (attempt %d), retrying", topic.get_topic_name(), attempt)
+            await asyncio.sleep(min(0.2 * 2**attempt, 5.0))
+
+
+def faust_options(settings: Settings) -> dict[str, object]:
+    return {
+        "broker": [f"kafka://{server.strip()}" for server in settings.kafka_bootstrap_servers.split(",")],
+        "broker_credentials": faust_credentials(settings),
+        "key_serializer": "raw",
+        "value_serializer": "raw",
+        "store": "memory://",
+        "web_enabled": False,
+        "datadir": str(settings.data_dir),
+        "producer_acks": -1,
+        "consumer_auto_offset_reset": "earliest",
+        "topic_partitions": settings.kafka_topic_partitions,
+        "broker_rebalance_timeout": settings.kafka_rebalance_timeout_s,
+        "broker_session_timeout": settings.kafka_session_timeout_s,
+        "broker_heartbeat_interval": settings.kafka_heartbeat_interval_s,
+        "broker_max_poll_interval": settings.kafka_max_poll_interval_s,
+        "broker_commit_interval": 1.0,
+        "stream_buffer_maxsize": max(4 * settings.batch_size, 64),
+    }

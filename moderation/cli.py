@@ -1,0 +1,158 @@
+"""The `moderation` command: worker, local stack, demo, publishing, schemas and settings."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+
+from moderation.events import json_schemas
+from moderation.settings import Settings, env_table
+
+app = typer.Typer(help="Spot AI-generated images in an upload stream with FakeVLM.", no_args_is_help=True)
+dev = typer.Typer(help="The embedded local stack: Tansu (Kafka), SeaweedFS (S3), Triton.", no_args_is_help=True)
+model = typer.Typer(help="Model checkpoints.", no_args_is_help=True)
+app.add_typer(dev, name="dev")
+app.add_typer(model, name="model")
+console = Console()
+
+DEFAULT_HOME = Path(".moderation")
+EnvFile = Annotated[Path | None, typer.Option("--env-file", help="KEY=VALUE file, e.g. a stack's stack.env.")]
+RunDir = Annotated[Path, typer.Option("--run-dir", help="Where the stack keeps its state and logs.")]
+Checkpoint = Annotated[
+    Path | None,
+    typer.Option("--checkpoint", help="FakeVLM checkpoint directory (default: build the tiny test model)."),
+]
+
+
+def load_settings(env_file: Path | None) -> Settings:
+    return Settings(_env_file=env_file) if env_file else Settings()  # type: ignore[call-arg]
+
+
+@app.command()
+def worker(env_file: EnvFile = None) -> None:
+    """Run the stream worker (a Faust app) until SIGTERM or Ctrl-C."""
+    import faust
+
+    from moderation.app import create_app
+
+    settings = load_settings(env_file)
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    faust.Worker(create_app(settings), loglevel=settings.log_level, quiet=True).execute_from_commandline()
+
+
+@app.command()
+def demo(
+    workdir: Annotated[Path, typer.Option(help="Scratch directory for the stack and samples.")] = DEFAULT_HOME / "demo",
+    checkpoint: Checkpoint = None,
+    images: Annotated[int, typer.Option(min=1, help="Sample images to upload.")] = 12,
+) -> None:
+    """Bring the local stack up, push sample and bad uploads through a worker, show every outcome."""
+    from moderation.demo import run_demo
+
+    if not run_demo(workdir, checkpoint, console, images):
+        raise typer.Exit(1)
+
+
+@app.command()
+def publish(
+    files: Annotated[list[Path], typer.Argument(exists=True, dir_okay=False, help="Images to upload.")],
+    bucket: Annotated[str | None, typer.Option(help="Bucket (default: the first allowed bucket).")] = None,
+    tenant: Annotated[str | None, typer.Option(help="Tenant to put on the events.")] = None,
+    env_file: EnvFile = None,
+) -> None:
+    """Upload local images to S3 and publish their upload events, as a platform backend would."""
+    from moderation.client import event_message, publish, upload_images
+
+    settings = load_settings(env_file)
+    target = bucket or next(iter(settings.s3_allowed_buckets), None)
+    if target is None:
+        raise typer.BadParameter("give --bucket or set MODERATION_S3_ALLOWED_BUCKETS")
+    events = asyncio.run(upload_images(settings, files, bucket=target, tenant=tenant))
+    asyncio.run(publish(settings, [event_message(e) for e in events]))
+    for event in events:
+        console.print(f"{event.event_id}  s3://{event.bucket}/{event.key}")
+    console.print(f"Published {len(events)} events to {settings.topic_uploads}.")
+
+
+@app.command()
+def schema(
+    write: Annotated[Path | None, typer.Option(help="Write one <name>.schema.json per message here.")] = None,
+) -> None:
+    """Print the JSON Schemas of every message (upload event, verdict, dead letter)."""
+    schemas = json_schemas()
+    if write is None:
+        console.print_json(json.dumps(schemas))
+        return
+    write.mkdir(parents=True, exist_ok=True)
+    for name, body in schemas.items():
+        (write / f"{name}.schema.json").write_text(json.dumps(body, indent=2, sort_keys=True) + "\n")
+    console.print(f"Wrote {len(schemas)} schemas to {write}")
+
+
+@app.command("settings")
+def show_settings(env_file: EnvFile = None, markdown: bool = typer.Option(False, help="The README table.")) -> None:
+    """Show the effective settings (secrets redacted), or every variable as a markdown table."""
+    if markdown:
+        print(env_table())
+        return
+    console.print_json(load_settings(env_file).model_dump_json())
+
+
+@dev.command("up")
+def dev_up(run_dir: RunDir = DEFAULT_HOME / "stack", checkpoint: Checkpoint = None) -> None:
+    """Start Tansu, SeaweedFS and Triton on free ports, create topics and bucket, write stack.env."""
+    from moderation import localstack
+
+    repository = localstack.model_repository_for(run_dir.parent, checkpoint)
+    info = localstack.up(run_dir, model_repository=repository, progress=console.log)
+    console.print(f"Stack is up. Point a worker or client at it with: --env-file {run_dir / 'stack.env'}")
+    for name, value in info.env().items():
+        console.print(f"  {name}={value}")
+
+
+@dev.command("down")
+def dev_down(run_dir: RunDir = DEFAULT_HOME / "stack") -> None:
+    """Stop exactly the servers `dev up` started."""
+    from moderation import localstack
+
+    stopped = localstack.down(run_dir)
+    console.print(f"Stopped: {', '.join(stopped) or 'nothing was running'}")
+
+
+@dev.command("status")
+def dev_status(run_dir: RunDir = DEFAULT_HOME / "stack") -> None:
+    """Report each server of the local stack: alive, ready, address, log file."""
+    from rich.table import Table
+
+    from moderation import localstack
+
+    table = Table("server", "pid", "alive", "ready", "address", "log")
+    statuses = localstack.status(run_dir)
+    for s in statuses:
+        table.add_row(s.name, str(s.pid), _yes(s.alive), _yes(s.ready), s.address, str(s.log_file))
+    console.print(table)
+    if not all(s.ready for s in statuses):
+        raise typer.Exit(1)
+
+
+@model.command("build-tiny")
+def build_tiny(out_dir: Annotated[Path, typer.Argument(help="Where to write the checkpoint.")]) -> None:
+    """Build the tiny FakeVLM-architecture checkpoint used by tests and the demo (no downloads)."""
+    from moderation.tinymodel import build_tiny_checkpoint
+
+    console.print(f"Tiny checkpoint ready at {build_tiny_checkpoint(out_dir)}")
+
+
+def _yes(flag: bool) -> str:
+    return "[green]yes[/]" if flag else "[red]no[/]"
+
+
+def main() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    app()

@@ -1,0 +1,138 @@
+"""The producer side and the outcome reader: what a platform team (and the demo, and the tests) use.
+
+`upload_and_publish` stores images in S3 and publishes their upload events; `read_outcomes` reads
+the verdicts and dead-letter topics back until every expected event_id has its outcome.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import mimetypes
+import time
+import uuid
+from collections import defaultdict
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from aiobotocore.session import get_session
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+
+from moderation.events import DeadLetter, UploadEvent, Verdict, utcnow
+from moderation.kafka import aiokafka_options
+from moderation.settings import Settings
+
+Outcome = Verdict | DeadLetter
+
+
+def s3_client_args(settings: Settings) -> dict[str, object]:
+    secret = settings.s3_secret_access_key.get_secret_value() if settings.s3_secret_access_key else None
+    return {
+        "endpoint_url": settings.s3_endpoint_url,
+        "region_name": settings.s3_region,
+        "aws_access_key_id": settings.s3_access_key_id,
+        "aws_secret_access_key": secret,
+    }
+
+
+async def upload_images(
+    settings: Settings, files: Sequence[Path], *, bucket: str, prefix: str = "uploads/", tenant: str | None = None
+) -> list[UploadEvent]:
+    """Put each file in S3 under a fresh key and return the upload event that describes it."""
+    events = []
+    async with get_session().create_client("s3", **s3_client_args(settings)) as s3:  # type: ignore[call-overload]
+        for path in files:
+            data = path.read_bytes()
+            event_id = uuid.uuid4().hex
+            key = f"{prefix}{event_id}/{path.name}"
+            content_type = mimetypes.guess_type(path.name)[0]
+            await s3.put_object(Bucket=bucket, Key=key, Body=data, ContentType=content_type or "application/octet-stream")
+            events.append(
+                UploadEvent(
+                    schema_version=1,
+                    event_id=event_id,
+                    bucket=bucket,
+                    key=key,
+                    content_type=content_type,
+                    size_bytes=len(data),
+                    sha256=hashlib.sha256(data).hexdigest(),
+                    tenant=tenant,
+                    uploaded_at=utcnow(),
+                    attributes={"filename": path.name[:1024]},
+                )
+            )
+    return events
+
+
+async def publish(settings: Settings, messages: Iterable[tuple[bytes | None, bytes]], *, topic: str | None = None) -> int:
+    """Publish (key, value) pairs to the uploads topic and wait for the broker's acks."""
+    producer = AIOKafkaProducer(acks="all", **aiokafka_options(settings))
+    await producer.start()
+    try:
+        futures = [await producer.send(topic or settings.topic_uploads, value=v, key=k) for k, v in messages]
+        for future in futures:
+            await future
+    finally:
+        await producer.stop()
+    return len(futures)
+
+
+def event_message(event: UploadEvent) -> tuple[bytes, bytes]:
+    return event.event_id.encode(), event.to_bytes()
+
+
+@dataclass
+class Outcomes:
+    """Everything read back from the output topics, grouped by event_id."""
+
+    verdicts: dict[str, list[Verdict]] = field(default_factory=lambda: defaultdict(list))
+    dead_letters: dict[str | None, list[DeadLetter]] = field(default_factory=lambda: defaultdict(list))
+    flagged: dict[str, list[Verdict]] = field(default_factory=lambda: defaultdict(list))
+
+    def decided(self) -> set[str]:
+        return set(self.verdicts) | {k for k in self.dead_letters if k is not None}
+
+    def add(self, topic: str, value: bytes, settings: Settings) -> None:
+        if topic == settings.topic_dlq:
+            letter = DeadLetter.model_validate_json(value)
+            self.dead_letters[letter.event_id].append(letter)
+        else:
+            verdict = Verdict.model_validate_json(value)
+            (self.flagged if topic == settings.topic_flagged else self.verdicts)[verdict.event_id].append(verdict)
+
+
+async def read_outcomes(
+    settings: Settings,
+    expected: set[str],
+    *,
+    expected_anonymous: int = 0,
+    timeout_s: float = 300.0,
+    on_progress: Callable[[int, int], None] | None = None,
+) -> Outcomes:
+    """Read the output topics from the start until every expected event_id (and the given number of
+    dead letters without an event_id) has an outcome, or the timeout passes."""
+    topics = (settings.topic_verdicts, settings.topic_flagged, settings.topic_dlq)
+    consumer = AIOKafkaConsumer(
+        *topics, group_id=None, auto_offset_reset="earliest", enable_auto_commit=False, **aiokafka_options(settings)
+    )
+    outcomes = Outcomes()
+    await consumer.start()
+    try:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline and not _complete(outcomes, expected, expected_anonymous):
+            batches = await consumer.getmany(timeout_ms=500)
+            for records in batches.values():
+                for record in records:
+                    outcomes.add(record.topic, record.value, settings)
+            if on_progress:
+                on_progress(len(expected & outcomes.decided()), len(expected))
+    finally:
+        await consumer.stop()
+    return outcomes
+
+
+def _complete(outcomes: Outcomes, expected: set[str], anonymous: int) -> bool:
+    return expected <= outcomes.decided() and len(outcomes.dead_letters.get(None, [])) >= anonymous
+
+

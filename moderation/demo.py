@@ -1,0 +1,117 @@
+"""`moderation demo`: the whole flow on the embedded local stack, start to finish, in one command."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+
+import boto3
+from rich.console import Console
+from rich.table import Table
+
+from moderation import localstack
+from moderation.client import Outcomes, event_message, publish, read_outcomes, s3_client_args, upload_images
+from moderation.samples import bad_uploads, write_samples
+from moderation.settings import Settings
+
+TINY_MODEL_NOTE = (
+    "The demo runs a tiny FakeVLM-shaped checkpoint built on this machine: its verdicts exercise every "
+    "code path but say nothing about the images. For real verdicts serve the released weights: "
+    "`moderation dev up --checkpoint /path/to/lingcco-fakeVLM` (see the README, 'Using the real weights')."
+)
+
+
+def settings_for(info: localstack.StackInfo, **overrides: str) -> Settings:
+    values = {k.removeprefix("MODERATION_").lower(): v for k, v in info.env().items()}
+    return Settings(**(values | overrides))  # type: ignore[arg-type]
+
+
+def start_worker(env: dict[str, str], log_file: Path) -> subprocess.Popen[bytes]:
+    """`moderation worker` in its own process, as production runs it."""
+    with log_file.open("ab") as log:
+        return subprocess.Popen(
+            [sys.executable, "-m", "moderation", "worker"],
+            env=os.environ | env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+
+
+def stop_worker(process: subprocess.Popen[bytes], timeout_s: float = 30.0) -> int:
+    if process.poll() is None:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+    return process.returncode
+
+
+def put_objects(settings: Settings, bucket: str, objects: dict[str, bytes]) -> None:
+    s3 = boto3.client("s3", **s3_client_args(settings))  # type: ignore[call-overload]
+    for key, data in objects.items():
+        s3.put_object(Bucket=bucket, Key=key, Body=data)
+
+
+def run_demo(workdir: Path, checkpoint: Path | None, console: Console, images: int = 12) -> bool:
+    workdir.mkdir(parents=True, exist_ok=True)
+    console.print(f"[bold]Bringing up the local stack[/] in {workdir / 'stack'} (Tansu, SeaweedFS, Triton)")
+    info = localstack.up(
+        workdir / "stack", model_repository=localstack.model_repository_for(workdir, checkpoint), progress=console.log
+    )
+    worker = None
+    try:
+        settings = settings_for(info, kafka_consumer_group=f"demo-{uuid.uuid4().hex[:8]}")
+        samples = write_samples(workdir / "samples", images)
+        events = asyncio.run(upload_images(settings, samples, bucket=info.bucket, tenant="demo"))
+        bad = bad_uploads(info.bucket)
+        for case in bad:
+            put_objects(settings, info.bucket, case.objects)
+        messages = [event_message(e) for e in events] + [(c.event_id and c.event_id.encode(), c.value) for c in bad]
+        asyncio.run(publish(settings, messages))
+        console.print(f"Published {len(events)} image uploads and {len(bad)} bad messages to {settings.topic_uploads}")
+        worker = start_worker(info.env() | {"MODERATION_KAFKA_CONSUMER_GROUP": settings.kafka_consumer_group}, workdir / "worker.log")
+        expected = {e.event_id for e in events} | {c.event_id for c in bad if c.event_id}
+        anonymous = sum(1 for c in bad if c.event_id is None)
+        with console.status("Waiting for every event's outcome") as status:
+            outcomes = asyncio.run(
+                read_outcomes(settings, expected, expected_anonymous=anonymous, on_progress=_progress(status.update))
+            )
+        console.print(outcome_table(outcomes, {c.event_id: c.name for c in bad if c.event_id}))
+        missing = expected - outcomes.decided()
+        if missing:
+            console.print(f"[red]{len(missing)} events got no outcome[/]; worker log: {workdir / 'worker.log'}")
+        console.print(f"[yellow]Note:[/] {TINY_MODEL_NOTE}" if checkpoint is None else f"Model: {checkpoint}")
+        return not missing
+    finally:
+        if worker is not None:
+            stop_worker(worker)
+        localstack.down(workdir / "stack")
+        console.print("Local stack stopped.")
+
+
+def outcome_table(outcomes: Outcomes, names: dict[str, str]) -> Table:
+    table = Table(title="Outcomes, one per upload event")
+    for column in ("event", "label", "P(fake)", "action", "explanation / dead-letter reason"):
+        table.add_column(column)
+    for event_id, verdicts in sorted(outcomes.verdicts.items()):
+        v = verdicts[-1]
+        text = (v.explanation or "(no explanation: below MODERATION_EXPLAIN_ABOVE)")[:70]
+        table.add_row(v.attributes.get("filename", event_id), v.label, f"{v.score:.3f}", v.action, text)
+    for event_id, letters in sorted(outcomes.dead_letters.items(), key=lambda item: str(item[0])):
+        for letter in letters[-1:] if event_id else letters:
+            name = names.get(event_id or "", event_id or "(unparseable)")
+            table.add_row(name, "-", "-", "dead letter", f"[red]{letter.reason}[/]: {letter.detail[:60]}")
+    return table
+
+
+def _progress(update: Callable[[str], object]) -> Callable[[int, int], None]:
+    return lambda done, total: update(f"Waiting for outcomes: {done}/{total}")

@@ -1,0 +1,160 @@
+"""Every message on every topic, as pydantic models; the committed JSON Schemas are generated from these.
+
+Parsing an upload event never raises anything but `Rejected`, so a malformed message becomes a
+dead letter with a stable reason instead of crashing a worker.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+from datetime import UTC, datetime
+from typing import Annotated, Any, Literal
+
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, ValidationError
+
+from moderation.errors import Reason, Rejected
+
+SCHEMA_VERSION = 1
+SUPPORTED_SCHEMA_VERSIONS = frozenset({SCHEMA_VERSION})
+MAX_ATTRIBUTES = 32
+
+Label = Literal["fake", "real"]
+Action = Literal["allow", "review", "flag"]
+EventId = Annotated[str, Field(min_length=1, max_length=200, pattern=r"^[A-Za-z0-9._:\-]+$")]
+
+
+class _Message(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    def to_bytes(self) -> bytes:
+        return self.model_dump_json(exclude_none=False).encode()
+
+
+class UploadEvent(_Message):
+    """Published by a platform backend after it stored an image in S3."""
+
+    schema_version: Literal[1] = Field(description="Contract version; unknown versions are dead-lettered.")
+    event_id: EventId = Field(description="Idempotency key: every output about this upload is keyed by it.")
+    bucket: str = Field(min_length=3, max_length=63, pattern=r"^[a-z0-9][a-z0-9.\-]+[a-z0-9]$")
+    key: str = Field(min_length=1, max_length=1024)
+    content_type: str | None = Field(default=None, max_length=255)
+    size_bytes: int | None = Field(default=None, ge=0)
+    sha256: str | None = Field(default=None, pattern=r"^[0-9a-f]{64}$")
+    tenant: str | None = Field(default=None, max_length=200)
+    uploaded_at: AwareDatetime | None = None
+    attributes: dict[Annotated[str, Field(max_length=128)], Annotated[str, Field(max_length=1024)]] = Field(
+        default_factory=dict,
+        max_length=MAX_ATTRIBUTES,
+        description="Free key/value pairs passed through to the verdict untouched.",
+    )
+
+
+class ModelInfo(_Message):
+    name: str = Field(description="Triton model name or in-process backend name.")
+    version: str = Field(description="Model version and checkpoint, e.g. '1 (lingcco/fakeVLM)'.")
+
+
+class ImageInfo(_Message):
+    width: int
+    height: int
+    format: str
+
+
+class Timings(_Message):
+    fetch_ms: float
+    decode_ms: float
+    inference_ms: float
+    total_ms: float
+
+
+class Verdict(_Message):
+    """The model's decision about one upload, enough for a statement of reasons and an audit."""
+
+    schema_version: Literal[1] = SCHEMA_VERSION
+    event_id: EventId
+    bucket: str
+    key: str
+    tenant: str | None = None
+    image_sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    label: Label
+    score: float = Field(ge=0.0, le=1.0, description="P(fake) from the verdict token's logits.")
+    action: Action
+    explanation: str | None = Field(description="FakeVLM's answer text; null when policy skipped it.")
+    answer_label: Label | None = Field(
+        default=None, description="The label the explanation's first sentence states (official eval rule)."
+    )
+    model: ModelInfo
+    cached: bool = False
+    image: ImageInfo
+    timings: Timings
+    uploaded_at: AwareDatetime | None = None
+    decided_at: AwareDatetime
+    attributes: dict[str, str] = Field(default_factory=dict)
+
+
+class DeadLetter(_Message):
+    """An upload that got no verdict, with why, and its original bytes to replay."""
+
+    schema_version: Literal[1] = SCHEMA_VERSION
+    event_id: str | None = Field(description="Null when the payload was too broken to carry one.")
+    reason: Reason
+    detail: str
+    retryable: bool
+    attempts: int = Field(ge=1)
+    first_error_at: AwareDatetime
+    last_error_at: AwareDatetime
+    source_topic: str
+    source_partition: int
+    source_offset: int
+    payload_base64: str = Field(description="The original message value, byte for byte, base64-encoded.")
+
+    def payload(self) -> bytes:
+        return base64.b64decode(self.payload_base64)
+
+
+MESSAGES: dict[str, type[BaseModel]] = {
+    "upload_event": UploadEvent,
+    "verdict": Verdict,
+    "dead_letter": DeadLetter,
+}
+
+
+def parse_upload(payload: bytes) -> UploadEvent:
+    """Bytes from the uploads topic -> UploadEvent, or `Rejected` with a stable reason."""
+    try:
+        data = json.loads(payload)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise Rejected(Reason.INVALID_EVENT, f"not JSON: {exc}") from exc
+    if not isinstance(data, dict):
+        raise Rejected(Reason.INVALID_EVENT, f"expected a JSON object, got {type(data).__name__}")
+    version = data.get("schema_version")
+    if version not in SUPPORTED_SCHEMA_VERSIONS or isinstance(version, bool):
+        raise Rejected(Reason.UNSUPPORTED_SCHEMA, f"schema_version {version!r} is not one of {sorted(SUPPORTED_SCHEMA_VERSIONS)}")
+    try:
+        return UploadEvent.model_validate(data)
+    except ValidationError as exc:
+        raise Rejected(Reason.INVALID_EVENT, _summarise(exc)) from exc
+
+
+def event_id_of(payload: bytes) -> str | None:
+    """Best-effort event_id of a payload that failed validation, so its dead letter is still keyed."""
+    try:
+        value = json.loads(payload).get("event_id")
+    except Exception:
+        return None
+    return value if isinstance(value, str) and 0 < len(value) <= 200 else None
+
+
+def json_schemas() -> dict[str, dict[str, Any]]:
+    return {name: model.model_json_schema(mode="serialization") for name, model in MESSAGES.items()}
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+def _summarise(exc: ValidationError) -> str:
+    parts = [f"{'.'.join(str(p) for p in err['loc']) or '<root>'}: {err['msg']}" for err in exc.errors()[:5]]
+    more = exc.error_count() - len(parts)
+    return "; ".join(parts) + (f" (+{more} more)" if more > 0 else "")

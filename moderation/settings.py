@@ -1,0 +1,107 @@
+"""Every setting of the worker and the CLI, read once from `MODERATION_*` environment variables.
+
+The README's configuration table is generated from this class (`moderation settings --markdown`)
+and a test keeps the two in step.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+CommaList = Annotated[tuple[str, ...], NoDecode]
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="MODERATION_", env_file=None, extra="ignore", frozen=True)
+
+    # Kafka
+    kafka_bootstrap_servers: str = Field("127.0.0.1:9092", description="Comma-separated host:port list.")
+    kafka_security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = Field(
+        "PLAINTEXT", description="PLAINTEXT, SSL, SASL_PLAINTEXT or SASL_SSL."
+    )
+    kafka_sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] = Field(
+        "PLAIN", description="PLAIN, SCRAM-SHA-256 or SCRAM-SHA-512."
+    )
+    kafka_sasl_username: str | None = Field(None, description="SASL user name.")
+    kafka_sasl_password: SecretStr | None = Field(None, description="SASL password (never logged).")
+    kafka_ssl_cafile: Path | None = Field(None, description="CA bundle for SSL/SASL_SSL.")
+    kafka_ssl_certfile: Path | None = Field(None, description="Client certificate for mutual TLS.")
+    kafka_ssl_keyfile: Path | None = Field(None, description="Private key of the client certificate.")
+    kafka_consumer_group: str = Field("moderation", description="Consumer group, also the Faust app id.")
+    kafka_rebalance_timeout_s: float = Field(60.0, gt=0, description="Consumer-group rebalance timeout.")
+    kafka_session_timeout_s: float = Field(60.0, gt=0, description="Consumer-group session timeout.")
+    kafka_heartbeat_interval_s: float = Field(3.0, gt=0, description="Consumer-group heartbeat interval.")
+    kafka_max_poll_interval_s: float = Field(300.0, description="Keep above the worst batch time.")
+    kafka_topic_partitions: int = Field(4, ge=1, description="Partitions for topics the worker declares.")
+
+    # Topics
+    topic_uploads: str = Field("moderation.uploads", description="Upload events in.")
+    topic_verdicts: str = Field("moderation.verdicts", description="Every verdict out.")
+    topic_flagged: str = Field("moderation.flagged", description="Verdicts whose action is flag.")
+    topic_dlq: str = Field("moderation.dlq", description="Dead letters with reason and original bytes.")
+
+    # S3
+    s3_endpoint_url: str | None = Field(None, description="Unset for AWS itself.")
+    s3_region: str = Field("us-east-1", description="S3 region.")
+    s3_access_key_id: str | None = Field(None, description="Unset to use the standard AWS credential chain.")
+    s3_secret_access_key: SecretStr | None = Field(None, description="With the key id; never logged.")
+    s3_allowed_buckets: CommaList = Field((), description="Comma-separated; events naming any other are rejected.")
+    s3_max_object_bytes: int = Field(25 * 1024 * 1024, ge=1, description="Objects above this are rejected.")
+    s3_timeout_s: float = Field(10.0, gt=0, description="Connect and read timeout per S3 call.")
+
+    # Images
+    max_image_pixels: int = Field(50_000_000, ge=1, description="Checked from the header, before decoding.")
+
+    # Triton
+    triton_url: str = Field("127.0.0.1:8001", description="gRPC host:port.")
+    triton_model: str = Field("fakevlm", description="Model name in Triton's repository.")
+    triton_startup_timeout_s: float = Field(
+        300.0, ge=0, description="How long a starting worker waits for the model to be ready."
+    )
+    triton_timeout_s: float = Field(120.0, gt=0, description="Deadline of one inference request.")
+
+    # Policy
+    label_threshold: float = Field(0.5, ge=0, le=1, description="P(fake) at or above this is labelled fake.")
+    review_threshold: float = Field(0.5, ge=0, le=1, description="P(fake) at or above this goes to review.")
+    flag_threshold: float = Field(0.8, ge=0, le=1, description="P(fake) at or above this is flagged.")
+    explain_above: float = Field(
+        0.5, ge=0, description="Generate an explanation when P(fake) is at or above this (0: always, >1: never)."
+    )
+
+    # Batching
+    batch_size: int = Field(16, ge=1, description="Events taken from the stream per batch.")
+    batch_wait_s: float = Field(0.2, gt=0, description="Longest wait to fill a batch.")
+
+    data_dir: Path = Field(
+        Path(tempfile.gettempdir()) / "moderation", description="Faust's local state directory (writable)."
+    )
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", description="Worker log level.")
+
+    @field_validator("s3_allowed_buckets", mode="before")
+    @classmethod
+    def _split(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return tuple(part.strip() for part in value.split(",") if part.strip())
+        return value
+
+    @model_validator(mode="after")
+    def _ordered(self) -> Settings:
+        if self.review_threshold > self.flag_threshold:
+            raise ValueError("review_threshold must not exceed flag_threshold")
+        return self
+
+
+def env_table() -> str:
+    """Markdown table of every variable with its default and description."""
+    rows = ["| Variable | Default | Description |", "| --- | --- | --- |"]
+    for name, field in Settings.model_fields.items():
+        default = field.default
+        shown = ", ".join(default) if isinstance(default, tuple) else default
+        shown = "(unset)" if shown in (None, "") else f"`{shown}`"
+        rows.append(f"| `MODERATION_{name.upper()}` | {shown} | {field.description or ''} |")
+    return "\n".join(rows)

@@ -1,0 +1,84 @@
+"""Fetch upload bytes from S3: allowlisted buckets only, capped in size before the body is read."""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any, Protocol
+
+from aiobotocore.config import AioConfig
+from aiobotocore.session import get_session
+from botocore.exceptions import BotoCoreError, ClientError
+
+from moderation.errors import Reason, Rejected
+from moderation.settings import Settings
+
+_MISSING = {"NoSuchKey", "NoSuchBucket", "404", "NotFound"}
+_DENIED = {"AccessDenied", "403", "InvalidAccessKeyId", "SignatureDoesNotMatch", "AllAccessDisabled"}
+
+
+class ImageStore(Protocol):
+    async def fetch(self, bucket: str, key: str) -> bytes: ...
+
+
+class S3Store:
+    """aiobotocore client opened once per worker; the credentials come from settings or the AWS chain."""
+
+    def __init__(self, settings: Settings) -> None:
+        self._settings = settings
+        self._allowed = frozenset(settings.s3_allowed_buckets)
+        self._exit_stack = contextlib.AsyncExitStack()
+        self._client: Any = None
+
+    async def start(self) -> None:
+        s = self._settings
+        secret = s.s3_secret_access_key.get_secret_value() if s.s3_secret_access_key else None
+        config = AioConfig(
+            connect_timeout=s.s3_timeout_s,
+            read_timeout=s.s3_timeout_s,
+            retries={"max_attempts": 3, "mode": "standard"},
+            s3={"addressing_style": "path"} if s.s3_endpoint_url else None,
+        )
+        self._client = await self._exit_stack.enter_async_context(
+            get_session().create_client(
+                "s3",
+                endpoint_url=s.s3_endpoint_url,
+                region_name=s.s3_region,
+                aws_access_key_id=s.s3_access_key_id,
+                aws_secret_access_key=secret,
+                config=config,
+            )
+        )
+
+    async def stop(self) -> None:
+        await self._exit_stack.aclose()
+
+    async def fetch(self, bucket: str, key: str) -> bytes:
+        if bucket not in self._allowed:
+            raise Rejected(Reason.FORBIDDEN_BUCKET, f"bucket {bucket!r} is not in MODERATION_S3_ALLOWED_BUCKETS")
+        cap = self._settings.s3_max_object_bytes
+        try:
+            response = await self._client.get_object(Bucket=bucket, Key=key)
+            async with response["Body"] as body:
+                size = response.get("ContentLength")
+                if size is not None and size > cap:
+                    raise Rejected(Reason.TOO_LARGE, f"object is {size} bytes, the cap is {cap}")
+                data: bytes = await body.read(cap + 1)
+        except ClientError as exc:
+            raise _classify(exc, bucket, key) from exc
+        except (BotoCoreError, OSError, TimeoutError) as exc:
+            raise Rejected(Reason.STORAGE_UNAVAILABLE, f"S3 did not answer: {type(exc).__name__}: {exc}") from exc
+        if len(data) > cap:
+            raise Rejected(Reason.TOO_LARGE, f"object exceeds the cap of {cap} bytes")
+        return data
+
+
+def _classify(exc: ClientError, bucket: str, key: str) -> Rejected:
+    code = str(exc.response.get("Error", {}).get("Code", ""))
+    status = int(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0) or 0)
+    if code in _MISSING:
+        return Rejected(Reason.OBJECT_MISSING, f"s3://{bucket}/{key} does not exist ({code})")
+    if code in _DENIED:
+        return Rejected(Reason.ACCESS_DENIED, f"S3 refused s3://{bucket}/{key} ({code})")
+    if status >= 500 or code in {"SlowDown", "RequestTimeout", "InternalError", "ServiceUnavailable"}:
+        return Rejected(Reason.STORAGE_UNAVAILABLE, f"S3 error {code} (HTTP {status})")
+    return Rejected(Reason.INVALID_EVENT, f"S3 refused the request for s3://{bucket}/{key}: {code} (HTTP {status})")

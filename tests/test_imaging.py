@@ -1,0 +1,74 @@
+import io
+
+import numpy as np
+import pytest
+from PIL import Image
+from transformers import CLIPImageProcessor
+
+from moderation.errors import Reason, Rejected
+from moderation.imaging import CLIP_MEAN, CLIP_STD, CROP_SIZE, decode, preprocess
+from moderation.samples import draw_image, encode
+
+
+@pytest.fixture(scope="module")
+def reference() -> CLIPImageProcessor:
+    # llava-hf/llava-1.5-7b-hf's preprocessor_config.json, which FakeVLM ships unchanged.
+    return CLIPImageProcessor(
+        size={"shortest_edge": 336},
+        crop_size={"height": 336, "width": 336},
+        resample=3,
+        do_center_crop=True,
+        do_rescale=True,
+        rescale_factor=1 / 255,
+        do_normalize=True,
+        image_mean=list(CLIP_MEAN),
+        image_std=list(CLIP_STD),
+        do_convert_rgb=True,
+    )
+
+
+@pytest.mark.parametrize("size", [(640, 480), (480, 640), (336, 336), (1000, 337), (120, 90), (2048, 1536)])
+@pytest.mark.parametrize("fmt", ["JPEG", "PNG"])
+def test_preprocess_matches_transformers_clip_processor(reference, size, fmt) -> None:
+    image = decode(encode(draw_image(1, size), fmt), max_pixels=10**8).image
+    ours = preprocess(image)
+    theirs = reference(images=image, return_tensors="np")["pixel_values"][0]
+    assert ours.shape == theirs.shape == (3, CROP_SIZE, CROP_SIZE)
+    assert ours.dtype == np.float32
+    assert np.abs(ours - theirs).max() < 1e-5
+
+
+def test_decode_reports_size_and_format() -> None:
+    decoded = decode(encode(draw_image(2, (64, 48)), "PNG"), max_pixels=10_000)
+    assert (decoded.width, decoded.height, decoded.format, decoded.image.mode) == (64, 48, "PNG", "RGB")
+
+
+@pytest.mark.parametrize(
+    ("data", "reason"),
+    [
+        (b"", Reason.EMPTY_OBJECT),
+        (b"hello, not an image", Reason.INVALID_IMAGE),
+        (encode(draw_image(3, (200, 150)), "JPEG")[:600], Reason.INVALID_IMAGE),
+        (encode(draw_image(3, (200, 150)), "PNG")[:900], Reason.INVALID_IMAGE),
+    ],
+)
+def test_undecodable_bytes_are_rejected(data: bytes, reason: Reason) -> None:
+    with pytest.raises(Rejected) as caught:
+        decode(data, max_pixels=10**7)
+    assert caught.value.reason == reason
+
+
+def test_pixel_cap_is_checked_before_decoding() -> None:
+    buffer = io.BytesIO()
+    Image.new("L", (20_000, 20_000)).save(buffer, format="PNG")  # 400 MP in a few hundred KB
+    with pytest.raises(Rejected) as caught:
+        decode(buffer.getvalue(), max_pixels=50_000_000)
+    assert caught.value.reason == Reason.TOO_MANY_PIXELS
+
+
+def test_palette_alpha_and_greyscale_images_become_rgb() -> None:
+    for mode in ("P", "RGBA", "L", "LA", "CMYK"):
+        buffer = io.BytesIO()
+        fmt = "JPEG" if mode == "CMYK" else "PNG"
+        Image.new(mode, (40, 30)).save(buffer, format=fmt)
+        assert decode(buffer.getvalue(), max_pixels=10_000).image.mode == "RGB"

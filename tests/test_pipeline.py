@@ -1,0 +1,109 @@
+"""Pipeline logic with in-memory stand-ins for S3 and Triton; the same paths run against the real stack in
+tests/test_stream.py."""
+
+import json
+from datetime import UTC, datetime
+
+import numpy as np
+
+from moderation.detector import Detection
+from moderation.errors import Reason, Rejected
+from moderation.events import DeadLetter, ModelInfo, Verdict
+from moderation.pipeline import Incoming, Pipeline
+from moderation.policy import Policy
+from moderation.samples import draw_image, encode
+
+NOW = datetime(2026, 11, 27, tzinfo=UTC)
+JPEG = encode(draw_image(0, (64, 48)), "JPEG")
+
+
+class MemoryStore:
+    def __init__(self, objects: dict[str, bytes]) -> None:
+        self.objects = objects
+
+    async def fetch(self, bucket: str, key: str) -> bytes:
+        if bucket != "uploads":
+            raise Rejected(Reason.FORBIDDEN_BUCKET, bucket)
+        if key not in self.objects:
+            raise Rejected(Reason.OBJECT_MISSING, key)
+        return self.objects[key]
+
+
+class FixedDetector:
+    model = ModelInfo(name="fixed", version="1")
+
+    def __init__(self, score: float, fail: Exception | None = None) -> None:
+        self.score, self.fail, self.calls = score, fail, 0
+
+    async def detect(self, pixel_values: np.ndarray, *, explain_above: float) -> Detection:
+        self.calls += 1
+        assert pixel_values.shape == (3, 336, 336)
+        if self.fail:
+            raise self.fail
+        explanation = "This is a fake image. Odd textures." if self.score >= explain_above else None
+        return Detection(self.score, "fake" if self.score >= 0.5 else "real", explanation, "fake" if explanation else None)
+
+
+def message(body: object, offset: int = 0) -> Incoming:
+    value = body if isinstance(body, bytes) else json.dumps(body).encode()
+    return Incoming(value=value, topic="uploads", partition=1, offset=offset)
+
+
+def event(event_id: str, key: str = "a.jpg", **extra: object) -> dict[str, object]:
+    return {"schema_version": 1, "event_id": event_id, "bucket": "uploads", "key": key} | extra
+
+
+def pipeline(detector: FixedDetector) -> Pipeline:
+    return Pipeline(MemoryStore({"a.jpg": JPEG, "text.jpg": b"text"}), detector, Policy(0.5, 0.8, 0.5), 10**7, lambda: NOW)
+
+
+async def test_a_fake_image_is_flagged_with_its_explanation() -> None:
+    [outcome] = await pipeline(FixedDetector(0.93)).moderate_batch([message(event("e1", attributes={"a": "b"}))])
+    assert isinstance(outcome, Verdict)
+    assert (outcome.event_id, outcome.label, outcome.action, outcome.answer_label) == ("e1", "fake", "flag", "fake")
+    assert outcome.explanation.startswith("This is a fake image.")
+    assert (outcome.image.width, outcome.image.height, outcome.image.format) == (64, 48, "JPEG")
+    assert outcome.attributes == {"a": "b"} and outcome.decided_at == NOW and outcome.model.name == "fixed"
+
+
+async def test_a_real_image_is_allowed_without_explanation() -> None:
+    [outcome] = await pipeline(FixedDetector(0.1)).moderate_batch([message(event("e2"))])
+    assert isinstance(outcome, Verdict)
+    assert (outcome.label, outcome.action, outcome.explanation) == ("real", "allow", None)
+
+
+async def test_every_message_of_a_batch_gets_exactly_one_outcome_in_order() -> None:
+    batch = [
+        message(event("ok")),
+        message(b"{broken", offset=1),
+        message(event("gone", key="missing.jpg"), offset=2),
+        message(event("text", key="text.jpg"), offset=3),
+        message(event("elsewhere") | {"bucket": "other"}, offset=4),
+        message(event("sum", sha256="0" * 64), offset=5),
+    ]
+    outcomes = await pipeline(FixedDetector(0.6)).moderate_batch(batch)
+    assert [type(o).__name__ for o in outcomes] == ["Verdict"] + ["DeadLetter"] * 5
+    letters = [o for o in outcomes if isinstance(o, DeadLetter)]
+    assert [(d.event_id, d.reason) for d in letters] == [
+        (None, Reason.INVALID_EVENT),
+        ("gone", Reason.OBJECT_MISSING),
+        ("text", Reason.INVALID_IMAGE),
+        ("elsewhere", Reason.FORBIDDEN_BUCKET),
+        ("sum", Reason.CHECKSUM_MISMATCH),
+    ]
+    assert [d.payload() for d in letters] == [m.value for m in batch[1:]]
+    assert [d.source_offset for d in letters] == [1, 2, 3, 4, 5]
+    assert outcomes[0].action == "review"
+
+
+async def test_detector_failures_are_retryable_dead_letters() -> None:
+    unavailable = Rejected(Reason.INFERENCE_UNAVAILABLE, "Triton down")
+    [outcome] = await pipeline(FixedDetector(0.5, unavailable)).moderate_batch([message(event("e3"))])
+    assert isinstance(outcome, DeadLetter) and outcome.reason == Reason.INFERENCE_UNAVAILABLE and outcome.retryable
+
+
+async def test_a_bug_costs_one_dead_letter_not_the_worker() -> None:
+    [outcome] = await pipeline(FixedDetector(0.5, ZeroDivisionError("boom"))).moderate_batch([message(event("e4"))])
+    assert isinstance(outcome, DeadLetter)
+    assert (outcome.reason, outcome.event_id, outcome.retryable) == (Reason.INTERNAL_ERROR, "e4", True)
+    assert "ZeroDivisionError" in outcome.detail
