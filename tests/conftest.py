@@ -1,0 +1,76 @@
+"""One real local stack (Tansu, SeaweedFS, Triton with the tiny FakeVLM) per test session; every test
+gets its own topics, bucket and consumer group."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from moderation import localstack
+from moderation.demo import settings_for, start_worker, stop_worker
+from moderation.settings import Settings
+
+
+@pytest.fixture(scope="session")
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[localstack.StackInfo]:
+    home = tmp_path_factory.mktemp("moderation")
+    repository = localstack.model_repository_for(home, None)
+    info = localstack.up(home / "stack", model_repository=repository)
+    try:
+        yield info
+    finally:
+        localstack.down(home / "stack")
+
+
+@dataclass
+class Lane:
+    """A private slice of the stack: fresh topics, bucket and consumer group."""
+
+    info: localstack.StackInfo
+    settings: Settings
+    env: dict[str, str]
+    workdir: Path
+
+    def worker(self, name: str = "worker", **env: str):  # type: ignore[no-untyped-def]
+        return start_worker(self.env | env, self.workdir / f"{name}.log")
+
+    def log(self, name: str = "worker") -> str:
+        path = self.workdir / f"{name}.log"
+        return path.read_text(errors="replace") if path.exists() else ""
+
+
+@pytest.fixture
+def lane(stack: localstack.StackInfo, tmp_path: Path) -> Lane:
+    suffix = uuid.uuid4().hex[:10]
+    overrides = {
+        "topic_uploads": f"uploads-{suffix}",
+        "topic_verdicts": f"verdicts-{suffix}",
+        "topic_flagged": f"flagged-{suffix}",
+        "topic_dlq": f"dlq-{suffix}",
+        "kafka_consumer_group": f"group-{suffix}",
+        "s3_allowed_buckets": f"bucket-{suffix}",
+        "data_dir": str(tmp_path / "faust"),
+    }
+    settings = settings_for(stack, **overrides)
+    topics = [settings.topic_uploads, settings.topic_verdicts, settings.topic_flagged, settings.topic_dlq]
+    asyncio.run(localstack.create_topics(stack.kafka_bootstrap, topics, settings.kafka_topic_partitions))
+    localstack.create_bucket(stack, f"bucket-{suffix}")
+    env = stack.env() | {f"MODERATION_{k.upper()}": v for k, v in overrides.items()}
+    return Lane(stack, settings, env, tmp_path)
+
+
+@pytest.fixture
+def running_worker(lane: Lane) -> Iterator[Lane]:
+    process = lane.worker()
+    try:
+        yield lane
+    finally:
+        code = stop_worker(process)
+        if code not in (0, -15, None) and os.environ.get("CI"):
+            print(lane.log())

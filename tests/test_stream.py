@@ -1,0 +1,118 @@
+"""The headline: many uploads, good and bad, through a real worker on the real local stack."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections import Counter
+from pathlib import Path
+
+import jsonschema
+import pytest
+from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka.admin import AIOKafkaAdminClient
+
+from moderation.client import event_message, publish, read_outcomes, upload_images
+from moderation.demo import put_objects, stop_worker
+from moderation.events import json_schemas
+from moderation.kafka import aiokafka_options
+from moderation.samples import bad_uploads, write_samples
+from moderation.settings import Settings
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+SCHEMAS = {name: json.loads((Path(__file__).parent.parent / "schemas" / f"{name}.schema.json").read_text())
+           for name in ("verdict", "dead_letter")}
+
+
+async def raw_messages(settings: Settings, topic: str) -> list[bytes]:
+    consumer = AIOKafkaConsumer(topic, group_id=None, auto_offset_reset="earliest", **aiokafka_options(settings))
+    await consumer.start()
+    try:
+        values: list[bytes] = []
+        while batch := await consumer.getmany(timeout_ms=1500):
+            values += [record.value for records in batch.values() for record in records]
+        return values
+    finally:
+        await consumer.stop()
+
+
+async def committed_and_end_offsets(settings: Settings) -> tuple[dict[int, int], dict[int, int]]:
+    admin = AIOKafkaAdminClient(**aiokafka_options(settings))
+    consumer = AIOKafkaConsumer(group_id=None, **aiokafka_options(settings))
+    await admin.start()
+    await consumer.start()
+    try:
+        offsets = await admin.list_consumer_group_offsets(settings.kafka_consumer_group)
+        committed = {tp.partition: meta.offset for tp, meta in offsets.items() if tp.topic == settings.topic_uploads}
+        partitions = consumer.partitions_for_topic(settings.topic_uploads) or set()
+        if not partitions:
+            await consumer.topics()
+            partitions = consumer.partitions_for_topic(settings.topic_uploads) or set()
+        ends = await consumer.end_offsets([TopicPartition(settings.topic_uploads, p) for p in partitions])
+        return committed, {tp.partition: offset for tp, offset in ends.items() if offset > 0}
+    finally:
+        await consumer.stop()
+        await admin.close()
+
+
+def wait_for_commits(settings: Settings, timeout_s: float = 60.0) -> tuple[dict[int, int], dict[int, int]]:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        committed, ends = asyncio.run(committed_and_end_offsets(settings))
+        if all(committed.get(p) == end for p, end in ends.items()) or time.monotonic() > deadline:
+            return committed, ends
+        time.sleep(1.0)
+
+
+def test_every_upload_gets_exactly_one_outcome_and_offsets_are_committed(lane, tmp_path: Path) -> None:
+    settings = lane.settings
+    bucket = settings.s3_allowed_buckets[0]
+    images = write_samples(tmp_path / "images", 50)
+    events = asyncio.run(upload_images(settings, images, bucket=bucket, tenant="t1"))
+    bad = bad_uploads(bucket)
+    for case in bad:
+        put_objects(settings, bucket, case.objects)
+    messages = [event_message(e) for e in events] + [(c.event_id and c.event_id.encode(), c.value) for c in bad]
+    assert len(messages) >= 55 and len({c.reason for c in bad}) >= 5
+    asyncio.run(publish(settings, messages))
+
+    worker = lane.worker(MODERATION_EXPLAIN_ABOVE="0.0")
+    try:
+        expected = {e.event_id for e in events} | {c.event_id for c in bad if c.event_id}
+        outcomes = asyncio.run(read_outcomes(settings, expected, expected_anonymous=1, timeout_s=420))
+        assert expected <= outcomes.decided(), f"no outcome for {expected - outcomes.decided()}\n{lane.log()[-3000:]}"
+        committed, ends = wait_for_commits(settings)
+    finally:
+        stop_worker(worker)
+
+    good_ids = {e.event_id for e in events}
+    assert set(outcomes.verdicts) == good_ids, "every good upload has a verdict and nothing else does"
+    assert all(len(v) == 1 for v in outcomes.verdicts.values()), "exactly one verdict per event_id"
+    reasons = {eid: letters for eid, letters in outcomes.dead_letters.items() if eid is not None}
+    assert set(reasons) == {c.event_id for c in bad if c.event_id}
+    for case in bad:
+        if case.event_id is None:
+            [letter] = outcomes.dead_letters[None]
+        else:
+            [letter] = reasons[case.event_id]
+        assert letter.reason == case.reason, (case.name, letter.detail)
+        assert letter.payload() == case.value, "dead letters carry the original bytes"
+    for verdict in (v for vs in outcomes.verdicts.values() for v in vs):
+        assert verdict.explanation and verdict.explanation.startswith("This is a")
+        assert verdict.image.width in (640, 480) and verdict.tenant == "t1"
+        assert verdict.model.name == settings.triton_model
+
+    raw = asyncio.run(raw_messages(settings, settings.topic_verdicts))
+    assert len(raw) == len(good_ids)
+    for value in raw:
+        jsonschema.validate(json.loads(value), SCHEMAS["verdict"])
+    for value in asyncio.run(raw_messages(settings, settings.topic_dlq)):
+        jsonschema.validate(json.loads(value), SCHEMAS["dead_letter"])
+    flagged = {eid for eid, vs in outcomes.verdicts.items() if vs[0].action == "flag"}
+    assert set(outcomes.flagged) == flagged and all(len(v) == 1 for v in outcomes.flagged.values())
+
+    assert sum(ends.values()) == len(messages)
+    assert committed == ends, f"committed {committed} != end offsets {ends}"
+    print(f"outcomes: {Counter(v[0].action for v in outcomes.verdicts.values())}, "
+          f"dead letters: {Counter(str(c.reason) for c in bad)}")
