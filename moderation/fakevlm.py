@@ -1,0 +1,240 @@
+"""FakeVLM scoring: the one implementation behind every backend (Triton model, in-process, evaluation).
+
+Verdict first: one batched forward pass over `<image>Does the image looks real/fake?` plus the forced
+answer prefix `This is a` gives P(fake) from the next-token logits of ` fake` vs ` real`. Only the images
+the caller asks about are then explained, by greedy generation that continues from that prefill.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from PIL import Image
+from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+from moderation.errors import ModelError
+from moderation.imaging import CROP_SIZE
+
+# Verbatim from FakeVLM's eval: raw, with no chat template (wrapping it costs accuracy).
+PROMPT = "<image>Does the image looks real/fake?"
+ANSWER_PREFIX = "This is a"
+
+Label = Literal["fake", "real"]
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+_CONFIG_FILES = ("config.json",)
+_WEIGHT_FILES = (
+    "model.safetensors",
+    "model.safetensors.index.json",
+    "pytorch_model.bin",
+    "pytorch_model.bin.index.json",
+)
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model")
+_PROCESSOR_FILES = ("processor_config.json", "preprocessor_config.json")
+
+
+@dataclass(frozen=True)
+class Scored:
+    score: float  # P(fake), 0..1
+    label: str  # "fake" | "real", from score vs threshold
+    explanation: str | None  # "This is a ..." when generated
+    answer_label: str | None  # what the explanation itself says, by FakeVLM's eval rule
+
+
+def label_from_answer(text: str) -> Label | None:
+    """FakeVLM's eval.py rule: after the last '?', the first sentence decides, else the second."""
+    answer = text.rsplit("?", 1)[-1].lower()
+    for sentence in answer.split(".")[:2]:
+        if "real" in sentence:
+            return "real"
+        if "fake" in sentence:
+            return "fake"
+    return None
+
+
+class FakeVLM:
+    """A loaded FakeVLM (or the tiny checkpoint of the same shape) that scores preprocessed images."""
+
+    def __init__(self, model: LlavaForConditionalGeneration, processor: Any, *, model_id: str) -> None:
+        # Any: transformers' decorated methods (to, generate) do not type-check under mypy.
+        self.model: Any = model
+        self.processor = processor
+        self.model_id = model_id
+        self.tokenizer = processor.tokenizer
+        self._prefix_ids, self._answer_ids = self._prompt_ids()
+        self._fake_id = self._verdict_token("fake")
+        self._real_id = self._verdict_token("real")
+        self._eos_ids = _eos_ids(model)
+
+    @classmethod
+    def load(
+        cls, checkpoint: str | Path, *, device: str = "cpu", dtype: torch.dtype | None = None
+    ) -> FakeVLM:
+        """Load from a local directory or a hub id; dtype defaults to bf16 on CUDA, fp32 elsewhere."""
+        source = _resolve(checkpoint)
+        if dtype is None:
+            dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
+        try:
+            model: Any = LlavaForConditionalGeneration.from_pretrained(source, dtype=dtype)
+            processor = AutoProcessor.from_pretrained(source)
+            model.to(device).eval()
+        except Exception as exc:  # OSError, ValueError, KeyError, CUDA errors... on bad files or devices
+            raise ModelError(f"cannot load FakeVLM from {source!r} on {device}: {exc}") from exc
+        model_id = Path(source).name if Path(source).is_dir() else source
+        return cls(model, processor, model_id=model_id)
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.device
+
+    def score(
+        self,
+        pixel_values: np.ndarray | torch.Tensor,
+        explain_above: Sequence[float],
+        *,
+        threshold: float = 0.5,
+        max_new_tokens: int = 128,
+    ) -> list[Scored]:
+        """Score N preprocessed images (N, 3, 336, 336); explain those with score >= explain_above[i]."""
+        pixels = self._pixels(pixel_values)
+        if len(explain_above) != pixels.shape[0]:
+            raise ValueError(f"{pixels.shape[0]} images but {len(explain_above)} explain_above values")
+        if pixels.shape[0] == 0:
+            return []
+        with torch.inference_mode():
+            # Scores never exceed 1, so a threshold above it (or inf: never explain) needs no cache.
+            keep_cache = any(limit <= 1.0 for limit in explain_above)
+            scores, next_ids, cache = self._verdict(pixels, keep_cache=keep_cache)
+            wanted = [i for i, s in enumerate(scores) if s >= explain_above[i]]
+            texts = self._explain(wanted, next_ids, cache, max_new_tokens) if wanted else []
+        explanations: dict[int, str] = dict(zip(wanted, texts, strict=True))
+        return [_scored(s, threshold, explanations.get(i)) for i, s in enumerate(scores)]
+
+    def _verdict(self, pixels: torch.Tensor, *, keep_cache: bool) -> tuple[list[float], torch.Tensor, Any]:
+        rows = pixels.shape[0]
+        input_ids = self._prefix_ids.expand(rows, -1)
+        out = self.model(
+            input_ids=input_ids,
+            attention_mask=torch.ones_like(input_ids),
+            pixel_values=pixels,
+            use_cache=keep_cache,
+            logits_to_keep=1,  # the verdict needs only the last position, not 600 x vocab logits
+        )
+        last = out.logits[:, -1, :].float()
+        pair = last[:, [self._fake_id, self._real_id]]
+        scores = torch.softmax(pair, dim=-1)[:, 0].tolist()
+        return scores, last.argmax(dim=-1), out.past_key_values
+
+    def _explain(self, rows: list[int], next_ids: torch.Tensor, cache: Any, max_new_tokens: int) -> list[str]:
+        # Re-use the verdict pass's KV cache: keep the rows to explain, append the greedy token its
+        # logits already chose, and let generate() feed only that one new token on top of the cache.
+        index = torch.tensor(rows, device=self.device)
+        first = next_ids[index].unsqueeze(1)
+        if max_new_tokens <= 1:
+            return [self._decode(ids) for ids in first.tolist()]
+        cache.batch_select_indices(index)
+        input_ids = torch.cat([self._prefix_ids.expand(len(rows), -1), first], dim=1)
+        out = self.model.generate(
+            input_ids=input_ids,
+            attention_mask=torch.ones_like(input_ids),
+            past_key_values=cache,
+            max_new_tokens=max_new_tokens - 1,
+            do_sample=False,
+            pad_token_id=self._pad_id(),
+        )
+        new_tokens = out[:, self._prefix_ids.shape[1] :].tolist()
+        return [self._decode(ids) for ids in new_tokens]
+
+    def _decode(self, new_ids: list[int]) -> str:
+        # generate() keeps emitting pad after a row's EOS (and a row whose first token was EOS keeps
+        # going); cut at the first EOS. Decoding together with the answer prefix keeps the spacing
+        # the tokenizer would produce for the whole answer.
+        for pos, token in enumerate(new_ids):
+            if token in self._eos_ids:
+                new_ids = new_ids[:pos]
+                break
+        return self.tokenizer.decode(self._answer_ids + new_ids, skip_special_tokens=True).strip()
+
+    def _pixels(self, pixel_values: np.ndarray | torch.Tensor) -> torch.Tensor:
+        pixels = torch.as_tensor(pixel_values)
+        if pixels.ndim != 4 or tuple(pixels.shape[1:]) != (3, CROP_SIZE, CROP_SIZE):
+            expected = f"(N, 3, {CROP_SIZE}, {CROP_SIZE})"
+            raise ValueError(f"pixel_values must be {expected}, got {tuple(pixels.shape)}")
+        return pixels.to(device=self.device, dtype=self.model.dtype)
+
+    def _prompt_ids(self) -> tuple[torch.Tensor, list[int]]:
+        # The processor expands `<image>` only when it sees an image, so give it a blank one once;
+        # the ids are the same for every request and are reused for the whole batch.
+        blank = Image.new("RGB", (CROP_SIZE, CROP_SIZE))
+        prompt = self.processor(text=PROMPT, images=blank, return_tensors="pt")["input_ids"]
+        image_tokens = int((prompt == self.model.config.image_token_id).sum())
+        if image_tokens != self.model.config.image_seq_length:
+            raise ModelError(
+                f"the processor expands <image> to {image_tokens} tokens, "
+                f"the model expects {self.model.config.image_seq_length}"
+            )
+        # Encoded on its own, as the model would generate it: "▁This ▁is ▁a", not "?This".
+        answer = self.tokenizer.encode(ANSWER_PREFIX, add_special_tokens=False)
+        prefix = torch.cat([prompt, torch.tensor([answer], dtype=prompt.dtype)], dim=1)
+        return prefix.to(self.device), answer
+
+    def _verdict_token(self, word: str) -> int:
+        base = self.tokenizer.encode(ANSWER_PREFIX, add_special_tokens=False)
+        full = self.tokenizer.encode(f"{ANSWER_PREFIX} {word}", add_special_tokens=False)
+        if full[: len(base)] != base or len(full) != len(base) + 1:
+            raise ModelError(f"the tokenizer does not encode ' {word}' after {ANSWER_PREFIX!r} as one token")
+        return full[-1]
+
+    def _pad_id(self) -> int | None:
+        pad = self.tokenizer.pad_token_id
+        return pad if pad is not None else self.tokenizer.eos_token_id
+
+
+def _scored(score: float, threshold: float, explanation: str | None) -> Scored:
+    return Scored(
+        score=score,
+        label="fake" if score >= threshold else "real",
+        explanation=explanation,
+        answer_label=label_from_answer(explanation) if explanation is not None else None,
+    )
+
+
+def _eos_ids(model: Any) -> set[int]:
+    eos = model.generation_config.eos_token_id
+    if eos is None:
+        eos = model.config.text_config.eos_token_id
+    return set(eos) if isinstance(eos, list) else ({eos} if eos is not None else set())
+
+
+def checkpoint_relative_to(value: str, base: Path) -> str:
+    """A checkpoint setting read from a file: absolute paths and hub ids as they are, else under `base`."""
+    path = Path(value).expanduser()
+    if path.is_absolute():
+        return str(path)
+    local = base / path
+    return value if _HUB_ID.match(value) and not local.exists() else str(local)
+
+
+def _resolve(checkpoint: str | Path) -> str:
+    """A complete local directory or a hub id; anything else is a clear ModelError, not a download."""
+    path = Path(checkpoint).expanduser()
+    if path.is_dir():
+        missing = [
+            " or ".join(group)
+            for group in (_CONFIG_FILES, _WEIGHT_FILES, _TOKENIZER_FILES, _PROCESSOR_FILES)
+            if not any((path / name).is_file() for name in group)
+        ]
+        if missing:
+            raise ModelError(f"incomplete FakeVLM checkpoint {path}: missing {', '.join(missing)}")
+        return str(path)
+    if path.exists():
+        raise ModelError(f"FakeVLM checkpoint {path} is not a directory")
+    if isinstance(checkpoint, str) and _HUB_ID.match(checkpoint) and not checkpoint.startswith("."):
+        return checkpoint
+    raise ModelError(f"FakeVLM checkpoint {checkpoint} does not exist (neither a directory nor a hub id)")
