@@ -40,10 +40,16 @@ def worker(env_file: EnvFile = None) -> None:
     import faust
 
     from moderation.app import create_app
+    from moderation.logs import logging_config
 
     settings = load_settings(env_file)
     settings.data_dir.mkdir(parents=True, exist_ok=True)
-    faust.Worker(create_app(settings), loglevel=settings.log_level, quiet=True).execute_from_commandline()
+    faust.Worker(
+        create_app(settings),
+        loglevel=settings.log_level,
+        logging_config=logging_config(settings.log_level),
+        quiet=True,
+    ).execute_from_commandline()
 
 
 @app.command()
