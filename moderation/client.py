@@ -18,6 +18,7 @@ from pathlib import Path
 
 from aiobotocore.session import get_session
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from aiokafka.structs import RecordMetadata
 
 from moderation.events import DeadLetter, UploadEvent, Verdict, utcnow
 from moderation.kafka import aiokafka_options
@@ -65,17 +66,17 @@ async def upload_images(
     return events
 
 
-async def publish(settings: Settings, messages: Iterable[tuple[bytes | None, bytes]], *, topic: str | None = None) -> int:
-    """Publish (key, value) pairs to the uploads topic and wait for the broker's acks."""
+async def publish(
+    settings: Settings, messages: Iterable[tuple[bytes | None, bytes]], *, topic: str | None = None
+) -> list[RecordMetadata]:
+    """Publish (key, value) pairs to the uploads topic; returns where the broker acknowledged each."""
     producer = AIOKafkaProducer(acks="all", **aiokafka_options(settings))
     await producer.start()
     try:
         futures = [await producer.send(topic or settings.topic_uploads, value=v, key=k) for k, v in messages]
-        for future in futures:
-            await future
+        return [await future for future in futures]
     finally:
         await producer.stop()
-    return len(futures)
 
 
 def event_message(event: UploadEvent) -> tuple[bytes, bytes]:

@@ -62,7 +62,7 @@ class S3Store:
                 size = response.get("ContentLength")
                 if size is not None and size > cap:
                     raise Rejected(Reason.TOO_LARGE, f"object is {size} bytes, the cap is {cap}")
-                data: bytes = await body.read(cap + 1)
+                data = await _read_capped(body, cap)
         except ClientError as exc:
             raise _classify(exc, bucket, key) from exc
         except (BotoCoreError, OSError, TimeoutError) as exc:
@@ -82,3 +82,12 @@ def _classify(exc: ClientError, bucket: str, key: str) -> Rejected:
     if status >= 500 or code in {"SlowDown", "RequestTimeout", "InternalError", "ServiceUnavailable"}:
         return Rejected(Reason.STORAGE_UNAVAILABLE, f"S3 error {code} (HTTP {status})")
     return Rejected(Reason.INVALID_EVENT, f"S3 refused the request for s3://{bucket}/{key}: {code} (HTTP {status})")
+
+
+async def _read_capped(body: Any, cap: int) -> bytes:
+    """Read the whole body but never more than cap + 1 bytes: a lying Content-Length cannot exhaust memory."""
+    chunks, size = [], 0
+    while size <= cap and (chunk := await body.read(min(1 << 20, cap + 1 - size))):
+        chunks.append(chunk)
+        size += len(chunk)
+    return b"".join(chunks)
