@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator
+from typing import Any, cast
 
 import faust
 from faust.types import EventT
@@ -31,11 +32,12 @@ DELIVERY_ATTEMPTS = 5
 
 def create_app(settings: Settings) -> faust.App:
     app = faust.App(settings.kafka_consumer_group, **faust_options(settings))
-    topic_options = {"key_type": bytes, "value_type": bytes, "partitions": settings.kafka_topic_partitions}
-    uploads = app.topic(settings.topic_uploads, **topic_options)
-    verdicts = app.topic(settings.topic_verdicts, **topic_options)
-    flagged = app.topic(settings.topic_flagged, **topic_options)
-    dead_letters = app.topic(settings.topic_dlq, **topic_options)
+
+    def topic(name: str) -> faust.TopicT:
+        return app.topic(name, key_type=bytes, value_type=bytes, partitions=settings.kafka_topic_partitions)
+
+    uploads, verdicts = topic(settings.topic_uploads), topic(settings.topic_verdicts)
+    flagged, dead_letters = topic(settings.topic_flagged), topic(settings.topic_dlq)
 
     def routes(outcome: Outcome) -> list[faust.TopicT]:
         if isinstance(outcome, DeadLetter):
@@ -44,12 +46,14 @@ def create_app(settings: Settings) -> faust.App:
 
     @app.agent(uploads, concurrency=1)
     async def moderate_uploads(stream: faust.StreamT[bytes]) -> None:
+        # faust-streaming types noack_take as yielding values; it yields the events, acked by hand below.
+        batches: AsyncIterator[list[EventT]] = cast(Any, stream).noack_take(
+            settings.batch_size, within=settings.batch_wait_s
+        )
         async with open_pipeline(settings) as pipeline:
-            async for events in stream.noack_take(settings.batch_size, within=settings.batch_wait_s):
+            async for events in batches:
                 outcomes = await pipeline.moderate_batch([incoming(event) for event in events])
-                await asyncio.gather(
-                    *(deliver(topic, outcome) for outcome in outcomes for topic in routes(outcome))
-                )
+                await asyncio.gather(*(deliver(topic, outcome) for outcome in outcomes for topic in routes(outcome)))
                 for event in events:
                     await stream.ack(event)
 
@@ -90,7 +94,7 @@ async def deliver(topic: faust.TopicT, outcome: Outcome) -> None:
             await asyncio.sleep(min(0.2 * 2**attempt, 5.0))
 
 
-def faust_options(settings: Settings) -> dict[str, object]:
+def faust_options(settings: Settings) -> dict[str, Any]:
     return {
         "broker": [f"kafka://{server.strip()}" for server in settings.kafka_bootstrap_servers.split(",")],
         "broker_credentials": faust_credentials(settings),

@@ -7,7 +7,6 @@ the verdicts and dead-letter topics back until every expected event_id has its o
 from __future__ import annotations
 
 import hashlib
-import json
 import mimetypes
 import time
 import uuid
@@ -38,17 +37,24 @@ def s3_client_args(settings: Settings) -> dict[str, object]:
 
 
 async def upload_images(
-    settings: Settings, files: Sequence[Path], *, bucket: str, prefix: str = "uploads/", tenant: str | None = None
+    settings: Settings,
+    files: Sequence[Path],
+    *,
+    bucket: str,
+    prefix: str = "uploads/",
+    tenant: str | None = None,
 ) -> list[UploadEvent]:
     """Put each file in S3 under a fresh key and return the upload event that describes it."""
     events = []
-    async with get_session().create_client("s3", **s3_client_args(settings)) as s3:  # type: ignore[call-overload]
+    async with get_session().create_client("s3", **s3_client_args(settings)) as s3:
         for path in files:
             data = path.read_bytes()
             event_id = uuid.uuid4().hex
             key = f"{prefix}{event_id}/{path.name}"
             content_type = mimetypes.guess_type(path.name)[0]
-            await s3.put_object(Bucket=bucket, Key=key, Body=data, ContentType=content_type or "application/octet-stream")
+            await s3.put_object(
+                Bucket=bucket, Key=key, Body=data, ContentType=content_type or "application/octet-stream"
+            )
             events.append(
                 UploadEvent(
                     schema_version=1,
@@ -100,7 +106,9 @@ class Outcomes:
             self.dead_letters[letter.event_id].append(letter)
         else:
             verdict = Verdict.model_validate_json(value)
-            (self.flagged if topic == settings.topic_flagged else self.verdicts)[verdict.event_id].append(verdict)
+            (self.flagged if topic == settings.topic_flagged else self.verdicts)[verdict.event_id].append(
+                verdict
+            )
 
 
 async def read_outcomes(
@@ -115,7 +123,11 @@ async def read_outcomes(
     dead letters without an event_id) has an outcome, or the timeout passes."""
     topics = (settings.topic_verdicts, settings.topic_flagged, settings.topic_dlq)
     consumer = AIOKafkaConsumer(
-        *topics, group_id=None, auto_offset_reset="earliest", enable_auto_commit=False, **aiokafka_options(settings)
+        *topics,
+        group_id=None,
+        auto_offset_reset="earliest",
+        enable_auto_commit=False,
+        **aiokafka_options(settings),
     )
     outcomes = Outcomes()
     await consumer.start()
@@ -135,5 +147,3 @@ async def read_outcomes(
 
 def _complete(outcomes: Outcomes, expected: set[str], anonymous: int) -> bool:
     return expected <= outcomes.decided() and len(outcomes.dead_letters.get(None, [])) >= anonymous
-
-

@@ -56,7 +56,7 @@ def stop_worker(process: subprocess.Popen[bytes], timeout_s: float = 30.0) -> in
 
 
 def put_objects(settings: Settings, bucket: str, objects: dict[str, bytes]) -> None:
-    s3 = boto3.client("s3", **s3_client_args(settings))  # type: ignore[call-overload]
+    s3 = boto3.client("s3", **s3_client_args(settings))
     for key, data in objects.items():
         s3.put_object(Bucket=bucket, Key=key, Body=data)
 
@@ -65,7 +65,9 @@ def run_demo(workdir: Path, checkpoint: Path | None, console: Console, images: i
     workdir.mkdir(parents=True, exist_ok=True)
     console.print(f"[bold]Bringing up the local stack[/] in {workdir / 'stack'} (Tansu, SeaweedFS, Triton)")
     info = localstack.up(
-        workdir / "stack", model_repository=localstack.model_repository_for(workdir, checkpoint), progress=console.log
+        workdir / "stack",
+        model_repository=localstack.model_repository_for(workdir, checkpoint),
+        progress=console.log,
     )
     worker = None
     try:
@@ -75,10 +77,13 @@ def run_demo(workdir: Path, checkpoint: Path | None, console: Console, images: i
         bad = bad_uploads(info.bucket)
         for case in bad:
             put_objects(settings, info.bucket, case.objects)
-        messages = [event_message(e) for e in events] + [(c.event_id and c.event_id.encode(), c.value) for c in bad]
+        messages = [event_message(e) for e in events] + [c.message for c in bad]
         asyncio.run(publish(settings, messages))
         console.print(f"Published {len(events)} image uploads and {len(bad)} bad messages to {settings.topic_uploads}")
-        worker = start_worker(info.env() | {"MODERATION_KAFKA_CONSUMER_GROUP": settings.kafka_consumer_group}, workdir / "worker.log")
+        worker = start_worker(
+            info.env() | {"MODERATION_KAFKA_CONSUMER_GROUP": settings.kafka_consumer_group},
+            workdir / "worker.log",
+        )
         expected = {e.event_id for e in events} | {c.event_id for c in bad if c.event_id}
         anonymous = sum(1 for c in bad if c.event_id is None)
         with console.status("Waiting for every event's outcome") as status:
@@ -105,13 +110,16 @@ def outcome_table(outcomes: Outcomes, names: dict[str, str]) -> Table:
     for event_id, verdicts in sorted(outcomes.verdicts.items()):
         v = verdicts[-1]
         text = (v.explanation or "(no explanation: below MODERATION_EXPLAIN_ABOVE)")[:70]
-        table.add_row(v.attributes.get("filename", event_id), v.label, f"{v.score:.3f}", v.action, text)
-    for event_id, letters in sorted(outcomes.dead_letters.items(), key=lambda item: str(item[0])):
-        for letter in letters[-1:] if event_id else letters:
-            name = names.get(event_id or "", event_id or "(unparseable)")
+        table.add_row(v.attributes.get("filename") or event_id, v.label, f"{v.score:.3f}", v.action, text)
+    for letter_id, letters in sorted(outcomes.dead_letters.items(), key=lambda item: str(item[0])):
+        for letter in letters[-1:] if letter_id else letters:
+            name = names.get(letter_id or "") or letter_id or "(unparseable)"
             table.add_row(name, "-", "-", "dead letter", f"[red]{letter.reason}[/]: {letter.detail[:60]}")
     return table
 
 
 def _progress(update: Callable[[str], object]) -> Callable[[int, int], None]:
-    return lambda done, total: update(f"Waiting for outcomes: {done}/{total}")
+    def report(done: int, total: int) -> None:
+        update(f"Waiting for outcomes: {done}/{total}")
+
+    return report

@@ -15,7 +15,7 @@ from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, ValidationErro
 
 from moderation.errors import Reason, Rejected
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION: Literal[1] = 1
 SUPPORTED_SCHEMA_VERSIONS = frozenset({SCHEMA_VERSION})
 MAX_ATTRIBUTES = 32
 
@@ -130,7 +130,10 @@ def parse_upload(payload: bytes) -> UploadEvent:
         raise Rejected(Reason.INVALID_EVENT, f"expected a JSON object, got {type(data).__name__}")
     version = data.get("schema_version")
     if version not in SUPPORTED_SCHEMA_VERSIONS or isinstance(version, bool):
-        raise Rejected(Reason.UNSUPPORTED_SCHEMA, f"schema_version {version!r} is not one of {sorted(SUPPORTED_SCHEMA_VERSIONS)}")
+        raise Rejected(
+            Reason.UNSUPPORTED_SCHEMA,
+            f"schema_version {version!r} is not one of {sorted(SUPPORTED_SCHEMA_VERSIONS)}",
+        )
     try:
         return UploadEvent.model_validate(data)
     except ValidationError as exc:

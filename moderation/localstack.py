@@ -337,6 +337,9 @@ def _stop(run_dir: Path, names: list[str]) -> list[str]:
     return servers.stop(targets)
 
 
+READY_PROBE_KEY = "_stack/ready-probe"
+
+
 def _probe(name: str, info: StackInfo) -> str | None:
     """None when the server answers a real client, else why not."""
     address = {KAFKA: info.kafka_bootstrap, S3: info.s3_endpoint, TRITON: info.triton_url or ""}[name]
@@ -347,12 +350,22 @@ def _probe(name: str, info: StackInfo) -> str | None:
         if name == KAFKA:
             servers.run_sync(servers.kafka_metadata(info.kafka_bootstrap))
         elif name == S3:
-            _s3(info).list_buckets()
+            _s3_round_trip(info)
         else:
             return servers.triton_ready(address, info.model_name)
     except Exception as exc:  # any failure means "not ready (yet)"
         return f"{type(exc).__name__}: {exc}"
     return None
+
+
+def _s3_round_trip(info: StackInfo) -> None:
+    # Listing buckets answers before SeaweedFS's volume server has registered; reads of stored objects
+    # fail with InternalError until it has, so ready means an object written and read back.
+    client = _s3(info)
+    if info.bucket not in {b["Name"] for b in client.list_buckets().get("Buckets", [])}:
+        client.create_bucket(Bucket=info.bucket)
+    client.put_object(Bucket=info.bucket, Key=READY_PROBE_KEY, Body=b"ready")
+    client.get_object(Bucket=info.bucket, Key=READY_PROBE_KEY)["Body"].read()
 
 
 def _s3(info: StackInfo, secret: str | None = None) -> Any:

@@ -19,7 +19,16 @@ import numpy as np
 
 from moderation.detector import Detector
 from moderation.errors import Reason, Rejected
-from moderation.events import DeadLetter, ImageInfo, Timings, UploadEvent, Verdict, event_id_of, parse_upload, utcnow
+from moderation.events import (
+    DeadLetter,
+    ImageInfo,
+    Timings,
+    UploadEvent,
+    Verdict,
+    event_id_of,
+    parse_upload,
+    utcnow,
+)
 from moderation.imaging import decode, preprocess
 from moderation.policy import Policy
 from moderation.storage import ImageStore
@@ -70,7 +79,9 @@ class Pipeline:
             return self._dead_letter(message, event, exc)
         except Exception as exc:  # a bug must cost one event a dead letter, never the worker
             log.exception("unexpected error", extra={"where": message.where})
-            return self._dead_letter(message, event, Rejected(Reason.INTERNAL_ERROR, f"{type(exc).__name__}: {exc}"))
+            return self._dead_letter(
+                message, event, Rejected(Reason.INTERNAL_ERROR, f"{type(exc).__name__}: {exc}")
+            )
 
     async def _judge(self, event: UploadEvent) -> Verdict:
         started = time.perf_counter()
@@ -132,7 +143,9 @@ def prepare(data: bytes, max_pixels: int, expected_sha256: str | None = None) ->
     """CPU-bound: hash, decode and preprocess one image (runs in a worker thread)."""
     digest = hashlib.sha256(data).hexdigest()
     if expected_sha256 is not None and digest != expected_sha256:
-        raise Rejected(Reason.CHECKSUM_MISMATCH, f"object sha256 is {digest}, the event says {expected_sha256}")
+        raise Rejected(
+            Reason.CHECKSUM_MISMATCH, f"object sha256 is {digest}, the event says {expected_sha256}"
+        )
     decoded = decode(data, max_pixels=max_pixels)
     return Prepared(
         pixels=preprocess(decoded.image),

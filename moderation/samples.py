@@ -7,6 +7,7 @@ import io
 import json
 import math
 import uuid
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,7 +25,7 @@ def draw_image(seed: int, size: tuple[int, int] = (640, 480)) -> Image.Image:
     width, height = size
     y = np.linspace(0, 1, height)[:, None, None]
     top, bottom = rng.uniform(0, 255, 3), rng.uniform(0, 255, 3)
-    pixels = np.broadcast_to(top * (1 - y) + bottom * y, (height, width, 3)).copy()
+    pixels: np.ndarray = np.broadcast_to(top * (1 - y) + bottom * y, (height, width, 3)).astype(np.float64)
     pixels += rng.normal(0, 6, pixels.shape)
     image = Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8))
     draw = ImageDraw.Draw(image)
@@ -69,25 +70,48 @@ class BadUpload:
     event_id: str | None
     objects: dict[str, bytes]
 
+    @property
+    def message(self) -> tuple[bytes | None, bytes]:
+        return (self.event_id.encode() if self.event_id else None), self.value
+
 
 def bad_uploads(bucket: str, *, forbidden_bucket: str = "not-allowed-bucket") -> list[BadUpload]:
     """One of each kind of bad upload the worker must dead-letter, each with a fresh event_id."""
     uid = uuid.uuid4().hex[:12]
     jpeg = encode(draw_image(7), "JPEG")
 
-    def event(name: str, key: str, extra: dict[str, object]) -> tuple[str, bytes]:
+    def event(name: str, key: str, extra: Mapping[str, object]) -> tuple[str, bytes]:
         event_id = f"bad-{name}-{uid}"
-        body = {"schema_version": 1, "event_id": event_id, "bucket": bucket, "key": key} | extra
+        body: dict[str, object] = {"schema_version": 1, "event_id": event_id, "bucket": bucket, "key": key}
+        body.update(extra)
         return event_id, json.dumps(body).encode()
 
     cases = []
     for name, reason, key, objects, extra in (
         ("missing-object", Reason.OBJECT_MISSING, f"bad/{uid}/missing.jpg", {}, {}),
-        ("not-an-image", Reason.INVALID_IMAGE, f"bad/{uid}/notes.jpg", {"notes.jpg": b"just some text\n" * 20}, {}),
-        ("truncated-jpeg", Reason.INVALID_IMAGE, f"bad/{uid}/cut.jpg", {"cut.jpg": jpeg[: len(jpeg) // 3]}, {}),
+        (
+            "not-an-image",
+            Reason.INVALID_IMAGE,
+            f"bad/{uid}/notes.jpg",
+            {"notes.jpg": b"just some text\n" * 20},
+            {},
+        ),
+        (
+            "truncated-jpeg",
+            Reason.INVALID_IMAGE,
+            f"bad/{uid}/cut.jpg",
+            {"cut.jpg": jpeg[: len(jpeg) // 3]},
+            {},
+        ),
         ("empty-object", Reason.EMPTY_OBJECT, f"bad/{uid}/empty.png", {"empty.png": b""}, {}),
         ("forbidden-bucket", Reason.FORBIDDEN_BUCKET, f"bad/{uid}/x.jpg", {}, {"bucket": forbidden_bucket}),
-        ("checksum-mismatch", Reason.CHECKSUM_MISMATCH, f"bad/{uid}/sum.jpg", {"sum.jpg": jpeg}, {"sha256": "0" * 64}),
+        (
+            "checksum-mismatch",
+            Reason.CHECKSUM_MISMATCH,
+            f"bad/{uid}/sum.jpg",
+            {"sum.jpg": jpeg},
+            {"sha256": "0" * 64},
+        ),
         ("unknown-schema", Reason.UNSUPPORTED_SCHEMA, f"bad/{uid}/v9.jpg", {}, {"schema_version": 9}),
         ("missing-field", Reason.INVALID_EVENT, "", {}, {"key": None}),
     ):

@@ -50,7 +50,9 @@ class Settings(BaseSettings):
     s3_region: str = Field("us-east-1", description="S3 region.")
     s3_access_key_id: str | None = Field(None, description="Unset to use the standard AWS credential chain.")
     s3_secret_access_key: SecretStr | None = Field(None, description="With the key id; never logged.")
-    s3_allowed_buckets: CommaList = Field((), description="Comma-separated; events naming any other are rejected.")
+    s3_allowed_buckets: CommaList = Field(
+        (), description="Comma-separated; events naming any other are rejected."
+    )
     s3_max_object_bytes: int = Field(25 * 1024 * 1024, ge=1, description="Objects above this are rejected.")
     s3_timeout_s: float = Field(10.0, gt=0, description="Connect and read timeout per S3 call.")
 
@@ -70,7 +72,9 @@ class Settings(BaseSettings):
     review_threshold: float = Field(0.5, ge=0, le=1, description="P(fake) at or above this goes to review.")
     flag_threshold: float = Field(0.8, ge=0, le=1, description="P(fake) at or above this is flagged.")
     explain_above: float = Field(
-        0.5, ge=0, description="Generate an explanation when P(fake) is at or above this (0: always, >1: never)."
+        0.5,
+        ge=0,
+        description="Generate an explanation when P(fake) is at or above this (0: always, >1: never).",
     )
 
     # Batching

@@ -14,7 +14,9 @@ GOOD = {"schema_version": 1, "event_id": "evt-1", "bucket": "uploads", "key": "a
 def test_committed_schemas_match_the_models() -> None:
     for name, schema in json_schemas().items():
         committed = json.loads((SCHEMAS / f"{name}.schema.json").read_text())
-        assert committed == schema, f"schemas/{name}.schema.json drifted: run `moderation schema --write schemas`"
+        assert committed == schema, (
+            f"schemas/{name}.schema.json drifted: run `moderation schema --write schemas`"
+        )
 
 
 def test_a_minimal_event_parses_and_validates_against_its_schema() -> None:
@@ -33,7 +35,10 @@ def test_a_minimal_event_parses_and_validates_against_its_schema() -> None:
         (json.dumps(GOOD | {"schema_version": 2}).encode(), Reason.UNSUPPORTED_SCHEMA),
         (json.dumps(GOOD | {"schema_version": "1"}).encode(), Reason.UNSUPPORTED_SCHEMA),
         (json.dumps(GOOD | {"schema_version": True}).encode(), Reason.UNSUPPORTED_SCHEMA),
-        (json.dumps({k: v for k, v in GOOD.items() if k != "schema_version"}).encode(), Reason.UNSUPPORTED_SCHEMA),
+        (
+            json.dumps({k: v for k, v in GOOD.items() if k != "schema_version"}).encode(),
+            Reason.UNSUPPORTED_SCHEMA,
+        ),
         (json.dumps({k: v for k, v in GOOD.items() if k != "key"}).encode(), Reason.INVALID_EVENT),
         (json.dumps(GOOD | {"event_id": "has spaces"}).encode(), Reason.INVALID_EVENT),
         (json.dumps(GOOD | {"bucket": "UPPER"}).encode(), Reason.INVALID_EVENT),
@@ -56,8 +61,16 @@ def test_dead_letter_keeps_the_payload_byte_for_byte() -> None:
 
     now = utcnow()
     letter = DeadLetter(
-        event_id=None, reason=Reason.INVALID_EVENT, detail="x", retryable=False, attempts=1,
-        first_error_at=now, last_error_at=now, source_topic="t", source_partition=0, source_offset=3,
+        event_id=None,
+        reason=Reason.INVALID_EVENT,
+        detail="x",
+        retryable=False,
+        attempts=1,
+        first_error_at=now,
+        last_error_at=now,
+        source_topic="t",
+        source_partition=0,
+        source_offset=3,
         payload_base64=base64.b64encode(original).decode(),
     )
     again = DeadLetter.model_validate_json(letter.to_bytes())

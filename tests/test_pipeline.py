@@ -41,7 +41,9 @@ class FixedDetector:
         if self.fail:
             raise self.fail
         explanation = "This is a fake image. Odd textures." if self.score >= explain_above else None
-        return Detection(self.score, "fake" if self.score >= 0.5 else "real", explanation, "fake" if explanation else None)
+        return Detection(
+            self.score, "fake" if self.score >= 0.5 else "real", explanation, "fake" if explanation else None
+        )
 
 
 def message(body: object, offset: int = 0) -> Incoming:
@@ -54,13 +56,22 @@ def event(event_id: str, key: str = "a.jpg", **extra: object) -> dict[str, objec
 
 
 def pipeline(detector: FixedDetector) -> Pipeline:
-    return Pipeline(MemoryStore({"a.jpg": JPEG, "text.jpg": b"text"}), detector, Policy(0.5, 0.8, 0.5), 10**7, lambda: NOW)
+    return Pipeline(
+        MemoryStore({"a.jpg": JPEG, "text.jpg": b"text"}), detector, Policy(0.5, 0.8, 0.5), 10**7, lambda: NOW
+    )
 
 
 async def test_a_fake_image_is_flagged_with_its_explanation() -> None:
-    [outcome] = await pipeline(FixedDetector(0.93)).moderate_batch([message(event("e1", attributes={"a": "b"}))])
+    [outcome] = await pipeline(FixedDetector(0.93)).moderate_batch(
+        [message(event("e1", attributes={"a": "b"}))]
+    )
     assert isinstance(outcome, Verdict)
-    assert (outcome.event_id, outcome.label, outcome.action, outcome.answer_label) == ("e1", "fake", "flag", "fake")
+    assert (outcome.event_id, outcome.label, outcome.action, outcome.answer_label) == (
+        "e1",
+        "fake",
+        "flag",
+        "fake",
+    )
     assert outcome.explanation.startswith("This is a fake image.")
     assert (outcome.image.width, outcome.image.height, outcome.image.format) == (64, 48, "JPEG")
     assert outcome.attributes == {"a": "b"} and outcome.decided_at == NOW and outcome.model.name == "fixed"
@@ -99,11 +110,17 @@ async def test_every_message_of_a_batch_gets_exactly_one_outcome_in_order() -> N
 async def test_detector_failures_are_retryable_dead_letters() -> None:
     unavailable = Rejected(Reason.INFERENCE_UNAVAILABLE, "Triton down")
     [outcome] = await pipeline(FixedDetector(0.5, unavailable)).moderate_batch([message(event("e3"))])
-    assert isinstance(outcome, DeadLetter) and outcome.reason == Reason.INFERENCE_UNAVAILABLE and outcome.retryable
+    assert (
+        isinstance(outcome, DeadLetter)
+        and outcome.reason == Reason.INFERENCE_UNAVAILABLE
+        and outcome.retryable
+    )
 
 
 async def test_a_bug_costs_one_dead_letter_not_the_worker() -> None:
-    [outcome] = await pipeline(FixedDetector(0.5, ZeroDivisionError("boom"))).moderate_batch([message(event("e4"))])
+    [outcome] = await pipeline(FixedDetector(0.5, ZeroDivisionError("boom"))).moderate_batch(
+        [message(event("e4"))]
+    )
     assert isinstance(outcome, DeadLetter)
     assert (outcome.reason, outcome.event_id, outcome.retryable) == (Reason.INTERNAL_ERROR, "e4", True)
     assert "ZeroDivisionError" in outcome.detail

@@ -9,7 +9,9 @@ README = Path(__file__).parent.parent / "README.md"
 
 
 def test_readme_lists_every_setting_with_its_default() -> None:
-    assert env_table() in README.read_text(), "README's configuration table drifted: `moderation settings --markdown`"
+    assert env_table() in README.read_text(), (
+        "README's configuration table drifted: `moderation settings --markdown`"
+    )
 
 
 def test_allowed_buckets_are_a_comma_separated_list(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -14,14 +14,15 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from moderation.client import event_message, publish, read_outcomes, upload_images
 from moderation.demo import put_objects, stop_worker
-from moderation.events import json_schemas
 from moderation.kafka import aiokafka_options
 from moderation.samples import bad_uploads, write_samples
 from moderation.settings import Settings
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
-SCHEMAS = {name: json.loads((Path(__file__).parent.parent / "schemas" / f"{name}.schema.json").read_text())
-           for name in ("verdict", "dead_letter")}
+SCHEMAS = {
+    name: json.loads((Path(__file__).parent.parent / "schemas" / f"{name}.schema.json").read_text())
+    for name in ("verdict", "dead_letter")
+}
 
 
 async def raw_messages(settings: Settings, topic: str) -> list[bytes]:
@@ -66,7 +67,7 @@ def test_every_upload_gets_exactly_one_outcome_and_offsets_are_committed(lane, t
     bad = bad_uploads(bucket)
     for case in bad:
         put_objects(settings, bucket, case.objects)
-    messages = [event_message(e) for e in events] + [(c.event_id and c.event_id.encode(), c.value) for c in bad]
+    messages = [event_message(e) for e in events] + [c.message for c in bad]
     assert len(messages) >= 55 and len({c.reason for c in bad}) >= 5
     acked = asyncio.run(publish(settings, messages))
     # End offsets from the produce acks: Tansu 0.6's ListOffsets answers per record batch, not per record.
@@ -82,7 +83,9 @@ def test_every_upload_gets_exactly_one_outcome_and_offsets_are_committed(lane, t
         stop_worker(worker)
 
     good_ids = {e.event_id for e in events}
-    wrong = {eid: [(d.reason, d.detail) for d in outcomes.dead_letters[eid]] for eid in good_ids - set(outcomes.verdicts)}
+    wrong = {
+        eid: [(d.reason, d.detail) for d in outcomes.dead_letters[eid]] for eid in good_ids - set(outcomes.verdicts)
+    }
     assert set(outcomes.verdicts) == good_ids, f"good uploads without a verdict: {wrong}"
     assert all(len(v) == 1 for v in outcomes.verdicts.values()), "exactly one verdict per event_id"
     reasons = {eid: letters for eid, letters in outcomes.dead_letters.items() if eid is not None}
@@ -110,5 +113,7 @@ def test_every_upload_gets_exactly_one_outcome_and_offsets_are_committed(lane, t
 
     assert sum(ends.values()) == len(messages), "each message has its own offset"
     assert committed == ends, f"committed {committed} != end offsets {ends}"
-    print(f"outcomes: {Counter(v[0].action for v in outcomes.verdicts.values())}, "
-          f"dead letters: {Counter(str(c.reason) for c in bad)}")
+    print(
+        f"outcomes: {Counter(v[0].action for v in outcomes.verdicts.values())}, "
+        f"dead letters: {Counter(str(c.reason) for c in bad)}"
+    )
