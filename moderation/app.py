@@ -20,7 +20,7 @@ from faust.types import EventT
 from moderation.detector import TritonDetector
 from moderation.events import DeadLetter
 from moderation.kafka import faust_credentials
-from moderation.pipeline import Incoming, Outcome, Pipeline
+from moderation.pipeline import Backoff, Incoming, Outcome, Pipeline
 from moderation.policy import Policy
 from moderation.settings import Settings
 from moderation.storage import S3Store
@@ -68,7 +68,8 @@ async def open_pipeline(settings: Settings) -> AsyncIterator[Pipeline]:
     try:
         await detector.start()
         try:
-            yield Pipeline(store, detector, Policy.from_settings(settings), settings.max_image_pixels)
+            backoff = Backoff(deadline_s=settings.event_deadline_s, cap_s=settings.retry_backoff_max_s)
+            yield Pipeline(store, detector, Policy.from_settings(settings), settings.max_image_pixels, backoff)
         finally:
             await detector.stop()
     finally:

@@ -28,6 +28,9 @@ RETRYABLE = frozenset(
     {Reason.STORAGE_UNAVAILABLE, Reason.INFERENCE_UNAVAILABLE, Reason.INFERENCE_FAILED, Reason.INTERNAL_ERROR}
 )
 
+# Faults of the system around an event, not of the event: retried with backoff before any dead letter.
+TRANSIENT = frozenset({Reason.STORAGE_UNAVAILABLE, Reason.INFERENCE_UNAVAILABLE})
+
 
 class ModerationError(Exception):
     """Root of our errors."""

@@ -10,6 +10,7 @@ import asyncio
 import base64
 import hashlib
 import logging
+import random
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -18,7 +19,7 @@ from datetime import datetime
 import numpy as np
 
 from moderation.detector import Detector
-from moderation.errors import Reason, Rejected
+from moderation.errors import TRANSIENT, Reason, Rejected
 from moderation.events import (
     DeadLetter,
     ImageInfo,
@@ -60,28 +61,65 @@ class Prepared:
 
 
 @dataclass(frozen=True)
+class Backoff:
+    """Bounded exponential backoff with full jitter, and the deadline after which a transient fault
+    becomes a (retryable) dead letter."""
+
+    deadline_s: float = 600.0
+    base_s: float = 0.5
+    cap_s: float = 30.0
+
+    def delay(self, attempt: int) -> float:
+        return random.uniform(0, min(self.cap_s, self.base_s * 2**attempt))  # noqa: S311 - jitter, not crypto
+
+
+@dataclass(frozen=True)
 class Pipeline:
     store: ImageStore
     detector: Detector
     policy: Policy
     max_image_pixels: int
+    backoff: Backoff = Backoff()
     clock: Callable[[], datetime] = utcnow
 
     async def moderate_batch(self, batch: Sequence[Incoming]) -> list[Outcome]:
-        return list(await asyncio.gather(*(self.moderate(message) for message in batch)))
+        """One outcome per message, in order. Transient faults (S3 or Triton unavailable) are retried
+        until the deadline; meanwhile the agent takes no new events, which is the backpressure."""
+        started = time.monotonic()
+        outcomes: dict[int, Outcome] = {}
+        first_errors: dict[int, datetime] = {}
+        pending, attempt = list(range(len(batch))), 0
+        while pending:
+            attempt += 1
+            results = await asyncio.gather(*(self.moderate(batch[i], attempt, first_errors.get(i)) for i in pending))
+            retry = []
+            for i, outcome in zip(pending, results, strict=True):
+                if isinstance(outcome, DeadLetter) and outcome.reason in TRANSIENT and not self._late(started):
+                    first_errors.setdefault(i, outcome.first_error_at)
+                    retry.append(i)
+                else:
+                    outcomes[i] = outcome
+                    _log_outcome(outcome, batch[i])
+            if pending := retry:
+                delay = self.backoff.delay(attempt)
+                log.warning("%d events hit a transient fault; attempt %d in %.1f s", len(pending), attempt + 1, delay)
+                await asyncio.sleep(delay)
+        return [outcomes[i] for i in range(len(batch))]
 
-    async def moderate(self, message: Incoming) -> Outcome:
+    async def moderate(self, message: Incoming, attempt: int = 1, first_error: datetime | None = None) -> Outcome:
         event: UploadEvent | None = None
         try:
             event = parse_upload(message.value)
             return await self._judge(event)
         except Rejected as exc:
-            return self._dead_letter(message, event, exc)
+            return self._dead_letter(message, event, exc, attempt, first_error)
         except Exception as exc:  # a bug must cost one event a dead letter, never the worker
             log.exception("unexpected error", extra={"where": message.where})
-            return self._dead_letter(
-                message, event, Rejected(Reason.INTERNAL_ERROR, f"{type(exc).__name__}: {exc}")
-            )
+            failure = Rejected(Reason.INTERNAL_ERROR, f"{type(exc).__name__}: {exc}")
+            return self._dead_letter(message, event, failure, attempt, first_error)
+
+    def _late(self, started: float) -> bool:
+        return time.monotonic() - started >= self.backoff.deadline_s
 
     async def _judge(self, event: UploadEvent) -> Verdict:
         started = time.perf_counter()
@@ -115,22 +153,18 @@ class Pipeline:
             attributes=event.attributes,
         )
 
-    def _dead_letter(self, message: Incoming, event: UploadEvent | None, exc: Rejected) -> DeadLetter:
+    def _dead_letter(
+        self, message: Incoming, event: UploadEvent | None, exc: Rejected, attempt: int, first: datetime | None
+    ) -> DeadLetter:
         now = self.clock()
         event_id = event.event_id if event else event_id_of(message.value)
-        log.warning(
-            "dead letter %s: %s",
-            exc.reason,
-            exc.detail,
-            extra={"event_id": event_id, "where": message.where, "reason": str(exc.reason)},
-        )
         return DeadLetter(
             event_id=event_id,
             reason=exc.reason,
             detail=exc.detail[:2000],
             retryable=exc.retryable,
-            attempts=1,
-            first_error_at=now,
+            attempts=attempt,
+            first_error_at=first or now,
             last_error_at=now,
             source_topic=message.topic,
             source_partition=message.partition,
@@ -139,13 +173,24 @@ class Pipeline:
         )
 
 
+def _log_outcome(outcome: Outcome, message: Incoming) -> None:
+    context = {"event_id": outcome.event_id, "where": message.where}
+    if isinstance(outcome, DeadLetter):
+        context["reason"] = str(outcome.reason)
+        log.warning("dead letter %s: %s", outcome.reason, outcome.detail, extra=context)
+    else:
+        log.info("verdict %s %.3f %s", outcome.label, outcome.score, outcome.action, extra=context)
+
+
+def _transient(outcome: Outcome) -> bool:
+    return isinstance(outcome, DeadLetter) and outcome.reason in TRANSIENT
+
+
 def prepare(data: bytes, max_pixels: int, expected_sha256: str | None = None) -> Prepared:
     """CPU-bound: hash, decode and preprocess one image (runs in a worker thread)."""
     digest = hashlib.sha256(data).hexdigest()
     if expected_sha256 is not None and digest != expected_sha256:
-        raise Rejected(
-            Reason.CHECKSUM_MISMATCH, f"object sha256 is {digest}, the event says {expected_sha256}"
-        )
+        raise Rejected(Reason.CHECKSUM_MISMATCH, f"object sha256 is {digest}, the event says {expected_sha256}")
     decoded = decode(data, max_pixels=max_pixels)
     return Prepared(
         pixels=preprocess(decoded.image),

@@ -50,9 +50,7 @@ class Settings(BaseSettings):
     s3_region: str = Field("us-east-1", description="S3 region.")
     s3_access_key_id: str | None = Field(None, description="Unset to use the standard AWS credential chain.")
     s3_secret_access_key: SecretStr | None = Field(None, description="With the key id; never logged.")
-    s3_allowed_buckets: CommaList = Field(
-        (), description="Comma-separated; events naming any other are rejected."
-    )
+    s3_allowed_buckets: CommaList = Field((), description="Comma-separated; events naming any other are rejected.")
     s3_max_object_bytes: int = Field(25 * 1024 * 1024, ge=1, description="Objects above this are rejected.")
     s3_timeout_s: float = Field(10.0, gt=0, description="Connect and read timeout per S3 call.")
 
@@ -76,6 +74,12 @@ class Settings(BaseSettings):
         ge=0,
         description="Generate an explanation when P(fake) is at or above this (0: always, >1: never).",
     )
+
+    # Retries
+    event_deadline_s: float = Field(
+        600.0, gt=0, description="Transient faults (S3/Triton unavailable) are retried this long, then dead-lettered."
+    )
+    retry_backoff_max_s: float = Field(30.0, gt=0, description="Longest wait between two retries (with jitter).")
 
     # Batching
     batch_size: int = Field(16, ge=1, description="Events taken from the stream per batch.")

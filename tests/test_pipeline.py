@@ -9,12 +9,13 @@ import numpy as np
 from moderation.detector import Detection
 from moderation.errors import Reason, Rejected
 from moderation.events import DeadLetter, ModelInfo, Verdict
-from moderation.pipeline import Incoming, Pipeline
+from moderation.pipeline import Backoff, Incoming, Pipeline
 from moderation.policy import Policy
 from moderation.samples import draw_image, encode
 
 NOW = datetime(2026, 11, 27, tzinfo=UTC)
 JPEG = encode(draw_image(0, (64, 48)), "JPEG")
+FAST = Backoff(deadline_s=5.0, base_s=0.001, cap_s=0.01)
 
 
 class MemoryStore:
@@ -32,13 +33,13 @@ class MemoryStore:
 class FixedDetector:
     model = ModelInfo(name="fixed", version="1")
 
-    def __init__(self, score: float, fail: Exception | None = None) -> None:
-        self.score, self.fail, self.calls = score, fail, 0
+    def __init__(self, score: float, fail: Exception | None = None, failures: int = 10**9) -> None:
+        self.score, self.fail, self.failures, self.calls = score, fail, failures, 0
 
     async def detect(self, pixel_values: np.ndarray, *, explain_above: float) -> Detection:
         self.calls += 1
         assert pixel_values.shape == (3, 336, 336)
-        if self.fail:
+        if self.fail and self.calls <= self.failures:
             raise self.fail
         explanation = "This is a fake image. Odd textures." if self.score >= explain_above else None
         return Detection(
@@ -55,16 +56,13 @@ def event(event_id: str, key: str = "a.jpg", **extra: object) -> dict[str, objec
     return {"schema_version": 1, "event_id": event_id, "bucket": "uploads", "key": key} | extra
 
 
-def pipeline(detector: FixedDetector) -> Pipeline:
-    return Pipeline(
-        MemoryStore({"a.jpg": JPEG, "text.jpg": b"text"}), detector, Policy(0.5, 0.8, 0.5), 10**7, lambda: NOW
-    )
+def pipeline(detector: FixedDetector, backoff: Backoff = FAST) -> Pipeline:
+    store = MemoryStore({"a.jpg": JPEG, "text.jpg": b"text"})
+    return Pipeline(store, detector, Policy(0.5, 0.8, 0.5), 10**7, backoff=backoff, clock=lambda: NOW)
 
 
 async def test_a_fake_image_is_flagged_with_its_explanation() -> None:
-    [outcome] = await pipeline(FixedDetector(0.93)).moderate_batch(
-        [message(event("e1", attributes={"a": "b"}))]
-    )
+    [outcome] = await pipeline(FixedDetector(0.93)).moderate_batch([message(event("e1", attributes={"a": "b"}))])
     assert isinstance(outcome, Verdict)
     assert (outcome.event_id, outcome.label, outcome.action, outcome.answer_label) == (
         "e1",
@@ -107,20 +105,28 @@ async def test_every_message_of_a_batch_gets_exactly_one_outcome_in_order() -> N
     assert outcomes[0].action == "review"
 
 
-async def test_detector_failures_are_retryable_dead_letters() -> None:
-    unavailable = Rejected(Reason.INFERENCE_UNAVAILABLE, "Triton down")
-    [outcome] = await pipeline(FixedDetector(0.5, unavailable)).moderate_batch([message(event("e3"))])
-    assert (
-        isinstance(outcome, DeadLetter)
-        and outcome.reason == Reason.INFERENCE_UNAVAILABLE
-        and outcome.retryable
-    )
+async def test_transient_faults_are_retried_with_backoff_until_they_pass() -> None:
+    detector = FixedDetector(0.2, Rejected(Reason.INFERENCE_UNAVAILABLE, "Triton down"), failures=3)
+    [outcome] = await pipeline(detector).moderate_batch([message(event("e3"))])
+    assert isinstance(outcome, Verdict) and detector.calls == 4
+
+
+async def test_a_transient_fault_past_the_deadline_is_a_retryable_dead_letter() -> None:
+    detector = FixedDetector(0.5, Rejected(Reason.INFERENCE_UNAVAILABLE, "Triton down"))
+    slow = Backoff(deadline_s=0.05, base_s=0.01, cap_s=0.01)
+    [outcome] = await pipeline(detector, slow).moderate_batch([message(event("e3"))])
+    assert isinstance(outcome, DeadLetter) and outcome.reason == Reason.INFERENCE_UNAVAILABLE and outcome.retryable
+    assert outcome.attempts == detector.calls > 1
+
+
+async def test_permanent_inference_errors_are_not_retried() -> None:
+    detector = FixedDetector(0.5, Rejected(Reason.INFERENCE_FAILED, "bad input"))
+    [outcome] = await pipeline(detector).moderate_batch([message(event("e5"))])
+    assert isinstance(outcome, DeadLetter) and outcome.reason == Reason.INFERENCE_FAILED and detector.calls == 1
 
 
 async def test_a_bug_costs_one_dead_letter_not_the_worker() -> None:
-    [outcome] = await pipeline(FixedDetector(0.5, ZeroDivisionError("boom"))).moderate_batch(
-        [message(event("e4"))]
-    )
+    [outcome] = await pipeline(FixedDetector(0.5, ZeroDivisionError("boom"))).moderate_batch([message(event("e4"))])
     assert isinstance(outcome, DeadLetter)
     assert (outcome.reason, outcome.event_id, outcome.retryable) == (Reason.INTERNAL_ERROR, "e4", True)
     assert "ZeroDivisionError" in outcome.detail
