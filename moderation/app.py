@@ -18,6 +18,7 @@ import faust
 from faust.types import EventT
 
 from moderation.detector import TritonDetector
+from moderation.dlq import attempts_from
 from moderation.events import DeadLetter
 from moderation.kafka import faust_credentials
 from moderation.pipeline import Backoff, Incoming, Outcome, Pipeline
@@ -78,7 +79,13 @@ async def open_pipeline(settings: Settings) -> AsyncIterator[Pipeline]:
 
 def incoming(event: EventT) -> Incoming:
     message = event.message
-    return Incoming(value=event.value, topic=message.topic, partition=message.partition, offset=message.offset)
+    return Incoming(
+        value=event.value,
+        topic=message.topic,
+        partition=message.partition,
+        offset=message.offset,
+        earlier_attempts=attempts_from(message.headers),
+    )
 
 
 async def deliver(topic: faust.TopicT, outcome: Outcome) -> None:

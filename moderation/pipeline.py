@@ -47,6 +47,7 @@ class Incoming:
     topic: str
     partition: int
     offset: int
+    earlier_attempts: int = 0  # from the ATTEMPTS_HEADER of a replayed dead letter
 
     @property
     def where(self) -> str:
@@ -163,7 +164,7 @@ class Pipeline:
             reason=exc.reason,
             detail=exc.detail[:2000],
             retryable=exc.retryable,
-            attempts=attempt,
+            attempts=message.earlier_attempts + attempt,
             first_error_at=first or now,
             last_error_at=now,
             source_topic=message.topic,
