@@ -4,19 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import json
-import time
 from collections import Counter
 from pathlib import Path
 
 import jsonschema
 import pytest
-from aiokafka import AIOKafkaConsumer, TopicPartition
+from support import outcomes_for, publish_uploads, raw_messages, wait_for_commits
 
-from moderation.client import event_message, publish, read_outcomes, upload_images
-from moderation.demo import put_objects, stop_worker
-from moderation.kafka import aiokafka_options
-from moderation.samples import bad_uploads, write_samples
-from moderation.settings import Settings
+from moderation.demo import stop_worker
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 SCHEMAS = {
@@ -25,59 +20,17 @@ SCHEMAS = {
 }
 
 
-async def raw_messages(settings: Settings, topic: str) -> list[bytes]:
-    consumer = AIOKafkaConsumer(topic, group_id=None, auto_offset_reset="earliest", **aiokafka_options(settings))
-    await consumer.start()
-    try:
-        values: list[bytes] = []
-        while batch := await consumer.getmany(timeout_ms=1500):
-            values += [record.value for records in batch.values() for record in records]
-        return values
-    finally:
-        await consumer.stop()
-
-
-async def committed_offsets(settings: Settings) -> dict[int, int]:
-    """The worker group's committed offsets on the uploads topic, read without joining the group."""
-    consumer = AIOKafkaConsumer(
-        group_id=settings.kafka_consumer_group, enable_auto_commit=False, **aiokafka_options(settings)
-    )
-    await consumer.start()
-    try:
-        await consumer.topics()
-        partitions = sorted(consumer.partitions_for_topic(settings.topic_uploads) or ())
-        committed = {p: await consumer.committed(TopicPartition(settings.topic_uploads, p)) for p in partitions}
-        return {p: offset for p, offset in committed.items() if offset is not None}
-    finally:
-        await consumer.stop()
-
-
-def wait_for_commits(settings: Settings, ends: dict[int, int], timeout_s: float = 60.0) -> dict[int, int]:
-    deadline = time.monotonic() + timeout_s
-    while (committed := asyncio.run(committed_offsets(settings))) != ends and time.monotonic() < deadline:
-        time.sleep(1.0)
-    return committed
-
-
 def test_every_upload_gets_exactly_one_outcome_and_offsets_are_committed(lane, tmp_path: Path) -> None:
     settings = lane.settings
-    bucket = settings.s3_allowed_buckets[0]
-    images = write_samples(tmp_path / "images", 50)
-    events = asyncio.run(upload_images(settings, images, bucket=bucket, tenant="t1"))
-    bad = bad_uploads(bucket)
-    for case in bad:
-        put_objects(settings, bucket, case.objects)
-    messages = [event_message(e) for e in events] + [c.message for c in bad]
-    assert len(messages) >= 55 and len({c.reason for c in bad}) >= 5
-    acked = asyncio.run(publish(settings, messages))
-    # End offsets from the produce acks: Tansu 0.6's ListOffsets answers per record batch, not per record.
-    ends = {p: 1 + max(m.offset for m in acked if m.partition == p) for p in {m.partition for m in acked}}
+    published = publish_uploads(settings, tmp_path / "images", 50)
+    events, bad, ends = published.events, published.bad, published.ends
+    assert published.count >= 55 and len({c.reason for c in bad}) >= 5
 
     worker = lane.worker(MODERATION_EXPLAIN_ABOVE="0.0")
     try:
-        expected = {e.event_id for e in events} | {c.event_id for c in bad if c.event_id}
-        outcomes = asyncio.run(read_outcomes(settings, expected, expected_anonymous=1, timeout_s=420))
-        assert expected <= outcomes.decided(), f"no outcome for {expected - outcomes.decided()}\n{lane.log()[-3000:]}"
+        outcomes = outcomes_for(settings, published)
+        missing = published.expected - outcomes.decided()
+        assert not missing, f"no outcome for {missing}\n{lane.log()[-3000:]}"
         committed = wait_for_commits(settings, ends)
     finally:
         stop_worker(worker)
@@ -111,7 +64,7 @@ def test_every_upload_gets_exactly_one_outcome_and_offsets_are_committed(lane, t
     flagged = {eid for eid, vs in outcomes.verdicts.items() if vs[0].action == "flag"}
     assert set(outcomes.flagged) == flagged and all(len(v) == 1 for v in outcomes.flagged.values())
 
-    assert sum(ends.values()) == len(messages), "each message has its own offset"
+    assert sum(ends.values()) == published.count, "each message has its own offset"
     assert committed == ends, f"committed {committed} != end offsets {ends}"
     print(
         f"outcomes: {Counter(v[0].action for v in outcomes.verdicts.values())}, "
