@@ -59,10 +59,23 @@ def decode(data: bytes, *, max_pixels: int) -> DecodedImage:
     try:
         # Multi-frame images are judged on their first frame, like FakeVLM's eval (Image.open().convert).
         image.seek(0)
-        rgb = image.convert("RGB")
+        rgb = to_rgb(image)
     except Exception as exc:
         raise Rejected(Reason.INVALID_IMAGE, f"corrupt or truncated {fmt} image: {exc}") from exc
     return DecodedImage(image=rgb, width=width, height=height, format=fmt)
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """RGB for every mode; 16-bit and float images are scaled to 8 bits (Pillow's convert would clip them)."""
+    if image.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
+        pixels = np.asarray(image, dtype=np.int64)
+        shift = 8 if pixels.max(initial=0) > 255 else 0
+        image = Image.fromarray((np.clip(pixels, 0, 65535) >> shift).astype(np.uint8), mode="L")
+    elif image.mode == "F":
+        pixels = np.nan_to_num(np.asarray(image, dtype=np.float64))
+        scale = 255.0 if pixels.max(initial=0) <= 1.0 else 1.0
+        image = Image.fromarray(np.clip(pixels * scale, 0, 255).astype(np.uint8), mode="L")
+    return image.convert("RGB")
 
 
 def resize_size(width: int, height: int, shortest_edge: int = SHORTEST_EDGE) -> tuple[int, int]:
