@@ -36,6 +36,11 @@ class Supervisor:
         self.process.wait()
         self.process = self._start()
 
+    def terminate(self) -> None:
+        """SIGTERM, as Kubernetes stops a pod: the worker hands its in-flight batch back uncommitted."""
+        assert stop_worker(self.process) == 0, self.lane.log(f"worker-{self.starts}")[-2000:]
+        self.process = self._start()
+
     def keep_alive(self) -> None:
         if self.process.poll() is not None:
             self.process = self._start()
@@ -85,6 +90,10 @@ def test_worker_sigkilled_mid_batch_and_restarted(lane, tmp_path: Path) -> None:
     run_with_fault(lane, tmp_path, lambda supervisor: supervisor.kill())
 
 
+def test_worker_sigterm_mid_stream_loses_nothing(lane, tmp_path: Path) -> None:
+    run_with_fault(lane, tmp_path, lambda supervisor: supervisor.terminate())
+
+
 def test_s3_stopped_briefly(lane, tmp_path: Path) -> None:
     def fault(_: Supervisor) -> None:
         assert localstack.stop_server(lane.info.run_dir, "s3")
@@ -112,7 +121,9 @@ def test_broker_restarted_with_durable_storage(lane, durable_broker, tmp_path: P
 
     s = lane.settings
     lane.env["MODERATION_KAFKA_BOOTSTRAP_SERVERS"] = durable_broker.kafka_bootstrap
-    lane.settings = settings_for(lane.info, **{**_overrides(s), "kafka_bootstrap_servers": durable_broker.kafka_bootstrap})
+    lane.settings = settings_for(
+        lane.info, **{**_overrides(s), "kafka_bootstrap_servers": durable_broker.kafka_bootstrap}
+    )
     topics = [s.topic_uploads, s.topic_verdicts, s.topic_flagged, s.topic_dlq]
     asyncio.run(localstack.create_topics(durable_broker.kafka_bootstrap, topics, s.kafka_topic_partitions))
 
@@ -126,7 +137,11 @@ def test_broker_restarted_with_durable_storage(lane, durable_broker, tmp_path: P
 
 def _overrides(s) -> dict[str, str]:  # type: ignore[no-untyped-def]
     return {
-        "topic_uploads": s.topic_uploads, "topic_verdicts": s.topic_verdicts, "topic_flagged": s.topic_flagged,
-        "topic_dlq": s.topic_dlq, "kafka_consumer_group": s.kafka_consumer_group,
-        "s3_allowed_buckets": ",".join(s.s3_allowed_buckets), "data_dir": str(s.data_dir),
+        "topic_uploads": s.topic_uploads,
+        "topic_verdicts": s.topic_verdicts,
+        "topic_flagged": s.topic_flagged,
+        "topic_dlq": s.topic_dlq,
+        "kafka_consumer_group": s.kafka_consumer_group,
+        "s3_allowed_buckets": ",".join(s.s3_allowed_buckets),
+        "data_dir": str(s.data_dir),
     }

@@ -65,6 +65,7 @@ def test_every_upload_gets_exactly_one_outcome_and_offsets_are_committed(lane, t
     assert set(outcomes.flagged) == flagged and all(len(v) == 1 for v in outcomes.flagged.values())
 
     assert sum(ends.values()) == published.count, "each message has its own offset"
+    assert lane.info.s3_secret_key not in lane.log(), "secrets never reach the logs"
     assert committed == ends, f"committed {committed} != end offsets {ends}"
     print(
         f"outcomes: {Counter(v[0].action for v in outcomes.verdicts.values())}, "

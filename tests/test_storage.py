@@ -1,0 +1,46 @@
+"""S3Store against the real SeaweedFS: allowlist, byte cap, missing objects, wrong credentials."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+from pydantic import SecretStr
+
+from moderation.demo import put_objects
+from moderation.errors import Reason, Rejected
+from moderation.storage import S3Store
+
+pytestmark = pytest.mark.integration
+
+
+async def fetch(settings, bucket: str, key: str) -> bytes:  # type: ignore[no-untyped-def]
+    store = S3Store(settings)
+    await store.start()
+    try:
+        return await store.fetch(bucket, key)
+    finally:
+        await store.stop()
+
+
+def reason(settings, bucket: str, key: str) -> Reason:  # type: ignore[no-untyped-def]
+    with pytest.raises(Rejected) as caught:
+        asyncio.run(fetch(settings, bucket, key))
+    return caught.value.reason
+
+
+def test_fetch_honours_the_allowlist_the_cap_and_the_credentials(lane) -> None:
+    settings = lane.settings.model_copy(update={"s3_max_object_bytes": 3_000_000})
+    bucket = settings.s3_allowed_buckets[0]
+    big = bytes(range(256)) * 10_000  # 2.56 MB, read in several chunks
+    put_objects(settings, bucket, {"ok.bin": big, "over.bin": b"x" * 3_000_001, "cap.bin": b"y" * 3_000_000})
+
+    assert asyncio.run(fetch(settings, bucket, "ok.bin")) == big
+    assert len(asyncio.run(fetch(settings, bucket, "cap.bin"))) == 3_000_000
+    assert reason(settings, bucket, "over.bin") == Reason.TOO_LARGE
+    assert reason(settings, bucket, "absent.bin") == Reason.OBJECT_MISSING
+    assert reason(settings, lane.info.bucket, "ok.bin") == Reason.FORBIDDEN_BUCKET, "only allowlisted buckets"
+    wrong = settings.model_copy(update={"s3_secret_access_key": SecretStr("not-the-secret")})
+    assert reason(wrong, bucket, "ok.bin") == Reason.ACCESS_DENIED
+    down = settings.model_copy(update={"s3_endpoint_url": "http://127.0.0.1:9", "s3_timeout_s": 1.0})
+    assert reason(down, bucket, "ok.bin") == Reason.STORAGE_UNAVAILABLE
