@@ -17,7 +17,9 @@ from moderation.settings import Settings, env_table
 app = typer.Typer(help="Spot AI-generated images in an upload stream with FakeVLM.", no_args_is_help=True)
 dev = typer.Typer(help="The embedded local stack: Tansu (Kafka), SeaweedFS (S3), Triton.", no_args_is_help=True)
 model = typer.Typer(help="Model checkpoints.", no_args_is_help=True)
+dlq = typer.Typer(help="The dead-letter topic: inspect and replay.", no_args_is_help=True)
 app.add_typer(dev, name="dev")
+app.add_typer(dlq, name="dlq")
 app.add_typer(model, name="model")
 console = Console()
 
@@ -86,6 +88,127 @@ def publish(
     console.print(f"Published {len(events)} events to {settings.topic_uploads}.")
 
 
+TritonUrl = Annotated[str | None, typer.Option("--triton", help="Score on Triton at this gRPC host:port instead.")]
+Device = Annotated[str, typer.Option(help="In-process device: cpu, cuda or cuda:N.")]
+BatchSize = Annotated[int, typer.Option(min=1, help="Images per batch.")]
+ExplainAbove = Annotated[float | None, typer.Option(help="Explain when P(fake) >= this (default: settings).")]
+EmbeddingModel = Annotated[str | None, typer.Option(help="CSS model: a sentence-transformers path or cached name.")]
+Predictions = Annotated[Path | None, typer.Option(help="Per-image JSONL: prediction, explanation, reference.")]
+
+
+def _warn(message: str) -> None:
+    console.print(f"[yellow]warning:[/] {message}")
+
+
+@app.command("scan")
+def scan_files(
+    paths: Annotated[list[Path], typer.Argument(help="Image files and directories (searched recursively).")],
+    out: Annotated[Path, typer.Option(help="JSONL: one record per file.")] = Path("results.jsonl"),
+    html: Annotated[Path | None, typer.Option(help="Also write a self-contained HTML report.")] = None,
+    checkpoint: Checkpoint = None,
+    triton: TritonUrl = None,
+    batch_size: BatchSize = 16,
+    explain_above: ExplainAbove = None,
+    device: Device = "cpu",
+    env_file: EnvFile = None,
+) -> None:
+    """Detect AI-generated images among local files, offline; unreadable files are reported, never fatal."""
+    from moderation.detector import open_detector, running
+    from moderation.errors import ModerationError
+    from moderation.policy import Policy
+    from moderation.scan import ScanSummary, scan, summary_json
+
+    if checkpoint is not None and triton is not None:
+        raise typer.BadParameter("give --checkpoint or --triton, not both")
+    settings = load_settings(env_file)
+    limit = settings.explain_above if explain_above is None else explain_above
+    policy = Policy(settings.review_threshold, settings.flag_threshold, limit)
+    detector = open_detector(
+        checkpoint=checkpoint,
+        triton_url=triton,
+        device=device,
+        batch_size=batch_size,
+        threshold=settings.label_threshold,
+        home=DEFAULT_HOME,
+        warn=_warn,
+    )
+
+    async def run() -> ScanSummary:
+        async with running(detector) as started:
+            return await scan(
+                paths,
+                started,
+                out=out,
+                html=html,
+                batch_size=batch_size,
+                explain_above=limit,
+                max_pixels=settings.max_image_pixels,
+                policy=policy,
+                progress=True,
+                console=console,
+            )
+
+    try:
+        summary = asyncio.run(run())
+    except ModerationError as exc:
+        console.print(f"[red]error:[/] {exc}")
+        raise typer.Exit(1) from exc
+    console.print_json(summary_json(summary))
+    console.print(f"Wrote {out}" + (f" and {html}" if html else ""))
+
+
+@app.command("eval")
+def eval_set(
+    data: Annotated[Path, typer.Argument(exists=True, dir_okay=False, help="FakeClue-format json.")],
+    images: Annotated[Path, typer.Option(exists=True, file_okay=False, help="Directory the json's images are in.")],
+    checkpoint: Checkpoint = None,
+    triton: TritonUrl = None,
+    embedding_model: EmbeddingModel = None,
+    out: Annotated[Path, typer.Option(help="The report as JSON.")] = Path("report.json"),
+    markdown: Annotated[Path | None, typer.Option(help="Also write the markdown table here.")] = None,
+    predictions: Predictions = None,
+    batch_size: BatchSize = 16,
+    device: Device = "cpu",
+) -> None:
+    """Acc/F1 (overall, real, fake, per category), ROUGE-L and CSS of a detector on a FakeClue-format set."""
+    from moderation.detector import open_detector, running
+    from moderation.errors import ModerationError
+    from moderation.evaluate import Report, evaluate
+
+    if checkpoint is not None and triton is not None:
+        raise typer.BadParameter("give --checkpoint or --triton, not both")
+    detector = open_detector(
+        checkpoint=checkpoint, triton_url=triton, device=device, batch_size=batch_size, home=DEFAULT_HOME, warn=_warn
+    )
+
+    async def run() -> Report:
+        async with running(detector) as started:
+            return await evaluate(
+                data,
+                images,
+                started,
+                embedding_model=embedding_model,
+                batch_size=batch_size,
+                predictions_out=predictions,
+                progress=True,
+                console=console,
+            )
+
+    try:
+        report = asyncio.run(run())
+    except ModerationError as exc:
+        console.print(f"[red]error:[/] {exc}")
+        raise typer.Exit(1) from exc
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(report.model_dump_json(indent=2) + "\n")
+    table = report.markdown()
+    if markdown is not None:
+        markdown.parent.mkdir(parents=True, exist_ok=True)
+        markdown.write_text(table + "\n")
+    print(table)
+    console.print(f"Wrote {out}" + (f" and {markdown}" if markdown else ""))
+
+
 @app.command()
 def schema(
     write: Annotated[Path | None, typer.Option(help="Write one <name>.schema.json per message here.")] = None,
@@ -145,6 +268,62 @@ def dev_status(run_dir: RunDir = DEFAULT_HOME / "stack") -> None:
     console.print(table)
     if not all(s.ready for s in statuses):
         raise typer.Exit(1)
+
+
+@dlq.command("inspect")
+def dlq_inspect(
+    env_file: EnvFile = None,
+    limit: Annotated[int, typer.Option(min=1, help="Show at most this many, oldest first.")] = 100,
+) -> None:
+    """Show the dead letters with their reasons (reading commits nothing)."""
+    from rich.table import Table
+
+    from moderation.dlq import read_dead_letters
+
+    letters = asyncio.run(read_dead_letters(load_settings(env_file), limit=limit))
+    table = Table("event_id", "reason", "retryable", "attempts", "source", "last error", "detail")
+    for d in letters:
+        source = f"{d.source_topic}[{d.source_partition}]@{d.source_offset}"
+        table.add_row(
+            str(d.event_id),
+            d.reason,
+            _yes(d.retryable),
+            str(d.attempts),
+            source,
+            d.last_error_at.isoformat(timespec="seconds"),
+            d.detail[:80],
+        )
+    console.print(table)
+    console.print(f"{len(letters)} dead letters")
+
+
+@dlq.command("replay")
+def dlq_replay(
+    env_file: EnvFile = None,
+    max_attempts: Annotated[int, typer.Option(min=1, help="Leave letters that failed this often.")] = 5,
+    reason: Annotated[list[str] | None, typer.Option(help="Only these reason codes (repeatable).")] = None,
+    dry_run: Annotated[bool, typer.Option(help="Show what would be replayed; publish and commit nothing.")] = False,
+) -> None:
+    """Re-publish retryable dead letters to the uploads topic, byte for byte, with their attempt count."""
+    from moderation.dlq import replay
+    from moderation.events import DeadLetter
+
+    def show(letter: DeadLetter, verdict: str) -> None:
+        console.print(f"{verdict:>9}  {letter.event_id}  {letter.reason}  attempts={letter.attempts}")
+
+    report = asyncio.run(
+        replay(
+            load_settings(env_file),
+            max_attempts=max_attempts,
+            reasons=set(reason) if reason else None,
+            dry_run=dry_run,
+            on_letter=show,
+        )
+    )
+    console.print(
+        f"replayed {report.replayed}, skipped {report.skipped}, over the cap {report.exhausted}"
+        + (" (dry run)" if dry_run else "")
+    )
 
 
 @model.command("build-tiny")

@@ -59,6 +59,10 @@ class Settings(BaseSettings):
 
     # Triton
     triton_url: str = Field("127.0.0.1:8001", description="gRPC host:port.")
+    triton_ssl: bool = Field(False, description="Talk TLS to Triton's gRPC endpoint.")
+    triton_ssl_root_certificates: Path | None = Field(None, description="CA bundle for Triton TLS (default: system).")
+    triton_ssl_private_key: Path | None = Field(None, description="Client key for mutual TLS with Triton.")
+    triton_ssl_certificate_chain: Path | None = Field(None, description="Client certificate chain for mutual TLS.")
     triton_model: str = Field("fakevlm", description="Model name in Triton's repository.")
     triton_startup_timeout_s: float = Field(
         300.0, ge=0, description="How long a starting worker waits for the model to be ready."

@@ -9,9 +9,7 @@ README = Path(__file__).parent.parent / "README.md"
 
 
 def test_readme_lists_every_setting_with_its_default() -> None:
-    assert env_table() in README.read_text(), (
-        "README's configuration table drifted: `moderation settings --markdown`"
-    )
+    assert env_table() in README.read_text(), "README's configuration table drifted: `moderation settings --markdown`"
 
 
 def test_allowed_buckets_are_a_comma_separated_list(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -31,3 +29,16 @@ def test_secrets_never_show_in_dumps_or_repr(monkeypatch: pytest.MonkeyPatch) ->
 def test_thresholds_must_be_ordered() -> None:
     with pytest.raises(ValidationError):
         Settings(review_threshold=0.9, flag_threshold=0.5)
+
+
+def test_triton_tls_options_read_the_certificate_files(tmp_path: Path) -> None:
+    from moderation.detector import _tls_options
+
+    (tmp_path / "ca.pem").write_bytes(b"CA")
+    (tmp_path / "key.pem").write_bytes(b"KEY")
+    plain = Settings()
+    assert _tls_options(plain) == {}
+    tls = Settings(
+        triton_ssl=True, triton_ssl_root_certificates=tmp_path / "ca.pem", triton_ssl_private_key=tmp_path / "key.pem"
+    )
+    assert _tls_options(tls) == {"ssl": True, "root_certificates": b"CA", "private_key": b"KEY"}

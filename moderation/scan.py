@@ -1,0 +1,477 @@
+"""Offline detection over local files: the worker's decoding and scoring, a JSONL line per file.
+
+`detect_files` is the shared core (also behind `moderation eval`): read, hash, decode and
+preprocess each file in worker threads with the stream worker's own code (`pipeline.prepare`),
+then score a batch at a time through any detector backend, preparing the next batch while the
+current one is scored. A file that cannot be read or decoded becomes an error record with a
+reason code; nothing about one file stops the scan.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import html as html_lib
+import io
+import json
+import os
+import time
+from collections import Counter
+from collections.abc import AsyncIterator, Iterable, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from string import Template
+from typing import IO
+
+import numpy as np
+from PIL import Image
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+from moderation.detector import BatchDetector, Detection
+from moderation.errors import Reason, Rejected
+from moderation.events import Action, ImageInfo, Label, ModelInfo, Timings, utcnow
+from moderation.pipeline import Prepared, prepare
+from moderation.policy import Policy
+
+# Reason codes of a scan beyond the stream's dead-letter reasons (moderation.errors.Reason).
+NOT_FOUND = "not_found"
+UNREADABLE = "unreadable"
+
+DEFAULT_MAX_BYTES = 200 * 1024 * 1024
+THUMBNAIL_PX = 160
+
+
+class _Record(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ScanResult(_Record):
+    """One scanned image: the stream's Verdict fields that apply, with `path` for bucket/key."""
+
+    path: str
+    image_sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    label: Label
+    score: float = Field(ge=0.0, le=1.0)
+    action: Action
+    explanation: str | None
+    answer_label: Label | None = None
+    model: ModelInfo
+    image: ImageInfo
+    timings: Timings  # fetch = reading the file; inference = the wall time of its batch
+    decided_at: AwareDatetime
+
+
+class ScanError(_Record):
+    """A file that got no verdict, with a stable reason code (a dead-letter reason or not_found/unreadable)."""
+
+    path: str
+    error: str
+    detail: str
+
+
+@dataclass(frozen=True)
+class FileOutcome:
+    """What `detect_files` found for one file: a detection, or an error code with its detail."""
+
+    path: Path
+    prepared: Prepared | None = None
+    detection: Detection | None = None
+    error: str | None = None
+    detail: str = ""
+    read_ms: float = 0.0
+    decode_ms: float = 0.0
+    inference_ms: float = 0.0
+    thumbnail: bytes | None = None  # JPEG, when asked for
+
+
+@dataclass
+class ScanSummary:
+    files: int = 0
+    images: int = 0
+    errors: int = 0
+    labels: Counter[str] = field(default_factory=Counter)
+    actions: Counter[str] = field(default_factory=Counter)
+    reasons: Counter[str] = field(default_factory=Counter)
+    elapsed_s: float = 0.0
+
+    @property
+    def images_per_s(self) -> float:
+        return self.images / self.elapsed_s if self.elapsed_s > 0 else 0.0
+
+
+def collect_files(paths: Iterable[Path]) -> list[Path]:
+    """Every regular file under `paths` (directories recursively, sorted), each once, in order.
+
+    A path that does not exist is kept, so the scan reports it as not_found instead of stopping.
+    """
+    found: list[Path] = []
+    seen: set[Path] = set()
+
+    def add(path: Path) -> None:
+        key = path.resolve() if path.exists() else path.absolute()
+        if key not in seen:
+            seen.add(key)
+            found.append(path)
+
+    for path in paths:
+        if not path.is_dir():
+            add(path)
+            continue
+        # Symlinked directories are not followed (no loops); one that cannot be listed is kept as a
+        # path, so the scan reports it (unreadable) like any other file it could not read.
+        for root, dirs, names in os.walk(path, onerror=lambda exc: add(Path(exc.filename))):
+            dirs.sort()
+            for name in sorted(names):
+                add(Path(root) / name)
+    return found
+
+
+async def detect_files(
+    files: Sequence[Path],
+    detector: BatchDetector,
+    *,
+    batch_size: int = 16,
+    explain_above: float = 0.5,
+    max_pixels: int = 50_000_000,
+    max_bytes: int = DEFAULT_MAX_BYTES,
+    thumbnails: bool = False,
+) -> AsyncIterator[list[FileOutcome]]:
+    """Yield one list of outcomes per batch of `files`, in order; the next batch is decoded meanwhile."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+
+    async def load(chunk: Sequence[Path]) -> list[FileOutcome]:
+        return list(
+            await asyncio.gather(*(asyncio.to_thread(_load, path, max_pixels, max_bytes, thumbnails) for path in chunk))
+        )
+
+    chunks = [files[i : i + batch_size] for i in range(0, len(files), batch_size)]
+    pending = asyncio.ensure_future(load(chunks[0])) if chunks else None
+    try:
+        for index in range(len(chunks)):
+            assert pending is not None
+            loaded = await pending
+            pending = asyncio.ensure_future(load(chunks[index + 1])) if index + 1 < len(chunks) else None
+            yield await _detect(loaded, detector, explain_above)
+    finally:
+        if pending is not None:
+            pending.cancel()
+
+
+async def scan(
+    paths: Iterable[Path],
+    detector: BatchDetector,
+    *,
+    out: Path,
+    html: Path | None = None,
+    batch_size: int = 16,
+    explain_above: float = 0.5,
+    max_pixels: int = 50_000_000,
+    max_bytes: int = DEFAULT_MAX_BYTES,
+    policy: Policy | None = None,
+    progress: bool = False,
+    console: Console | None = None,
+) -> ScanSummary:
+    """Scan files and directories; write `out` (JSONL, one record per file) and optionally `html`."""
+    policy = policy or Policy(explain_above=explain_above)
+    own = {p.resolve() for p in (out, html) if p is not None}  # a rerun must not scan its own output
+    files = [f for f in collect_files(paths) if f.resolve() not in own]
+    summary = ScanSummary(files=len(files))
+    started = time.perf_counter()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with (
+        out.open("w", encoding="utf-8") as jsonl,
+        _HtmlReport.open(html, detector.model) as report,
+        ProgressBar(progress, console, "scanning", len(files)) as bar,
+    ):
+        outcomes = detect_files(
+            files,
+            detector,
+            batch_size=batch_size,
+            explain_above=explain_above,
+            max_pixels=max_pixels,
+            max_bytes=max_bytes,
+            thumbnails=html is not None,
+        )
+        async for batch in outcomes:
+            for outcome in batch:
+                record = to_record(outcome, policy, detector.model)
+                jsonl.write(record.model_dump_json() + "\n")
+                report.add(record, outcome.thumbnail)
+                _count(summary, record)
+            jsonl.flush()
+            bar.advance(len(batch))
+        summary.elapsed_s = time.perf_counter() - started
+        report.finish(summary)
+    return summary
+
+
+def to_record(
+    outcome: FileOutcome, policy: Policy, model: ModelInfo, decided_at: datetime | None = None
+) -> ScanResult | ScanError:
+    if outcome.error is not None or outcome.detection is None or outcome.prepared is None:
+        return ScanError(path=str(outcome.path), error=outcome.error or Reason.INTERNAL_ERROR, detail=outcome.detail)
+    detection, prepared = outcome.detection, outcome.prepared
+    score = min(max(detection.score, 0.0), 1.0)
+    return ScanResult(
+        path=str(outcome.path),
+        image_sha256=prepared.sha256,
+        label="fake" if detection.label == "fake" else "real",
+        score=score,
+        action=policy.action(score),
+        explanation=detection.explanation,
+        answer_label=detection.answer_label if detection.answer_label in ("fake", "real") else None,  # type: ignore[arg-type]
+        model=model,
+        image=prepared.image,
+        timings=Timings(
+            fetch_ms=outcome.read_ms,
+            decode_ms=outcome.decode_ms,
+            inference_ms=outcome.inference_ms,
+            total_ms=round(outcome.read_ms + outcome.decode_ms + outcome.inference_ms, 3),
+        ),
+        decided_at=decided_at or utcnow(),
+    )
+
+
+def _load(path: Path, max_pixels: int, max_bytes: int, thumbnails: bool) -> FileOutcome:
+    """Worker thread: read, hash, decode and preprocess one file; every failure is an outcome."""
+    started = time.perf_counter()
+    try:
+        size = path.stat().st_size
+        if size > max_bytes:
+            return FileOutcome(path, error=Reason.TOO_LARGE, detail=f"{size} bytes, the cap is {max_bytes}")
+        data = path.read_bytes()
+    except FileNotFoundError:
+        return FileOutcome(path, error=NOT_FOUND, detail="no such file")
+    except OSError as exc:
+        return FileOutcome(path, error=UNREADABLE, detail=f"{type(exc).__name__}: {exc.strerror or exc}")
+    read = time.perf_counter()
+    try:
+        prepared = prepare(data, max_pixels)
+        thumbnail = _thumbnail(data) if thumbnails else None
+    except Rejected as exc:
+        return FileOutcome(path, error=exc.reason, detail=exc.detail, read_ms=_ms(started, read))
+    except Exception as exc:  # a decoder bug costs this file a record, never the scan
+        return FileOutcome(path, error=Reason.INTERNAL_ERROR, detail=f"{type(exc).__name__}: {exc}")
+    return FileOutcome(
+        path,
+        prepared=prepared,
+        read_ms=_ms(started, read),
+        decode_ms=_ms(read, time.perf_counter()),
+        thumbnail=thumbnail,
+    )
+
+
+async def _detect(loaded: list[FileOutcome], detector: BatchDetector, explain_above: float) -> list[FileOutcome]:
+    good = [o for o in loaded if o.prepared is not None]
+    if not good:
+        return loaded
+    pixels = np.stack([o.prepared.pixels for o in good if o.prepared is not None])
+    started = time.perf_counter()
+    try:
+        detections = await detector.detect_batch(pixels, explain_above=explain_above)
+    except Rejected as exc:
+        failed = {id(o): FileOutcome(o.path, error=exc.reason, detail=exc.detail) for o in good}
+        return [failed.get(id(o), o) for o in loaded]
+    except Exception as exc:  # the backend broke on this batch: report it, go on with the next
+        detail = f"{type(exc).__name__}: {exc}"
+        failed = {id(o): FileOutcome(o.path, error=Reason.INFERENCE_FAILED, detail=detail) for o in good}
+        return [failed.get(id(o), o) for o in loaded]
+    inference_ms = _ms(started, time.perf_counter())
+    scored = {
+        id(o): FileOutcome(
+            o.path,
+            prepared=o.prepared,
+            detection=d,
+            read_ms=o.read_ms,
+            decode_ms=o.decode_ms,
+            inference_ms=inference_ms,
+            thumbnail=o.thumbnail,
+        )
+        for o, d in zip(good, detections, strict=True)
+    }
+    return [scored.get(id(o), o) for o in loaded]
+
+
+def _thumbnail(data: bytes) -> bytes | None:
+    """A small JPEG of an image prepare() already accepted (known good, within the pixel cap)."""
+    try:
+        image = Image.open(io.BytesIO(data))
+        image.draft("RGB", (THUMBNAIL_PX * 2, THUMBNAIL_PX * 2))  # JPEG: decode at a reduced scale
+        image.seek(0)
+        rgb = image.convert("RGB")
+        rgb.thumbnail((THUMBNAIL_PX, THUMBNAIL_PX), Image.Resampling.LANCZOS)
+        buffer = io.BytesIO()
+        rgb.save(buffer, format="JPEG", quality=75)
+    except Exception:  # a thumbnail is decoration: the verdict stands without it
+        return None
+    return buffer.getvalue()
+
+
+def _count(summary: ScanSummary, record: ScanResult | ScanError) -> None:
+    if isinstance(record, ScanError):
+        summary.errors += 1
+        summary.reasons[record.error] += 1
+    else:
+        summary.images += 1
+        summary.labels[record.label] += 1
+        summary.actions[record.action] += 1
+
+
+def _ms(start: float, end: float) -> float:
+    return round((end - start) * 1000, 3)
+
+
+class ProgressBar:
+    """A rich progress bar over a number of files (on stderr unless a console is given), or a no-op."""
+
+    def __init__(self, enabled: bool, console: Console | None, what: str, total: int) -> None:
+        self._progress = (
+            Progress(
+                TextColumn(f"[bold]{what}"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TextColumn("{task.fields[rate]}"),
+                TimeRemainingColumn(),
+                console=console or Console(stderr=True),
+            )
+            if enabled
+            else None
+        )
+        self._task = self._progress.add_task(what, total=total, rate="") if self._progress else None
+        self._started = time.perf_counter()
+        self._done = 0
+
+    def advance(self, steps: int) -> None:
+        self._done += steps
+        if self._progress is not None and self._task is not None:
+            rate = self._done / max(time.perf_counter() - self._started, 1e-9)
+            self._progress.update(self._task, advance=steps, rate=f"{rate:.1f} files/s")
+
+    def __enter__(self) -> ProgressBar:
+        if self._progress is not None:
+            self._progress.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._progress is not None:
+            self._progress.stop()
+
+
+# The HTML report: one self-contained file, written as the scan goes (thumbnails inline as base64).
+_HEAD = Template("""<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>FakeVLM scan</title>
+<style>
+body{font:14px system-ui,sans-serif;margin:1.5em}table{border-collapse:collapse;width:100%}
+td,th{border-bottom:1px solid #ddd;padding:6px;vertical-align:top;text-align:left}
+img{max-width:${px}px;max-height:${px}px}.fake{color:#b00}.real{color:#070}
+.flag{background:#fdd}.review{background:#ffe9c6}.error{background:#eee;color:#555}
+.expl{max-width:60em;white-space:pre-wrap}
+</style></head><body>
+<h1>FakeVLM scan</h1>
+<p>Model: ${model}. Started ${started}. Score = P(fake). The summary is at the end.</p>
+<table><thead><tr><th>image</th><th>file</th><th>label</th><th>score</th><th>action</th>
+<th>explanation</th></tr></thead><tbody>
+""")
+_ROW = Template("""<tr class="${action}"><td>${thumb}</td><td>${path}<br><small>${size} ${format}</small></td>
+<td class="${label}">${label}</td><td>${score}</td><td>${action}</td><td class="expl">${explanation}</td></tr>
+""")
+_ERROR = Template("""<tr class="error"><td></td><td>${path}</td>
+<td colspan="4">error <b>${error}</b>: ${detail}</td></tr>
+""")
+_FOOT = Template("""</tbody></table>
+<h2>Summary</h2>
+<p>${files} files: ${images} images scored (${labels}; actions ${actions}), ${errors} errors (${reasons}),
+in ${elapsed} s (${rate} images/s).</p>
+</body></html>
+""")
+
+
+class _HtmlReport:
+    def __init__(self, stream: IO[str] | None, model: ModelInfo) -> None:
+        self._stream = stream
+        self._model = model
+
+    @classmethod
+    def open(cls, path: Path | None, model: ModelInfo) -> _HtmlReport:
+        if path is None:
+            return cls(None, model)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return cls(path.open("w", encoding="utf-8"), model)
+
+    def __enter__(self) -> _HtmlReport:
+        if self._stream is not None:
+            model = f"{self._model.name} {self._model.version}"
+            self._stream.write(
+                _HEAD.substitute(px=THUMBNAIL_PX, model=_e(model), started=_e(utcnow().isoformat(timespec="seconds")))
+            )
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._stream is not None:
+            self._stream.close()
+
+    def add(self, record: ScanResult | ScanError, thumbnail: bytes | None) -> None:
+        if self._stream is None:
+            return
+        if isinstance(record, ScanError):
+            self._stream.write(
+                _ERROR.substitute(path=_e(record.path), error=_e(record.error), detail=_e(record.detail))
+            )
+            return
+        thumb = f'<img alt="" src="data:image/jpeg;base64,{base64.b64encode(thumbnail).decode()}">' if thumbnail else ""
+        self._stream.write(
+            _ROW.substitute(
+                thumb=thumb,
+                path=_e(record.path),
+                size=f"{record.image.width}x{record.image.height}",
+                format=_e(record.image.format),
+                label=_e(record.label),
+                score=f"{record.score:.3f}",
+                action=_e(record.action),
+                explanation=_e(record.explanation or "(not explained: score below explain_above)"),
+            )
+        )
+
+    def finish(self, summary: ScanSummary) -> None:
+        if self._stream is None:
+            return
+        self._stream.write(
+            _FOOT.substitute(
+                files=summary.files,
+                images=summary.images,
+                labels=_e(_counts(summary.labels)),
+                actions=_e(_counts(summary.actions)),
+                errors=summary.errors,
+                reasons=_e(_counts(summary.reasons)),
+                elapsed=f"{summary.elapsed_s:.1f}",
+                rate=f"{summary.images_per_s:.2f}",
+            )
+        )
+
+
+def _counts(counter: Counter[str]) -> str:
+    return ", ".join(f"{key} {value}" for key, value in sorted(counter.items())) or "none"
+
+
+def _e(text: str) -> str:
+    return html_lib.escape(text, quote=True)
+
+
+def summary_json(summary: ScanSummary) -> str:
+    """The summary as one JSON object (for logs and the CLI)."""
+    return json.dumps(
+        {
+            "files": summary.files,
+            "images": summary.images,
+            "errors": summary.errors,
+            "labels": dict(summary.labels),
+            "actions": dict(summary.actions),
+            "reasons": dict(summary.reasons),
+            "elapsed_s": round(summary.elapsed_s, 3),
+            "images_per_s": round(summary.images_per_s, 3),
+        }
+    )

@@ -1,0 +1,155 @@
+"""Two backends, one code path: the in-process detector micro-batches onto FakeVLM.score, and Triton
+serving a checkpoint gives the same scores and labels as the in-process detector on the same checkpoint."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import shutil
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from moderation import detector as detector_module
+from moderation import localstack
+from moderation.demo import settings_for
+from moderation.detector import InProcessDetector, TritonDetector, open_detector, running
+from moderation.errors import ModelError, Reason, Rejected
+from moderation.fakevlm import FakeVLM
+from moderation.imaging import preprocess
+from moderation.samples import draw_image
+from moderation.tinymodel import build_tiny_checkpoint
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_tiny_checkpoint(tmp_path_factory.mktemp("backends") / "tiny")
+
+
+@pytest.fixture(scope="module")
+def pixels() -> np.ndarray:
+    sizes = [(640, 480), (480, 720), (336, 336), (1000, 400), (400, 1000), (800, 600), (350, 340)]
+    return np.stack([preprocess(draw_image(seed, size)) for seed, size in enumerate(sizes)])
+
+
+@pytest.fixture
+async def detector(checkpoint: Path) -> AsyncIterator[InProcessDetector]:
+    async with running(InProcessDetector(checkpoint, batch_size=3, batch_wait_s=0.05, max_new_tokens=8)) as started:
+        yield started
+
+
+def spy_on_score(detector: InProcessDetector, fail: bool = False) -> list[int]:
+    """Record the batch size of every FakeVLM.score call (optionally failing the first one)."""
+    vlm: Any = detector._vlm
+    real_score = vlm.score
+    sizes: list[int] = []
+
+    def score(pixel_values: np.ndarray, *args: Any, **kwargs: Any) -> Any:
+        sizes.append(len(pixel_values))
+        if fail and len(sizes) == 1:
+            raise RuntimeError("CUDA out of memory (simulated)")
+        return real_score(pixel_values, *args, **kwargs)
+
+    vlm.score = score
+    return sizes
+
+
+async def test_in_process_scores_are_fakevlm_scores(
+    detector: InProcessDetector, checkpoint: Path, pixels: np.ndarray
+) -> None:
+    limits = [0.0, 2.0] * 3 + [0.0]
+    detections = await detector.detect_batch(pixels, explain_above=limits)
+    reference = FakeVLM.load(checkpoint).score(pixels, limits, max_new_tokens=8)
+    assert [d.score for d in detections] == pytest.approx([r.score for r in reference], abs=1e-5)
+    assert [d.label for d in detections] == [r.label for r in reference]
+    assert [d.explanation is None for d in detections] == [limit > 1 for limit in limits]
+    assert detector.model.name == "fakevlm-in-process"
+    assert str(checkpoint.resolve()) in detector.model.version
+
+
+async def test_concurrent_detects_are_micro_batched(detector: InProcessDetector, pixels: np.ndarray) -> None:
+    sizes = spy_on_score(detector)
+    detections = await asyncio.gather(*(detector.detect(p, explain_above=2.0) for p in pixels))
+    assert sizes == [3, 3, 1]  # batch_size 3: ONE FakeVLM.score per batch
+    assert len(detections) == 7 and all(0.0 <= d.score <= 1.0 for d in detections)
+
+
+async def test_a_bad_request_fails_alone(detector: InProcessDetector, pixels: np.ndarray) -> None:
+    bad = np.full((3, 336, 336), np.nan, dtype=np.float32)
+    good, wrong_shape, not_finite = await asyncio.gather(
+        detector.detect(pixels[0], explain_above=2.0),
+        detector.detect(pixels[0][:, :100], explain_above=2.0),
+        detector.detect(bad, explain_above=2.0),
+        return_exceptions=True,
+    )
+    assert not isinstance(good, BaseException) and 0.0 <= good.score <= 1.0
+    for exc in (wrong_shape, not_finite):
+        assert isinstance(exc, Rejected) and exc.reason == Reason.INFERENCE_FAILED
+
+
+async def test_a_failed_pass_fails_its_batch_not_the_detector(detector: InProcessDetector, pixels: np.ndarray) -> None:
+    spy_on_score(detector, fail=True)
+    results = await asyncio.gather(*(detector.detect(p, explain_above=2.0) for p in pixels[:3]), return_exceptions=True)
+    assert all(isinstance(r, Rejected) and r.reason == Reason.INFERENCE_FAILED for r in results)
+    assert "out of memory" in str(results[0])
+    assert await detector.ready()
+    assert 0.0 <= (await detector.detect(pixels[0], explain_above=2.0)).score <= 1.0
+
+
+async def test_lifecycle(checkpoint: Path, pixels: np.ndarray) -> None:
+    detector = InProcessDetector(checkpoint)
+    assert not await detector.ready()
+    with pytest.raises(ModelError, match="start"):
+        await detector.detect(pixels[0], explain_above=2.0)
+    await detector.start()
+    assert await detector.ready()
+    await detector.stop()
+    assert not await detector.ready()
+    with pytest.raises(ModelError):
+        await detector.detect(pixels[0], explain_above=2.0)
+    with pytest.raises(ModelError, match="does not exist"):
+        await InProcessDetector(checkpoint.parent / "nowhere").start()
+
+
+def test_open_detector_picks_the_backend(checkpoint: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    assert isinstance(open_detector(checkpoint=checkpoint), InProcessDetector)
+    assert isinstance(open_detector(triton_url="127.0.0.1:1"), TritonDetector)
+    with pytest.raises(ValueError, match="not both"):
+        open_detector(checkpoint=checkpoint, triton_url="127.0.0.1:1")
+
+    # No checkpoint: the trained tiny model when there is one, else the random one, with a warning.
+    shutil.copytree(checkpoint, tmp_path / "models" / "fakevlm-tiny")  # complete: reused, not rebuilt
+    warnings: list[str] = []
+    monkeypatch.setattr(detector_module, "_trained_checkpoint", lambda: None)
+    default = open_detector(home=tmp_path, warn=warnings.append)
+    assert isinstance(default, InProcessDetector) and "fakevlm-tiny" in default.model.version
+    assert len(warnings) == 1 and "mean nothing" in warnings[0]
+    monkeypatch.setattr(detector_module, "_trained_checkpoint", lambda: checkpoint)
+    assert detector_module.default_checkpoint(tmp_path) == (checkpoint, True)
+
+
+@pytest.mark.integration
+async def test_triton_and_in_process_give_the_same_scores(stack: localstack.StackInfo, pixels: np.ndarray) -> None:
+    triton = TritonDetector(settings_for(stack))
+    await triton.start()
+    try:
+        served = re.fullmatch(r".*\((?P<checkpoint>.+)\)", triton.model.version)
+        assert served is not None, triton.model.version
+        checkpoint = Path(served["checkpoint"])
+        assert checkpoint.is_dir()
+        limits = [0.0, 2.0, 2.0, 0.0, 2.0, 2.0, 2.0]
+        over_triton = await triton.detect_batch(pixels, explain_above=limits)
+    finally:
+        await triton.stop()
+
+    async with running(InProcessDetector(checkpoint, batch_size=4)) as in_process:
+        here = await in_process.detect_batch(pixels, explain_above=limits)
+
+    assert [d.score for d in over_triton] == pytest.approx([d.score for d in here], abs=1e-4)
+    assert [d.label for d in over_triton] == [d.label for d in here]
+    assert [d.explanation is None for d in over_triton] == [d.explanation is None for d in here]
+    assert [d.explanation is None for d in here] == [limit > 1 for limit in limits]
+    assert len({round(d.score, 6) for d in here}) > 1  # different images, different scores

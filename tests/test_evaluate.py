@@ -1,0 +1,269 @@
+"""`moderation eval`: the metric arithmetic against hand-computed values (a fake detector whose answer
+is the image's colour), then one end-to-end run with the real in-process detector and embedding model."""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+from typer.testing import CliRunner
+
+from moderation.cli import app
+from moderation.detector import Detection
+from moderation.evaluate import (
+    DEFAULT_EMBEDDING_MODEL,
+    DatasetError,
+    Prediction,
+    Sample,
+    evaluate,
+    explanation_scores,
+    load_fakeclue,
+)
+from moderation.events import ModelInfo
+from moderation.fakevlm import label_from_answer
+from moderation.samples import write_samples
+from moderation.tinymodel import build_tiny_checkpoint
+
+FAKE_TEXT = "This is a fake image. Odd colours everywhere."
+REAL_TEXT = "This is a real image. Natural light and shadows."
+OTHER_FAKE = "This is a fake image. The fingers merge."  # a reference the detector never says
+
+
+class ColourDetector:
+    """Red-dominant images are fake (0.9), the rest real (0.1); explains each with a fixed text."""
+
+    model = ModelInfo(name="colour", version="test")
+
+    def __init__(self) -> None:
+        self.explain_above: list[float] = []
+
+    async def detect(self, pixel_values: np.ndarray, *, explain_above: float) -> Detection:
+        fake = pixel_values[0].mean() > pixel_values[2].mean()
+        score = 0.9 if fake else 0.1
+        text = (FAKE_TEXT if fake else REAL_TEXT) if score >= explain_above else None
+        answer = label_from_answer(text) if text else None
+        return Detection(score=score, label="fake" if fake else "real", explanation=text, answer_label=answer)
+
+    async def detect_batch(
+        self, pixel_values: np.ndarray, *, explain_above: float | Sequence[float]
+    ) -> list[Detection]:
+        assert isinstance(explain_above, float)
+        self.explain_above.append(explain_above)
+        return [await self.detect(p, explain_above=explain_above) for p in pixel_values]
+
+
+def bag_of_labels(texts: Sequence[str]) -> np.ndarray:
+    """An 'embedding' that only knows the verdict word (not unit length, to test normalisation)."""
+    return np.array([[3.0, 0.0] if "fake" in t.split(".")[0] else [0.0, 2.0] for t in texts])
+
+
+# (image colour the detector sees, truth label 0 fake / 1 real, category, reference answer)
+ROWS = [
+    ("red", 0, "animal", FAKE_TEXT),  # fake -> fake
+    ("blue", 0, "animal", FAKE_TEXT),  # fake -> real (miss)
+    ("blue", 1, "animal", REAL_TEXT),  # real -> real
+    ("red", 1, "human", REAL_TEXT),  # real -> fake (false alarm)
+    ("red", 0, "human", OTHER_FAKE),  # fake -> fake
+    ("blue", 1, "human", REAL_TEXT),  # real -> real
+    ("blue", 1, "doc", REAL_TEXT),  # real -> real
+    ("red", 0, "doc", FAKE_TEXT),  # fake -> fake
+    ("blue", 1, "scenery", REAL_TEXT),  # real -> real: a category without a single fake
+]
+
+
+def fakeclue_row(image: str, label: int, cate: str, reference: str) -> dict[str, object]:
+    return {
+        "image": image,
+        "label": label,
+        "cate": cate,
+        "width": 64,
+        "height": 48,
+        "conversations": [
+            {"from": "human", "value": "<image>\nDoes the image looks real/fake?"},
+            {"from": "gpt", "value": reference},
+        ],
+    }
+
+
+@pytest.fixture
+def dataset(tmp_path: Path) -> tuple[Path, Path]:
+    images = tmp_path / "images"
+    (images / "sub").mkdir(parents=True)
+    rows = []
+    for i, (colour, label, cate, reference) in enumerate(ROWS):
+        name = f"sub/{i:02d}.png"
+        Image.new("RGB", (64, 48), colour).save(images / name)
+        rows.append(fakeclue_row(name, label, cate, reference))
+    (images / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    rows.append(fakeclue_row("broken.jpg", 0, "animal", FAKE_TEXT))
+    rows.append(fakeclue_row("missing.png", 1, "doc", REAL_TEXT))
+    data = tmp_path / "data.json"
+    data.write_text(json.dumps(rows))
+    return data, images
+
+
+async def test_metrics_match_hand_computed_values(dataset: tuple[Path, Path], tmp_path: Path) -> None:
+    data, images = dataset
+    detector = ColourDetector()
+    report = await evaluate(
+        data,
+        images,
+        detector,
+        embedder=bag_of_labels,
+        embedding_model="bag-of-labels",
+        batch_size=4,
+        predictions_out=tmp_path / "predictions.jsonl",
+    )
+    assert detector.explain_above == [0.0, 0.0, 0.0]  # every image explained, 11 rows in batches of 4
+    assert (report.n, report.failed, report.failures) == (11, 2, {"invalid_image": 1, "not_found": 1})
+    # 9 scored: 7 correct; fake positive: TP 3, FP 1, FN 1 -> F1 6/8.
+    assert report.overall.n == 9
+    assert report.overall.accuracy == pytest.approx(7 / 9)
+    assert report.overall.f1 == pytest.approx(6 / 8)
+    # Per class, over the class's own images: 4 of 5 real right -> F1 8/9; 3 of 4 fake -> F1 6/7.
+    assert (report.real.n, report.real.accuracy, report.real.f1) == (5, pytest.approx(4 / 5), pytest.approx(8 / 9))
+    assert (report.fake.n, report.fake.accuracy, report.fake.f1) == (4, pytest.approx(3 / 4), pytest.approx(6 / 7))
+    cats = report.categories
+    assert set(cats) == {"animal", "human", "doc", "scenery"}
+    assert (cats["animal"].accuracy, cats["animal"].f1) == (pytest.approx(2 / 3), pytest.approx(2 / 3))
+    assert (cats["human"].accuracy, cats["human"].f1) == (pytest.approx(2 / 3), pytest.approx(2 / 3))
+    assert (cats["doc"].accuracy, cats["doc"].f1) == (1.0, 1.0)
+    assert (cats["scenery"].n, cats["scenery"].accuracy, cats["scenery"].f1) == (1, 1.0, None)  # F1 undefined
+    # ROUGE-L: 6 explanations equal their reference (1.0). The 2 wrong verdicts: FAKE_TEXT (8 tokens) vs
+    # REAL_TEXT (9) share "this is a image": P, R = 4/8, 4/9 -> F 8/17. "The fingers merge" (8 tokens)
+    # shares "this is a fake image" with FAKE_TEXT: 5/8 both ways.
+    assert report.explanations.rouge_l == pytest.approx((6 + 2 * 8 / 17 + 5 / 8) / 9)
+    # CSS with the verdict-word embedding: 1 when the verdict words match, 0 for the 2 wrong verdicts.
+    assert report.explanations.css == pytest.approx(7 / 9)
+    assert report.explanations.embedding_model == "bag-of-labels"
+    assert (report.explanations.n, report.explanations.disagreements, report.explanations.undecided) == (9, 0, 0)
+
+    lines = [json.loads(line) for line in (tmp_path / "predictions.jsonl").read_text().splitlines()]
+    assert [row["image"] for row in lines] == [f"sub/{i:02d}.png" for i in range(9)] + ["broken.jpg", "missing.png"]
+    assert lines[1] | {"score": None} == {
+        "image": "sub/01.png",
+        "cate": "animal",
+        "truth": "fake",
+        "label": "real",
+        "score": None,
+        "answer_label": "real",
+        "explanation": REAL_TEXT,
+        "reference": FAKE_TEXT,
+        "error": None,
+    }
+    assert lines[-1]["error"] == "not_found" and lines[-1]["label"] is None
+
+    table = report.markdown()
+    assert "| overall | 9 | 77.8 | 75.0 |" in table
+    assert "| category: scenery | 1 | 100.0 | – |" in table
+    assert "CSS embedding model: bag-of-labels" in table
+    assert "paper's figures" in table and "| DMimage | overall | 94.0 | 94.3 |" in table
+
+
+def test_explanation_scores_count_disagreements_and_undecided() -> None:
+    def prediction(label: str, explanation: str | None) -> Prediction:
+        sample = Sample(image="x.png", label="fake", cate="animal", reference=FAKE_TEXT)
+        answer = label_from_answer(explanation) if explanation is not None else None
+        return Prediction(sample, label, 0.5, explanation, answer)  # type: ignore[arg-type]
+
+    scores = explanation_scores(
+        [
+            prediction("fake", FAKE_TEXT),
+            prediction("fake", REAL_TEXT),  # the text says real: a disagreement
+            prediction("real", FAKE_TEXT),  # and the other way round
+            prediction("real", "The image is blurry."),  # states no label: undecided
+            prediction("real", None),  # not explained: not scored
+        ],
+        bag_of_labels,
+        "bag",
+    )
+    assert (scores.n, scores.disagreements, scores.undecided) == (4, 2, 1)
+    assert scores.css == pytest.approx((1 + 0 + 1 + 0) / 4)  # "blurry" has no verdict word: [0, 2]
+
+
+def test_empty_scopes_have_no_metrics() -> None:
+    scores = explanation_scores([], bag_of_labels, "bag")
+    assert (scores.n, scores.rouge_l, scores.css) == (0, None, None)
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        ("{not json", "cannot read"),
+        ('{"image": "a.png"}', "expected a JSON list"),
+        ('[{"image": "a.png", "label": 2}]', "'label' must be 0 (fake) or 1 (real)"),
+        ('[{"image": "", "label": 0}]', "'image' must be a non-empty string"),
+        ('[{"image": "a.png", "label": true}]', "'label' must be"),
+    ],
+)
+def test_bad_datasets_are_refused_with_the_row(tmp_path: Path, content: str, message: str) -> None:
+    path = tmp_path / "data.json"
+    path.write_text(content)
+    with pytest.raises(DatasetError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        load_fakeclue(path)
+
+
+def test_fakeclue_labels_and_reference_are_read_as_the_paper_defines_them(tmp_path: Path) -> None:
+    path = tmp_path / "data.json"
+    rows = [fakeclue_row("a.png", 0, "animal", FAKE_TEXT), fakeclue_row("b.png", 1, "doc", REAL_TEXT)]
+    rows.append({"image": "c.png", "label": "1"})  # no cate, no conversations: still usable
+    path.write_text(json.dumps(rows))
+    assert load_fakeclue(path) == [
+        Sample("a.png", "fake", "animal", FAKE_TEXT),
+        Sample("b.png", "real", "doc", REAL_TEXT),
+        Sample("c.png", "real", "unknown", ""),
+    ]
+
+
+@pytest.mark.slow
+def test_eval_command_end_to_end_with_the_in_process_detector(tmp_path: Path) -> None:
+    checkpoint = build_tiny_checkpoint(tmp_path / "tiny")
+    images = tmp_path / "images"
+    paths = write_samples(images, 4)
+    rows = [
+        fakeclue_row(p.name, i % 2, "animal" if i < 2 else "object", FAKE_TEXT if i % 2 == 0 else REAL_TEXT)
+        for i, p in enumerate(paths)
+    ]
+    data = tmp_path / "data.json"
+    data.write_text(json.dumps(rows))
+    out, markdown, predictions = tmp_path / "report.json", tmp_path / "report.md", tmp_path / "pred.jsonl"
+
+    result = CliRunner().invoke(
+        app,
+        [
+            "eval",
+            str(data),
+            "--images",
+            str(images),
+            "--checkpoint",
+            str(checkpoint),
+            "--out",
+            str(out),
+            "--markdown",
+            str(markdown),
+            "--predictions",
+            str(predictions),
+            "--batch-size",
+            "3",
+        ],
+    )
+
+    assert result.exit_code == 0, result.output
+    report = json.loads(out.read_text())
+    assert report["n"] == 4 and report["failed"] == 0
+    assert report["model"]["name"] == "fakevlm-in-process" and str(checkpoint.resolve()) in report["model"]["version"]
+    assert set(report["categories"]) == {"animal", "object"}
+    assert report["explanations"]["embedding_model"].startswith(DEFAULT_EMBEDDING_MODEL)
+    assert report["explanations"]["n"] == 4  # every image explained
+    assert 0.0 <= report["explanations"]["rouge_l"] <= 1.0 and -1.0 <= report["explanations"]["css"] <= 1.0
+    assert not math.isnan(report["overall"]["accuracy"])
+    table = markdown.read_text()
+    assert f"CSS embedding model: {DEFAULT_EMBEDDING_MODEL}" in table and "| overall | 4 |" in table
+    assert "| overall | 4 |" in result.output
+    explained = [json.loads(line)["explanation"] for line in predictions.read_text().splitlines()]
+    assert all(text.startswith("This is a") for text in explained)
