@@ -9,22 +9,20 @@ outcome. Agent concurrency stays 1: faust-streaming commits past in-flight messa
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections.abc import AsyncIterator
 from typing import Any, cast
 
 import faust
-from faust.types import EventT
+from faust.types import TP, EventT
 
-from moderation.detector import TritonDetector
+from moderation import metrics
 from moderation.dlq import attempts_from
 from moderation.events import DeadLetter
 from moderation.kafka import faust_credentials
-from moderation.pipeline import Backoff, Incoming, Outcome, Pipeline
-from moderation.policy import Policy
+from moderation.pipeline import Incoming, Outcome
+from moderation.resources import Resources
 from moderation.settings import Settings
-from moderation.storage import S3Store
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +31,7 @@ DELIVERY_ATTEMPTS = 5
 
 def create_app(settings: Settings) -> faust.App:
     app = faust.App(settings.kafka_consumer_group, **faust_options(settings))
+    resources = Resources(settings)
 
     def topic(name: str) -> faust.TopicT:
         return app.topic(name, key_type=bytes, value_type=bytes, partitions=settings.kafka_topic_partitions)
@@ -51,30 +50,46 @@ def create_app(settings: Settings) -> faust.App:
         batches: AsyncIterator[list[EventT]] = cast(Any, stream).noack_take(
             settings.batch_size, within=settings.batch_wait_s
         )
-        async with open_pipeline(settings) as pipeline:
+        pipeline = await resources.start()
+        try:
             async for events in batches:
+                metrics.EVENTS_IN.inc(len(events))
+                metrics.BATCH_SIZE.observe(len(events))
                 outcomes = await pipeline.moderate_batch([incoming(event) for event in events])
                 await asyncio.gather(*(deliver(topic, outcome) for outcome in outcomes for topic in routes(outcome)))
-                for event in events:
+                for event, outcome in zip(events, outcomes, strict=True):
+                    metrics.record(outcome)
                     await stream.ack(event)
+                record_lag(app, events)
+        finally:
+            await resources.stop()
+
+    if settings.metrics_port:
+
+        @app.task
+        async def serve_metrics_and_health() -> None:
+            server = metrics.HealthServer(settings.metrics_port, resources.readiness)
+            await server.start()
+            try:
+                await asyncio.Event().wait()  # until the worker stops and cancels this task
+            finally:
+                await server.stop()
 
     return app
 
 
-@contextlib.asynccontextmanager
-async def open_pipeline(settings: Settings) -> AsyncIterator[Pipeline]:
-    """S3 and Triton clients, opened once per worker and closed when it stops."""
-    store, detector = S3Store(settings), TritonDetector(settings)
-    await store.start()
-    try:
-        await detector.start()
+def record_lag(app: faust.App, events: list[EventT]) -> None:
+    """Lag per partition after a batch: the partition's high watermark minus the next offset to process."""
+    last: dict[tuple[str, int], int] = {}
+    for event in events:
+        last[(event.message.topic, event.message.partition)] = event.message.offset
+    for (topic, partition), offset in last.items():
         try:
-            backoff = Backoff(deadline_s=settings.event_deadline_s, cap_s=settings.retry_backoff_max_s)
-            yield Pipeline(store, detector, Policy.from_settings(settings), settings.max_image_pixels, backoff)
-        finally:
-            await detector.stop()
-    finally:
-        await store.stop()
+            highwater = app.consumer.highwater(TP(topic, partition))
+        except Exception:  # noqa: S112 - not known before the first fetch response: skip this round
+            continue
+        if highwater is not None:
+            metrics.CONSUMER_LAG.labels(topic, str(partition)).set(max(0, highwater - offset - 1))
 
 
 def incoming(event: EventT) -> Incoming:

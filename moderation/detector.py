@@ -298,6 +298,34 @@ class InProcessDetector:
                 )
 
 
+class NullDetector:
+    """Costs nothing and says "real" (P(fake) = 0): for benchmarking everything around the model."""
+
+    model = ModelInfo(name="null", version="0 (no model: benchmarking only)")
+
+    async def start(self) -> None: ...
+
+    async def stop(self) -> None: ...
+
+    async def ready(self) -> bool:
+        return True
+
+    async def detect(self, pixel_values: np.ndarray, *, explain_above: float) -> Detection:
+        return Detection(score=0.0, label="real", explanation=None, answer_label=None)
+
+
+def detector_from_settings(settings: Settings) -> TritonDetector | InProcessDetector | NullDetector:
+    """The worker's detector, by MODERATION_DETECTOR."""
+    if settings.detector == "null":
+        return NullDetector()
+    if settings.detector == "inprocess":
+        checkpoint = settings.checkpoint or default_checkpoint(settings.data_dir)[0]
+        return InProcessDetector(
+            checkpoint, device=settings.device, batch_size=settings.batch_size, threshold=settings.label_threshold
+        )
+    return TritonDetector(settings)
+
+
 def open_detector(
     *,
     checkpoint: str | Path | None = None,

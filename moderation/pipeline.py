@@ -18,6 +18,7 @@ from datetime import datetime
 
 import numpy as np
 
+from moderation import metrics
 from moderation.detector import Detector
 from moderation.errors import TRANSIENT, Reason, Rejected
 from moderation.events import (
@@ -97,6 +98,7 @@ class Pipeline:
             for i, outcome in zip(pending, results, strict=True):
                 if isinstance(outcome, DeadLetter) and outcome.reason in TRANSIENT and not self._late(started):
                     first_errors.setdefault(i, outcome.first_error_at)
+                    metrics.RETRIES.labels(str(outcome.reason)).inc()
                     retry.append(i)
                 else:
                     outcomes[i] = outcome
@@ -128,7 +130,8 @@ class Pipeline:
         fetched = time.perf_counter()
         prepared = await asyncio.to_thread(prepare, data, self.max_image_pixels, event.sha256)
         decoded = time.perf_counter()
-        detection = await self.detector.detect(prepared.pixels, explain_above=self.policy.explain_above)
+        with metrics.INFLIGHT.track_inprogress():
+            detection = await self.detector.detect(prepared.pixels, explain_above=self.policy.explain_above)
         done = time.perf_counter()
         return Verdict(
             event_id=event.event_id,

@@ -57,6 +57,13 @@ class Settings(BaseSettings):
     # Images
     max_image_pixels: int = Field(50_000_000, ge=1, description="Checked from the header, before decoding.")
 
+    # Detector
+    detector: Literal["triton", "inprocess", "null"] = Field(
+        "triton", description="triton (production), inprocess (transformers in the worker) or null (benchmarks)."
+    )
+    checkpoint: str | None = Field(None, description="FakeVLM weights for the inprocess detector (path or hub id).")
+    device: str = Field("cpu", description="Torch device for the inprocess detector, e.g. cuda:0.")
+
     # Triton
     triton_url: str = Field("127.0.0.1:8001", description="gRPC host:port.")
     triton_ssl: bool = Field(False, description="Talk TLS to Triton's gRPC endpoint.")
@@ -92,6 +99,7 @@ class Settings(BaseSettings):
     data_dir: Path = Field(
         Path(tempfile.gettempdir()) / "moderation", description="Faust's local state directory (writable)."
     )
+    metrics_port: int = Field(8080, ge=0, le=65535, description="/metrics, /live and /ready (0: off).")
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", description="Worker log level.")
 
     @field_validator("s3_allowed_buckets", mode="before")

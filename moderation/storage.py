@@ -52,11 +52,18 @@ class S3Store:
     async def stop(self) -> None:
         await self._exit_stack.aclose()
 
+    async def reachable(self) -> bool:
+        """Every allowed bucket answers a HEAD with our credentials."""
+        try:
+            for bucket in self._allowed:
+                await self._client.head_bucket(Bucket=bucket)
+        except (ClientError, BotoCoreError, OSError, TimeoutError):
+            return False
+        return True
+
     async def fetch(self, bucket: str, key: str) -> bytes:
         if bucket not in self._allowed:
-            raise Rejected(
-                Reason.FORBIDDEN_BUCKET, f"bucket {bucket!r} is not in MODERATION_S3_ALLOWED_BUCKETS"
-            )
+            raise Rejected(Reason.FORBIDDEN_BUCKET, f"bucket {bucket!r} is not in MODERATION_S3_ALLOWED_BUCKETS")
         cap = self._settings.s3_max_object_bytes
         try:
             response = await self._client.get_object(Bucket=bucket, Key=key)
@@ -68,9 +75,7 @@ class S3Store:
         except ClientError as exc:
             raise _classify(exc, bucket, key) from exc
         except (BotoCoreError, OSError, TimeoutError) as exc:
-            raise Rejected(
-                Reason.STORAGE_UNAVAILABLE, f"S3 did not answer: {type(exc).__name__}: {exc}"
-            ) from exc
+            raise Rejected(Reason.STORAGE_UNAVAILABLE, f"S3 did not answer: {type(exc).__name__}: {exc}") from exc
         if len(data) > cap:
             raise Rejected(Reason.TOO_LARGE, f"object exceeds the cap of {cap} bytes")
         return data
@@ -85,9 +90,7 @@ def _classify(exc: ClientError, bucket: str, key: str) -> Rejected:
         return Rejected(Reason.ACCESS_DENIED, f"S3 refused s3://{bucket}/{key} ({code})")
     if status >= 500 or code in {"SlowDown", "RequestTimeout", "InternalError", "ServiceUnavailable"}:
         return Rejected(Reason.STORAGE_UNAVAILABLE, f"S3 error {code} (HTTP {status})")
-    return Rejected(
-        Reason.INVALID_EVENT, f"S3 refused the request for s3://{bucket}/{key}: {code} (HTTP {status})"
-    )
+    return Rejected(Reason.INVALID_EVENT, f"S3 refused the request for s3://{bucket}/{key}: {code} (HTTP {status})")
 
 
 async def _read_capped(body: Any, cap: int) -> bytes:

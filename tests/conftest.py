@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import asyncio
 import os
+import socket
+import urllib.error
+import urllib.request
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -15,6 +18,12 @@ import pytest
 from moderation import localstack
 from moderation.demo import settings_for, start_worker, stop_worker
 from moderation.settings import Settings
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
 
 
 @pytest.fixture(scope="session")
@@ -37,8 +46,20 @@ class Lane:
     env: dict[str, str]
     workdir: Path
 
+    metrics_port: int = 0
+
     def worker(self, name: str = "worker", **env: str):  # type: ignore[no-untyped-def]
+        """`moderation worker` in its own process, with /metrics, /live and /ready on a free port."""
+        self.metrics_port = free_port()
+        env = {"MODERATION_METRICS_PORT": str(self.metrics_port)} | env
         return start_worker(self.env | env, self.workdir / f"{name}.log")
+
+    def scrape(self, path: str = "/metrics") -> tuple[int, str]:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}{path}", timeout=5) as response:
+                return response.status, response.read().decode()
+        except urllib.error.HTTPError as exc:
+            return exc.code, exc.read().decode()
 
     def log(self, name: str = "worker") -> str:
         path = self.workdir / f"{name}.log"

@@ -20,6 +20,17 @@ SCHEMAS = {
 }
 
 
+def parse_metrics(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """Prometheus text format -> {(name, sorted labels): value}, via prometheus-client's own parser."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    return {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    }
+
+
 def test_every_upload_gets_exactly_one_outcome_and_offsets_are_committed(lane, tmp_path: Path) -> None:
     settings = lane.settings
     published = publish_uploads(settings, tmp_path / "images", 50)
@@ -32,8 +43,20 @@ def test_every_upload_gets_exactly_one_outcome_and_offsets_are_committed(lane, t
         missing = published.expected - outcomes.decided()
         assert not missing, f"no outcome for {missing}\n{lane.log()[-3000:]}"
         committed = wait_for_commits(settings, ends)
+        live, ready, scraped = lane.scrape("/live"), lane.scrape("/ready"), lane.scrape("/metrics")[1]
     finally:
         stop_worker(worker)
+
+    assert live[0] == 200 and ready[0] == 200, (live, ready)
+    samples = parse_metrics(scraped)
+    assert samples[("moderation_events_in_total", ())] == published.count
+    assert samples[("moderation_outcomes_total", (("outcome", "verdict"), ("reason", "")))] == len(events)
+    for reason, count in Counter(str(c.reason) for c in bad).items():
+        assert samples[("moderation_outcomes_total", (("outcome", "dead_letter"), ("reason", reason)))] == count
+    verdict_counts = sum(v for (name, _), v in samples.items() if name == "moderation_verdicts_total")
+    assert verdict_counts == len(events)
+    assert samples[("moderation_end_to_end_seconds_count", ())] == len(events)
+    assert samples[("moderation_ready", ())] == 1
 
     good_ids = {e.event_id for e in events}
     wrong = {

@@ -1,0 +1,128 @@
+"""Prometheus metrics of the worker and its HTTP endpoints: /metrics, /live and /ready.
+
+/live never looks at dependencies, so Kubernetes does not restart a worker that waits for a slow
+Triton; /ready answers 200 only while Kafka, S3 and the model answer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable
+
+from aiohttp import web
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    disable_created_metrics,
+    generate_latest,
+)
+
+from moderation.events import DeadLetter, Verdict
+
+log = logging.getLogger(__name__)
+disable_created_metrics()  # the *_created series double the scrape size for nothing a dashboard uses
+
+REGISTRY = CollectorRegistry()
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+
+EVENTS_IN = Counter("moderation_events_in", "Upload events taken from the stream.", registry=REGISTRY)
+OUTCOMES = Counter(
+    "moderation_outcomes",
+    "Outcomes published, by kind and dead-letter reason.",
+    ["outcome", "reason"],
+    registry=REGISTRY,
+)
+VERDICTS = Counter("moderation_verdicts", "Verdicts by label and action.", ["label", "action"], registry=REGISTRY)
+END_TO_END = Histogram(
+    "moderation_end_to_end_seconds",
+    "From the event's uploaded_at to its verdict.",
+    buckets=LATENCY_BUCKETS,
+    registry=REGISTRY,
+)
+S3_FETCH = Histogram("moderation_s3_fetch_seconds", "S3 GET latency.", buckets=LATENCY_BUCKETS, registry=REGISTRY)
+INFERENCE = Histogram(
+    "moderation_inference_seconds", "Detector latency per image.", buckets=LATENCY_BUCKETS, registry=REGISTRY
+)
+BATCH_SIZE = Histogram(
+    "moderation_batch_size", "Events per batch.", buckets=(1, 2, 4, 8, 16, 32, 64, 128), registry=REGISTRY
+)
+CACHE_HITS = Counter("moderation_cache_hits", "Verdicts served from the verdict cache.", registry=REGISTRY)
+INFLIGHT = Gauge("moderation_inflight_requests", "Detector requests in flight.", registry=REGISTRY)
+CONSUMER_LAG = Gauge(
+    "moderation_consumer_lag",
+    "Messages behind the end of each assigned partition.",
+    ["topic", "partition"],
+    registry=REGISTRY,
+)
+RETRIES = Counter("moderation_retries", "Transient faults retried, by reason.", ["reason"], registry=REGISTRY)
+READY = Gauge("moderation_ready", "1 while Kafka, S3 and the model answer.", registry=REGISTRY)
+
+
+def record(outcome: Verdict | DeadLetter) -> None:
+    """Count one published outcome (called after the broker acknowledged it)."""
+    if isinstance(outcome, DeadLetter):
+        OUTCOMES.labels("dead_letter", str(outcome.reason)).inc()
+        return
+    OUTCOMES.labels("verdict", "").inc()
+    VERDICTS.labels(outcome.label, outcome.action).inc()
+    if outcome.cached:
+        CACHE_HITS.inc()
+    else:
+        S3_FETCH.observe(outcome.timings.fetch_ms / 1000)
+        INFERENCE.observe(outcome.timings.inference_ms / 1000)
+    if outcome.uploaded_at is not None:
+        END_TO_END.observe(max(0.0, (outcome.decided_at - outcome.uploaded_at).total_seconds()))
+
+
+Check = Callable[[], Awaitable[dict[str, bool]]]
+
+
+class HealthServer:
+    """aiohttp on the worker's event loop; `check` is probed at most every `cache_s` seconds."""
+
+    def __init__(self, port: int, check: Check, *, cache_s: float = 2.0, timeout_s: float = 5.0) -> None:
+        self._port, self._check, self._cache_s, self._timeout_s = port, check, cache_s, timeout_s
+        self._last: tuple[float, dict[str, bool]] = (0.0, {})
+        self._runner: web.AppRunner | None = None
+
+    async def start(self) -> None:
+        app = web.Application()
+        app.router.add_get("/metrics", self._metrics)
+        app.router.add_get("/live", self._live)
+        app.router.add_get("/ready", self._ready)
+        self._runner = web.AppRunner(app, access_log=None)
+        await self._runner.setup()
+        await web.TCPSite(self._runner, "0.0.0.0", self._port).start()  # noqa: S104 - probes and scrapes come from outside
+        log.info("metrics and health on :%d", self._port)
+
+    async def stop(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+
+    async def readiness(self) -> dict[str, bool]:
+        stamp, result = self._last
+        if time.monotonic() - stamp > self._cache_s:
+            try:
+                result = await asyncio.wait_for(self._check(), self._timeout_s)
+            except Exception as exc:  # a probe that fails or hangs means "not ready", never a crash
+                log.warning("readiness check failed: %s", exc)
+                result = {"check": False}
+            self._last = (time.monotonic(), result)
+            READY.set(1 if result and all(result.values()) else 0)
+        return result
+
+    async def _metrics(self, _: web.Request) -> web.Response:
+        return web.Response(body=generate_latest(REGISTRY), headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+    async def _live(self, _: web.Request) -> web.Response:
+        return web.json_response({"live": True})
+
+    async def _ready(self, _: web.Request) -> web.Response:
+        result = await self.readiness()
+        ok = bool(result) and all(result.values())
+        return web.json_response({"ready": ok, "checks": result}, status=200 if ok else 503)
