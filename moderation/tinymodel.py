@@ -28,11 +28,12 @@ from transformers import (
 from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 
 from moderation.imaging import CLIP_MEAN, CLIP_STD, CROP_SIZE, RESCALE_FACTOR, SHORTEST_EDGE
+from moderation.synthetic import answer_corpus
 
 MARKER = ".tiny-checkpoint.json"
 PATCH_SIZE = 14
 IMAGE_SEQ_LENGTH = (CROP_SIZE // PATCH_SIZE) ** 2  # 576: CLS dropped by the "default" strategy
-_FORMAT = 1
+_FORMAT = 2  # 2: the tokenizer also learns the synthetic answers' words
 _BPE_VOCAB_SIZE = 1000
 
 # Real Llama reserves ids 0..2 for these and 3..258 for byte fallback; mirroring that keeps id
@@ -64,6 +65,9 @@ _CORPUS = (
     "the background objects melt into each other.",
     "This is a real image. The object is photographed with realistic depth of field, accurate "
     "proportions and noise patterns that match a real camera sensor.",
+    # The known answers of the synthetic images (moderation.synthetic), so that the trained tiny model
+    # (moderation.training) writes them in a few tokens per word, as Llama's 32k vocabulary would.
+    *answer_corpus(),
 )
 
 
