@@ -18,7 +18,7 @@ from faust.types import TP, EventT
 
 from moderation import metrics
 from moderation.dlq import attempts_from
-from moderation.events import DeadLetter
+from moderation.events import CacheEntry, DeadLetter, Verdict
 from moderation.kafka import faust_credentials
 from moderation.pipeline import Incoming, Outcome
 from moderation.resources import Resources
@@ -38,6 +38,13 @@ def create_app(settings: Settings) -> faust.App:
 
     uploads, verdicts = topic(settings.topic_uploads), topic(settings.topic_verdicts)
     flagged, dead_letters = topic(settings.topic_flagged), topic(settings.topic_dlq)
+    cache_topic = app.topic(
+        settings.topic_cache,
+        key_type=bytes,
+        value_type=bytes,
+        partitions=settings.kafka_topic_partitions,
+        compacting=True,
+    )
 
     def routes(outcome: Outcome) -> list[faust.TopicT]:
         if isinstance(outcome, DeadLetter):
@@ -56,7 +63,10 @@ def create_app(settings: Settings) -> faust.App:
                 metrics.EVENTS_IN.inc(len(events))
                 metrics.BATCH_SIZE.observe(len(events))
                 outcomes = await pipeline.moderate_batch([incoming(event) for event in events])
-                await asyncio.gather(*(deliver(topic, outcome) for outcome in outcomes for topic in routes(outcome)))
+                await asyncio.gather(
+                    *(deliver(topic, outcome) for outcome in outcomes for topic in routes(outcome)),
+                    *(share(cache_topic, outcome) for outcome in outcomes if isinstance(outcome, Verdict)),
+                )
                 for event, outcome in zip(events, outcomes, strict=True):
                     metrics.record(outcome)
                     await stream.ack(event)
@@ -115,6 +125,14 @@ async def deliver(topic: faust.TopicT, outcome: Outcome) -> None:
                 raise  # the event stays un-acked, so its offset is never committed
             log.warning("publish to %s failed (attempt %d), retrying", topic.get_topic_name(), attempt)
             await asyncio.sleep(min(0.2 * 2**attempt, 5.0))
+
+
+async def share(cache_topic: faust.TopicT, verdict: Verdict) -> None:
+    """Publish a fresh verdict's model output to the cache topic, keyed by the image's sha256."""
+    if verdict.cached:
+        return
+    entry = CacheEntry.of(verdict)
+    await (await cache_topic.send(key=entry.image_sha256.encode(), value=entry.to_bytes()))
 
 
 def faust_options(settings: Settings) -> dict[str, Any]:

@@ -113,10 +113,38 @@ class DeadLetter(_Message):
         return base64.b64decode(self.payload_base64)
 
 
+class CacheEntry(_Message):
+    """What the model said about one image's bytes: the verdict cache topic (compacted, keyed by sha256)."""
+
+    schema_version: Literal[1] = SCHEMA_VERSION
+    image_sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    label: Label
+    score: float = Field(ge=0.0, le=1.0)
+    explanation: str | None
+    answer_label: Label | None = None
+    model: ModelInfo
+    image: ImageInfo
+    decided_at: AwareDatetime
+
+    @classmethod
+    def of(cls, verdict: Verdict) -> CacheEntry:
+        return cls(
+            image_sha256=verdict.image_sha256,
+            label=verdict.label,
+            score=verdict.score,
+            explanation=verdict.explanation,
+            answer_label=verdict.answer_label,
+            model=verdict.model,
+            image=verdict.image,
+            decided_at=verdict.decided_at,
+        )
+
+
 MESSAGES: dict[str, type[BaseModel]] = {
     "upload_event": UploadEvent,
     "verdict": Verdict,
     "dead_letter": DeadLetter,
+    "cache_entry": CacheEntry,
 }
 
 

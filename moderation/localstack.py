@@ -41,7 +41,13 @@ __all__ = [
     "up",
 ]
 
-DEFAULT_TOPICS = ("moderation.uploads", "moderation.verdicts", "moderation.flagged", "moderation.dlq")
+DEFAULT_TOPICS = (
+    "moderation.uploads",
+    "moderation.verdicts",
+    "moderation.flagged",
+    "moderation.dlq",
+    "moderation.verdict-cache",
+)
 KAFKA, S3, TRITON = "kafka", "s3", "triton"
 READY_TIMEOUT_S = {KAFKA: 30.0, S3: 30.0, TRITON: 300.0}
 TANSU_BUCKET = "tansu"

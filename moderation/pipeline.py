@@ -19,9 +19,11 @@ from datetime import datetime
 import numpy as np
 
 from moderation import metrics
+from moderation.cache import VerdictCache
 from moderation.detector import Detector
 from moderation.errors import TRANSIENT, Reason, Rejected
 from moderation.events import (
+    CacheEntry,
     DeadLetter,
     ImageInfo,
     Timings,
@@ -58,7 +60,6 @@ class Incoming:
 @dataclass(frozen=True)
 class Prepared:
     pixels: np.ndarray
-    sha256: str
     image: ImageInfo
 
 
@@ -82,6 +83,8 @@ class Pipeline:
     policy: Policy
     max_image_pixels: int
     backoff: Backoff = Backoff()
+    cache: VerdictCache | None = None
+    trust_event_sha256: bool = False  # a cache hit on the event's own sha256 skips the S3 GET
     clock: Callable[[], datetime] = utcnow
 
     async def moderate_batch(self, batch: Sequence[Incoming]) -> list[Outcome]:
@@ -126,32 +129,52 @@ class Pipeline:
 
     async def _judge(self, event: UploadEvent) -> Verdict:
         started = time.perf_counter()
+        if self.trust_event_sha256 and event.sha256 and (hit := self._cached(event.sha256)):
+            return self._verdict(event, hit, cached=True, timings=_timings(started))
         data = await self.store.fetch(event.bucket, event.key)
         fetched = time.perf_counter()
-        prepared = await asyncio.to_thread(prepare, data, self.max_image_pixels, event.sha256)
+        digest = checked_sha256(data, event.sha256)
+        if hit := self._cached(digest):
+            return self._verdict(event, hit, cached=True, timings=_timings(started, fetched))
+        prepared = await asyncio.to_thread(prepare, data, self.max_image_pixels)
         decoded = time.perf_counter()
         with metrics.INFLIGHT.track_inprogress():
             detection = await self.detector.detect(prepared.pixels, explain_above=self.policy.explain_above)
-        done = time.perf_counter()
+        entry = CacheEntry(
+            image_sha256=digest,
+            label="fake" if detection.label == "fake" else "real",
+            score=min(max(detection.score, 0.0), 1.0),
+            explanation=detection.explanation,
+            answer_label=detection.answer_label if detection.answer_label in ("fake", "real") else None,  # type: ignore[arg-type]
+            model=self.detector.model,
+            image=prepared.image,
+            decided_at=self.clock(),
+        )
+        if self.cache is not None:
+            self.cache.put(entry)
+        return self._verdict(event, entry, cached=False, timings=_timings(started, fetched, decoded))
+
+    def _cached(self, sha256: str) -> CacheEntry | None:
+        if self.cache is None:
+            return None
+        return self.cache.get(sha256, model=self.detector.model, explain_above=self.policy.explain_above)
+
+    def _verdict(self, event: UploadEvent, entry: CacheEntry, *, cached: bool, timings: Timings) -> Verdict:
         return Verdict(
             event_id=event.event_id,
             bucket=event.bucket,
             key=event.key,
             tenant=event.tenant,
-            image_sha256=prepared.sha256,
-            label="fake" if detection.label == "fake" else "real",
-            score=min(max(detection.score, 0.0), 1.0),
-            action=self.policy.action(detection.score),
-            explanation=detection.explanation,
-            answer_label=detection.answer_label if detection.answer_label in ("fake", "real") else None,  # type: ignore[arg-type]
-            model=self.detector.model,
-            image=prepared.image,
-            timings=Timings(
-                fetch_ms=_ms(started, fetched),
-                decode_ms=_ms(fetched, decoded),
-                inference_ms=_ms(decoded, done),
-                total_ms=_ms(started, done),
-            ),
+            image_sha256=entry.image_sha256,
+            label=entry.label,
+            score=entry.score,
+            action=self.policy.action(entry.score),
+            explanation=entry.explanation,
+            answer_label=entry.answer_label,
+            model=entry.model,
+            cached=cached,
+            image=entry.image,
+            timings=timings,
             uploaded_at=event.uploaded_at,
             decided_at=self.clock(),
             attributes=event.attributes,
@@ -190,16 +213,32 @@ def _transient(outcome: Outcome) -> bool:
     return isinstance(outcome, DeadLetter) and outcome.reason in TRANSIENT
 
 
-def prepare(data: bytes, max_pixels: int, expected_sha256: str | None = None) -> Prepared:
-    """CPU-bound: hash, decode and preprocess one image (runs in a worker thread)."""
+def checked_sha256(data: bytes, expected: str | None) -> str:
     digest = hashlib.sha256(data).hexdigest()
-    if expected_sha256 is not None and digest != expected_sha256:
-        raise Rejected(Reason.CHECKSUM_MISMATCH, f"object sha256 is {digest}, the event says {expected_sha256}")
+    if expected is not None and digest != expected:
+        raise Rejected(Reason.CHECKSUM_MISMATCH, f"object sha256 is {digest}, the event says {expected}")
+    return digest
+
+
+def prepare(data: bytes, max_pixels: int) -> Prepared:
+    """CPU-bound: decode and preprocess one image (runs in a worker thread)."""
     decoded = decode(data, max_pixels=max_pixels)
     return Prepared(
         pixels=preprocess(decoded.image),
-        sha256=digest,
         image=ImageInfo(width=decoded.width, height=decoded.height, format=decoded.format),
+    )
+
+
+def _timings(started: float, fetched: float | None = None, decoded: float | None = None) -> Timings:
+    """Stage timings up to now; a stage that did not run (a cache hit) took 0 ms."""
+    now = time.perf_counter()
+    fetch_end = fetched if fetched is not None else started
+    decode_end = decoded if decoded is not None else fetch_end
+    return Timings(
+        fetch_ms=_ms(started, fetch_end),
+        decode_ms=_ms(fetch_end, decode_end),
+        inference_ms=_ms(decode_end, now) if decoded is not None else 0.0,
+        total_ms=_ms(started, now),
     )
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import hashlib
 import html as html_lib
 import io
 import json
@@ -78,6 +79,7 @@ class FileOutcome:
 
     path: Path
     prepared: Prepared | None = None
+    sha256: str = ""
     detection: Detection | None = None
     error: str | None = None
     detail: str = ""
@@ -218,7 +220,7 @@ def to_record(
     score = min(max(detection.score, 0.0), 1.0)
     return ScanResult(
         path=str(outcome.path),
-        image_sha256=prepared.sha256,
+        image_sha256=outcome.sha256,
         label="fake" if detection.label == "fake" else "real",
         score=score,
         action=policy.action(score),
@@ -259,6 +261,7 @@ def _load(path: Path, max_pixels: int, max_bytes: int, thumbnails: bool) -> File
     return FileOutcome(
         path,
         prepared=prepared,
+        sha256=hashlib.sha256(data).hexdigest(),
         read_ms=_ms(started, read),
         decode_ms=_ms(read, time.perf_counter()),
         thumbnail=thumbnail,

@@ -44,6 +44,9 @@ class Settings(BaseSettings):
     topic_verdicts: str = Field("moderation.verdicts", description="Every verdict out.")
     topic_flagged: str = Field("moderation.flagged", description="Verdicts whose action is flag.")
     topic_dlq: str = Field("moderation.dlq", description="Dead letters with reason and original bytes.")
+    topic_cache: str = Field(
+        "moderation.verdict-cache", description="Compacted verdict cache keyed by image sha256, shared by workers."
+    )
 
     # S3
     s3_endpoint_url: str | None = Field(None, description="Unset for AWS itself.")
@@ -84,6 +87,13 @@ class Settings(BaseSettings):
         0.5,
         ge=0,
         description="Generate an explanation when P(fake) is at or above this (0: always, >1: never).",
+    )
+
+    # Verdict cache
+    cache_max_entries: int = Field(100_000, ge=0, description="Entries each worker keeps in memory (0: no cache).")
+    cache_ttl_s: float = Field(7 * 86400.0, gt=0, description="Entries older than this are not served.")
+    cache_trust_event_sha256: bool = Field(
+        False, description="Look the event's own sha256 up before fetching (saves the S3 GET on a hit)."
     )
 
     # Retries

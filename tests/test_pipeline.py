@@ -130,3 +130,17 @@ async def test_a_bug_costs_one_dead_letter_not_the_worker() -> None:
     assert isinstance(outcome, DeadLetter)
     assert (outcome.reason, outcome.event_id, outcome.retryable) == (Reason.INTERNAL_ERROR, "e4", True)
     assert "ZeroDivisionError" in outcome.detail
+
+
+async def test_identical_bytes_are_served_from_the_cache() -> None:
+    from moderation.cache import VerdictCache
+
+    detector = FixedDetector(0.9)
+    store = MemoryStore({"a.jpg": JPEG, "copy.jpg": JPEG})
+    cached = Pipeline(store, detector, Policy(0.5, 0.8, 0.5), 10**7, backoff=FAST, cache=VerdictCache(10, 3600))
+    [first] = await cached.moderate_batch([message(event("e1"))])
+    [second] = await cached.moderate_batch([message(event("e2", key="copy.jpg"))])
+    assert isinstance(first, Verdict) and isinstance(second, Verdict)
+    assert (first.cached, second.cached, detector.calls) == (False, True, 1)
+    assert (second.score, second.explanation, second.image) == (first.score, first.explanation, first.image)
+    assert second.timings.inference_ms == 0.0
