@@ -1,0 +1,53 @@
+#!/bin/sh
+# Create the moderation topics when they do not exist yet; idempotent, never alters a topic that
+# exists. Reads the worker's own settings (MODERATION_*) and the topic settings (TOPIC_*).
+# Partition counts of existing topics are only checked: raising them is an operator's decision
+# (it moves keys to other partitions), see deploy/README.md "Scale past the partition count".
+set -eu
+
+KAFKA_TOPICS="${KAFKA_TOPICS:-/opt/kafka/bin/kafka-topics.sh}"
+props="${TMPDIR:-/tmp}/client.properties"
+protocol="${MODERATION_KAFKA_SECURITY_PROTOCOL:-PLAINTEXT}"
+
+umask 077
+echo "security.protocol=${protocol}" > "$props"
+case "$protocol" in
+  SASL_*)
+    mechanism="${MODERATION_KAFKA_SASL_MECHANISM:-PLAIN}"
+    case "$mechanism" in
+      PLAIN) module=org.apache.kafka.common.security.plain.PlainLoginModule ;;
+      *) module=org.apache.kafka.common.security.scram.ScramLoginModule ;;
+    esac
+    echo "sasl.mechanism=${mechanism}" >> "$props"
+    echo "sasl.jaas.config=${module} required username=\"${MODERATION_KAFKA_SASL_USERNAME}\" password=\"${MODERATION_KAFKA_SASL_PASSWORD}\";" >> "$props"
+    ;;
+esac
+if [ -n "${MODERATION_KAFKA_SSL_CAFILE:-}" ]; then
+  echo "ssl.truststore.type=PEM" >> "$props"
+  echo "ssl.truststore.location=${MODERATION_KAFKA_SSL_CAFILE}" >> "$props"
+fi
+
+partitions="${MODERATION_KAFKA_TOPIC_PARTITIONS}"
+
+create() {
+  topic="$1"
+  retention_ms="$2"
+  "$KAFKA_TOPICS" --bootstrap-server "$MODERATION_KAFKA_BOOTSTRAP_SERVERS" --command-config "$props" \
+    --create --if-not-exists --topic "$topic" --partitions "$partitions" \
+    --replication-factor "$TOPIC_REPLICATION_FACTOR" \
+    --config "min.insync.replicas=${TOPIC_MIN_INSYNC_REPLICAS}" \
+    --config "retention.ms=${retention_ms}"
+  described="$("$KAFKA_TOPICS" --bootstrap-server "$MODERATION_KAFKA_BOOTSTRAP_SERVERS" --command-config "$props" \
+    --describe --topic "$topic")"
+  actual="$(printf '%s\n' "$described" | sed -n 's/.*PartitionCount: *\([0-9][0-9]*\).*/\1/p' | head -n 1)"
+  if [ "$actual" != "$partitions" ]; then
+    echo "WARNING: topic $topic has ${actual:-unknown} partitions, MODERATION_KAFKA_TOPIC_PARTITIONS says $partitions" >&2
+  else
+    echo "topic $topic: $actual partitions"
+  fi
+}
+
+create "$MODERATION_TOPIC_UPLOADS" "$TOPIC_UPLOADS_RETENTION_MS"
+create "$MODERATION_TOPIC_VERDICTS" "$TOPIC_VERDICTS_RETENTION_MS"
+create "$MODERATION_TOPIC_FLAGGED" "$TOPIC_FLAGGED_RETENTION_MS"
+create "$MODERATION_TOPIC_DLQ" "$TOPIC_DLQ_RETENTION_MS"

@@ -1,0 +1,39 @@
+# syntax=docker/dockerfile:1
+# Triton Inference Server with the fakevlm model repository, on NVIDIA's Triton TensorRT-LLM image
+# (TensorRT-LLM is there for the engine path of ARCHITECTURE.md; the fakevlm model served today is
+# the Python backend running FakeVLM with transformers on the GPU). The weights are NOT in the
+# image: Kubernetes mounts them at /models/fakevlm/weights (deploy/weights).
+# Build from the repository root:
+#   docker build -f docker/triton.Dockerfile -t registry.example.com/moderation/triton:0.1.0 .
+#
+# The tag must be 25.01 or later: those images are Ubuntu 24.04 with Python 3.12, and the
+# `moderation` package needs Python >= 3.11 (24.xx images have 3.10). The local stack and the
+# tests run tritonserver 2.51; the model uses only Python-backend features that later releases keep.
+ARG TRITON_TAG=25.08
+FROM nvcr.io/nvidia/tritonserver:${TRITON_TAG}-trtllm-python-py3
+
+ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_BREAK_SYSTEM_PACKAGES=1
+WORKDIR /src
+COPY pyproject.toml README.md ./
+COPY moderation ./moderation
+# The model imports moderation.fakevlm (torch, transformers, pillow, numpy). Keep the image's own
+# CUDA builds of torch and numpy (constraints) and install the project without its dependency
+# list, which pins a CPU torch range for the worker; then add only what the model needs.
+RUN pip list --format=freeze | grep -iE '^(torch|numpy|tensorrt[-_]llm)==' > /tmp/image-constraints.txt \
+ && pip install --no-deps . \
+ && pip install --constraint /tmp/image-constraints.txt \
+      "transformers>=5.0,<6" "tokenizers>=0.20" "safetensors>=0.4" "pillow>=10.3" \
+ && python3 -c "import moderation.fakevlm, torch; print('torch', torch.__version__)" \
+ && rm -rf /src /tmp/image-constraints.txt
+
+# The model repository: fakevlm with its default (CPU) and gpu configs; weights mount point.
+COPY triton_models/fakevlm /models/fakevlm
+RUN rm -rf /models/fakevlm/weights && mkdir -p /models/fakevlm/weights \
+ && find /models -name __pycache__ -prune -exec rm -rf {} +
+
+ENV HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HOME=/tmp PYTHONDONTWRITEBYTECODE=1
+WORKDIR /models
+# uid 1000: the non-root user of the Triton images (triton-server); the Deployment runs as it too.
+USER 1000:1000
+EXPOSE 8000 8001 8002
+CMD ["tritonserver", "--model-repository=/models", "--model-config-name=gpu", "--strict-readiness=true", "--exit-on-error=true"]

