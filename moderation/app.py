@@ -9,6 +9,7 @@ outcome. Agent concurrency stays 1: faust-streaming commits past in-flight messa
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import AsyncIterator
 from typing import Any, cast
@@ -73,6 +74,13 @@ def create_app(settings: Settings) -> faust.App:
                 record_lag(app, events)
         finally:
             await resources.stop()
+
+    @app.on_partitions_revoked.connect  # type: ignore[arg-type]  # faust's signal typing wants a `signal` kwarg
+    async def forget_lag(sender: Any, revoked: set[TP], **_: Any) -> None:
+        # A partition another worker now owns must not keep reporting this worker's last lag.
+        for tp in revoked:
+            with contextlib.suppress(KeyError):
+                metrics.CONSUMER_LAG.remove(tp.topic, str(tp.partition))
 
     if settings.metrics_port:
 

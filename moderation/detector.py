@@ -63,7 +63,11 @@ class TritonDetector:
         self.model = ModelInfo(name=settings.triton_model, version="unknown")
 
     async def start(self) -> None:
-        self._client = grpcclient.InferenceServerClient(self._url, **self._tls)
+        # round_robin spreads requests over every address the name resolves to: with a headless Service
+        # (dns:///triton-headless:8001) new Triton replicas get traffic without reconnecting workers.
+        self._client = grpcclient.InferenceServerClient(
+            self._url, channel_args=[("grpc.lb_policy_name", "round_robin")], **self._tls
+        )
         await self._wait_until_ready()
         try:
             config = (await self._client.get_model_config(self._model_name, as_json=True))["config"]
