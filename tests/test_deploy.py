@@ -308,10 +308,11 @@ def test_triton_deployment(overlay: Path) -> None:
     [shm] = [m for m in triton["volumeMounts"] if m["mountPath"] == "/dev/shm"]
     assert next(v for v in spec["volumes"] if v["name"] == shm["name"])["emptyDir"]["medium"] == "Memory"
     volume = next(v for v in spec["volumes"] if v["name"] == "weights")
-    # The workers reach it through the Service's gRPC port.
-    service = find(docs, "Service", TRITON)
-    host, _, port = env["MODERATION_TRITON_URL"].rpartition(":")
-    assert host == TRITON and int(port) == next(p["port"] for p in service["spec"]["ports"] if p["name"] == "grpc")
+    # The workers reach every replica through the headless Service's gRPC port (round_robin over DNS).
+    service = find(docs, "Service", TRITON + "-headless")
+    host, _, port = env["MODERATION_TRITON_URL"].removeprefix("dns:///").rpartition(":")
+    assert service["spec"]["clusterIP"] == "None" and host == TRITON + "-headless"
+    assert int(port) == next(p["port"] for p in service["spec"]["ports"] if p["name"] == "grpc")
     gpus = {k: v for k, v in triton["resources"]["limits"].items() if k == "nvidia.com/gpu"}
     if overlay.name == "prod":
         assert gpus == {"nvidia.com/gpu": 1} and triton["resources"]["requests"]["nvidia.com/gpu"] == 1

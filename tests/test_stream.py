@@ -9,6 +9,7 @@ from pathlib import Path
 
 import jsonschema
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 from support import outcomes_for, publish_uploads, raw_messages, wait_for_commits
 
 from moderation.demo import stop_worker
@@ -22,8 +23,6 @@ SCHEMAS = {
 
 def parse_metrics(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
     """Prometheus text format -> {(name, sorted labels): value}, via prometheus-client's own parser."""
-    from prometheus_client.parser import text_string_to_metric_families
-
     return {
         (sample.name, tuple(sorted(sample.labels.items()))): sample.value
         for family in text_string_to_metric_families(text)
@@ -57,6 +56,12 @@ def test_every_upload_gets_exactly_one_outcome_and_offsets_are_committed(lane, t
     assert verdict_counts == len(events)
     assert samples[("moderation_end_to_end_seconds_count", ())] == len(events)
     assert samples[("moderation_ready", ())] == 1
+    exported = {family.name: family.type for family in text_string_to_metric_families(scraped)}
+    for line in (Path(__file__).parent.parent / "deploy/observability/worker-metrics.txt").read_text().splitlines():
+        if line.strip() and not line.startswith("#"):
+            name, kind = line.split()[:2]
+            family = name.removesuffix("_total") if kind == "counter" else name
+            assert exported.get(family) == kind, f"the dashboards and alerts rely on {name} ({kind})"
 
     good_ids = {e.event_id for e in events}
     wrong = {
