@@ -34,9 +34,7 @@ class TritonPythonModel:
         params = {key: value["string_value"] for key, value in config.get("parameters", {}).items()}
         self._threshold = float(params.get("threshold", "0.5"))
         self._max_new_tokens = int(params.get("max_new_tokens", "128"))
-        checkpoint = checkpoint_relative_to(
-            params.get("checkpoint", "weights"), Path(args["model_repository"])
-        )
+        checkpoint = checkpoint_relative_to(params.get("checkpoint", "weights"), Path(args["model_repository"]))
         device = _device(args)
         try:
             self._model: FakeVLM | None = FakeVLM.load(checkpoint, device=device)

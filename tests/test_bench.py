@@ -1,0 +1,43 @@
+"""The benchmarks run (tiny sizes, no GPU, no stack) and end with the JSON summary they promise.
+
+Their figures are not checked here: benchmarks live in bench/, not in the test suite."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parents[1] / "bench"
+
+
+def _run(script: str, *args: str) -> tuple[list[str], dict[str, object]]:
+    done = subprocess.run(
+        [sys.executable, str(BENCH / script), *args], capture_output=True, text=True, timeout=300, check=False
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    lines = done.stdout.strip().splitlines()
+    return lines, json.loads(lines[-1])
+
+
+@pytest.mark.slow
+def test_gpu_fakevlm_runs_tiny_on_a_cpu(tmp_path: Path) -> None:
+    output = tmp_path / "gpu.txt"
+    args = ["--tiny", "--verdict-batch", "1", "2", "--explain-batch", "2", "--new-tokens", "3"]
+    lines, summary = _run("gpu_fakevlm.py", *args, "--repeat", "1", "--generate-repeat", "1", "--output", str(output))
+    assert any(line.startswith("naive") for line in lines)  # the baseline is measured in the same run
+    assert set(summary["verdict_img_s"]) == {"1", "2"}  # type: ignore[arg-type]
+    assert set(summary["explain_vs_generate"]) == {"2"}  # type: ignore[arg-type]
+    assert summary["targets_apply"] is False and summary["meets_targets"] is None
+    assert output.read_text().strip().splitlines()[-1] == lines[-1]
+
+
+@pytest.mark.slow
+def test_preprocess_bench_reports_speedup_and_tolerance(tmp_path: Path) -> None:
+    lines, summary = _run("preprocess.py", "--megapixels", "0.5", "--repeat", "1", "--output", str(tmp_path / "p.txt"))
+    assert set(summary["speedup_by_case"]) == {"JPEG 0.5MP", "PNG 0.5MP"}  # type: ignore[arg-type]
+    assert isinstance(summary["speedup"], float) and summary["within_tolerance"] is True
+    assert lines[-2].startswith("PNG 0.5MP")  # one table row per case, baseline and candidate side by side

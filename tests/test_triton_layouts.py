@@ -1,0 +1,304 @@
+"""Every Triton model configuration in triton_models/ (the CPU model the stack serves and the GPU production
+layout), as Triton's own model-config protobuf parses it, and the GPU layout's BLS glue against stand-ins
+for the two engines."""
+
+from __future__ import annotations
+
+import asyncio
+import importlib.util
+import json
+import math
+import re
+import sys
+import types
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from google.protobuf import text_format
+from tritonclient.grpc import model_config_pb2
+
+from moderation import localstack
+from moderation.tinymodel import IMAGE_SEQ_LENGTH, build_tiny_checkpoint
+
+ROOT = Path(__file__).resolve().parents[1] / "triton_models"
+GPU = ROOT / "gpu"
+# config.pbtxt of each model, and the alternatives Triton selects with --model-config-name (configs/*.pbtxt).
+CONFIGS = sorted(ROOT.rglob("*.pbtxt"))
+DataType = model_config_pb2.DataType
+Kind = model_config_pb2.ModelInstanceGroup
+
+
+def parse(path: Path) -> model_config_pb2.ModelConfig:
+    return text_format.Parse(path.read_text(), model_config_pb2.ModelConfig())
+
+
+def test_the_repository_has_the_cpu_model_and_the_gpu_layout() -> None:
+    assert {p.relative_to(ROOT).as_posix() for p in CONFIGS} >= {
+        "fakevlm/config.pbtxt",
+        "gpu/fakevlm/config.pbtxt",
+        "gpu/vision_encoder/config.pbtxt",
+        "gpu/tensorrt_llm/config.pbtxt",
+    }
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=[p.relative_to(ROOT).as_posix() for p in CONFIGS])
+def test_every_config_parses_with_tritons_model_config_protobuf(path: Path) -> None:
+    config = parse(path)  # text_format raises on unknown fields, bad enums and syntax errors
+    model_dir = path.parent if path.name == "config.pbtxt" else path.parent.parent
+    assert path.name == "config.pbtxt" or path.parent.name == "configs"
+    assert config.name == model_dir.name, "Triton requires the model name to match its directory"
+    assert config.backend or config.platform
+    assert (model_dir / "1").is_dir(), "Triton loads version 1 of each model"
+    assert config.input and config.output
+
+
+def _io(config: model_config_pb2.ModelConfig) -> tuple[list[Any], list[Any]]:
+    def rows(tensors: Any) -> list[Any]:
+        return [(t.name, t.data_type, list(t.dims), getattr(t, "optional", False)) for t in tensors]
+
+    return rows(config.input), rows(config.output)
+
+
+def test_the_gpu_fakevlm_keeps_the_cpu_models_contract() -> None:
+    cpu, gpu = parse(ROOT / "fakevlm" / "config.pbtxt"), parse(GPU / "fakevlm" / "config.pbtxt")
+    assert _io(gpu) == _io(cpu)  # the worker cannot tell which layout serves it
+    assert (gpu.name, gpu.backend) == ("fakevlm", "python")
+    assert (GPU / "fakevlm" / "1" / "model.py").is_file()
+    params = {k: v.string_value for k, v in gpu.parameters.items()}
+    assert params["vision_model"] == "vision_encoder" and params["llm_model"] == "tensorrt_llm"
+    assert params["vocab_size"] == "32064"
+
+
+def _build_defaults() -> dict[str, int]:
+    script = (ROOT / "build" / "build_engines.sh").read_text()
+    return {name: int(value) for name, value in re.findall(r"^(\w+)=\$\{\1:-(\d+)\}", script, re.MULTILINE)}
+
+
+def test_the_vision_engine_config_matches_the_onnx_contract() -> None:
+    config = parse(GPU / "vision_encoder" / "config.pbtxt")
+    assert config.platform == "tensorrt_plan"
+    assert _io(config) == (
+        [("input", DataType.TYPE_FP16, [3, 336, 336], False)],
+        [("encoder_output", DataType.TYPE_FP16, [IMAGE_SEQ_LENGTH, 4096], False)],
+    )
+    assert config.max_batch_size == _build_defaults()["MAX_BATCH"]  # the engine's optimisation profile
+    assert config.max_batch_size >= parse(GPU / "fakevlm" / "config.pbtxt").max_batch_size
+    assert [g.kind for g in config.instance_group] == [Kind.KIND_GPU]
+
+
+def test_the_llm_config_matches_the_engine_build() -> None:
+    config = parse(GPU / "tensorrt_llm" / "config.pbtxt")
+    params = {k: v.string_value for k, v in config.parameters.items()}
+    assert config.backend == "tensorrtllm"
+    assert params["gpt_model_type"] == "inflight_fused_batching"
+    assert [g.kind for g in config.instance_group] == [Kind.KIND_CPU]  # the backend places the engine itself
+    assert config.model_transaction_policy.decoupled is False
+    inputs = {t.name: t for t in config.input}
+    assert inputs["prompt_embedding_table"].data_type == DataType.TYPE_FP16
+    assert {"input_ids", "input_lengths", "request_output_len", "prompt_vocab_size", "prompt_table_extra_ids"} <= set(
+        inputs
+    )
+    assert {"output_ids", "sequence_length", "generation_logits"} <= {t.name for t in config.output}
+    defaults = _build_defaults()
+    assert config.max_batch_size == defaults["MAX_BATCH"]
+    script = (ROOT / "build" / "build_engines.sh").read_text()
+    assert "MAX_MULTIMODAL_LEN=$((MAX_BATCH * IMAGE_TOKENS))" in script and "IMAGE_TOKENS=576" in script
+    for flag in ("--max_multimodal_len", "--max_batch_size", "--max_input_len", "--gather_generation_logits"):
+        assert flag in script
+    assert params["exclude_input_in_output"] == "true"
+    assert params["enable_kv_cache_reuse"] == "true" and "--use_paged_context_fmha enable" in script
+
+
+def test_the_local_stack_copies_only_the_cpu_model(tmp_path: Path) -> None:
+    repository = localstack.prepare_model_repository(tmp_path / "repo", tmp_path / "ckpt")
+    assert sorted(p.name for p in repository.iterdir()) == ["fakevlm"]
+    config = parse(repository / "fakevlm" / "config.pbtxt")
+    assert config.backend == "python" and [g.kind for g in config.instance_group] == [Kind.KIND_CPU]
+
+
+# The BLS model against stand-ins for triton_python_backend_utils and the two engines.
+
+
+class _Error:
+    INVALID_ARG, UNAVAILABLE = "INVALID_ARG", "UNAVAILABLE"
+
+    def __init__(self, message: str, code: str = "INTERNAL") -> None:
+        self._message, self.code = message, code
+
+    def message(self) -> str:
+        return self._message
+
+
+class _Tensor:
+    def __init__(self, name: str, array: np.ndarray) -> None:
+        self.name, self.array = name, np.asarray(array)
+
+    def as_numpy(self) -> np.ndarray:
+        return self.array
+
+    def is_cpu(self) -> bool:
+        return True
+
+    @staticmethod
+    def from_dlpack(name: str, capsule: Any) -> _Tensor:
+        return _Tensor(name, torch.utils.dlpack.from_dlpack(capsule).numpy().copy())
+
+
+class _Response:
+    def __init__(self, output_tensors: list[_Tensor] | None = None, error: Any = None) -> None:
+        self.outputs = {t.name: t for t in output_tensors or []}
+        self._error = error
+
+    def has_error(self) -> bool:
+        return self._error is not None
+
+    def error(self) -> Any:
+        return self._error
+
+
+class _Engines:
+    """vision_encoder: features = the image's first pixel everywhere; tensorrt_llm: logit(fake) = that value."""
+
+    def __init__(self, vocab: int, fake_id: int, real_id: int, answer: list[int], eos: int) -> None:
+        self.vocab, self.fake_id, self.real_id, self.answer, self.eos = vocab, fake_id, real_id, answer, eos
+        self.vision_calls: list[np.ndarray] = []
+        self.llm_calls: list[dict[str, np.ndarray]] = []
+        self.fail_llm = False
+
+    def answer_request(self, model: str, inputs: dict[str, np.ndarray]) -> _Response:
+        if model == "vision_encoder":
+            pixels = inputs["input"]
+            self.vision_calls.append(pixels)
+            features = np.broadcast_to(pixels[:, :1, :1, :1].reshape(-1, 1, 1), (len(pixels), IMAGE_SEQ_LENGTH, 8))
+            return _Response([_Tensor("encoder_output", features.astype(np.float16))])
+        self.llm_calls.append(inputs)
+        if self.fail_llm:
+            return _Response(error=_Error("engine fell over"))
+        new_tokens = int(inputs["request_output_len"].reshape(-1)[0])
+        logits = np.zeros((1, 1, 1, self.vocab), dtype=np.float32)
+        logits[..., self.fake_id] = float(inputs["prompt_embedding_table"].reshape(-1)[0])
+        ids = [*([self.fake_id, *self.answer] * new_tokens)[: new_tokens - 1], self.eos]
+        return _Response(
+            [
+                _Tensor("output_ids", np.array([[[*ids, 0, 0]]], dtype=np.int32)),
+                _Tensor("sequence_length", np.array([[len(ids)]], dtype=np.int32)),
+                _Tensor("generation_logits", logits),
+            ]
+        )
+
+
+def _pb_utils(engines: _Engines) -> types.ModuleType:
+    module = types.ModuleType("triton_python_backend_utils")
+
+    class InferenceRequest:
+        def __init__(self, model_name: str, requested_output_names: list[str], inputs: list[_Tensor]) -> None:
+            self.model, self.inputs = model_name, {t.name: t.array for t in inputs}
+
+        def exec(self) -> _Response:
+            return engines.answer_request(self.model, self.inputs)
+
+        async def async_exec(self) -> _Response:
+            await asyncio.sleep(0)
+            return engines.answer_request(self.model, self.inputs)
+
+    module.TritonError = _Error  # type: ignore[attr-defined]
+    module.Tensor = _Tensor  # type: ignore[attr-defined]
+    module.InferenceResponse = _Response  # type: ignore[attr-defined]
+    module.InferenceRequest = InferenceRequest  # type: ignore[attr-defined]
+    module.get_input_tensor_by_name = lambda request, name: request.get(name)  # type: ignore[attr-defined]
+    module.get_output_tensor_by_name = lambda response, name: response.outputs.get(name)  # type: ignore[attr-defined]
+    module.Logger = types.SimpleNamespace(log_info=lambda msg: None, log_error=lambda msg: None)  # type: ignore[attr-defined]
+    return module
+
+
+@pytest.fixture(scope="module")
+def bls(tmp_path_factory: pytest.TempPathFactory) -> Any:
+    checkpoint = build_tiny_checkpoint(tmp_path_factory.mktemp("gpu-bls") / "tiny-fakevlm")
+    from transformers import AutoProcessor
+
+    tokenizer = AutoProcessor.from_pretrained(checkpoint).tokenizer
+    vocab = 2048  # past the tiny tokenizer's ids, as 32064 is for FakeVLM's
+    fake_id = tokenizer.encode("This is a fake", add_special_tokens=False)[-1]
+    real_id = tokenizer.encode("This is a real", add_special_tokens=False)[-1]
+    answer = tokenizer.encode(" image.", add_special_tokens=False)
+    engines = _Engines(vocab, fake_id, real_id, answer, tokenizer.eos_token_id)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setitem(sys.modules, "triton_python_backend_utils", _pb_utils(engines))
+        spec = importlib.util.spec_from_file_location("fakevlm_gpu_bls", GPU / "fakevlm" / "1" / "model.py")
+        assert spec is not None and spec.loader is not None
+        module = importlib.util.module_from_spec(spec)
+        mp.setitem(sys.modules, spec.name, module)  # dataclasses look their module up while it loads
+        spec.loader.exec_module(module)
+        model = module.TritonPythonModel()
+        params = {"tokenizer": str(checkpoint), "vocab_size": str(vocab), "max_new_tokens": "6", "threshold": "0.5"}
+        config = {"parameters": {k: {"string_value": v} for k, v in params.items()}}
+        model.initialize({"model_config": json.dumps(config), "model_repository": str(GPU / "fakevlm")})
+        yield model, engines
+        model.finalize()
+
+
+def _request(values: list[float], explain: list[float] | None = None) -> dict[str, _Tensor]:
+    pixels = np.stack([np.full((3, 336, 336), v, dtype=np.float32) for v in values])
+    request = {"PIXEL_VALUES": _Tensor("PIXEL_VALUES", pixels)}
+    if explain is not None:
+        request["EXPLAIN_ABOVE"] = _Tensor("EXPLAIN_ABOVE", np.asarray(explain, np.float32).reshape(-1, 1))
+    return request
+
+
+def test_bls_one_vision_pass_then_one_verdict_request_per_image(bls: Any) -> None:
+    model, engines = bls
+    engines.vision_calls.clear()
+    engines.llm_calls.clear()
+    nan = _request([0.0])
+    nan["PIXEL_VALUES"].array[0, 0, 0, 0] = math.nan
+    requests = [_request([2.0, -2.0], [0.0, math.inf]), nan, _request([1.0]), _request([3.0], [0.5])]
+    responses = asyncio.run(model.execute(requests))
+    assert len(responses) == 4
+    first, bad, third, fourth = responses
+    assert bad.error().code == "INVALID_ARG"
+    # ONE vision pass over the valid rows, in fp16.
+    (pixels,) = engines.vision_calls
+    assert pixels.shape == (4, 3, 336, 336) and pixels.dtype == np.float16
+    verdicts = [c for c in engines.llm_calls if int(c["request_output_len"].reshape(-1)[0]) == 1]
+    assert len(verdicts) == 4
+    prompt = verdicts[0]["input_ids"].reshape(-1)
+    image = np.flatnonzero(prompt >= 2048)
+    assert list(prompt[image]) == list(range(2048, 2048 + IMAGE_SEQ_LENGTH))  # the prompt-table ids, in order
+    for call in verdicts:
+        assert call["prompt_embedding_table"].shape == (1, IMAGE_SEQ_LENGTH, 8)
+        assert int(call["prompt_vocab_size"].reshape(-1)[0]) == IMAGE_SEQ_LENGTH
+        assert bool(call["return_generation_logits"].reshape(-1)[0])
+        extra = call["prompt_table_extra_ids"].reshape(-1)
+        assert (extra[image] != 0).all() and (np.delete(extra, image) == 0).all()
+    keys = {int(c["prompt_table_extra_ids"].reshape(-1)[image[0]]) for c in verdicts}
+    assert len(keys) == 4  # four different images, four different KV-reuse keys
+    scores = [r.outputs["SCORE"].array[:, 0] for r in (first, third, fourth)]
+    expected = [1 / (1 + math.exp(-v)) for v in (2.0, -2.0, 1.0, 3.0)]
+    np.testing.assert_allclose(np.concatenate(scores), expected, rtol=1e-2)  # fp16 features
+    assert [v.decode() for v in first.outputs["LABEL"].array[:, 0]] == ["fake", "real"]
+
+
+def test_bls_explains_only_the_rows_that_reach_their_threshold(bls: Any) -> None:
+    model, engines = bls
+    engines.llm_calls.clear()
+    (response,) = asyncio.run(model.execute([_request([2.0, -2.0, 3.0], [0.0, 0.0, math.inf])]))
+    explanations = [v.decode() for v in response.outputs["EXPLANATION"].array[:, 0]]
+    generating = [c for c in engines.llm_calls if int(c["request_output_len"].reshape(-1)[0]) == 6]
+    assert len(generating) == 2  # rows 0 and 1 (every score >= 0.0); row 2 never
+    assert explanations[0].startswith("This is a fake image") and explanations[2] == ""
+    assert [v.decode() for v in response.outputs["ANSWER_LABEL"].array[:, 0]] == ["fake", "fake", ""]
+    verdict_key = engines.llm_calls[0]["prompt_table_extra_ids"]
+    np.testing.assert_array_equal(generating[0]["prompt_table_extra_ids"], verdict_key)  # reuse its prefill
+
+
+def test_bls_a_failing_engine_fails_the_batch_not_the_server(bls: Any) -> None:
+    model, engines = bls
+    engines.fail_llm = True
+    try:
+        responses = asyncio.run(model.execute([_request([1.0]), _request([2.0])]))
+    finally:
+        engines.fail_llm = False
+    assert [r.error().code for r in responses] == ["UNAVAILABLE", "UNAVAILABLE"]

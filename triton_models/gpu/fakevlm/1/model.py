@@ -1,0 +1,266 @@
+"""FakeVLM on GPU: a BLS (business logic scripting) Python model over two engines.
+
+Same contract as the CPU model (triton_models/fakevlm): PIXEL_VALUES [n, 3, 336, 336] FP32 and the
+optional EXPLAIN_ABOVE [n, 1] in; SCORE, LABEL, EXPLANATION, ANSWER_LABEL out; so the worker does not
+know which layout serves it. Per dynamic batch:
+
+1. `vision_encoder` (TensorRT plan of the vision tower + projector): all rows at once, FP16, giving
+   encoder_output [n, 576, 4096] that stays on the GPU (DLPack).
+2. `tensorrt_llm` (TensorRT-LLM, inflight fused batching), one request per image, all in flight at
+   once: the prompt `<image>Does the image looks real/fake?` + `This is a`, its 576 image tokens
+   replaced by the prompt-table ids vocab_size .. vocab_size + 575 and the image's features as the
+   prompt_embedding_table. The verdict request generates ONE token and returns its logits:
+   P(fake) = softmax(logit " fake", logit " real"), as moderation.fakevlm does.
+3. Rows whose score reaches their EXPLAIN_ABOVE: a second request, greedy, max_new_tokens tokens.
+   KV-cache reuse serves its prefill from the verdict request's blocks: the image tokens carry
+   prompt_table_extra_ids (a hash of the image), so two images never share blocks.
+
+Parameters: tokenizer (a FakeVLM checkpoint directory: tokenizer and processor files are enough),
+vocab_size (the LLM's, 32064), vision_model, llm_model, threshold, max_new_tokens.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import triton_python_backend_utils as pb_utils
+from torch.utils import dlpack
+
+from moderation.fakevlm import ANSWER_PREFIX, PROMPT, checkpoint_relative_to, label_from_answer
+
+CROP_SIZE = 336
+_PIXEL_SHAPE = (3, CROP_SIZE, CROP_SIZE)
+
+
+@dataclass(frozen=True)
+class _Rows:
+    pixels: np.ndarray  # (n, 3, 336, 336) float32
+    explain_above: np.ndarray  # (n,) float32, inf = never explain
+
+
+@dataclass(frozen=True)
+class _Row:
+    score: float
+    label: str
+    explanation: str
+    answer_label: str
+
+
+class PromptIds:
+    """Token ids of FakeVLM's prompt for TensorRT-LLM: image tokens as prompt-table ids, verdict token ids."""
+
+    def __init__(self, processor: Any, vocab_size: int) -> None:
+        from PIL import Image
+
+        tokenizer = processor.tokenizer
+        blank = Image.new("RGB", (CROP_SIZE, CROP_SIZE))
+        prompt = processor(text=PROMPT, images=blank, return_tensors="np")["input_ids"][0].astype(np.int64)
+        image_id = tokenizer.convert_tokens_to_ids("<image>")
+        image_positions = np.flatnonzero(prompt == image_id)
+        self.image_tokens = len(image_positions)
+        prompt[image_positions] = vocab_size + np.arange(self.image_tokens)  # rows of the prompt table
+        self.answer = tokenizer.encode(ANSWER_PREFIX, add_special_tokens=False)
+        self.input_ids = np.concatenate([prompt, np.asarray(self.answer)]).astype(np.int32)
+        self.image_positions = image_positions
+        self.fake = _single_token(tokenizer, "fake")
+        self.real = _single_token(tokenizer, "real")
+        self.eos = int(tokenizer.eos_token_id)
+        self.pad = int(tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos)
+
+    def extra_ids(self, image_key: int) -> np.ndarray:
+        """prompt_table_extra_ids: 0 for text tokens, the image's key for its 576 tokens (KV reuse per image)."""
+        extra = np.zeros(len(self.input_ids), dtype=np.uint64)
+        extra[self.image_positions] = image_key
+        return extra
+
+
+def _single_token(tokenizer: Any, word: str) -> int:
+    base = tokenizer.encode(ANSWER_PREFIX, add_special_tokens=False)
+    full = tokenizer.encode(f"{ANSWER_PREFIX} {word}", add_special_tokens=False)
+    if full[: len(base)] != base or len(full) != len(base) + 1:
+        raise ValueError(f"the tokenizer does not encode ' {word}' after {ANSWER_PREFIX!r} as one token")
+    return int(full[-1])
+
+
+class TritonPythonModel:
+    def initialize(self, args: dict[str, str]) -> None:
+        from transformers import AutoProcessor
+
+        config = json.loads(args["model_config"])
+        params = {key: value["string_value"] for key, value in config.get("parameters", {}).items()}
+        self._vision = params.get("vision_model", "vision_encoder")
+        self._llm = params.get("llm_model", "tensorrt_llm")
+        self._threshold = float(params.get("threshold", "0.5"))
+        self._max_new_tokens = int(params.get("max_new_tokens", "128"))
+        tokenizer_dir = checkpoint_relative_to(params.get("tokenizer", "weights"), Path(args["model_repository"]))
+        self._processor = AutoProcessor.from_pretrained(tokenizer_dir)
+        self._prompt = PromptIds(self._processor, int(params.get("vocab_size", "32064")))
+        pb_utils.Logger.log_info(
+            f"fakevlm (GPU BLS): {len(self._prompt.input_ids)} prompt tokens, "
+            f"{self._prompt.image_tokens} from the image; {self._vision} -> {self._llm}"
+        )
+
+    async def execute(self, requests: list[Any]) -> list[Any]:
+        decoded = [_decode(request) for request in requests]
+        batches = [item for item in decoded if isinstance(item, _Rows)]
+        try:
+            rows = iter(await self._score(batches))
+        except Exception as exc:  # one failed batch fails its requests, never the server
+            pb_utils.Logger.log_error(f"fakevlm: inference failed: {exc!r}")
+            error = pb_utils.TritonError(f"fakevlm inference failed: {exc}", pb_utils.TritonError.UNAVAILABLE)
+            return [
+                pb_utils.InferenceResponse(error=item if isinstance(item, pb_utils.TritonError) else error)
+                for item in decoded
+            ]
+        return [
+            pb_utils.InferenceResponse(error=item)
+            if isinstance(item, pb_utils.TritonError)
+            else _response([next(rows) for _ in range(len(item.pixels))])
+            for item in decoded
+        ]
+
+    def finalize(self) -> None:
+        self._processor = None
+
+    async def _score(self, batches: list[_Rows]) -> list[_Row]:
+        if not batches:
+            return []
+        pixels = np.concatenate([b.pixels for b in batches])
+        explain_above = np.concatenate([b.explain_above for b in batches])
+        features = self._encode(pixels)
+        keys = [_image_key(row) for row in pixels]
+        verdicts = await asyncio.gather(*(self._generate(features, i, keys[i], 1) for i in range(len(pixels))))
+        scores = [self._verdict_score(response) for response in verdicts]
+        wanted = [i for i, score in enumerate(scores) if score >= explain_above[i]]
+        explained = await asyncio.gather(*(self._generate(features, i, keys[i], self._max_new_tokens) for i in wanted))
+        texts = dict(zip(wanted, (self._text(response) for response in explained), strict=True))
+        return [self._row(score, texts.get(i)) for i, score in enumerate(scores)]
+
+    def _encode(self, pixels: np.ndarray) -> Any:
+        request = pb_utils.InferenceRequest(
+            model_name=self._vision,
+            requested_output_names=["encoder_output"],
+            inputs=[pb_utils.Tensor("input", pixels.astype(np.float16))],
+        )
+        response = request.exec()
+        if response.has_error():
+            raise RuntimeError(f"{self._vision}: {response.error().message()}")
+        return _torch(pb_utils.get_output_tensor_by_name(response, "encoder_output"))
+
+    async def _generate(self, features: Any, row: int, key: int, new_tokens: int) -> Any:
+        prompt = self._prompt
+        ids = prompt.input_ids
+        inputs = {
+            "input_ids": ids.reshape(1, -1),
+            "input_lengths": np.array([[len(ids)]], dtype=np.int32),
+            "request_output_len": np.array([[new_tokens]], dtype=np.int32),
+            "end_id": np.array([[prompt.eos]], dtype=np.int32),
+            "pad_id": np.array([[prompt.pad]], dtype=np.int32),
+            "beam_width": np.array([[1]], dtype=np.int32),
+            "runtime_top_k": np.array([[1]], dtype=np.int32),  # greedy, as FakeVLM's eval
+            "prompt_vocab_size": np.array([[prompt.image_tokens]], dtype=np.int32),
+            "prompt_table_extra_ids": prompt.extra_ids(key).reshape(1, -1),
+            "return_generation_logits": np.array([[new_tokens == 1]], dtype=np.bool_),
+        }
+        tensors = [pb_utils.Tensor(name, value) for name, value in inputs.items()]
+        table = features[row : row + 1].contiguous()  # (1, 576, hidden) fp16, on the GPU
+        tensors.append(pb_utils.Tensor.from_dlpack("prompt_embedding_table", dlpack.to_dlpack(table)))
+        request = pb_utils.InferenceRequest(
+            model_name=self._llm,
+            requested_output_names=["output_ids", "sequence_length", "generation_logits"],
+            inputs=tensors,
+        )
+        response = await request.async_exec()
+        if response.has_error():
+            raise RuntimeError(f"{self._llm}: {response.error().message()}")
+        return response
+
+    def _verdict_score(self, response: Any) -> float:
+        logits = _numpy(pb_utils.get_output_tensor_by_name(response, "generation_logits"))
+        last = logits.reshape(-1, logits.shape[-1])[0].astype(np.float64)  # beam 0, the one generated token
+        pair = last[[self._prompt.fake, self._prompt.real]]
+        pair = np.exp(pair - pair.max())
+        return float(pair[0] / pair.sum())
+
+    def _text(self, response: Any) -> str:
+        ids = _numpy(pb_utils.get_output_tensor_by_name(response, "output_ids")).reshape(-1)
+        length = int(_numpy(pb_utils.get_output_tensor_by_name(response, "sequence_length")).reshape(-1)[0])
+        new_ids = [int(t) for t in ids[:length]]  # exclude_input_in_output: the generated tokens only
+        if self._prompt.eos in new_ids:
+            new_ids = new_ids[: new_ids.index(self._prompt.eos)]
+        tokenizer = self._processor.tokenizer
+        return str(tokenizer.decode(self._prompt.answer + new_ids, skip_special_tokens=True)).strip()
+
+    def _row(self, score: float, explanation: str | None) -> _Row:
+        answer = label_from_answer(explanation) if explanation is not None else None
+        return _Row(
+            score=score,
+            label="fake" if score >= self._threshold else "real",
+            explanation=explanation or "",
+            answer_label=answer or "",
+        )
+
+
+def _image_key(pixels: np.ndarray) -> int:
+    """A non-zero 63-bit key per distinct image: KV blocks are shared only between requests for the same image."""
+    return (int.from_bytes(hashlib.blake2b(pixels.tobytes(), digest_size=8).digest(), "little") >> 1) or 1
+
+
+def _torch(tensor: Any) -> torch.Tensor:
+    """An output tensor of another model as torch, without a copy when it lives on the GPU."""
+    return torch.from_numpy(tensor.as_numpy()) if tensor.is_cpu() else dlpack.from_dlpack(tensor.to_dlpack())
+
+
+def _numpy(tensor: Any) -> np.ndarray:
+    return np.asarray(tensor.as_numpy()) if tensor.is_cpu() else _torch(tensor).cpu().numpy()
+
+
+def _decode(request: Any) -> _Rows | Any:
+    """The request's rows, or a TritonError that belongs to this request alone (as the CPU model)."""
+    try:
+        pixels_tensor = pb_utils.get_input_tensor_by_name(request, "PIXEL_VALUES")
+        if pixels_tensor is None:
+            return _invalid("missing input PIXEL_VALUES")
+        pixels = _numpy(pixels_tensor)
+        if pixels.ndim != 4 or pixels.shape[1:] != _PIXEL_SHAPE:
+            return _invalid(f"PIXEL_VALUES must be [n, 3, {CROP_SIZE}, {CROP_SIZE}], got {list(pixels.shape)}")
+        if pixels.dtype != np.float32 or not np.isfinite(pixels).all():
+            return _invalid("PIXEL_VALUES must be finite float32 values")
+        rows = pixels.shape[0]
+        explain_tensor = pb_utils.get_input_tensor_by_name(request, "EXPLAIN_ABOVE")
+        if explain_tensor is None:
+            return _Rows(pixels, np.full(rows, math.inf, dtype=np.float32))
+        explain = _numpy(explain_tensor).astype(np.float32).reshape(-1)
+        if explain.shape[0] != rows:
+            return _invalid(f"EXPLAIN_ABOVE has {explain.shape[0]} values for {rows} images")
+        if np.isnan(explain).any():
+            return _invalid("EXPLAIN_ABOVE must not be NaN")
+        return _Rows(pixels, explain)
+    except Exception as exc:  # an unreadable tensor must not fail the other requests of the batch
+        return _invalid(f"cannot read the request's inputs: {exc}")
+
+
+def _response(rows: list[_Row]) -> Any:
+    def strings(values: list[str]) -> np.ndarray:
+        return np.array([[v.encode("utf-8")] for v in values], dtype=np.object_)
+
+    return pb_utils.InferenceResponse(
+        output_tensors=[
+            pb_utils.Tensor("SCORE", np.array([[r.score] for r in rows], dtype=np.float32)),
+            pb_utils.Tensor("LABEL", strings([r.label for r in rows])),
+            pb_utils.Tensor("EXPLANATION", strings([r.explanation for r in rows])),
+            pb_utils.Tensor("ANSWER_LABEL", strings([r.answer_label for r in rows])),
+        ]
+    )
+
+
+def _invalid(message: str) -> Any:
+    return pb_utils.TritonError(message, pb_utils.TritonError.INVALID_ARG)
