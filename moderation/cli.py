@@ -237,7 +237,11 @@ def show_settings(env_file: EnvFile = None, markdown: bool = typer.Option(False,
 def dev_up(run_dir: RunDir = DEFAULT_HOME / "stack", checkpoint: Checkpoint = None) -> None:
     """Start Tansu, SeaweedFS and Triton on free ports, create topics and bucket, write stack.env."""
     from moderation import localstack
+    from moderation.detector import default_checkpoint
 
+    if checkpoint is None:
+        checkpoint, trained = default_checkpoint(run_dir.parent)
+        console.print(f"Serving the {'trained' if trained else 'RANDOM'} tiny FakeVLM at {checkpoint}")
     repository = localstack.model_repository_for(run_dir.parent, checkpoint)
     info = localstack.up(run_dir, model_repository=repository, progress=console.log)
     console.print(f"Stack is up. Point a worker or client at it with: --env-file {run_dir / 'stack.env'}")
@@ -332,6 +336,35 @@ def build_tiny(out_dir: Annotated[Path, typer.Argument(help="Where to write the 
     from moderation.tinymodel import build_tiny_checkpoint
 
     console.print(f"Tiny checkpoint ready at {build_tiny_checkpoint(out_dir)}")
+
+
+@model.command("train-tiny")
+def train_tiny(
+    out_dir: Annotated[
+        Path | None,
+        typer.Option("--out-dir", help="Where to save it (default: the repository's models/fakevlm-tiny-trained)."),
+    ] = None,
+    seed: Annotated[int, typer.Option(help="Seeds the initial weights and the training images.")] = 0,
+    steps: Annotated[int | None, typer.Option(min=1, help="Training steps (default: the committed model's).")] = None,
+) -> None:
+    """Train the tiny FakeVLM on synthetic images with known answers (CPU, minutes, deterministic)."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
+
+    from moderation.training import DEFAULT_STEPS, TRAINED_CHECKPOINT, TrainProgress, read_metrics, train_tiny_fakevlm
+
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    with Progress(*columns, TextColumn("{task.fields[loss]}"), console=console) as bar:
+        tasks: dict[str, TaskID] = {}
+
+        def show(p: TrainProgress) -> None:
+            if p.phase not in tasks:
+                tasks[p.phase] = bar.add_task(p.phase, total=p.total, loss="")
+            loss = f"loss {p.loss:.4f}  verdict {p.verdict_loss:.4f}" if p.loss is not None else ""
+            bar.update(tasks[p.phase], completed=p.done, loss=loss)
+
+        path = train_tiny_fakevlm(out_dir or TRAINED_CHECKPOINT, seed=seed, steps=steps or DEFAULT_STEPS, progress=show)
+    console.print_json(json.dumps(read_metrics(path)))
+    console.print(f"Trained tiny FakeVLM saved to {path}")
 
 
 def _yes(flag: bool) -> str:

@@ -17,14 +17,23 @@ from rich.table import Table
 
 from moderation import localstack
 from moderation.client import Outcomes, event_message, publish, read_outcomes, s3_client_args, upload_images
-from moderation.samples import bad_uploads, write_samples
+from moderation.detector import default_checkpoint
+from moderation.samples import bad_uploads
 from moderation.settings import Settings
+from moderation.synthetic import write_images
 
-TINY_MODEL_NOTE = (
-    "The demo runs a tiny FakeVLM-shaped checkpoint built on this machine: its verdicts exercise every "
-    "code path but say nothing about the images. For real verdicts serve the released weights: "
-    "`moderation dev up --checkpoint /path/to/lingcco-fakeVLM` (see the README, 'Using the real weights')."
+TRAINED_MODEL_NOTE = (
+    "The demo serves the tiny FakeVLM this project trains on its own synthetic images (checkerboard and "
+    "grid fingerprints of image generators, named fake-*/real-* by their truth): its verdicts and "
+    "explanations on them are meaningful, but it knows nothing about real photographs or real generators. "
+    "For real verdicts serve the released weights: `moderation demo --checkpoint /path/to/lingcco-fakeVLM` "
+    "(see the README, 'Using the real FakeVLM weights')."
 )
+RANDOM_MODEL_NOTE = (
+    "No trained tiny checkpoint was found (`moderation model train-tiny` builds it), so the demo serves a "
+    "tiny FakeVLM-shaped model with RANDOM weights: its verdicts exercise every code path but mean nothing."
+)
+DEMO_SEED = 20261127  # held out: the trained model never saw these images
 
 
 def settings_for(info: localstack.StackInfo, **overrides: str) -> Settings:
@@ -63,6 +72,10 @@ def put_objects(settings: Settings, bucket: str, objects: dict[str, bytes]) -> N
 
 def run_demo(workdir: Path, checkpoint: Path | None, console: Console, images: int = 12) -> bool:
     workdir.mkdir(parents=True, exist_ok=True)
+    given = checkpoint is not None
+    if checkpoint is None:
+        checkpoint, trained = default_checkpoint(workdir)
+    note = f"Model: {checkpoint}" if given else TRAINED_MODEL_NOTE if trained else RANDOM_MODEL_NOTE
     console.print(f"[bold]Bringing up the local stack[/] in {workdir / 'stack'} (Tansu, SeaweedFS, Triton)")
     info = localstack.up(
         workdir / "stack",
@@ -72,7 +85,7 @@ def run_demo(workdir: Path, checkpoint: Path | None, console: Console, images: i
     worker = None
     try:
         settings = settings_for(info, kafka_consumer_group=f"demo-{uuid.uuid4().hex[:8]}")
-        samples = write_samples(workdir / "samples", images)
+        samples = write_images(workdir / "samples", images, DEMO_SEED)
         events = asyncio.run(upload_images(settings, samples, bucket=info.bucket, tenant="demo"))
         bad = bad_uploads(info.bucket)
         for case in bad:
@@ -94,13 +107,23 @@ def run_demo(workdir: Path, checkpoint: Path | None, console: Console, images: i
         missing = expected - outcomes.decided()
         if missing:
             console.print(f"[red]{len(missing)} events got no outcome[/]; worker log: {workdir / 'worker.log'}")
-        console.print(f"[yellow]Note:[/] {TINY_MODEL_NOTE}" if checkpoint is None else f"Model: {checkpoint}")
+        console.print(truth_line(outcomes))
+        console.print(f"[yellow]Note:[/] {note}")
         return not missing
     finally:
         if worker is not None:
             stop_worker(worker)
         localstack.down(workdir / "stack")
         console.print("Local stack stopped.")
+
+
+def truth_line(outcomes: Outcomes) -> str:
+    """How many verdicts match the truth the sample's file name carries (fake-*.png / real-*.png)."""
+    judged = [
+        v[-1] for v in outcomes.verdicts.values() if v[-1].attributes.get("filename", "")[:5] in ("fake-", "real-")
+    ]
+    right = sum(v.label == v.attributes["filename"][:4] for v in judged)
+    return f"Verdicts matching the truth in the file name: {right} of {len(judged)}"
 
 
 def outcome_table(outcomes: Outcomes, names: dict[str, str]) -> Table:

@@ -55,6 +55,7 @@ class Resources:
             backoff,
             cache=self.cache,
             trust_event_sha256=s.cache_trust_event_sha256,
+            fast_preprocess=s.fast_preprocess,
         )
 
     async def stop(self) -> None:

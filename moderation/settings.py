@@ -67,6 +67,12 @@ class Settings(BaseSettings):
     checkpoint: str | None = Field(None, description="FakeVLM weights for the inprocess detector (path or hub id).")
     device: str = Field("cpu", description="Torch device for the inprocess detector, e.g. cuda:0.")
 
+    fast_preprocess: bool = Field(
+        True,
+        description="Reduced-scale JPEG decoding and crop-only resampling (within 0.15 of CLIP's exact output; "
+        "false: the exact path).",
+    )
+
     # Triton
     triton_url: str = Field("127.0.0.1:8001", description="gRPC host:port.")
     triton_ssl: bool = Field(False, description="Talk TLS to Triton's gRPC endpoint.")
