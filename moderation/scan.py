@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import dataclasses
 import hashlib
 import html as html_lib
 import io
@@ -285,15 +286,7 @@ async def _detect(loaded: list[FileOutcome], detector: BatchDetector, explain_ab
         return [failed.get(id(o), o) for o in loaded]
     inference_ms = _ms(started, time.perf_counter())
     scored = {
-        id(o): FileOutcome(
-            o.path,
-            prepared=o.prepared,
-            detection=d,
-            read_ms=o.read_ms,
-            decode_ms=o.decode_ms,
-            inference_ms=inference_ms,
-            thumbnail=o.thumbnail,
-        )
+        id(o): dataclasses.replace(o, detection=d, inference_ms=inference_ms)
         for o, d in zip(good, detections, strict=True)
     }
     return [scored.get(id(o), o) for o in loaded]
