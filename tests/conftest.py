@@ -80,7 +80,13 @@ def lane(stack: localstack.StackInfo, tmp_path: Path) -> Lane:
         "data_dir": str(tmp_path / "faust"),
     }
     settings = settings_for(stack, **overrides)
-    topics = [settings.topic_uploads, settings.topic_verdicts, settings.topic_flagged, settings.topic_dlq, settings.topic_cache]
+    topics = [
+        settings.topic_uploads,
+        settings.topic_verdicts,
+        settings.topic_flagged,
+        settings.topic_dlq,
+        settings.topic_cache,
+    ]
     asyncio.run(localstack.create_topics(stack.kafka_bootstrap, topics, settings.kafka_topic_partitions))
     localstack.create_bucket(stack, f"bucket-{suffix}")
     env = stack.env() | {f"MODERATION_{k.upper()}": v for k, v in overrides.items()}
