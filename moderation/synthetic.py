@@ -1,23 +1,25 @@
 """Procedural "real" and "fake" images with known answers, for training and testing a tiny FakeVLM.
 
-Both classes share the same content (four FakeClue-like categories drawn from gradients, shapes,
-textures and noise). A real image then goes through a camera: slight lens blur, vignetting and
-signal-dependent sensor noise, rendered at full resolution. A fake image (or one region of it, as an
-inpainting would) goes through a generator instead: it is synthesised at half resolution and
-upsampled, which leaves a genuine synthesis fingerprint of one of two kinds:
+Both classes share the same content: four FakeClue-like categories (a still life, a landscape, an
+aerial view, a document page) drawn from gradients, shapes, textures and noise. A real image then
+goes through a camera: slight lens blur, vignetting and signal-dependent sensor noise at full
+resolution. A fake image, or one region of it as an inpainting would, goes through a generator
+instead: synthesised at half resolution and upsampled 2x, which leaves a genuine fingerprint of
+one of two kinds, each the signature of one simulated generator (the same sign, the same stamp):
 
 - `checkerboard`: a stride-2 transposed convolution with kernel 3 overlaps its outputs unevenly, so
-  even and odd pixels get different gains: a period-2 checkerboard, a spectral peak at Nyquist;
+  even and odd pixels get different gains: a period-2 checkerboard, spectral peaks at Nyquist;
 - `grid`: a stride-8 decoder (as in latent-diffusion VAEs) stamps the same 8x8 pattern on every
   block: periodic spectral peaks at multiples of 1/8 cycle per pixel.
 
 Images are 336 px on their shortest edge (336x336, 448x336 or 336x448), so FakeVLM's preprocessing
 (shortest edge to 336, center crop) never resamples them: a period-2 pattern would not survive a
-downscale. Regions are quadrants or the center of the full image; the center crop of a 4:3 image
-keeps part of every quadrant, so the answer stays true after preprocessing.
+downscale, nor lossy compression (store them as PNG). The center crop starts at an even offset
+that is a multiple of 8 (56), so both patterns keep their phase. Regions are quadrants or the
+center of the full image; the crop keeps part of every quadrant, so the answer stays true.
 
 Every sample is a pure function of `(seed, index)`; answers follow FakeVLM's format: the verdict
-sentence `This is a fake image.` / `This is a real image.`, then why.
+sentence `This is a fake image.` / `This is a real image.`, then which artifact and where, or why.
 """
 
 from __future__ import annotations
@@ -228,60 +230,90 @@ def _draw(base: Float, shapes: Image.Image, mask: Image.Image) -> Float:
     return (base + (layer - base) * alpha).astype(np.float32)
 
 
+def _fill(rng: np.random.Generator, low: float = 50, high: float = 230) -> tuple[int, int, int]:
+    r, g, b = _colour(rng, low, high)
+    return (int(r), int(g), int(b))
+
+
 def _scenery(rng: np.random.Generator, width: int, height: int) -> Float:
+    """A landscape: blue sky with clouds, far mountains, textured ground, round trees, a sun."""
     y = np.linspace(0, 1, height)[:, None, None]
-    sky = np.asarray(_colour(rng, 120, 240)) * (1 - y) + np.asarray(_colour(rng, 150, 250)) * y
-    pixels = np.broadcast_to(sky, (height, width, 3)).copy()
-    pixels += 18 * _value_noise(rng, width, height, 4)[..., None]  # clouds
-    horizon = rng.uniform(0.35, 0.65) * height
+    zenith = np.asarray([rng.uniform(40, 120), rng.uniform(90, 160), rng.uniform(170, 245)])
+    haze = np.asarray([rng.uniform(170, 235), rng.uniform(190, 240), rng.uniform(210, 250)])
+    pixels = np.broadcast_to(zenith * (1 - y) + haze * y, (height, width, 3)).copy()
+    pixels += 25 * np.clip(_value_noise(rng, width, height, 5), 0, 1)[..., None]  # clouds
+    horizon = rng.uniform(0.4, 0.65) * height
     xs = np.arange(width)
-    ridge = horizon + rng.uniform(5, 40) * np.sin(xs / rng.uniform(30, 120) + rng.uniform(0, 6))
-    ground = np.arange(height)[:, None] >= ridge[None, :]
-    grass = np.asarray(_colour(rng, 40, 180)) + 30 * _value_noise(rng, width, height, 24)[..., None]
+    rows = np.arange(height)[:, None]
+    peaks = horizon - rng.uniform(20, 80) * np.abs(np.sin(xs / rng.uniform(40, 110) + rng.uniform(0, 6)))
+    mountain = np.asarray([rng.uniform(80, 140), rng.uniform(90, 150), rng.uniform(120, 180)])
+    pixels[rows >= peaks[None, :]] = mountain
+    ridge = horizon + rng.uniform(3, 20) * np.sin(xs / rng.uniform(30, 120) + rng.uniform(0, 6))
+    ground = rows >= ridge[None, :]
+    soil = np.asarray([rng.uniform(50, 140), rng.uniform(90, 170), rng.uniform(20, 80)])
+    grass = (
+        soil
+        + 25 * _value_noise(rng, width, height, 48)[..., None]
+        + 15 * _value_noise(rng, width, height, 8)[..., None]
+    )
     pixels[ground] = grass[ground]
     shapes, mask = Image.new("RGB", (width, height)), Image.new("L", (width, height))
     draw, draw_mask = ImageDraw.Draw(shapes), ImageDraw.Draw(mask)
-    sun_x, sun_y, sun_r = rng.uniform(0, width), rng.uniform(0, horizon * 0.7), rng.uniform(10, 35)
+    sun_x, sun_y, sun_r = rng.uniform(0, width), rng.uniform(0, horizon * 0.5), rng.uniform(10, 30)
     box = (sun_x - sun_r, sun_y - sun_r, sun_x + sun_r, sun_y + sun_r)
-    draw.ellipse(box, fill=tuple(int(c) for c in _colour(rng, 200, 255)))
+    draw.ellipse(box, fill=(255, int(rng.uniform(220, 255)), int(rng.uniform(150, 230))))
     draw_mask.ellipse(box, fill=255)
-    for _ in range(int(rng.integers(2, 9))):  # trees
+    for _ in range(int(rng.integers(3, 12))):  # trees: a trunk and a round crown
         x = rng.uniform(0, width)
-        base_y = float(ridge[int(min(x, width - 1))]) + rng.uniform(0, 40)
-        tree_h, tree_w = rng.uniform(20, 80), rng.uniform(10, 30)
-        triangle = [(x, base_y - tree_h), (x - tree_w, base_y), (x + tree_w, base_y)]
-        draw.polygon(triangle, fill=tuple(int(c) for c in _colour(rng, 20, 90)))
-        draw_mask.polygon(triangle, fill=255)
+        base_y = float(ridge[int(min(x, width - 1))]) + rng.uniform(5, 60)
+        crown, trunk_h = rng.uniform(8, 28), rng.uniform(8, 25)
+        trunk = (x - 2, base_y - trunk_h, x + 2, base_y)
+        draw.rectangle(trunk, fill=(int(rng.uniform(50, 90)), int(rng.uniform(30, 60)), 20))
+        draw_mask.rectangle(trunk, fill=255)
+        top = (x - crown, base_y - trunk_h - 2 * crown, x + crown, base_y - trunk_h + 4)
+        draw.ellipse(top, fill=(int(rng.uniform(20, 70)), int(rng.uniform(60, 130)), int(rng.uniform(20, 60))))
+        draw_mask.ellipse(top, fill=255)
     return _draw(pixels, shapes, mask)
 
 
 def _object(rng: np.random.Generator, width: int, height: int) -> Float:
-    table_y = int(rng.uniform(0.5, 0.75) * height)
+    """A still life: a plain wall, a wooden table with grain, a few balls, boxes and bottles."""
+    table_y = int(rng.uniform(0.5, 0.72) * height)
     pixels = np.empty((height, width, 3), dtype=np.float32)
-    pixels[:table_y] = _colour(rng, 90, 220)
-    pixels[table_y:] = _colour(rng, 60, 200)
-    pixels += 12 * _value_noise(rng, width, height, 8)[..., None]
+    pixels[:table_y] = _colour(rng, 120, 225)
+    wood = np.asarray([rng.uniform(110, 190), rng.uniform(70, 130), rng.uniform(30, 80)])
+    grain = np.sin(
+        np.arange(height - table_y)[:, None] / rng.uniform(1.5, 4.0) + 3 * _value_noise(rng, width, height - table_y, 6)
+    )
+    pixels[table_y:] = wood + 18 * grain[..., None]
     shapes, mask = Image.new("RGB", (width, height)), Image.new("L", (width, height))
     draw, draw_mask = ImageDraw.Draw(shapes), ImageDraw.Draw(mask)
     for _ in range(int(rng.integers(2, 6))):
-        w, h = rng.uniform(30, width / 3), rng.uniform(30, height / 2.5)
-        x0, y1 = rng.uniform(0, width - w), table_y + rng.uniform(-10, 40)
-        box = (x0, y1 - h, x0 + w, y1)
-        shadow = (x0 + 8, y1 - 6, x0 + w + 14, y1 + 6)
-        draw.ellipse(shadow, fill=(40, 40, 40))
-        draw_mask.ellipse(shadow, fill=90)
-        fill = tuple(int(c) for c in _colour(rng))
-        kind = int(rng.integers(3))
-        if kind == 0:
+        w = rng.uniform(40, width / 3)
+        x0, y1 = rng.uniform(0, width - w), table_y + rng.uniform(5, 60)
+        shadow = (x0 + 10, y1 - 8, x0 + w + 20, y1 + 8)
+        draw.ellipse(shadow, fill=(30, 25, 20))
+        draw_mask.ellipse(shadow, fill=110)
+        fill, kind = _fill(rng), int(rng.integers(3))
+        if kind == 0:  # a ball
+            box = (x0, y1 - w, x0 + w, y1)
             draw.ellipse(box, fill=fill)
             draw_mask.ellipse(box, fill=255)
-        elif kind == 1:
-            draw.rectangle(box, fill=fill)
-            draw_mask.rectangle(box, fill=255)
-        else:
-            triangle = [(x0 + w / 2, y1 - h), (x0, y1), (x0 + w, y1)]
-            draw.polygon(triangle, fill=fill)
-            draw_mask.polygon(triangle, fill=255)
+            glint = (x0 + w * 0.25, y1 - w * 0.8, x0 + w * 0.4, y1 - w * 0.65)
+            draw.ellipse(glint, fill=(250, 250, 250))
+        elif kind == 1:  # a box, its lit top face a lighter parallelogram
+            h, depth = rng.uniform(30, height / 3), w * 0.3
+            draw.rectangle((x0, y1 - h, x0 + w, y1), fill=fill)
+            top = [(x0, y1 - h), (x0 + depth, y1 - h - depth), (x0 + w + depth, y1 - h - depth), (x0 + w, y1 - h)]
+            draw.polygon(top, fill=tuple(min(255, c + 50) for c in fill))
+            draw_mask.polygon([*top, (x0 + w, y1), (x0, y1)], fill=255)
+        else:  # a bottle: body, neck, cap
+            h = rng.uniform(60, height / 2.2)
+            w = min(w, 50)
+            draw.rounded_rectangle((x0, y1 - h * 0.7, x0 + w, y1), radius=w / 3, fill=fill)
+            draw.rectangle((x0 + w / 3, y1 - h, x0 + 2 * w / 3, y1 - h * 0.7), fill=fill)
+            draw_mask.rounded_rectangle((x0, y1 - h * 0.7, x0 + w, y1), radius=w / 3, fill=255)
+            draw_mask.rectangle((x0 + w / 3, y1 - h, x0 + 2 * w / 3, y1 - h * 0.7), fill=255)
     pixels = _draw(pixels, shapes, mask)
     light = 1.0 + 0.25 * rng.choice([-1.0, 1.0]) * np.linspace(-1, 1, width, dtype=np.float32)
     return pixels * light[None, :, None].astype(np.float32)
@@ -299,7 +331,7 @@ def _satellite(rng: np.random.Generator, width: int, height: int) -> Float:
     pixels += 20 * _value_noise(rng, width, height, 32)[..., None]
     shapes, mask = Image.new("RGB", (width, height)), Image.new("L", (width, height))
     draw, draw_mask = ImageDraw.Draw(shapes), ImageDraw.Draw(mask)
-    road = tuple(int(c) for c in _colour(rng, 110, 170))
+    road = _fill(rng, 110, 170)
     for _ in range(int(rng.integers(1, 4))):
         line = [(rng.uniform(0, width), 0.0), (rng.uniform(0, width), float(height))]
         if rng.random() < 0.5:
@@ -309,7 +341,7 @@ def _satellite(rng: np.random.Generator, width: int, height: int) -> Float:
         draw_mask.line(line, fill=255, width=road_width)
     for _ in range(int(rng.integers(5, 30))):
         x, y, s = rng.uniform(0, width), rng.uniform(0, height), rng.uniform(4, 14)
-        draw.rectangle((x, y, x + s, y + s * rng.uniform(0.6, 1.6)), fill=tuple(int(c) for c in _colour(rng)))
+        draw.rectangle((x, y, x + s, y + s * rng.uniform(0.6, 1.6)), fill=_fill(rng))
         draw_mask.rectangle((x, y, x + s, y + s * 1.6), fill=255)
     return _draw(pixels, shapes, mask)
 
@@ -320,7 +352,7 @@ def _doc(rng: np.random.Generator, width: int, height: int) -> Float:
     pixels += 5 * _value_noise(rng, width, height, 6)[..., None]
     shapes, mask = Image.new("RGB", (width, height)), Image.new("L", (width, height))
     draw, draw_mask = ImageDraw.Draw(shapes), ImageDraw.Draw(mask)
-    ink = tuple(int(c) for c in _colour(rng, 10, 70))
+    ink = _fill(rng, 10, 70)
     margin, spacing = rng.uniform(20, 45), rng.uniform(11, 19)
     y = margin
     if rng.random() < 0.7:  # title
@@ -331,7 +363,7 @@ def _doc(rng: np.random.Generator, width: int, height: int) -> Float:
     while y < height - margin - spacing:
         if rng.random() < 0.08:  # figure
             box = (margin, y, width - margin, y + rng.uniform(40, 90))
-            draw.rectangle(box, fill=tuple(int(c) for c in _colour(rng, 100, 200)))
+            draw.rectangle(box, fill=_fill(rng, 100, 200))
             draw_mask.rectangle(box, fill=255)
             y = box[3] + spacing
             continue

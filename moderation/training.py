@@ -7,6 +7,11 @@ then EOS. The input layout is the one `FakeVLM.score` feeds: the processor's pro
 expanded to 576 tokens) followed by the answer, so the verdict it learns is the very next-token
 choice between ` fake` and ` real` that scoring reads after `This is a`.
 
+Recipe (the two choices that make *where* learnable in minutes): the vision tower's position
+embeddings start as a 2D sine-cosine table instead of CLIP's near-zero init, and the patch embedding
+learns at a tenth of the rate, so it does not outgrow the position signal under the pre-LayerNorm.
+AdamW, warm-up then cosine decay, batches of 8 fresh images (half fake), the verdict token weighted.
+
 The result is small enough to commit (`models/fakevlm-tiny-trained`): tests and `moderation demo`
 load it with `FakeVLM.load` and get verdicts and explanations that are right about the images.
 """
@@ -36,14 +41,15 @@ from moderation.tinymodel import build_tiny_checkpoint
 
 TRAINED_CHECKPOINT = Path(__file__).resolve().parent.parent / "models" / "fakevlm-tiny-trained"
 METRICS_FILE = "training-metrics.json"  # written last: its presence means the checkpoint is complete
-DEFAULT_STEPS = 400
+DEFAULT_STEPS = 500
 BATCH_SIZE = 8
 HELD_OUT_IMAGES = 256
 HELD_OUT_STREAM = 1_000_003  # held-out images come from seed + this, never from the training stream
 LEARNING_RATE = 3e-3
 WARMUP_STEPS = 20
-VERDICT_WEIGHT = 4.0  # the verdict token counts this many answer tokens in the loss
+VERDICT_WEIGHT = 8.0  # the verdict token counts this many answer tokens in the loss
 THREADS = 2
+PATCH_LR_FACTOR = 0.1  # Adam grows scale-invariant weights; slower, they leave room for positions
 POSITION_SCALE = 0.6  # sin-cos position table: per-patch norm ~2.4, like the patch embeddings'
 _VERDICT_POSITION = len(ANSWER_PREFIX.split())  # "This is a" then the verdict token " fake" / " real"
 
@@ -173,7 +179,13 @@ def _train(
     model = vlm.model.train()
     _init_positions(model)
     prefix = prompt_ids(vlm)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=LEARNING_RATE, weight_decay=0.0)
+    patch = model.model.vision_tower.embeddings.patch_embedding.weight
+    others = [p for p in model.parameters() if p is not patch]
+    groups: list[dict[str, Any]] = [
+        {"params": others},
+        {"params": [patch], "lr": LEARNING_RATE * PATCH_LR_FACTOR},
+    ]
+    optimizer = torch.optim.AdamW(groups, lr=LEARNING_RATE, weight_decay=0.0)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: _lr_factor(step, steps))
     losses: list[float] = []
     for step, batch in enumerate(_prefetched(seed, steps, batch_size)):
