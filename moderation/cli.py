@@ -27,8 +27,13 @@ DEFAULT_HOME = Path(".moderation")
 EnvFile = Annotated[Path | None, typer.Option("--env-file", help="KEY=VALUE file, e.g. a stack's stack.env.")]
 RunDir = Annotated[Path, typer.Option("--run-dir", help="Where the stack keeps its state and logs.")]
 Checkpoint = Annotated[
-    Path | None,
-    typer.Option("--checkpoint", help="FakeVLM checkpoint directory (default: build the tiny test model)."),
+    str | None,
+    typer.Option(
+        "--model",
+        "--checkpoint",
+        help="FakeVLM weights: a local directory, or a hub id such as lingcco/fakeVLM from the Hugging Face "
+        "cache (default: the trained tiny test model).",
+    ),
 ]
 
 
@@ -119,7 +124,7 @@ def scan_files(
     from moderation.scan import ScanSummary, scan, summary_json
 
     if checkpoint is not None and triton is not None:
-        raise typer.BadParameter("give --checkpoint or --triton, not both")
+        raise typer.BadParameter("give --model or --triton, not both")
     settings = load_settings(env_file)
     limit = settings.explain_above if explain_above is None else explain_above
     policy = Policy(settings.review_threshold, settings.flag_threshold, limit)
@@ -176,7 +181,7 @@ def eval_set(
     from moderation.evaluate import Report, evaluate
 
     if checkpoint is not None and triton is not None:
-        raise typer.BadParameter("give --checkpoint or --triton, not both")
+        raise typer.BadParameter("give --model or --triton, not both")
     detector = open_detector(
         checkpoint=checkpoint, triton_url=triton, device=device, batch_size=batch_size, home=DEFAULT_HOME, warn=_warn
     )
@@ -239,10 +244,11 @@ def dev_up(run_dir: RunDir = DEFAULT_HOME / "stack", checkpoint: Checkpoint = No
     from moderation import localstack
     from moderation.detector import default_checkpoint
 
-    if checkpoint is None:
-        checkpoint, trained = default_checkpoint(run_dir.parent)
-        console.print(f"Serving the {'trained' if trained else 'RANDOM'} tiny FakeVLM at {checkpoint}")
-    repository = localstack.model_repository_for(run_dir.parent, checkpoint)
+    served: str | Path | None = checkpoint
+    if served is None:
+        served, trained = default_checkpoint(run_dir.parent)
+        console.print(f"Serving the {'trained' if trained else 'RANDOM'} tiny FakeVLM at {served}")
+    repository = localstack.model_repository_for(run_dir.parent, served)
     info = localstack.up(run_dir, model_repository=repository, progress=console.log)
     console.print(f"Stack is up. Point a worker or client at it with: --env-file {run_dir / 'stack.env'}")
     for name, value in info.env().items():
@@ -361,6 +367,8 @@ def train_tiny(
                 tasks[p.phase] = bar.add_task(p.phase, total=p.total, loss="")
             loss = f"loss {p.loss:.4f}  verdict {p.verdict_loss:.4f}" if p.loss is not None else ""
             bar.update(tasks[p.phase], completed=p.done, loss=loss)
+            if not console.is_terminal and (p.done % 25 == 0 or p.done == p.total):
+                console.print(f"{p.phase} {p.done}/{p.total} {loss}")  # a log file gets no live bar
 
         path = train_tiny_fakevlm(out_dir or TRAINED_CHECKPOINT, seed=seed, steps=steps or DEFAULT_STEPS, progress=show)
     console.print_json(json.dumps(read_metrics(path)))

@@ -26,7 +26,7 @@ TRAINED_MODEL_NOTE = (
     "The demo serves the tiny FakeVLM this project trains on its own synthetic images (checkerboard and "
     "grid fingerprints of image generators, named fake-*/real-* by their truth): its verdicts and "
     "explanations on them are meaningful, but it knows nothing about real photographs or real generators. "
-    "For real verdicts serve the released weights: `moderation demo --checkpoint /path/to/lingcco-fakeVLM` "
+    "For real verdicts serve the released weights: `moderation demo --model lingcco/fakeVLM` (or a local directory) "
     "(see the README, 'Using the real FakeVLM weights')."
 )
 RANDOM_MODEL_NOTE = (
@@ -70,7 +70,7 @@ def put_objects(settings: Settings, bucket: str, objects: dict[str, bytes]) -> N
         s3.put_object(Bucket=bucket, Key=key, Body=data)
 
 
-def run_demo(workdir: Path, checkpoint: Path | None, console: Console, images: int = 12) -> bool:
+def run_demo(workdir: Path, checkpoint: str | Path | None, console: Console, images: int = 12) -> bool:
     workdir.mkdir(parents=True, exist_ok=True)
     given = checkpoint is not None
     if checkpoint is None:
