@@ -106,9 +106,7 @@ class Outcomes:
             self.dead_letters[letter.event_id].append(letter)
         else:
             verdict = Verdict.model_validate_json(value)
-            (self.flagged if topic == settings.topic_flagged else self.verdicts)[verdict.event_id].append(
-                verdict
-            )
+            (self.flagged if topic == settings.topic_flagged else self.verdicts)[verdict.event_id].append(verdict)
 
 
 async def read_outcomes(

@@ -73,9 +73,7 @@ class FakeVLM:
         self._eos_ids = _eos_ids(model)
 
     @classmethod
-    def load(
-        cls, checkpoint: str | Path, *, device: str = "cpu", dtype: torch.dtype | None = None
-    ) -> FakeVLM:
+    def load(cls, checkpoint: str | Path, *, device: str = "cpu", dtype: torch.dtype | None = None) -> FakeVLM:
         """Load from a local directory or a hub id; dtype defaults to bf16 on CUDA, fp32 elsewhere."""
         source = _resolve(checkpoint)
         if dtype is None:

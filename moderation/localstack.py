@@ -162,9 +162,7 @@ def up(
     }
     launch = {
         S3: servers.weed(run_dir, pairs, info.s3_access_key, info.s3_secret_key),
-        KAFKA: servers.tansu(
-            run_dir, info.kafka_bootstrap, tansu_s3 if durable_kafka else None, TANSU_BUCKET
-        ),
+        KAFKA: servers.tansu(run_dir, info.kafka_bootstrap, tansu_s3 if durable_kafka else None, TANSU_BUCKET),
     }
     if model_repository is not None and with_triton:
         launch[TRITON] = servers.triton(run_dir, Path(model_repository).resolve(), grpc, http, metrics)
@@ -209,9 +207,7 @@ def status(run_dir: Path, *, probe: bool = True) -> list[ServerStatus]:
         alive = pid is not None and servers.alive(pid, launch)
         why = (_probe(name, info) if probe else "not probed") if alive else "not running"
         ready = alive and why is None
-        result.append(
-            ServerStatus(name, pid, alive, ready, launch["address"], Path(launch["log"]), why or "")
-        )
+        result.append(ServerStatus(name, pid, alive, ready, launch["address"], Path(launch["log"]), why or ""))
     return result
 
 
@@ -275,9 +271,7 @@ def create_bucket(info: StackInfo, bucket: str) -> None:
             raise
 
 
-def prepare_model_repository(
-    dest: Path, checkpoint: Path | str, source: Path = PROJECT_ROOT / "triton_models"
-) -> Path:
+def prepare_model_repository(dest: Path, checkpoint: Path | str, source: Path = PROJECT_ROOT / "triton_models") -> Path:
     """Copy each model of `source` (a folder with config.pbtxt) into `dest`, its "checkpoint" parameter
     pointing at `checkpoint`: a Path or an existing local path made absolute, another str (a hub id)
     as it is. Other files of `source` (engine build scripts) stay behind."""
@@ -327,9 +321,7 @@ def _wait_ready(run_dir: Path, name: str, say: Progress) -> None:
             say(f"{name} ready in {elapsed:.1f} s")
             return
         if elapsed > launch.get("ready_timeout_s", READY_TIMEOUT_S[name]):
-            raise StackError(
-                f"{name} not ready after {elapsed:.0f} s ({why}); {servers.log_tail(launch['log'])}"
-            )
+            raise StackError(f"{name} not ready after {elapsed:.0f} s ({why}); {servers.log_tail(launch['log'])}")
         if time.monotonic() - said >= 10:
             last = servers.log_tail(launch["log"], 1).splitlines()[-1][:200]
             say(f"waiting for {name} ({elapsed:.0f} s): {why}; its log: {last}")
@@ -375,9 +367,7 @@ def _s3_round_trip(info: StackInfo) -> None:
 
 
 def _s3(info: StackInfo, secret: str | None = None) -> Any:
-    return servers.s3_client(
-        info.s3_endpoint, info.s3_region, info.s3_access_key, secret or info.s3_secret_key
-    )
+    return servers.s3_client(info.s3_endpoint, info.s3_region, info.s3_access_key, secret or info.s3_secret_key)
 
 
 def _check_s3_refuses_wrong_keys(info: StackInfo) -> None:
@@ -399,9 +389,7 @@ def _read_state(run_dir: Path) -> Any:
     try:
         return json.loads((run_dir / "stack.json").read_text())
     except FileNotFoundError:
-        raise StackError(
-            f"no local stack in {run_dir} (no stack.json); start one with `moderation dev up`"
-        ) from None
+        raise StackError(f"no local stack in {run_dir} (no stack.json); start one with `moderation dev up`") from None
 
 
 def _info(state: dict[str, Any]) -> StackInfo:

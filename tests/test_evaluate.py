@@ -281,8 +281,10 @@ def test_eval_on_a_fakeclue_set_the_trained_model_has_never_seen(tmp_path: Path)
 
     result = CliRunner().invoke(
         app,
-        ["eval", str(data), "--images", str(data.parent), "--model", str(trained_checkpoint())]
-        + ["--out", str(out), "--markdown", str(markdown), "--batch-size", "8"],
+        [
+            *("eval", str(data), "--images", str(data.parent), "--model", str(trained_checkpoint())),
+            *("--out", str(out), "--markdown", str(markdown), "--batch-size", "8"),
+        ],
     )
 
     assert result.exit_code == 0, result.output

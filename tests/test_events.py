@@ -14,9 +14,7 @@ GOOD = {"schema_version": 1, "event_id": "evt-1", "bucket": "uploads", "key": "a
 def test_committed_schemas_match_the_models() -> None:
     for name, schema in json_schemas().items():
         committed = json.loads((SCHEMAS / f"{name}.schema.json").read_text())
-        assert committed == schema, (
-            f"schemas/{name}.schema.json drifted: run `moderation schema --write schemas`"
-        )
+        assert committed == schema, f"schemas/{name}.schema.json drifted: run `moderation schema --write schemas`"
 
 
 def test_a_minimal_event_parses_and_validates_against_its_schema() -> None:

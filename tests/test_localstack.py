@@ -154,10 +154,7 @@ def test_kafka_and_s3_stack(tmp_path: Path) -> None:
         }
         assert any("ready in" in line for line in said)
         assert stat.S_IMODE((run_dir / "stack.json").stat().st_mode) == 0o600
-        assert (
-            f"MODERATION_KAFKA_BOOTSTRAP_SERVERS={info.kafka_bootstrap}"
-            in (run_dir / "stack.env").read_text()
-        )
+        assert f"MODERATION_KAFKA_BOOTSTRAP_SERVERS={info.kafka_bootstrap}" in (run_dir / "stack.env").read_text()
         with pytest.raises(StackError, match="still runs"):
             localstack.up(run_dir, with_triton=False)
 
@@ -239,9 +236,7 @@ def test_stack_with_triton_and_durable_kafka(tmp_path: Path) -> None:
 def test_failed_start_stops_everything_and_shows_the_log(tmp_path: Path) -> None:
     repo = trivial_repository(tmp_path)
     model = repo / "fakevlm" / "1" / "model.py"
-    model.write_text(
-        model.read_text().replace("self.checkpoint = ", "raise RuntimeError('no weights here'); x = ")
-    )
+    model.write_text(model.read_text().replace("self.checkpoint = ", "raise RuntimeError('no weights here'); x = "))
     run_dir = tmp_path / "stack"
     with pytest.raises(StackError, match="no weights here"):
         localstack.up(run_dir, model_repository=repo)

@@ -32,9 +32,7 @@ def test_model_identity_and_batching(config: model_config_pb2.ModelConfig) -> No
     assert config.backend == "python"
     assert config.max_batch_size == 8
     assert config.dynamic_batching.max_queue_delay_microseconds == 5000
-    assert [(g.kind, g.count) for g in config.instance_group] == [
-        (model_config_pb2.ModelInstanceGroup.KIND_CPU, 1)
-    ]
+    assert [(g.kind, g.count) for g in config.instance_group] == [(model_config_pb2.ModelInstanceGroup.KIND_CPU, 1)]
     assert (MODEL_DIR / "1" / "model.py").is_file()
 
 
