@@ -19,6 +19,8 @@ bench/results/gpu_fakevlm-<device>.txt (the card's name, or cpu-tiny).
 
     python bench/gpu_fakevlm.py                 # on a CUDA device, bf16
     python bench/gpu_fakevlm.py --tiny          # anywhere, in seconds
+    python bench/gpu_fakevlm.py --device cpu --dtype bfloat16 --threads 2 --verdict-batch 1 \
+        --explain-batch 1 --new-tokens 16 --repeat 1 --generate-repeat 1   # the 7B shape on a CPU (16 GB RAM)
 """
 
 from __future__ import annotations
@@ -156,8 +158,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--output", type=Path, help="default: bench/results/gpu_fakevlm-<device>.txt")
     args = parser.parse_args(argv)
-    if not args.tiny and not args.device.startswith("cuda"):
-        parser.error("the 7B-shaped model needs a CUDA device (about 16 GB of bf16 weights); use --tiny on a CPU")
+    if not args.tiny and not args.device.startswith("cuda") and args.dtype != "bfloat16":
+        parser.error("on a CPU the 7B shape needs --dtype bfloat16 (14 GB of weights, 28 GB in fp32), or --tiny")
     dtype = (
         getattr(torch, args.dtype)
         if args.dtype

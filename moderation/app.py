@@ -2,16 +2,21 @@
 
 Offsets: the agent takes batches without acking (`noack_take`) and acks an event only after the
 broker acknowledged every outcome published for it, so a committed offset always means a delivered
-outcome. Agent concurrency stays 1: faust-streaming commits past in-flight messages otherwise
-(faust-streaming issue 606); the batch's I/O runs concurrently inside the agent instead.
+outcome. Up to MODERATION_MAX_INFLIGHT_BATCHES batches are moderated and published at once (while one
+waits on S3, Triton or the broker, the next is already fetched), but acks go out strictly in the
+order the batches were taken: faust-streaming commits the highest run of consecutive acked offsets
+and misses a gap of one right after its last commit (`Consumer._new_offset`; faust-streaming issue
+606), so an out-of-order ack could commit past an event whose outcome was never published. For the
+same reason agent concurrency stays 1.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, cast
 
 import faust
@@ -59,20 +64,25 @@ def create_app(settings: Settings) -> faust.App:
             settings.batch_size, within=settings.batch_wait_s
         )
         pipeline = await resources.start()
+        in_flight = OrderedAcks(stream.ack, settings.max_inflight_batches)
+
+        async def moderate_and_publish(events: list[EventT]) -> None:
+            outcomes = await pipeline.moderate_batch([incoming(event) for event in events])
+            await asyncio.gather(
+                *(deliver(topic, outcome) for outcome in outcomes for topic in routes(outcome)),
+                *(share(cache_topic, outcome) for outcome in outcomes if isinstance(outcome, Verdict)),
+            )
+            for outcome in outcomes:
+                metrics.record(outcome)
+
         try:
             async for events in batches:
                 metrics.EVENTS_IN.inc(len(events))
                 metrics.BATCH_SIZE.observe(len(events))
-                outcomes = await pipeline.moderate_batch([incoming(event) for event in events])
-                await asyncio.gather(
-                    *(deliver(topic, outcome) for outcome in outcomes for topic in routes(outcome)),
-                    *(share(cache_topic, outcome) for outcome in outcomes if isinstance(outcome, Verdict)),
-                )
-                for event, outcome in zip(events, outcomes, strict=True):
-                    metrics.record(outcome)
-                    await stream.ack(event)
+                await in_flight.submit(events, functools.partial(moderate_and_publish, events))
                 record_lag(app, events)
         finally:
+            await in_flight.close()  # every batch taken is published and acked before the clients close
             await resources.stop()
 
     @app.on_partitions_revoked.connect  # type: ignore[arg-type]  # faust's signal typing wants a `signal` kwarg
@@ -94,6 +104,46 @@ def create_app(settings: Settings) -> faust.App:
                 await server.stop()
 
     return app
+
+
+class OrderedAcks:
+    """Batches in flight, each acked once its work is done and every batch taken before it is acked.
+
+    `submit` waits while `limit` batches are in flight (the backpressure) and raises what stopped the
+    acking: a batch whose outcomes could not be published leaves it and every later batch un-acked.
+    """
+
+    def __init__(self, ack: Callable[[EventT], Awaitable[Any]], limit: int) -> None:
+        self._ack = ack
+        self._slots = asyncio.Semaphore(limit)
+        self._queue: asyncio.Queue[tuple[list[EventT], asyncio.Future[None]] | None] = asyncio.Queue()
+        self._acker = asyncio.create_task(self._ack_in_order(), name="ordered-acks")
+
+    async def submit(self, events: list[EventT], start: Callable[[], Awaitable[None]]) -> None:
+        """Wait for a free slot, then run `start()` for `events` in the background."""
+        slot = asyncio.ensure_future(self._slots.acquire())
+        try:
+            await asyncio.wait({slot, self._acker}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            slot.cancel()  # a no-op once acquired; on cancellation, no slot is taken later for nothing
+        if self._acker.done():
+            await self._acker  # raises the failed batch's exception
+            raise RuntimeError("acking stopped")
+        self._queue.put_nowait((events, asyncio.ensure_future(start())))
+
+    async def close(self) -> None:
+        """Wait until every submitted batch is done and acked (or re-raise what stopped the acking)."""
+        if not self._acker.done():
+            self._queue.put_nowait(None)
+        await self._acker
+
+    async def _ack_in_order(self) -> None:
+        while (item := await self._queue.get()) is not None:
+            events, work = item
+            await work
+            for event in events:
+                await self._ack(event)
+            self._slots.release()
 
 
 def record_lag(app: faust.App, events: list[EventT]) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+from enum import StrEnum
 from pathlib import Path
 from typing import Annotated
 
@@ -95,6 +96,18 @@ def publish(
 
 TritonUrl = Annotated[str | None, typer.Option("--triton", help="Score on Triton at this gRPC host:port instead.")]
 Device = Annotated[str, typer.Option(help="In-process device: cpu, cuda or cuda:N.")]
+
+
+class WeightsDtype(StrEnum):
+    bfloat16 = "bfloat16"
+    float16 = "float16"
+    float32 = "float32"
+
+
+Dtype = Annotated[
+    WeightsDtype | None,
+    typer.Option(help="In-process weights dtype (default: bfloat16 on CUDA, float32 on CPU; bfloat16 halves the RAM)."),
+]
 BatchSize = Annotated[int, typer.Option(min=1, help="Images per batch.")]
 ExplainAbove = Annotated[float | None, typer.Option(help="Explain when P(fake) >= this (default: settings).")]
 EmbeddingModel = Annotated[str | None, typer.Option(help="CSS model: a sentence-transformers path or cached name.")]
@@ -115,6 +128,7 @@ def scan_files(
     batch_size: BatchSize = 16,
     explain_above: ExplainAbove = None,
     device: Device = "cpu",
+    dtype: Dtype = None,
     env_file: EnvFile = None,
 ) -> None:
     """Detect AI-generated images among local files, offline; unreadable files are reported, never fatal."""
@@ -132,6 +146,7 @@ def scan_files(
         checkpoint=checkpoint,
         triton_url=triton,
         device=device,
+        dtype=dtype.value if dtype else None,
         batch_size=batch_size,
         threshold=settings.label_threshold,
         home=DEFAULT_HOME,
@@ -174,6 +189,7 @@ def eval_set(
     predictions: Predictions = None,
     batch_size: BatchSize = 16,
     device: Device = "cpu",
+    dtype: Dtype = None,
 ) -> None:
     """Acc/F1 (overall, real, fake, per category), ROUGE-L and CSS of a detector on a FakeClue-format set."""
     from moderation.detector import open_detector, running
@@ -183,7 +199,13 @@ def eval_set(
     if checkpoint is not None and triton is not None:
         raise typer.BadParameter("give --model or --triton, not both")
     detector = open_detector(
-        checkpoint=checkpoint, triton_url=triton, device=device, batch_size=batch_size, home=DEFAULT_HOME, warn=_warn
+        checkpoint=checkpoint,
+        triton_url=triton,
+        device=device,
+        dtype=dtype.value if dtype else None,
+        batch_size=batch_size,
+        home=DEFAULT_HOME,
+        warn=_warn,
     )
 
     async def run() -> Report:

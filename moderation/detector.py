@@ -185,7 +185,7 @@ class InProcessDetector:
         batch_wait_s: float = 0.01,
         threshold: float = 0.5,
         max_new_tokens: int = 128,
-        dtype: torch.dtype | None = None,
+        dtype: torch.dtype | str | None = None,  # a torch.dtype or its name ("bfloat16")
     ) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -336,6 +336,7 @@ def open_detector(
     triton_url: str | None = None,
     triton_model: str = "fakevlm",
     device: str = "cpu",
+    dtype: str | None = None,
     batch_size: int = 16,
     threshold: float = 0.5,
     max_new_tokens: int = 128,
@@ -353,7 +354,12 @@ def open_detector(
         if not trained and warn is not None:
             warn(f"no checkpoint given: using the random tiny model at {checkpoint}; its verdicts mean nothing")
     return InProcessDetector(
-        checkpoint, device=device, batch_size=batch_size, threshold=threshold, max_new_tokens=max_new_tokens
+        checkpoint,
+        device=device,
+        dtype=dtype,
+        batch_size=batch_size,
+        threshold=threshold,
+        max_new_tokens=max_new_tokens,
     )
 
 

@@ -73,11 +73,13 @@ class FakeVLM:
         self._eos_ids = _eos_ids(model)
 
     @classmethod
-    def load(cls, checkpoint: str | Path, *, device: str = "cpu", dtype: torch.dtype | None = None) -> FakeVLM:
-        """Load from a local directory or a hub id; dtype defaults to bf16 on CUDA, fp32 elsewhere."""
+    def load(cls, checkpoint: str | Path, *, device: str = "cpu", dtype: torch.dtype | str | None = None) -> FakeVLM:
+        """Load from a local directory or a hub id; dtype (or its name) defaults to bf16 on CUDA, else fp32."""
         source = _resolve(checkpoint)
         if dtype is None:
             dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
+        elif isinstance(dtype, str):
+            dtype = getattr(torch, dtype)
         try:
             model: Any = LlavaForConditionalGeneration.from_pretrained(source, dtype=dtype)
             processor = AutoProcessor.from_pretrained(source)

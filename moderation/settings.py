@@ -111,6 +111,12 @@ class Settings(BaseSettings):
     # Batching
     batch_size: int = Field(16, ge=1, description="Events taken from the stream per batch.")
     batch_wait_s: float = Field(0.2, gt=0, description="Longest wait to fill a batch.")
+    max_inflight_batches: int = Field(
+        4,
+        ge=1,
+        description="Batches moderated and published at once (acks stay in stream order); "
+        "images in flight to the detector are at most this times the batch size.",
+    )
 
     data_dir: Path = Field(
         Path(tempfile.gettempdir()) / "moderation", description="Faust's local state directory (writable)."

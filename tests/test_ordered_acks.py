@@ -1,0 +1,91 @@
+"""Batches in flight at once, acked strictly in the order they were taken (the agent's OrderedAcks).
+
+The Faust side (a committed offset only after the outcomes are acknowledged, across restarts and
+faults) is covered against the real broker by test_stream and test_faults; this pins the ordering,
+the backpressure and the failure rule, which those cannot force."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import pytest
+
+from moderation.app import OrderedAcks
+
+
+class Recorder:
+    def __init__(self) -> None:
+        self.acked: list[Any] = []
+
+    async def ack(self, event: Any) -> None:
+        self.acked.append(event)
+
+
+async def test_batches_finishing_out_of_order_are_acked_in_order() -> None:
+    recorder = Recorder()
+    acks = OrderedAcks(recorder.ack, limit=3)
+    gates = [asyncio.Event() for _ in range(3)]
+
+    def work(i: int) -> Any:
+        async def run() -> None:
+            await gates[i].wait()
+
+        return run
+
+    for i in range(3):
+        await acks.submit([f"{i}a", f"{i}b"], work(i))
+    gates[2].set()
+    gates[1].set()
+    await asyncio.sleep(0.01)
+    assert recorder.acked == []  # batch 0 is still in flight: nothing after it may be acked
+    gates[0].set()
+    await acks.close()
+    assert recorder.acked == ["0a", "0b", "1a", "1b", "2a", "2b"]
+
+
+async def test_submit_waits_while_the_limit_is_in_flight() -> None:
+    recorder = Recorder()
+    acks = OrderedAcks(recorder.ack, limit=2)
+    release = asyncio.Event()
+    started: list[int] = []
+
+    def work(i: int) -> Any:
+        async def run() -> None:
+            started.append(i)
+            await release.wait()
+
+        return run
+
+    await acks.submit([0], work(0))
+    await acks.submit([1], work(1))
+    third = asyncio.create_task(acks.submit([2], work(2)))
+    await asyncio.sleep(0.01)
+    assert not third.done() and started == [0, 1]
+    release.set()
+    await third
+    await acks.close()
+    assert recorder.acked == [0, 1, 2] and started == [0, 1, 2]
+
+
+async def test_a_failed_batch_leaves_itself_and_later_batches_unacked_and_is_raised() -> None:
+    recorder = Recorder()
+    acks = OrderedAcks(recorder.ack, limit=2)
+    fail = asyncio.Event()
+
+    async def ok() -> None:
+        return None
+
+    async def broken() -> None:
+        await fail.wait()
+        raise ConnectionError("the broker never acknowledged")
+
+    await acks.submit(["first"], ok)
+    await acks.submit(["broken"], broken)
+    await acks.submit(["after"], ok)  # done at once, but behind "broken" in the ack order
+    fail.set()
+    with pytest.raises(ConnectionError, match="never acknowledged"):
+        await acks.submit(["later"], ok)
+    with pytest.raises(ConnectionError):
+        await acks.close()
+    assert recorder.acked == ["first"]
