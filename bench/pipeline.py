@@ -90,6 +90,7 @@ async def bare_loop(settings: Settings, stopped: Callable[[], bool]) -> None:
         rebalance_timeout_ms=int(settings.kafka_rebalance_timeout_s * 1000),
         session_timeout_ms=int(settings.kafka_session_timeout_s * 1000),
         heartbeat_interval_ms=int(settings.kafka_heartbeat_interval_s * 1000),
+        fetch_max_wait_ms=settings.kafka_fetch_max_wait_ms,  # as the worker's consumer: Tansu waits it out
         **aiokafka_options(settings),
     )
     producer = AIOKafkaProducer(acks="all", **aiokafka_options(settings))

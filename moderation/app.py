@@ -8,6 +8,9 @@ order the batches were taken: faust-streaming commits the highest run of consecu
 and misses a gap of one right after its last commit (`Consumer._new_offset`; faust-streaming issue
 606), so an out-of-order ack could commit past an event whose outcome was never published. For the
 same reason agent concurrency stays 1.
+
+Outcomes go out through the worker's own aiokafka producer (`moderation.publisher`), a batch at a time;
+the output topics are still declared here, through Faust, when the agent starts.
 """
 
 from __future__ import annotations
@@ -24,19 +27,19 @@ from faust.types import TP, EventT
 
 from moderation import metrics
 from moderation.dlq import attempts_from
-from moderation.events import CacheEntry, DeadLetter, Verdict
-from moderation.kafka import faust_credentials
+from moderation.events import CacheEntry, DeadLetter
+from moderation.kafka import faust_credentials, faust_transport
 from moderation.pipeline import Incoming, Outcome
+from moderation.publisher import Record
 from moderation.resources import Resources
 from moderation.settings import Settings
 
 log = logging.getLogger(__name__)
 
-DELIVERY_ATTEMPTS = 5
-
 
 def create_app(settings: Settings) -> faust.App:
     app = faust.App(settings.kafka_consumer_group, **faust_options(settings))
+    app.transport = faust_transport(settings, app)
     resources = Resources(settings)
 
     def topic(name: str) -> faust.TopicT:
@@ -52,10 +55,18 @@ def create_app(settings: Settings) -> faust.App:
         compacting=True,
     )
 
-    def routes(outcome: Outcome) -> list[faust.TopicT]:
+    def records(outcome: Outcome, *, sharing: bool) -> list[Record]:
+        """Where one outcome goes: every verdict to verdicts (and flagged), a fresh one also to the cache topic."""
+        key, value = outcome.event_id.encode() if outcome.event_id else None, outcome.to_bytes()
         if isinstance(outcome, DeadLetter):
-            return [dead_letters]
-        return [verdicts, flagged] if outcome.action == "flag" else [verdicts]
+            return [Record(settings.topic_dlq, key, value)]
+        out = [Record(settings.topic_verdicts, key, value)]
+        if outcome.action == "flag":
+            out.append(Record(settings.topic_flagged, key, value))
+        if sharing and not outcome.cached:
+            entry = CacheEntry.of(outcome)
+            out.append(Record(settings.topic_cache, entry.image_sha256.encode(), entry.to_bytes()))
+        return out
 
     @app.agent(uploads, concurrency=1)
     async def moderate_uploads(stream: faust.StreamT[bytes]) -> None:
@@ -63,15 +74,15 @@ def create_app(settings: Settings) -> faust.App:
         batches: AsyncIterator[list[EventT]] = cast(Any, stream).noack_take(
             settings.batch_size, within=settings.batch_wait_s
         )
+        for output in (verdicts, flagged, dead_letters, cache_topic):
+            await output.maybe_declare()
         pipeline = await resources.start()
         in_flight = OrderedAcks(stream.ack, settings.max_inflight_batches)
+        sharing = resources.cache is not None  # a worker with the cache off neither reads nor feeds its topic
 
         async def moderate_and_publish(events: list[EventT]) -> None:
             outcomes = await pipeline.moderate_batch([incoming(event) for event in events])
-            await asyncio.gather(
-                *(deliver(topic, outcome) for outcome in outcomes for topic in routes(outcome)),
-                *(share(cache_topic, outcome) for outcome in outcomes if isinstance(outcome, Verdict)),
-            )
+            await resources.publisher.publish([r for outcome in outcomes for r in records(outcome, sharing=sharing)])
             for outcome in outcomes:
                 metrics.record(outcome)
 
@@ -169,28 +180,6 @@ def incoming(event: EventT) -> Incoming:
         offset=message.offset,
         earlier_attempts=attempts_from(message.headers),
     )
-
-
-async def deliver(topic: faust.TopicT, outcome: Outcome) -> None:
-    """Publish keyed by event_id and wait for the broker's ack, retrying a few times with backoff."""
-    key = outcome.event_id.encode() if outcome.event_id else None
-    for attempt in range(1, DELIVERY_ATTEMPTS + 1):
-        try:
-            await (await topic.send(key=key, value=outcome.to_bytes()))
-            return
-        except Exception:
-            if attempt == DELIVERY_ATTEMPTS:
-                raise  # the event stays un-acked, so its offset is never committed
-            log.warning("publish to %s failed (attempt %d), retrying", topic.get_topic_name(), attempt)
-            await asyncio.sleep(min(0.2 * 2**attempt, 5.0))
-
-
-async def share(cache_topic: faust.TopicT, verdict: Verdict) -> None:
-    """Publish a fresh verdict's model output to the cache topic, keyed by the image's sha256."""
-    if verdict.cached:
-        return
-    entry = CacheEntry.of(verdict)
-    await (await cache_topic.send(key=entry.image_sha256.encode(), value=entry.to_bytes()))
 
 
 def faust_options(settings: Settings) -> dict[str, Any]:

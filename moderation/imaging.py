@@ -43,6 +43,18 @@ def decode(data: bytes, *, max_pixels: int) -> DecodedImage:
     return DecodedImage(image=_load_rgb(image, fmt), width=width, height=height, format=fmt)
 
 
+def header_pixels(data: bytes) -> int | None:
+    """width x height from the image header alone (no pixel decoded), or None when it cannot be read."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # bomb warnings are `decode`'s to raise, with a reason code
+            with Image.open(io.BytesIO(data)) as image:
+                width, height = image.size
+    except Exception:  # `decode` reports why; this is only a size hint
+        return None
+    return width * height
+
+
 def _open(data: bytes, max_pixels: int) -> tuple[Image.Image, int, int, str]:
     """Read the header only: (lazy image, width, height, format), or Rejected before any pixel is decoded."""
     if not data:
@@ -102,9 +114,7 @@ def preprocess(image: Image.Image) -> np.ndarray:
     resized = image.resize(resize_size(*image.size), resample=Image.Resampling.BICUBIC)
     left = int((resized.width - CROP_SIZE) / 2.0)
     top = int((resized.height - CROP_SIZE) / 2.0)
-    cropped = resized.crop((left, top, left + CROP_SIZE, top + CROP_SIZE))
-    pixels = np.asarray(cropped, dtype=np.float32).transpose(2, 0, 1) * np.float32(RESCALE_FACTOR)
-    return (pixels - _MEAN) / _STD
+    return normalise(resized.crop((left, top, left + CROP_SIZE, top + CROP_SIZE)))
 
 
 # The fast path: nearly the same pixels (see FAST_MAX_ABS_DIFF) from a fraction of the decoding and resampling.
@@ -118,11 +128,6 @@ FAST_MEAN_ABS_DIFF = 0.005
 # The last (bicubic) step shrinks by at least this factor, so the coarse first step (the JPEG decoder's
 # DCT scaling, or Image.reduce's box filter) is averaged out. 1: fastest; larger: closer to the reference.
 REDUCING_GAP = 2.0
-
-# uint8 value -> normalised float32 per channel, computed with `preprocess`'s own float32 arithmetic.
-_NORMALISED = (
-    (np.arange(256, dtype=np.float32).reshape(1, 256) * np.float32(RESCALE_FACTOR) - _MEAN[:, :, 0]) / _STD[:, :, 0]
-).astype(np.float32)
 
 
 @dataclass(frozen=True)
@@ -145,7 +150,7 @@ def decode_for_model(data: bytes, *, max_pixels: int, reducing_gap: float = REDU
     - only the source region under the center crop is resampled (`resize(box=...)`): the crop of the
       resized image is the resize of that box, up to the rounding of Pillow's 8-bit intermediate (at
       most 2 levels) where Pillow runs its two passes in the other order to save work;
-    - normalisation is a table look-up.
+    - an image already at 336 on its shortest edge is only cropped, as the reference's resize is a no-op.
     The result is within FAST_MAX_ABS_DIFF (max) and FAST_MEAN_ABS_DIFF (mean) of `preprocess`, in
     normalised units; reducing_gap 3 roughly halves both, at the cost of speed on 4 to 8 MP images.
     """
@@ -164,12 +169,22 @@ def decode_for_model(data: bytes, *, max_pixels: int, reducing_gap: float = REDU
             shrink = width / draft_width
             box = (box[0] / shrink, box[1] / shrink, box[2] / shrink, box[3] / shrink)
     rgb = _load_rgb(image, fmt, copy=False)
-    box = (max(box[0], 0.0), max(box[1], 0.0), min(box[2], rgb.width), min(box[3], rgb.height))
-    crop = rgb.resize((CROP_SIZE, CROP_SIZE), Image.Resampling.BICUBIC, box=box, reducing_gap=reducing_gap)
+    if rgb.size == (new_width, new_height):
+        crop = rgb.crop((left, top, left + CROP_SIZE, top + CROP_SIZE))
+    else:
+        box = (max(box[0], 0.0), max(box[1], 0.0), min(box[2], rgb.width), min(box[3], rgb.height))
+        crop = rgb.resize((CROP_SIZE, CROP_SIZE), Image.Resampling.BICUBIC, box=box, reducing_gap=reducing_gap)
     return ModelInput(pixels=normalise(crop), width=width, height=height, format=fmt)
 
 
 def normalise(image: Image.Image) -> np.ndarray:
-    """RGB PIL image -> float32 CHW, scaled and normalised like `preprocess` (bit for bit)."""
-    rgb = np.asarray(image, dtype=np.uint8)
-    return np.stack([_NORMALISED[c][rgb[:, :, c]] for c in range(3)])
+    """RGB PIL image -> float32 CHW: x * (1/255), minus CLIP's mean, over its std, in float32 as transformers does.
+
+    Channel by channel from Pillow's own band split, in place: four times faster than converting the
+    interleaved array and broadcasting, with the same float32 operations in the same order."""
+    out = np.empty((3, image.height, image.width), dtype=np.float32)
+    for channel, band in enumerate(image.split()):
+        np.multiply(np.asarray(band), np.float32(RESCALE_FACTOR), out=out[channel], dtype=np.float32)
+    out -= _MEAN
+    out /= _STD
+    return out

@@ -1,5 +1,5 @@
-"""The worker's clients (S3, detector, a Kafka metadata client), opened once and shared by the agent
-and the readiness probe."""
+"""The worker's clients (S3, detector, the outcome publisher, a Kafka metadata client), opened once and
+shared by the agent and the readiness probe."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ from moderation.events import CacheEntry
 from moderation.kafka import aiokafka_options
 from moderation.pipeline import Backoff, Pipeline
 from moderation.policy import Policy
+from moderation.publisher import Publisher
 from moderation.settings import Settings
 from moderation.storage import S3Store
 
@@ -26,6 +27,7 @@ class Resources:
         self.settings = settings
         self.store = S3Store(settings)
         self.detector = detector_from_settings(settings)
+        self.publisher = Publisher(settings)
         self._kafka: AIOKafkaClient | None = None  # aiokafka objects must be made inside the event loop
         self.cache = (
             VerdictCache(settings.cache_max_entries, settings.cache_ttl_s) if settings.cache_max_entries else None
@@ -39,6 +41,7 @@ class Resources:
         async with self._lock:
             if not self._started.is_set():
                 await self.store.start()
+                await self.publisher.start()
                 self._kafka = AIOKafkaClient(**aiokafka_options(self.settings))
                 await self._kafka.bootstrap()
                 await self.detector.start()
@@ -64,6 +67,7 @@ class Resources:
                 if self._cache_reader is not None:
                     self._cache_reader.cancel()
                 await self.detector.stop()
+                await self.publisher.stop()
                 await self.store.stop()
                 if self._kafka is not None:
                     await self._kafka.close()

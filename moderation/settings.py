@@ -38,6 +38,9 @@ class Settings(BaseSettings):
     kafka_heartbeat_interval_s: float = Field(3.0, gt=0, description="Consumer-group heartbeat interval.")
     kafka_max_poll_interval_s: float = Field(300.0, description="Keep above the worst batch time.")
     kafka_topic_partitions: int = Field(4, ge=1, description="Partitions for topics the worker declares.")
+    kafka_fetch_max_wait_ms: int = Field(
+        100, ge=1, description="Longest a fetch waits for new records (Tansu always waits it out: latency floor)."
+    )
 
     # Topics
     topic_uploads: str = Field("moderation.uploads", description="Upload events in.")
