@@ -100,6 +100,8 @@ def test_a_larger_reducing_gap_is_closer_to_the_reference(reference) -> None:
         ("RGBA", "PNG", (900, 700)),
         ("L", "PNG", (900, 700)),
         ("LA", "PNG", (900, 700)),
+        ("1", "PNG", (900, 700)),
+        ("RGB", "PNG", (1200, 900)),
         ("I;16", "PNG", (900, 700)),
         ("L", "JPEG", (2000, 1500)),
         ("CMYK", "JPEG", (2000, 1500)),
