@@ -59,6 +59,11 @@ CONSUMER_LAG = Gauge(
     ["topic", "partition"],
     registry=REGISTRY,
 )
+DISAGREEMENTS = Counter(
+    "moderation_answer_disagreements",
+    "Verdicts whose explanation, read with FakeVLM's rule, states the other label than the score.",
+    registry=REGISTRY,
+)
 RETRIES = Counter("moderation_retries", "Transient faults retried, by reason.", ["reason"], registry=REGISTRY)
 READY = Gauge("moderation_ready", "1 while Kafka, S3 and the model answer.", registry=REGISTRY)
 
@@ -70,6 +75,8 @@ def record(outcome: Verdict | DeadLetter) -> None:
         return
     OUTCOMES.labels("verdict", "").inc()
     VERDICTS.labels(outcome.label, outcome.action).inc()
+    if outcome.answer_label is not None and outcome.answer_label != outcome.label:
+        DISAGREEMENTS.inc()
     if outcome.cached:
         CACHE_HITS.inc()
     else:
