@@ -107,7 +107,10 @@ class DeadLetter(_Message):
     source_topic: str
     source_partition: int
     source_offset: int
-    payload_base64: str = Field(description="The original message value, byte for byte, base64-encoded.")
+    payload_base64: str = Field(
+        description="The original message value, byte for byte, base64-encoded; over 512 KiB only its start "
+        "(the detail says so, and such a letter is not retryable)."
+    )
 
     def payload(self) -> bytes:
         return base64.b64decode(self.payload_base64)

@@ -44,6 +44,8 @@ Outcome = Verdict | DeadLetter
 # Images up to this size (about 1 ms to decode and preprocess) are prepared on the event loop: a hand-off to a
 # thread costs more than that on a busy core (the GIL ping-pong), larger ones must not stall the loop.
 INLINE_MAX_PIXELS = 200_000
+# base64 makes this 683 KiB: with the other fields a dead letter stays under Kafka's default 1 MB message cap.
+MAX_DEAD_LETTER_PAYLOAD = 512 * 1024
 
 
 @dataclass(frozen=True)
@@ -217,18 +219,22 @@ class Pipeline:
     ) -> DeadLetter:
         now = self.clock()
         event_id = event.event_id if event else event_id_of(message.value)
+        payload, detail, retryable = message.value, exc.detail[:2000], exc.retryable
+        if len(payload) > MAX_DEAD_LETTER_PAYLOAD:  # a dead letter the broker refuses would stop the worker
+            detail += f" (payload cut to its first {MAX_DEAD_LETTER_PAYLOAD} of {len(payload)} bytes)"
+            payload, retryable = payload[:MAX_DEAD_LETTER_PAYLOAD], False
         return DeadLetter(
             event_id=event_id,
             reason=exc.reason,
-            detail=exc.detail[:2000],
-            retryable=exc.retryable,
+            detail=detail,
+            retryable=retryable,
             attempts=message.earlier_attempts + attempt,
             first_error_at=first or now,
             last_error_at=now,
             source_topic=message.topic,
             source_partition=message.partition,
             source_offset=message.offset,
-            payload_base64=base64.b64encode(message.value).decode(),
+            payload_base64=base64.b64encode(payload).decode(),
         )
 
 

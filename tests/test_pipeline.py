@@ -9,7 +9,7 @@ import numpy as np
 from moderation.detector import Detection
 from moderation.errors import Reason, Rejected
 from moderation.events import DeadLetter, ModelInfo, Verdict
-from moderation.pipeline import Backoff, Incoming, Pipeline
+from moderation.pipeline import MAX_DEAD_LETTER_PAYLOAD, Backoff, Incoming, Pipeline
 from moderation.policy import Policy
 from moderation.samples import draw_image, encode
 
@@ -144,3 +144,12 @@ async def test_identical_bytes_are_served_from_the_cache() -> None:
     assert (first.cached, second.cached, detector.calls) == (False, True, 1)
     assert (second.score, second.explanation, second.image) == (first.score, first.explanation, first.image)
     assert second.timings.inference_ms == 0.0
+
+
+async def test_an_oversized_message_is_dead_lettered_with_its_start_so_the_broker_takes_it() -> None:
+    huge = b"x" * (MAX_DEAD_LETTER_PAYLOAD + 100_000)
+    [letter] = await pipeline(FixedDetector(0.5)).moderate_batch([message(huge)])
+    assert isinstance(letter, DeadLetter) and letter.reason == Reason.INVALID_EVENT and not letter.retryable
+    assert letter.payload() == huge[:MAX_DEAD_LETTER_PAYLOAD]
+    assert f"first {MAX_DEAD_LETTER_PAYLOAD} of {len(huge)} bytes" in letter.detail
+    assert len(letter.to_bytes()) < 1_000_000  # Kafka's default max.message.bytes is 1,048,588
