@@ -11,7 +11,7 @@ import time
 import pytest
 from aiokafka import AIOKafkaConsumer
 
-from moderation.client import publish
+from moderation.client import publish, read_outcomes
 from moderation.demo import stop_worker
 from moderation.dlq import ATTEMPTS_HEADER, attempts_from, read_dead_letters, replay
 from moderation.errors import Reason
@@ -83,3 +83,21 @@ def test_replay_republishes_retryable_letters_under_the_cap_once(lane) -> None:
         stop_worker(worker)
     final = mine[-1]
     assert final.reason == Reason.OBJECT_MISSING and final.attempts == 2, "attempts add up across replays"
+
+
+def test_an_oversized_message_gets_a_dead_letter_the_broker_accepts_and_the_worker_goes_on(lane) -> None:
+    settings = lane.settings
+    huge = b'{"schema_version": 1, "event_id": "huge", "padding": "' + b"x" * 900_000 + b'"}'
+    after = json.dumps({"schema_version": 1, "event_id": "after", "bucket": "nope-bucket", "key": "k"}).encode()
+    asyncio.run(publish(settings, [(b"huge", huge), (b"after", after)]))
+    worker = lane.worker()
+    try:
+        outcomes = asyncio.run(read_outcomes(settings, {"huge", "after"}, timeout_s=120))
+    finally:
+        stop_worker(worker)
+    [letter] = outcomes.dead_letters["huge"]
+    assert letter.reason == Reason.INVALID_EVENT and not letter.retryable
+    assert letter.payload() == huge[: len(letter.payload())] and len(letter.payload()) < len(huge)
+    assert "payload cut to its first" in letter.detail
+    [after_letter] = outcomes.dead_letters["after"]
+    assert after_letter.reason == Reason.FORBIDDEN_BUCKET, "the worker kept going after the oversized message"
