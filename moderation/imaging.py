@@ -15,7 +15,6 @@ import warnings
 from dataclasses import dataclass
 
 import numpy as np
-import pyspng
 from PIL import Image, UnidentifiedImageError
 
 from moderation.errors import Reason, Rejected
@@ -184,6 +183,8 @@ _SPNG_MODES = frozenset({"RGB", "RGBA", "L", "LA", "P", "1"})  # 8 bits or fewer
 
 def _png_rgb(data: bytes) -> Image.Image:
     """libspng's RGB8 of an 8-bit PNG: what Pillow's convert("RGB") gives (alpha dropped, palette expanded)."""
+    import pyspng  # here, so the model code that shares this module runs where only torch is installed (a GPU box)
+
     try:
         return Image.fromarray(pyspng.load(data, format="RGB"))
     except Exception as exc:  # pyspng raises RuntimeError("pyspng: could not decode image: ...")
