@@ -70,7 +70,7 @@ def create_app(settings: Settings) -> faust.App:
 
     @app.agent(uploads, concurrency=1)
     async def moderate_uploads(stream: faust.StreamT[bytes]) -> None:
-        # faust-streaming types noack_take as yielding values; it yields the events, acked by hand below.
+        # faust-streaming types noack_take as yielding values; it yields the events, acked by OrderedAcks.
         batches: AsyncIterator[list[EventT]] = cast(Any, stream).noack_take(
             settings.batch_size, within=settings.batch_wait_s
         )
