@@ -40,53 +40,16 @@ from typing import Any
 
 import torch
 import transformers
-from transformers import CLIPVisionConfig, GenerationConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+from transformers import GenerationConfig, LlavaForConditionalGeneration
 
 from moderation.fakevlm import FakeVLM
 from moderation.imaging import CROP_SIZE
-from moderation.tinymodel import IMAGE_SEQ_LENGTH, PATCH_SIZE, build_tiny_processor, tiny_config
+from moderation.tinymodel import FAKEVLM_WIDTHS, TINY_WIDTHS, build_tiny_processor, llava_config
 
 RESULTS = Path(__file__).resolve().parent / "results"
 TARGET_VERDICT_IMG_S = 67.0  # on one H100
 TARGET_EXPLAIN_VS_GENERATE = 2.0
 FAKEVLM_VOCAB = 32064
-
-
-def fakevlm_config(*, image_token_id: int, pad_token_id: int) -> LlavaConfig:
-    """lingcco/fakeVLM's config.json (see shared/FAKEVLM.md), with the tokenizer's special ids."""
-    text = LlamaConfig(
-        vocab_size=FAKEVLM_VOCAB,
-        hidden_size=4096,
-        intermediate_size=11008,
-        num_hidden_layers=32,
-        num_attention_heads=32,
-        num_key_value_heads=32,
-        max_position_embeddings=4096,
-        rms_norm_eps=1e-5,
-        bos_token_id=1,
-        eos_token_id=2,
-        pad_token_id=pad_token_id,
-        tie_word_embeddings=False,
-    )
-    vision = CLIPVisionConfig(
-        hidden_size=1024,
-        intermediate_size=4096,
-        num_hidden_layers=24,
-        num_attention_heads=16,
-        image_size=CROP_SIZE,
-        patch_size=PATCH_SIZE,
-        projection_dim=768,
-        hidden_act="quick_gelu",
-    )
-    return LlavaConfig(
-        vision_config=vision,
-        text_config=text,
-        image_token_index=image_token_id,
-        image_seq_length=IMAGE_SEQ_LENGTH,
-        projector_hidden_act="gelu",
-        vision_feature_layer=-2,
-        vision_feature_select_strategy="default",
-    )
 
 
 def build_model(tiny: bool, device: str, dtype: torch.dtype) -> FakeVLM:
@@ -96,9 +59,9 @@ def build_model(tiny: bool, device: str, dtype: torch.dtype) -> FakeVLM:
     image_id, pad_id = tokenizer.convert_tokens_to_ids("<image>"), tokenizer.pad_token_id
     if tiny:
         vocab = -(-len(tokenizer) // 64) * 64
-        config = tiny_config(vocab_size=vocab, image_token_id=image_id, pad_token_id=pad_id)
+        config = llava_config(TINY_WIDTHS, vocab_size=vocab, image_token_id=image_id, pad_token_id=pad_id)
     else:
-        config = fakevlm_config(image_token_id=image_id, pad_token_id=pad_id)
+        config = llava_config(FAKEVLM_WIDTHS, vocab_size=FAKEVLM_VOCAB, image_token_id=image_id, pad_token_id=pad_id)
     torch.manual_seed(0)
     with torch.device(device):
         model: Any = LlavaForConditionalGeneration._from_config(config, dtype=dtype)

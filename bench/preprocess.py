@@ -32,35 +32,15 @@ from PIL import Image
 from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 
 from moderation.imaging import (
-    CLIP_MEAN,
-    CLIP_STD,
-    CROP_SIZE,
     FAST_MAX_ABS_DIFF,
     FAST_MEAN_ABS_DIFF,
     REDUCING_GAP,
-    RESCALE_FACTOR,
-    SHORTEST_EDGE,
     decode_for_model,
 )
 from moderation.samples import draw_image, encode
+from moderation.tinymodel import fakevlm_image_processor
 
 TARGET_SPEEDUP = 4.0
-
-
-def reference_processor() -> CLIPImageProcessorPil:
-    """llava-hf/llava-1.5-7b-hf's preprocessor_config.json, which FakeVLM ships unchanged."""
-    return CLIPImageProcessorPil(
-        size={"shortest_edge": SHORTEST_EDGE},
-        crop_size={"height": CROP_SIZE, "width": CROP_SIZE},
-        resample=3,
-        do_center_crop=True,
-        do_rescale=True,
-        rescale_factor=RESCALE_FACTOR,
-        do_normalize=True,
-        image_mean=list(CLIP_MEAN),
-        image_std=list(CLIP_STD),
-        do_convert_rgb=True,
-    )
 
 
 def size_for(megapixels: float) -> tuple[int, int]:
@@ -129,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
     say(f"# median of {args.repeat} interleaved runs; diff in normalised units vs the baseline's output")
     header = f"{'case':<14}{'bytes':>11}{'baseline ms':>13}{'candidate ms':>14}{'speedup':>9}"
     say(header + f"{'full decode ms':>16}{'max diff':>10}{'mean diff':>11}")
-    processor = reference_processor()
+    processor = fakevlm_image_processor()  # llava-hf/FakeVLM's preprocessor_config.json
     cases = {}
     for megapixels in args.megapixels:
         size = size_for(megapixels)

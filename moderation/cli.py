@@ -5,15 +5,21 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+from collections.abc import Coroutine
 from enum import StrEnum
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated, Any, TypeVar
 
 import typer
 from rich.console import Console
 
 from moderation.events import json_schemas
 from moderation.settings import Settings, env_table
+
+if TYPE_CHECKING:
+    from moderation.detector import InProcessDetector, TritonDetector
+
+_T = TypeVar("_T")
 
 app = typer.Typer(help="Spot AI-generated images in an upload stream with FakeVLM.", no_args_is_help=True)
 dev = typer.Typer(help="The embedded local stack: Tansu (Kafka), SeaweedFS (S3), Triton.", no_args_is_help=True)
@@ -118,6 +124,43 @@ def _warn(message: str) -> None:
     console.print(f"[yellow]warning:[/] {message}")
 
 
+def _detector(
+    checkpoint: str | None,
+    triton: str | None,
+    device: str,
+    dtype: WeightsDtype | None,
+    batch_size: int,
+    *,
+    threshold: float = 0.5,
+) -> InProcessDetector | TritonDetector:
+    """The in-process or Triton detector of scan and eval, from their shared options."""
+    from moderation.detector import open_detector
+
+    if checkpoint is not None and triton is not None:
+        raise typer.BadParameter("give --model or --triton, not both")
+    return open_detector(
+        checkpoint=checkpoint,
+        triton_url=triton,
+        device=device,
+        dtype=dtype.value if dtype else None,
+        batch_size=batch_size,
+        threshold=threshold,
+        home=DEFAULT_HOME,
+        warn=_warn,
+    )
+
+
+def _run_or_exit(work: Coroutine[Any, Any, _T]) -> _T:
+    """Run `work`; a ModerationError (a bad model, an unreachable Triton) is one red line and exit 1."""
+    from moderation.errors import ModerationError
+
+    try:
+        return asyncio.run(work)
+    except ModerationError as exc:
+        console.print(f"[red]error:[/] {exc}")
+        raise typer.Exit(1) from exc
+
+
 @app.command("scan")
 def scan_files(
     paths: Annotated[list[Path], typer.Argument(help="Image files and directories (searched recursively).")],
@@ -132,26 +175,14 @@ def scan_files(
     env_file: EnvFile = None,
 ) -> None:
     """Detect AI-generated images among local files, offline; unreadable files are reported, never fatal."""
-    from moderation.detector import open_detector, running
-    from moderation.errors import ModerationError
+    from moderation.detector import running
     from moderation.policy import Policy
     from moderation.scan import ScanSummary, scan, summary_json
 
-    if checkpoint is not None and triton is not None:
-        raise typer.BadParameter("give --model or --triton, not both")
     settings = load_settings(env_file)
     limit = settings.explain_above if explain_above is None else explain_above
     policy = Policy(settings.review_threshold, settings.flag_threshold, limit)
-    detector = open_detector(
-        checkpoint=checkpoint,
-        triton_url=triton,
-        device=device,
-        dtype=dtype.value if dtype else None,
-        batch_size=batch_size,
-        threshold=settings.label_threshold,
-        home=DEFAULT_HOME,
-        warn=_warn,
-    )
+    detector = _detector(checkpoint, triton, device, dtype, batch_size, threshold=settings.label_threshold)
 
     async def run() -> ScanSummary:
         async with running(detector) as started:
@@ -168,11 +199,7 @@ def scan_files(
                 console=console,
             )
 
-    try:
-        summary = asyncio.run(run())
-    except ModerationError as exc:
-        console.print(f"[red]error:[/] {exc}")
-        raise typer.Exit(1) from exc
+    summary = _run_or_exit(run())
     console.print_json(summary_json(summary))
     console.print(f"Wrote {out}" + (f" and {html}" if html else ""))
 
@@ -192,21 +219,10 @@ def eval_set(
     dtype: Dtype = None,
 ) -> None:
     """Acc/F1 (overall, real, fake, per category), ROUGE-L and CSS of a detector on a FakeClue-format set."""
-    from moderation.detector import open_detector, running
-    from moderation.errors import ModerationError
+    from moderation.detector import running
     from moderation.evaluate import Report, evaluate
 
-    if checkpoint is not None and triton is not None:
-        raise typer.BadParameter("give --model or --triton, not both")
-    detector = open_detector(
-        checkpoint=checkpoint,
-        triton_url=triton,
-        device=device,
-        dtype=dtype.value if dtype else None,
-        batch_size=batch_size,
-        home=DEFAULT_HOME,
-        warn=_warn,
-    )
+    detector = _detector(checkpoint, triton, device, dtype, batch_size)
 
     async def run() -> Report:
         async with running(detector) as started:
@@ -221,11 +237,7 @@ def eval_set(
                 console=console,
             )
 
-    try:
-        report = asyncio.run(run())
-    except ModerationError as exc:
-        console.print(f"[red]error:[/] {exc}")
-        raise typer.Exit(1) from exc
+    report = _run_or_exit(run())
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(report.model_dump_json(indent=2) + "\n")
     table = report.markdown()

@@ -127,10 +127,7 @@ class TritonDetector:
         self, pixel_values: np.ndarray, *, explain_above: float | Sequence[float]
     ) -> list[Detection]:
         """N images as N concurrent requests: Triton's dynamic batcher merges them into its batches."""
-        limits = _per_row(explain_above, len(pixel_values))
-        return list(
-            await asyncio.gather(*(self.detect(p, explain_above=e) for p, e in zip(pixel_values, limits, strict=True)))
-        )
+        return await _detect_each(self, pixel_values, explain_above)
 
 
 def _tls_options(settings: Settings) -> dict[str, object]:
@@ -247,10 +244,7 @@ class InProcessDetector:
         self, pixel_values: np.ndarray, *, explain_above: float | Sequence[float]
     ) -> list[Detection]:
         """N images through the same queue: the batcher cuts them into batches of `batch_size`."""
-        limits = _per_row(explain_above, len(pixel_values))
-        return list(
-            await asyncio.gather(*(self.detect(p, explain_above=e) for p, e in zip(pixel_values, limits, strict=True)))
-        )
+        return await _detect_each(self, pixel_values, explain_above)
 
     async def _run(self) -> None:
         assert self._queue is not None
@@ -394,6 +388,16 @@ def _trained_checkpoint() -> Path | None:
         return trained_checkpoint()
     except ModelError:  # not built (yet): `moderation model train-tiny`
         return None
+
+
+async def _detect_each(
+    detector: Detector, pixel_values: np.ndarray, explain_above: float | Sequence[float]
+) -> list[Detection]:
+    """Every image through `detector.detect` at once, each with its own (or the shared) explain limit."""
+    limits = _per_row(explain_above, len(pixel_values))
+    return list(
+        await asyncio.gather(*(detector.detect(p, explain_above=e) for p, e in zip(pixel_values, limits, strict=True)))
+    )
 
 
 def _per_row(explain_above: float | Sequence[float], rows: int) -> list[float]:

@@ -4,7 +4,7 @@ Faust's aiokafka transport with a configurable fetch wait."""
 from __future__ import annotations
 
 import ssl
-from typing import Any
+from typing import Any, cast
 
 import aiokafka
 import faust
@@ -58,7 +58,7 @@ class _ConsumerThread(faust_aiokafka.AIOKafkaConsumerThread):
     def _create_worker_consumer(self, transport: faust_aiokafka.Transport) -> aiokafka.AIOKafkaConsumer:
         consumer = super()._create_worker_consumer(transport)
         # faust-streaming passes a fixed fetch_max_wait_ms=1500 here; aiokafka only reads it at start().
-        consumer._fetch_max_wait_ms = getattr(transport, "fetch_max_wait_ms", 1500)
+        consumer._fetch_max_wait_ms = cast("FaustTransport", transport).fetch_max_wait_ms
         return consumer
 
 

@@ -243,12 +243,8 @@ def _log_outcome(outcome: Outcome, message: Incoming) -> None:
     if isinstance(outcome, DeadLetter):
         context["reason"] = str(outcome.reason)
         log.warning("dead letter %s: %s", outcome.reason, outcome.detail, extra=context)
-    elif log.isEnabledFor(logging.DEBUG):  # the verdicts topic is the record; a line per verdict only on demand
+    else:  # the verdicts topic is the record: a line per verdict only at DEBUG
         log.debug("verdict %s %.3f %s", outcome.label, outcome.score, outcome.action, extra=context)
-
-
-def _transient(outcome: Outcome) -> bool:
-    return isinstance(outcome, DeadLetter) and outcome.reason in TRANSIENT
 
 
 def checked_sha256(data: bytes, expected: str | None) -> str:

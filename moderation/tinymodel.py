@@ -12,6 +12,7 @@ import json
 import shutil
 import string
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -103,7 +104,8 @@ def _is_complete(out_dir: Path, seed: int) -> bool:
 def _build_into(path: Path, seed: int) -> None:
     processor = build_tiny_processor()
     tokenizer = processor.tokenizer
-    config = tiny_config(
+    config = llava_config(
+        TINY_WIDTHS,
         vocab_size=_round_up(len(tokenizer), 64),  # the real model pads 32002 to 32064 the same way
         image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
         pad_token_id=tokenizer.pad_token_id,
@@ -122,16 +124,36 @@ def _build_into(path: Path, seed: int) -> None:
     (path / MARKER).write_text(json.dumps({"format": _FORMAT, "seed": seed}))
 
 
-def tiny_config(*, vocab_size: int, image_token_id: int, pad_token_id: int) -> LlavaConfig:
-    """FakeVLM's LlavaConfig with every width shrunk; image geometry and feature selection kept."""
+@dataclass(frozen=True)
+class Widths:
+    """The sizes that tell FakeVLM (LLaVA-1.5-7B) from its tiny stand-in; everything else is shared."""
+
+    hidden: int
+    intermediate: int
+    layers: int
+    heads: int
+    positions: int
+    vision_hidden: int
+    vision_intermediate: int
+    vision_layers: int
+    vision_heads: int
+    projection: int
+
+
+FAKEVLM_WIDTHS = Widths(4096, 11008, 32, 32, 4096, 1024, 4096, 24, 16, 768)  # lingcco/fakeVLM's config.json
+TINY_WIDTHS = Widths(64, 128, 2, 4, 2048, 32, 64, 2, 2, 32)
+
+
+def llava_config(widths: Widths, *, vocab_size: int, image_token_id: int, pad_token_id: int) -> LlavaConfig:
+    """FakeVLM's LlavaConfig at `widths`: image geometry, feature selection and activations kept."""
     text = LlamaConfig(
         vocab_size=vocab_size,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=4,
-        max_position_embeddings=2048,
+        hidden_size=widths.hidden,
+        intermediate_size=widths.intermediate,
+        num_hidden_layers=widths.layers,
+        num_attention_heads=widths.heads,
+        num_key_value_heads=widths.heads,
+        max_position_embeddings=widths.positions,
         rms_norm_eps=1e-5,
         bos_token_id=1,
         eos_token_id=2,
@@ -139,13 +161,14 @@ def tiny_config(*, vocab_size: int, image_token_id: int, pad_token_id: int) -> L
         tie_word_embeddings=False,
     )
     vision = CLIPVisionConfig(
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=2,
+        hidden_size=widths.vision_hidden,
+        intermediate_size=widths.vision_intermediate,
+        num_hidden_layers=widths.vision_layers,
+        num_attention_heads=widths.vision_heads,
         image_size=CROP_SIZE,
         patch_size=PATCH_SIZE,
-        projection_dim=32,
+        projection_dim=widths.projection,
+        hidden_act="quick_gelu",
     )
     return LlavaConfig(
         vision_config=vision,
@@ -158,9 +181,9 @@ def tiny_config(*, vocab_size: int, image_token_id: int, pad_token_id: int) -> L
     )
 
 
-def build_tiny_processor() -> LlavaProcessor:
-    """LlavaProcessor with a freshly trained tokenizer and FakeVLM's CLIP image settings."""
-    image_processor = CLIPImageProcessorPil(
+def fakevlm_image_processor() -> CLIPImageProcessorPil:
+    """llava-hf/llava-1.5-7b-hf's preprocessor_config.json, which FakeVLM ships unchanged."""
+    return CLIPImageProcessorPil(
         do_resize=True,
         size={"shortest_edge": SHORTEST_EDGE},
         resample=3,  # PIL bicubic
@@ -174,6 +197,11 @@ def build_tiny_processor() -> LlavaProcessor:
         do_convert_rgb=True,
         do_pad=False,  # the released eval does not pad to square
     )
+
+
+def build_tiny_processor() -> LlavaProcessor:
+    """LlavaProcessor with a freshly trained tokenizer and FakeVLM's CLIP image settings."""
+    image_processor = fakevlm_image_processor()
     return LlavaProcessor(
         image_processor=image_processor,
         tokenizer=build_tiny_tokenizer(),
