@@ -24,7 +24,6 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
-import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -34,16 +33,9 @@ import torch
 import triton_python_backend_utils as pb_utils
 from torch.utils import dlpack
 
+from moderation import triton_io
 from moderation.fakevlm import ANSWER_PREFIX, PROMPT, checkpoint_relative_to, label_from_answer
-
-CROP_SIZE = 336
-_PIXEL_SHAPE = (3, CROP_SIZE, CROP_SIZE)
-
-
-@dataclass(frozen=True)
-class _Rows:
-    pixels: np.ndarray  # (n, 3, 336, 336) float32
-    explain_above: np.ndarray  # (n,) float32, inf = never explain
+from moderation.imaging import CROP_SIZE
 
 
 @dataclass(frozen=True)
@@ -109,28 +101,17 @@ class TritonPythonModel:
         )
 
     async def execute(self, requests: list[Any]) -> list[Any]:
-        decoded = [_decode(request) for request in requests]
-        batches = [item for item in decoded if isinstance(item, _Rows)]
+        decoded = [triton_io.decode(pb_utils, request, _numpy) for request in requests]
         try:
-            rows = iter(await self._score(batches))
+            rows: list[_Row] | Exception = await self._score(triton_io.readable(decoded))
         except Exception as exc:  # one failed batch fails its requests, never the server
-            pb_utils.Logger.log_error(f"fakevlm: inference failed: {exc!r}")
-            error = pb_utils.TritonError(f"fakevlm inference failed: {exc}", pb_utils.TritonError.UNAVAILABLE)
-            return [
-                pb_utils.InferenceResponse(error=item if isinstance(item, pb_utils.TritonError) else error)
-                for item in decoded
-            ]
-        return [
-            pb_utils.InferenceResponse(error=item)
-            if isinstance(item, pb_utils.TritonError)
-            else _response([next(rows) for _ in range(len(item.pixels))])
-            for item in decoded
-        ]
+            rows = exc
+        return triton_io.responses(pb_utils, decoded, rows)
 
     def finalize(self) -> None:
         self._processor = None
 
-    async def _score(self, batches: list[_Rows]) -> list[_Row]:
+    async def _score(self, batches: list[triton_io.Rows]) -> list[_Row]:
         if not batches:
             return []
         pixels = np.concatenate([b.pixels for b in batches])
@@ -221,46 +202,3 @@ def _torch(tensor: Any) -> torch.Tensor:
 
 def _numpy(tensor: Any) -> np.ndarray:
     return np.asarray(tensor.as_numpy()) if tensor.is_cpu() else _torch(tensor).cpu().numpy()
-
-
-def _decode(request: Any) -> _Rows | Any:
-    """The request's rows, or a TritonError that belongs to this request alone (as the CPU model)."""
-    try:
-        pixels_tensor = pb_utils.get_input_tensor_by_name(request, "PIXEL_VALUES")
-        if pixels_tensor is None:
-            return _invalid("missing input PIXEL_VALUES")
-        pixels = _numpy(pixels_tensor)
-        if pixels.ndim != 4 or pixels.shape[1:] != _PIXEL_SHAPE:
-            return _invalid(f"PIXEL_VALUES must be [n, 3, {CROP_SIZE}, {CROP_SIZE}], got {list(pixels.shape)}")
-        if pixels.dtype != np.float32 or not np.isfinite(pixels).all():
-            return _invalid("PIXEL_VALUES must be finite float32 values")
-        rows = pixels.shape[0]
-        explain_tensor = pb_utils.get_input_tensor_by_name(request, "EXPLAIN_ABOVE")
-        if explain_tensor is None:
-            return _Rows(pixels, np.full(rows, math.inf, dtype=np.float32))
-        explain = _numpy(explain_tensor).astype(np.float32).reshape(-1)
-        if explain.shape[0] != rows:
-            return _invalid(f"EXPLAIN_ABOVE has {explain.shape[0]} values for {rows} images")
-        if np.isnan(explain).any():
-            return _invalid("EXPLAIN_ABOVE must not be NaN")
-        return _Rows(pixels, explain)
-    except Exception as exc:  # an unreadable tensor must not fail the other requests of the batch
-        return _invalid(f"cannot read the request's inputs: {exc}")
-
-
-def _response(rows: list[_Row]) -> Any:
-    def strings(values: list[str]) -> np.ndarray:
-        return np.array([[v.encode("utf-8")] for v in values], dtype=np.object_)
-
-    return pb_utils.InferenceResponse(
-        output_tensors=[
-            pb_utils.Tensor("SCORE", np.array([[r.score] for r in rows], dtype=np.float32)),
-            pb_utils.Tensor("LABEL", strings([r.label for r in rows])),
-            pb_utils.Tensor("EXPLANATION", strings([r.explanation for r in rows])),
-            pb_utils.Tensor("ANSWER_LABEL", strings([r.answer_label for r in rows])),
-        ]
-    )
-
-
-def _invalid(message: str) -> Any:
-    return pb_utils.TritonError(message, pb_utils.TritonError.INVALID_ARG)
