@@ -5,7 +5,8 @@ Baseline, as a project without the fast path would do it: Pillow decodes the who
 PIL backend, as transformers picks without torchvision) resizes, crops and normalises it. Candidate:
 `decode_for_model(data)`. Both start from the same encoded bytes and run interleaved in the same process;
 each figure is the median of --repeat runs. The last line is a JSON summary; `speedup` is the smallest
-per-case ratio (the claim is "on every size and format"), `speedup_geomean` the geometric mean.
+per-case ratio (the claim is "on every size and format"), `speedup_geomean` the geometric mean. torch
+runs on one thread, like Pillow, so that the ratio is per core.
 
     python bench/preprocess.py [--megapixels 1 4 8 12] [--formats JPEG PNG] [--repeat 7] [--output FILE]
 """
@@ -27,6 +28,7 @@ from pathlib import Path
 
 import numpy as np
 import PIL
+import torch
 import transformers
 from PIL import Image
 from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
@@ -93,6 +95,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--output", type=Path, help="also write everything printed to this file")
     args = parser.parse_args(argv)
     warnings.filterwarnings("ignore")
+    torch.set_num_threads(1)
     lines: list[str] = []
 
     def say(line: str) -> None:
@@ -103,7 +106,10 @@ def main(argv: list[str] | None = None) -> int:
         f"# preprocess: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
         f"Python {sys.version.split()[0]}"
     )
-    say(f"# Pillow {PIL.__version__}, transformers {transformers.__version__}, numpy {np.__version__}")
+    say(
+        f"# Pillow {PIL.__version__}, torch {torch.__version__} (1 thread), transformers {transformers.__version__}, "
+        f"numpy {np.__version__}"
+    )
     say("# baseline : Image.open(bytes).convert('RGB') + transformers CLIPImageProcessor (PIL backend)")
     say(f"# candidate: moderation.imaging.decode_for_model(bytes, reducing_gap={args.reducing_gap})")
     say(f"# median of {args.repeat} interleaved runs; diff in normalised units vs the baseline's output")

@@ -255,8 +255,8 @@ def checked_sha256(data: bytes, expected: str | None) -> str:
 
 
 def prepare(data: bytes, max_pixels: int, *, fast: bool = False) -> Prepared:
-    """CPU-bound: decode and preprocess one image (runs in a worker thread). `fast` decodes large JPEGs
-    at reduced scale and resamples only the crop, within imaging's stated tolerance of the exact path."""
+    """CPU-bound: decode and preprocess one image (runs in a worker thread). `fast`: imaging's
+    `decode_for_model`, within its stated tolerance of the exact path."""
     if fast:
         quick = decode_for_model(data, max_pixels=max_pixels)
         return Prepared(quick.pixels, ImageInfo(width=quick.width, height=quick.height, format=quick.format))

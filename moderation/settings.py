@@ -72,8 +72,8 @@ class Settings(BaseSettings):
 
     fast_preprocess: bool = Field(
         True,
-        description="Reduced-scale JPEG decoding and crop-only resampling (within 0.15 of CLIP's exact output; "
-        "false: the exact path).",
+        description="Reduced-scale JPEG decoding, libspng PNG decoding and torch's vectorised resize (JPEG within "
+        "0.15 of CLIP's exact output, PNG within one 8-bit level; false: the exact path).",
     )
 
     # Triton
