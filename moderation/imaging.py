@@ -185,6 +185,12 @@ def _png_rgb(data: bytes) -> np.ndarray:
         raise Rejected(Reason.INVALID_IMAGE, f"corrupt or truncated PNG image: {exc}") from exc
 
 
+def warm_up() -> None:
+    """Import torch and run its resize once, so that the first event does not pay for either (seconds)."""
+    side = 2 * CROP_SIZE
+    _resize_crop_normalise(np.zeros((side, side, 3), np.uint8), (side, side), (CROP_SIZE, CROP_SIZE))
+
+
 def _resize_crop_normalise(rgb: np.ndarray, extent: tuple[float, float], size: tuple[int, int]) -> np.ndarray:
     """HWC uint8 -> the reference's bicubic resize to `size`, center crop, rescale and normalise.
 

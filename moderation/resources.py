@@ -9,6 +9,7 @@ import logging
 from aiokafka import AIOKafkaClient, AIOKafkaConsumer
 from pydantic import ValidationError
 
+from moderation import imaging
 from moderation.cache import VerdictCache
 from moderation.detector import detector_from_settings
 from moderation.events import CacheEntry
@@ -45,6 +46,8 @@ class Resources:
                 self._kafka = AIOKafkaClient(**aiokafka_options(self.settings))
                 await self._kafka.bootstrap()
                 await self.detector.start()
+                if self.settings.fast_preprocess:
+                    await asyncio.to_thread(imaging.warm_up)
                 if self.cache is not None:
                     self._cache_reader = asyncio.create_task(self._fill_cache(self.cache), name="verdict-cache")
                 self._started.set()
