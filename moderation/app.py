@@ -83,8 +83,7 @@ def create_app(settings: Settings) -> faust.App:
         async def moderate_and_publish(events: list[EventT]) -> None:
             outcomes = await pipeline.moderate_batch([incoming(event) for event in events])
             await resources.publisher.publish([r for outcome in outcomes for r in records(outcome, sharing=sharing)])
-            for outcome in outcomes:
-                metrics.record(outcome)
+            metrics.record(outcomes)
 
         try:
             async for events in batches:

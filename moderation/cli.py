@@ -58,6 +58,10 @@ def worker(env_file: EnvFile = None) -> None:
 
     settings = load_settings(env_file)
     settings.data_dir.mkdir(parents=True, exist_ok=True)
+    if settings.event_loop == "uvloop":
+        import mode.loop
+
+        mode.loop.use("uvloop")  # the policy: Faust's consumer thread makes its own loop, uvloop too
     faust.Worker(
         create_app(settings),
         loglevel=settings.log_level,

@@ -11,7 +11,7 @@ import json
 from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
 
-from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, ValidationError
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from moderation.errors import Reason, Rejected
 
@@ -48,6 +48,13 @@ class UploadEvent(_Message):
         max_length=MAX_ATTRIBUTES,
         description="Free key/value pairs passed through to the verdict untouched.",
     )
+
+    @field_validator("schema_version", mode="before")
+    @classmethod
+    def _not_a_boolean(cls, value: Any) -> Any:
+        if isinstance(value, bool):  # Literal[1] takes `true` for 1
+            raise ValueError("schema_version must be a number")
+        return value
 
 
 class ModelInfo(_Message):
@@ -153,6 +160,10 @@ MESSAGES: dict[str, type[BaseModel]] = {
 
 def parse_upload(payload: bytes) -> UploadEvent:
     """Bytes from the uploads topic -> UploadEvent, or `Rejected` with a stable reason."""
+    try:  # pydantic's own JSON parser: the common case, twice as fast as json.loads and model_validate
+        return UploadEvent.model_validate_json(payload)
+    except ValidationError:
+        pass  # find out why, for the dead letter's reason
     try:
         data = json.loads(payload)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:

@@ -1,14 +1,18 @@
 """Kafka connection options (plaintext, SSL, SASL) for Faust and for plain aiokafka clients alike, and
-Faust's aiokafka transport with a configurable fetch wait."""
+Faust's aiokafka transport with a configurable fetch wait and a lighter per-message delivery."""
 
 from __future__ import annotations
 
+import asyncio
 import ssl
 from typing import Any, cast
 
 import aiokafka
 import faust
+from faust.transport.consumer import CONSUMER_FETCHING
 from faust.transport.drivers import aiokafka as faust_aiokafka
+from faust.types import TP, Message
+from mode import Service, ServiceT
 
 from moderation.settings import Settings
 
@@ -65,6 +69,55 @@ class _ConsumerThread(faust_aiokafka.AIOKafkaConsumerThread):
 class _Consumer(faust_aiokafka.Consumer):
     def _new_consumer_thread(self) -> faust_aiokafka.AIOKafkaConsumerThread:
         return _ConsumerThread(self, loop=self.loop, beacon=self.beacon)
+
+    async def _drain_messages(self, fetcher: ServiceT) -> None:
+        """faust-streaming's drain loop, racing each fetch's delivery against a flow suspension once.
+
+        Faust races every message's delivery against a suspension (a rebalance) with four tasks and an
+        asyncio.wait, about 30 us a message: a seventh of what a cache hit costs the worker in all.
+        Racing the delivery of the whole fetch keeps the guarantee (a suspension abandons the rest of
+        the fetch; the partitions are then sought to their committed offsets) at one race per fetch."""
+        consumer_stopped, fetcher_stopped = cast(Service, self)._stopped.is_set, cast(Service, fetcher)._stopped.is_set
+        try:
+            while not (consumer_stopped() or fetcher_stopped()):
+                self.diag.set_flag(CONSUMER_FETCHING)
+                messages = [item async for item in self.getmany(timeout=1.0)]
+                await self.sleep(0)  # getmany can return at once, again and again
+                if messages and not self.should_stop:
+                    await self.wait_first(self._deliver(messages), self.suspend_flow.wait())
+                self.diag.unset_flag(CONSUMER_FETCHING)
+        except self.consumer_stopped_errors:
+            if self.transport.app.should_stop:
+                self.log.info("Broker stopped consumer, shutting down...")
+                return
+            raise
+        except asyncio.CancelledError:
+            if self.transport.app.should_stop:
+                self.log.info("Consumer shutting down for user cancel.")
+                return
+            raise
+        except Exception as exc:
+            self.log.exception("Drain messages raised: %r", exc)
+            raise
+        finally:
+            self.diag.unset_flag(CONSUMER_FETCHING)
+
+    async def _deliver(self, messages: list[tuple[TP, Message]]) -> None:
+        """Faust's per-message bookkeeping (read offsets, gaps, commit_every), each message to its stream."""
+        read_offset = self._read_offset
+        for count, (tp, message) in enumerate(messages, 1):
+            if count % 100 == 0:
+                await asyncio.sleep(0)  # let the agents run
+            offset, last = message.offset, read_offset[tp]
+            if last is not None and offset < last:
+                continue  # already delivered (Faust logs and drops these too)
+            if last and offset - last > 1 and self.app.topics.acks_enabled_for(message.topic):
+                await self._add_gap(tp, last + 1, offset)
+            if self._commit_every is not None and self._n_acked >= self._commit_every:
+                self._n_acked = 0
+                await asyncio.shield(self.commit())  # a suspension must not cut a commit short
+            await self.callback(message)
+            read_offset[tp] = offset
 
 
 class FaustTransport(faust_aiokafka.Transport):

@@ -7,9 +7,11 @@ Triton; /ready answers 200 only while Kafka, S3 and the model answer.
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
+from typing import Any
 
 from aiohttp import web
 from prometheus_client import (
@@ -68,22 +70,27 @@ RETRIES = Counter("moderation_retries", "Transient faults retried, by reason.", 
 READY = Gauge("moderation_ready", "1 while Kafka, S3 and the model answer.", registry=REGISTRY)
 
 
-def record(outcome: Verdict | DeadLetter) -> None:
-    """Count one published outcome (called after the broker acknowledged it)."""
-    if isinstance(outcome, DeadLetter):
-        OUTCOMES.labels("dead_letter", str(outcome.reason)).inc()
-        return
-    OUTCOMES.labels("verdict", "").inc()
-    VERDICTS.labels(outcome.label, outcome.action).inc()
-    if outcome.answer_label is not None and outcome.answer_label != outcome.label:
-        DISAGREEMENTS.inc()
-    if outcome.cached:
-        CACHE_HITS.inc()
-    else:
-        S3_FETCH.observe(outcome.timings.fetch_ms / 1000)
-        INFERENCE.observe(outcome.timings.inference_ms / 1000)
-    if outcome.uploaded_at is not None:
-        END_TO_END.observe(max(0.0, (outcome.decided_at - outcome.uploaded_at).total_seconds()))
+def record(outcomes: Iterable[Verdict | DeadLetter]) -> None:
+    """Count a batch of published outcomes (called after the broker acknowledged them): counters once a
+    label set, as prometheus-client takes a lock an increment."""
+    counts: collections.Counter[tuple[Any, ...]] = collections.Counter()
+    for outcome in outcomes:
+        if isinstance(outcome, DeadLetter):
+            counts[OUTCOMES, "dead_letter", str(outcome.reason)] += 1
+            continue
+        counts[OUTCOMES, "verdict", ""] += 1
+        counts[VERDICTS, outcome.label, outcome.action] += 1
+        if outcome.answer_label is not None and outcome.answer_label != outcome.label:
+            counts[(DISAGREEMENTS,)] += 1
+        if outcome.cached:
+            counts[(CACHE_HITS,)] += 1
+        else:
+            S3_FETCH.observe(outcome.timings.fetch_ms / 1000)
+            INFERENCE.observe(outcome.timings.inference_ms / 1000)
+        if outcome.uploaded_at is not None:
+            END_TO_END.observe(max(0.0, (outcome.decided_at - outcome.uploaded_at).total_seconds()))
+    for (counter, *labels), count in counts.items():
+        (counter.labels(*labels) if labels else counter).inc(count)
 
 
 Check = Callable[[], Awaitable[dict[str, bool]]]

@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 
-from aiokafka import AIOKafkaClient, AIOKafkaConsumer
+from aiokafka import AIOKafkaClient, AIOKafkaConsumer, ConsumerRecord, TopicPartition
 from pydantic import ValidationError
 
 from moderation import imaging
@@ -49,7 +50,7 @@ class Resources:
                 if self.settings.fast_preprocess:
                     await asyncio.to_thread(imaging.warm_up)
                 if self.cache is not None:
-                    self._cache_reader = asyncio.create_task(self._fill_cache(self.cache), name="verdict-cache")
+                    await self._load_cache(self.cache)
                 self._started.set()
         s = self.settings
         backoff = Backoff(deadline_s=s.event_deadline_s, cap_s=s.retry_backoff_max_s)
@@ -82,24 +83,55 @@ class Resources:
         kafka, s3, model = await asyncio.gather(self._kafka_ok(), self.store.reachable(), self.detector.ready())
         return {"kafka": kafka, "s3": s3, "model": model}
 
-    async def _fill_cache(self, cache: VerdictCache) -> None:
-        """Follow the cache topic from its start for as long as the worker runs: every worker's verdicts."""
-        consumer = AIOKafkaConsumer(
-            self.settings.topic_cache, group_id=None, auto_offset_reset="earliest", **aiokafka_options(self.settings)
-        )
+    async def _load_cache(self, cache: VerdictCache) -> None:
+        """Follow the cache topic; wait until it is read to its end, so a restarted worker starts warm."""
+        loaded = asyncio.Event()
+        self._cache_reader = asyncio.create_task(self._fill_cache(cache, loaded), name="verdict-cache")
+        started = time.monotonic()
+        timeout_s = self.settings.cache_load_timeout_s
+        try:
+            await asyncio.wait_for(asyncio.shield(loaded.wait()), timeout_s)
+        except TimeoutError:
+            log.warning("verdict cache: %d entries after %.0f s, consuming before the rest", len(cache), timeout_s)
+        else:
+            log.info("verdict cache: %d entries loaded in %.1f s", len(cache), time.monotonic() - started)
+
+    async def _fill_cache(self, cache: VerdictCache, loaded: asyncio.Event) -> None:
+        """Read the cache topic from its start for as long as the worker runs: every worker's verdicts."""
+        topic = self.settings.topic_cache
+        consumer = AIOKafkaConsumer(group_id=None, auto_offset_reset="earliest", **aiokafka_options(self.settings))
         await consumer.start()
         try:
-            async for record in consumer:
-                try:
-                    cache.put(CacheEntry.model_validate_json(record.value))
-                except ValidationError:
-                    log.warning("unreadable cache entry at %s[%d]@%d", record.topic, record.partition, record.offset)
+            partitions = [TopicPartition(topic, p) for p in sorted(await self._partitions(topic))]
+            if not partitions:
+                log.warning("verdict cache: topic %s has no partitions, so this worker's cache is its own", topic)
+            consumer.assign(partitions)
+            ends = await consumer.end_offsets(partitions)
+            while True:
+                if not loaded.is_set() and all([await consumer.position(tp) >= end for tp, end in ends.items()]):
+                    loaded.set()
+                for records in (await consumer.getmany(timeout_ms=1000)).values():
+                    for record in records:
+                        self._put(cache, record)
         except asyncio.CancelledError:
             raise
         except Exception:  # the cache is an optimisation: losing its feed must not stop the worker
             log.exception("verdict cache feed stopped")
         finally:
+            loaded.set()
             await consumer.stop()
+
+    async def _partitions(self, topic: str) -> set[int]:
+        assert self._kafka is not None
+        await self._kafka.fetch_all_metadata()
+        return self._kafka.cluster.partitions_for_topic(topic) or set()
+
+    @staticmethod
+    def _put(cache: VerdictCache, record: ConsumerRecord[bytes, bytes]) -> None:
+        try:
+            cache.put(CacheEntry.model_validate_json(record.value or b""))
+        except ValidationError:
+            log.warning("unreadable cache entry at %s[%d]@%d", record.topic, record.partition, record.offset)
 
     async def _kafka_ok(self) -> bool:
         try:

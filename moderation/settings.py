@@ -104,6 +104,9 @@ class Settings(BaseSettings):
     cache_trust_event_sha256: bool = Field(
         False, description="Look the event's own sha256 up before fetching (saves the S3 GET on a hit)."
     )
+    cache_load_timeout_s: float = Field(
+        60.0, ge=0, description="At start, read the cache topic to its end before consuming, for at most this long."
+    )
 
     # Retries
     event_deadline_s: float = Field(
@@ -126,6 +129,9 @@ class Settings(BaseSettings):
     )
     metrics_port: int = Field(8080, ge=0, le=65535, description="/metrics, /live and /ready (0: off).")
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", description="Worker log level.")
+    event_loop: Literal["uvloop", "asyncio"] = Field(
+        "uvloop", description="The worker's event loop: uvloop (libuv; less CPU per message) or asyncio's own."
+    )
 
     @field_validator("s3_allowed_buckets", mode="before")
     @classmethod

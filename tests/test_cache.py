@@ -89,5 +89,6 @@ def test_identical_bytes_reach_the_model_once_across_worker_restarts(lane, tmp_p
     first = run(1, "first")
     assert list(first.values()) == [False]
     time.sleep(1)
-    again = run(4, "second")  # a new worker process: it learns the entry from the cache topic
+    again = run(4, "second")  # a new worker process: it reads the cache topic to its end before consuming
     assert all(again.values()), again
+    assert "verdict cache: 1 entries loaded" in lane.log("second")

@@ -1,4 +1,4 @@
-"""What metrics.record counts for one published outcome (the headline stream test checks the totals
+"""What metrics.record counts for a batch of published outcomes (the headline stream test checks the totals
 against a real worker's /metrics; this pins the per-verdict rules)."""
 
 from __future__ import annotations
@@ -38,8 +38,25 @@ def disagreements() -> float:
 
 def test_a_verdict_whose_explanation_says_the_other_label_is_counted() -> None:
     before = disagreements()
-    metrics.record(verdict("fake", "fake"))
-    metrics.record(verdict("real", None))  # not explained: nothing to disagree with
+    metrics.record([verdict("fake", "fake"), verdict("real", None)])  # None: nothing to disagree with
     assert disagreements() == before
-    metrics.record(verdict("fake", "real"))
-    assert disagreements() == before + 1
+    metrics.record([verdict("fake", "real"), verdict("fake", "fake"), verdict("real", "fake")])
+    assert disagreements() == before + 2
+
+
+def sample(name: str, **labels: str) -> float:
+    return metrics.REGISTRY.get_sample_value(name, labels) or 0.0
+
+
+def test_a_batch_is_counted_by_label_and_hit() -> None:
+    hit = verdict("fake", None).model_copy(update={"cached": True})
+    names = [
+        ("moderation_outcomes_total", {"outcome": "verdict", "reason": ""}),
+        ("moderation_verdicts_total", {"label": "fake", "action": "flag"}),
+        ("moderation_verdicts_total", {"label": "real", "action": "allow"}),
+        ("moderation_cache_hits_total", {}),
+    ]
+    before = [sample(name, **labels) for name, labels in names]
+    metrics.record([verdict("fake", None), hit, verdict("real", None), hit])
+    after = [sample(name, **labels) for name, labels in names]
+    assert [a - b for a, b in zip(after, before, strict=True)] == [4, 3, 1, 2]

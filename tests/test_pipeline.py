@@ -144,6 +144,8 @@ async def test_identical_bytes_are_served_from_the_cache() -> None:
     assert (first.cached, second.cached, detector.calls) == (False, True, 1)
     assert (second.score, second.explanation, second.image) == (first.score, first.explanation, first.image)
     assert second.timings.inference_ms == 0.0
+    for verdict in (first, second):  # built without validation: what is published must still validate
+        assert Verdict.model_validate_json(verdict.to_bytes()) == verdict
 
 
 async def test_an_oversized_message_is_dead_lettered_with_its_start_so_the_broker_takes_it() -> None:
