@@ -7,7 +7,8 @@ with `localstack.up(with_triton=False)` in a temporary directory:
   turned into a verdict, published and committed;
 - baseline: aiokafka consumer -> aiobotocore GET -> aiokafka producer (acks=all), batches filled like
   the worker's `take(batch_size, within=batch_wait_s)`, the batch's GETs and sends concurrent, offsets
-  committed after every send was acknowledged. No validation, no decoding, no model.
+  committed after every send was acknowledged. No validation, no decoding, no model. It runs on the
+  worker's event loop (MODERATION_EVENT_LOOP, uvloop by default).
 Throughput: a backlog of --events uploads, rate = (n - 1) / (last - first output's broker timestamp).
 Latency: --paced-events uploads published at a steady rate (half the slower system's throughput unless
 --rate), latency = output timestamp - upload timestamp, p50 and p99. The images are --size JPEGs
@@ -78,7 +79,13 @@ def lane(info: localstack.StackInfo, workdir: Path, **extra: str) -> Lane:
 
 
 def bare_loop_process(values: dict[str, Any], stop: Any) -> None:
-    asyncio.run(bare_loop(Settings(**values), stop.is_set))
+    settings = Settings(**values)
+    if settings.event_loop == "uvloop":  # the worker's own event loop, so that the loop is no difference
+        import uvloop
+
+        uvloop.run(bare_loop(settings, stop.is_set))
+    else:
+        asyncio.run(bare_loop(settings, stop.is_set))
 
 
 async def bare_loop(settings: Settings, stopped: Callable[[], bool]) -> None:
@@ -267,6 +274,8 @@ def main(argv: list[str] | None = None) -> int:
         )
         info = localstack.up(workdir / "stack", with_triton=False)
         try:
+            event_loop = settings_for(info).event_loop
+            print(f"# event loop, worker and bare loop alike: {event_loop}")
             images = asyncio.run(upload_images(settings_for(info), files, bucket=info.bucket))
             systems = {name: System(name, info, workdir, images) for name in ("bare", "worker")}
             results = {name: system.run(args.events, 0, None, args.timeout) for name, system in systems.items()}
@@ -290,6 +299,7 @@ def main(argv: list[str] | None = None) -> int:
     summary = {
         "bench": "pipeline",
         "baseline": "aiokafka consume -> aiobotocore GET -> aiokafka produce, same batching",
+        "event_loop": event_loop,
         "baseline_events_per_s": round(bare["events_per_s"], 1),
         "events_per_s": round(worker["events_per_s"], 1),
         "ratio": round(ratio, 3),
