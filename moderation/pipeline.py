@@ -194,9 +194,7 @@ class Pipeline:
         return self.cache.get(sha256, model=self.detector.model, explain_above=self.policy.explain_above)
 
     def _verdict(self, event: UploadEvent, entry: CacheEntry, *, cached: bool, timings: Timings) -> Verdict:
-        # Every field comes from a validated event, a validated cache entry, the policy or the clock: built
-        # without validating it all again (a tenth of a cache hit's cost). Tests validate what is published.
-        return Verdict.model_construct(
+        return Verdict(
             event_id=event.event_id,
             bucket=event.bucket,
             key=event.key,
@@ -274,7 +272,7 @@ def _timings(started: float, fetched: float | None = None, decoded: float | None
     now = time.perf_counter()
     fetch_end = fetched if fetched is not None else started
     decode_end = decoded if decoded is not None else fetch_end
-    return Timings.model_construct(
+    return Timings(
         fetch_ms=_ms(started, fetch_end),
         decode_ms=_ms(fetch_end, decode_end),
         inference_ms=_ms(decode_end, now) if decoded is not None else 0.0,

@@ -144,7 +144,7 @@ async def test_identical_bytes_are_served_from_the_cache() -> None:
     assert (first.cached, second.cached, detector.calls) == (False, True, 1)
     assert (second.score, second.explanation, second.image) == (first.score, first.explanation, first.image)
     assert second.timings.inference_ms == 0.0
-    for verdict in (first, second):  # built without validation: what is published must still validate
+    for verdict in (first, second):  # what is published reads back as the same verdict
         assert Verdict.model_validate_json(verdict.to_bytes()) == verdict
 
 
