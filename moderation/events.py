@@ -171,7 +171,7 @@ def parse_upload(payload: bytes) -> UploadEvent:
     if not isinstance(data, dict):
         raise Rejected(Reason.INVALID_EVENT, f"expected a JSON object, got {type(data).__name__}")
     version = data.get("schema_version")
-    if version not in SUPPORTED_SCHEMA_VERSIONS or isinstance(version, bool):
+    if type(version) is not int or version not in SUPPORTED_SCHEMA_VERSIONS:  # bool is not int here; lists not hashable
         raise Rejected(
             Reason.UNSUPPORTED_SCHEMA,
             f"schema_version {version!r} is not one of {sorted(SUPPORTED_SCHEMA_VERSIONS)}",
