@@ -82,9 +82,10 @@ class _Consumer(faust_aiokafka.Consumer):
             while not (consumer_stopped() or fetcher_stopped()):
                 self.diag.set_flag(CONSUMER_FETCHING)
                 messages = [item async for item in self.getmany(timeout=1.0)]
+                generation = self.app.consumer_generation_id  # getmany's own: it yields nothing past a change
                 await self.sleep(0)  # getmany can return at once, again and again
                 if messages and not self.should_stop:
-                    await self.wait_first(self._deliver(messages), self.suspend_flow.wait())
+                    await self.wait_first(self._deliver(messages, generation), self.suspend_flow.wait())
                 self.diag.unset_flag(CONSUMER_FETCHING)
         except self.consumer_stopped_errors:
             if self.transport.app.should_stop:
@@ -102,10 +103,13 @@ class _Consumer(faust_aiokafka.Consumer):
         finally:
             self.diag.unset_flag(CONSUMER_FETCHING)
 
-    async def _deliver(self, messages: list[tuple[TP, Message]]) -> None:
-        """Faust's per-message bookkeeping (read offsets, gaps, commit_every), each message to its stream."""
+    async def _deliver(self, messages: list[tuple[TP, Message]], generation: int) -> None:
+        """Faust's per-message bookkeeping (read offsets, gaps, commit_every), each message to its stream;
+        like getmany, nothing more once the flow stops or the group's generation changes."""
         read_offset = self._read_offset
         for count, (tp, message) in enumerate(messages, 1):
+            if not self.flow_active or self.app.consumer_generation_id != generation:
+                return
             if count % 100 == 0:
                 await asyncio.sleep(0)  # let the agents run
             offset, last = message.offset, read_offset[tp]
