@@ -90,7 +90,7 @@ class Resources:
         started = time.monotonic()
         timeout_s = self.settings.cache_load_timeout_s
         try:
-            await asyncio.wait_for(asyncio.shield(loaded.wait()), timeout_s)
+            await asyncio.wait_for(loaded.wait(), timeout_s)
         except TimeoutError:
             log.warning("verdict cache: %d entries after %.0f s, consuming before the rest", len(cache), timeout_s)
         else:
