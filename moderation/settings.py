@@ -124,6 +124,19 @@ class Settings(BaseSettings):
         "images in flight to the detector are at most this times the batch size.",
     )
 
+    # Liveness and shutdown
+    ack_stall_s: float = Field(
+        300.0,
+        gt=0,
+        description="/live turns red when events are pending and no ack progressed for this long (the pod restarts).",
+    )
+    shutdown_grace_s: float = Field(
+        25.0,
+        gt=0,
+        description="On SIGTERM, finish and ack the batches in flight for at most this long, then exit "
+        "(what is left un-acked is re-delivered); keep below the pod's terminationGracePeriodSeconds.",
+    )
+
     data_dir: Path = Field(
         Path(tempfile.gettempdir()) / "moderation", description="Faust's local state directory (writable)."
     )
