@@ -4,10 +4,11 @@ Offsets: the agent takes batches without acking (`noack_take`) and acks an event
 broker acknowledged every outcome published for it, so a committed offset always means a delivered
 outcome. Up to MODERATION_MAX_INFLIGHT_BATCHES batches are moderated and published at once (while one
 waits on S3, Triton or the broker, the next is already fetched), but acks go out strictly in the
-order the batches were taken: faust-streaming commits the highest run of consecutive acked offsets
-and misses a gap of one right after its last commit (`Consumer._new_offset`; faust-streaming issue
-606), so an out-of-order ack could commit past an event whose outcome was never published. For the
-same reason agent concurrency stays 1.
+order the batches were taken (`moderation.acks`). For the same reason agent concurrency stays 1.
+
+Crash-only: anything that escapes a batch (a bug, outcomes the broker would not take after every retry)
+ends the process (`moderation.crashonly`); on SIGTERM the batches in flight get MODERATION_SHUTDOWN_GRACE_S
+to be published and acked, and whatever is left un-acked is re-delivered to the group.
 
 Outcomes go out through the worker's own aiokafka producer (`moderation.publisher`), a batch at a time;
 the output topics are still declared here, through Faust, when the agent starts.
@@ -19,28 +20,32 @@ import asyncio
 import contextlib
 import functools
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Mapping
 from typing import Any, cast
 
 import faust
 from faust.types import TP, EventT
 
 from moderation import metrics
-from moderation.dlq import attempts_from
+from moderation.acks import OrderedAcks
+from moderation.crashonly import crash
 from moderation.events import CacheEntry, DeadLetter
 from moderation.kafka import faust_credentials, faust_transport
-from moderation.pipeline import Incoming, Outcome
+from moderation.pipeline import Headers, Incoming, Outcome
 from moderation.publisher import Record
 from moderation.resources import Resources
 from moderation.settings import Settings
 
 log = logging.getLogger(__name__)
 
+DLQ_HEADER_PREFIX = "moderation.dlq."  # why and whence, as headers beside the original ones (Kafka Connect's way)
+
 
 def create_app(settings: Settings) -> faust.App:
     app = faust.App(settings.kafka_consumer_group, **faust_options(settings))
     app.transport = faust_transport(settings, app)
     resources = Resources(settings)
+    acking: list[OrderedAcks] = []  # the agent's, once it runs: /live reads it
 
     def topic(name: str) -> faust.TopicT:
         return app.topic(name, key_type=bytes, value_type=bytes, partitions=settings.kafka_topic_partitions)
@@ -55,11 +60,14 @@ def create_app(settings: Settings) -> faust.App:
         compacting=True,
     )
 
-    def records(outcome: Outcome, *, sharing: bool) -> list[Record]:
-        """Where one outcome goes: every verdict to verdicts (and flagged), a fresh one also to the cache topic."""
-        key, value = outcome.event_id.encode() if outcome.event_id else None, outcome.to_bytes()
+    def records(outcome: Outcome, message: Incoming, *, sharing: bool) -> list[Record]:
+        """Where one outcome goes: every verdict to verdicts (and flagged), a fresh one also to the cache topic;
+        a dead letter keyed and headed like the record it answers, plus why and whence."""
+        value = outcome.to_bytes()
         if isinstance(outcome, DeadLetter):
-            return [Record(settings.topic_dlq, key, value)]
+            key = message.key if message.key is not None else _encoded(outcome.event_id)
+            return [Record(settings.topic_dlq, key, value, dead_letter_headers(outcome, message.headers))]
+        key = outcome.event_id.encode()
         out = [Record(settings.topic_verdicts, key, value)]
         if outcome.action == "flag":
             out.append(Record(settings.topic_flagged, key, value))
@@ -70,6 +78,14 @@ def create_app(settings: Settings) -> faust.App:
 
     @app.agent(uploads, concurrency=1)
     async def moderate_uploads(stream: faust.StreamT[bytes]) -> None:
+        try:
+            await moderate(stream)
+        except asyncio.CancelledError:
+            raise  # the worker is stopping: `moderate` drained what it could
+        except BaseException as exc:  # never Faust's in-process restart on the same stream
+            crash("the uploads agent failed", exc)
+
+    async def moderate(stream: faust.StreamT[bytes]) -> None:
         # faust-streaming types noack_take as yielding values; it yields the events, acked by OrderedAcks.
         batches: AsyncIterator[list[EventT]] = cast(Any, stream).noack_take(
             settings.batch_size, within=settings.batch_wait_s
@@ -77,12 +93,17 @@ def create_app(settings: Settings) -> faust.App:
         for output in (verdicts, flagged, dead_letters, cache_topic):
             await output.maybe_declare()
         pipeline = await resources.start()
-        in_flight = OrderedAcks(stream.ack, settings.max_inflight_batches)
+        in_flight = OrderedAcks(
+            stream.ack, settings.max_inflight_batches, on_failure=lambda exc: crash("outcomes not published", exc)
+        )
+        acking.append(in_flight)
         sharing = resources.cache is not None  # a worker with the cache off neither reads nor feeds its topic
 
         async def moderate_and_publish(events: list[EventT]) -> None:
-            outcomes = await pipeline.moderate_batch([incoming(event) for event in events])
-            await resources.publisher.publish([r for outcome in outcomes for r in records(outcome, sharing=sharing)])
+            messages = [incoming(event) for event in events]
+            outcomes = await pipeline.moderate_batch(messages)
+            routed = [r for o, m in zip(outcomes, messages, strict=True) for r in records(o, m, sharing=sharing)]
+            await resources.publisher.publish(routed)
             metrics.record(outcomes)
 
         try:
@@ -91,9 +112,16 @@ def create_app(settings: Settings) -> faust.App:
                 metrics.BATCH_SIZE.observe(len(events))
                 await in_flight.submit(events, functools.partial(moderate_and_publish, events))
                 record_lag(app, events)
-        finally:
-            await in_flight.close()  # every batch taken is published and acked before the clients close
+        except asyncio.CancelledError:
+            left = await in_flight.drain(settings.shutdown_grace_s)
+            log.log(
+                logging.WARNING if left else logging.INFO,
+                "stopping: %d events left un-acked after the %.0f s grace (the group re-delivers them)",
+                left,
+                settings.shutdown_grace_s,
+            )
             await resources.stop()
+            raise
 
     @app.on_partitions_revoked.connect  # type: ignore[arg-type]  # faust's signal typing wants a `signal` kwarg
     async def forget_lag(sender: Any, revoked: set[TP], **_: Any) -> None:
@@ -102,11 +130,14 @@ def create_app(settings: Settings) -> faust.App:
             with contextlib.suppress(KeyError):
                 metrics.CONSUMER_LAG.remove(tp.topic, str(tp.partition))
 
+    def liveness() -> dict[str, bool]:
+        return {"acking": not any(a.stalled(settings.ack_stall_s) for a in acking)}
+
     if settings.metrics_port:
 
         @app.task
         async def serve_metrics_and_health() -> None:
-            server = metrics.HealthServer(settings.metrics_port, resources.readiness)
+            server = metrics.HealthServer(settings.metrics_port, resources.readiness, live=liveness)
             await server.start()
             try:
                 await asyncio.Event().wait()  # until the worker stops and cancels this task
@@ -116,44 +147,22 @@ def create_app(settings: Settings) -> faust.App:
     return app
 
 
-class OrderedAcks:
-    """Batches in flight, each acked once its work is done and every batch taken before it is acked.
+def dead_letter_headers(letter: DeadLetter, original: Headers) -> list[tuple[str, bytes | None]]:
+    """The original record's headers, then the dead letter's own (earlier ones of ours replaced)."""
+    ours = {
+        "reason": str(letter.reason),
+        "retryable": "true" if letter.retryable else "false",
+        "attempts": str(letter.attempts),
+        "topic": letter.source_topic,
+        "partition": str(letter.source_partition),
+        "offset": str(letter.source_offset),
+    }
+    kept = [(name, value) for name, value in original if not name.startswith(DLQ_HEADER_PREFIX)]
+    return kept + [(DLQ_HEADER_PREFIX + name, value.encode()) for name, value in ours.items()]
 
-    `submit` waits while `limit` batches are in flight (the backpressure) and raises what stopped the
-    acking: a batch whose outcomes could not be published leaves it and every later batch un-acked.
-    """
 
-    def __init__(self, ack: Callable[[EventT], Awaitable[Any]], limit: int) -> None:
-        self._ack = ack
-        self._slots = asyncio.Semaphore(limit)
-        self._queue: asyncio.Queue[tuple[list[EventT], asyncio.Future[None]] | None] = asyncio.Queue()
-        self._acker = asyncio.create_task(self._ack_in_order(), name="ordered-acks")
-
-    async def submit(self, events: list[EventT], start: Callable[[], Awaitable[None]]) -> None:
-        """Wait for a free slot, then run `start()` for `events` in the background."""
-        slot = asyncio.ensure_future(self._slots.acquire())
-        try:
-            await asyncio.wait({slot, self._acker}, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            slot.cancel()  # a no-op once acquired; on cancellation, no slot is taken later for nothing
-        if self._acker.done():
-            await self._acker  # raises the failed batch's exception
-            raise RuntimeError("acking stopped")
-        self._queue.put_nowait((events, asyncio.ensure_future(start())))
-
-    async def close(self) -> None:
-        """Wait until every submitted batch is done and acked (or re-raise what stopped the acking)."""
-        if not self._acker.done():
-            self._queue.put_nowait(None)
-        await self._acker
-
-    async def _ack_in_order(self) -> None:
-        while (item := await self._queue.get()) is not None:
-            events, work = item
-            await work
-            for event in events:
-                await self._ack(event)
-            self._slots.release()
+def _encoded(event_id: str | None) -> bytes | None:
+    return event_id.encode() if event_id else None
 
 
 def record_lag(app: faust.App, events: list[EventT]) -> None:
@@ -171,13 +180,17 @@ def record_lag(app: faust.App, events: list[EventT]) -> None:
 
 
 def incoming(event: EventT) -> Incoming:
+    """The record as the broker gave it: reading its content (even its headers) is the pipeline's job,
+    where a bad record becomes a dead letter."""
     message = event.message
+    headers = message.headers
     return Incoming(
         value=event.value,
         topic=message.topic,
         partition=message.partition,
         offset=message.offset,
-        earlier_attempts=attempts_from(message.headers),
+        key=message.key,
+        headers=tuple(headers.items()) if isinstance(headers, Mapping) else tuple(headers or ()),
     )
 
 

@@ -51,9 +51,8 @@ def load_settings(env_file: Path | None) -> Settings:
 @app.command()
 def worker(env_file: EnvFile = None) -> None:
     """Run the stream worker (a Faust app) until SIGTERM or Ctrl-C."""
-    import faust
-
     from moderation.app import create_app
+    from moderation.crashonly import Worker
     from moderation.logs import logging_config
 
     settings = load_settings(env_file)
@@ -62,11 +61,12 @@ def worker(env_file: EnvFile = None) -> None:
         import mode.loop
 
         mode.loop.use("uvloop")  # the policy: Faust's consumer thread makes its own loop, uvloop too
-    faust.Worker(
+    Worker(
         create_app(settings),
         loglevel=settings.log_level,
         logging_config=logging_config(settings.log_level),
         quiet=True,
+        shutdown_grace_s=settings.shutdown_grace_s,
     ).execute_from_commandline()
 
 

@@ -118,6 +118,9 @@ class DeadLetter(_Message):
         description="The original message value, byte for byte, base64-encoded; over 512 KiB only its start "
         "(the detail says so, and such a letter is not retryable)."
     )
+    payload_null: bool = Field(
+        default=False, description="The original value was null (a tombstone), not empty: payload_base64 is ''."
+    )
 
     def payload(self) -> bytes:
         return base64.b64decode(self.payload_base64)
@@ -158,8 +161,10 @@ MESSAGES: dict[str, type[BaseModel]] = {
 }
 
 
-def parse_upload(payload: bytes) -> UploadEvent:
-    """Bytes from the uploads topic -> UploadEvent, or `Rejected` with a stable reason."""
+def parse_upload(payload: bytes | None) -> UploadEvent:
+    """A record's value from the uploads topic -> UploadEvent, or `Rejected` with a stable reason."""
+    if not payload:  # Kafka allows both: a tombstone (null) and an empty value
+        raise Rejected(Reason.INVALID_EVENT, "null value (a tombstone)" if payload is None else "empty value")
     try:  # pydantic's own JSON parser: the common case, twice as fast as json.loads and model_validate
         return UploadEvent.model_validate_json(payload)
     except ValidationError:
@@ -182,8 +187,10 @@ def parse_upload(payload: bytes) -> UploadEvent:
         raise Rejected(Reason.INVALID_EVENT, _summarise(exc)) from exc
 
 
-def event_id_of(payload: bytes) -> str | None:
+def event_id_of(payload: bytes | None) -> str | None:
     """Best-effort event_id of a payload that failed validation, so its dead letter is still keyed."""
+    if not payload:
+        return None
     try:
         value = json.loads(payload).get("event_id")
     except Exception:

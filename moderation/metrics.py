@@ -1,7 +1,8 @@
 """Prometheus metrics of the worker and its HTTP endpoints: /metrics, /live and /ready.
 
 /live never looks at dependencies, so Kubernetes does not restart a worker that waits for a slow
-Triton; /ready answers 200 only while Kafka, S3 and the model answer.
+Triton; it turns red only when the worker itself is stuck (events pending, no ack for
+MODERATION_ACK_STALL_S). /ready answers 200 only while Kafka, S3 and the model answer.
 """
 
 from __future__ import annotations
@@ -68,6 +69,9 @@ DISAGREEMENTS = Counter(
 )
 RETRIES = Counter("moderation_retries", "Transient faults retried, by reason.", ["reason"], registry=REGISTRY)
 READY = Gauge("moderation_ready", "1 while Kafka, S3 and the model answer.", registry=REGISTRY)
+EVENTS_PENDING = Gauge(
+    "moderation_events_pending", "Events taken from the stream whose offsets are not yet acked.", registry=REGISTRY
+)
 
 
 def record(outcomes: Iterable[Verdict | DeadLetter]) -> None:
@@ -97,10 +101,20 @@ Check = Callable[[], Awaitable[dict[str, bool]]]
 
 
 class HealthServer:
-    """aiohttp on the worker's event loop; `check` is probed at most every `cache_s` seconds."""
+    """aiohttp on the worker's event loop; `check` (readiness) is probed at most every `cache_s` seconds,
+    `live` (no I/O, only the worker's own state) on every probe."""
 
-    def __init__(self, port: int, check: Check, *, cache_s: float = 2.0, timeout_s: float = 5.0) -> None:
+    def __init__(
+        self,
+        port: int,
+        check: Check,
+        *,
+        live: Callable[[], dict[str, bool]] = dict,
+        cache_s: float = 2.0,
+        timeout_s: float = 5.0,
+    ) -> None:
         self._port, self._check, self._cache_s, self._timeout_s = port, check, cache_s, timeout_s
+        self._live_check = live
         self._last: tuple[float, dict[str, bool]] = (0.0, {})
         self._runner: web.AppRunner | None = None
 
@@ -134,7 +148,9 @@ class HealthServer:
         return web.Response(body=generate_latest(REGISTRY), headers={"Content-Type": CONTENT_TYPE_LATEST})
 
     async def _live(self, _: web.Request) -> web.Response:
-        return web.json_response({"live": True})
+        checks = self._live_check()
+        ok = all(checks.values())
+        return web.json_response({"live": ok, "checks": checks}, status=200 if ok else 503)
 
     async def _ready(self, _: web.Request) -> web.Response:
         result = await self.readiness()

@@ -21,6 +21,7 @@ import numpy as np
 from moderation import metrics
 from moderation.cache import VerdictCache
 from moderation.detector import Detector
+from moderation.dlq import attempts_from
 from moderation.errors import TRANSIENT, Reason, Rejected
 from moderation.events import (
     CacheEntry,
@@ -48,19 +49,31 @@ INLINE_MAX_PIXELS = 200_000
 MAX_DEAD_LETTER_PAYLOAD = 512 * 1024
 
 
+Headers = tuple[tuple[str, bytes | None], ...]
+
+
 @dataclass(frozen=True)
 class Incoming:
-    """One message from the uploads topic, before any parsing."""
+    """One record from the uploads topic as the broker gave it: nothing here is parsed or trusted yet
+    (Kafka allows a null or empty value and key, and null or binary header values)."""
 
-    value: bytes
+    value: bytes | None
     topic: str
     partition: int
     offset: int
-    earlier_attempts: int = 0  # from the ATTEMPTS_HEADER of a replayed dead letter
+    key: bytes | None = None
+    headers: Headers = ()
 
     @property
     def where(self) -> str:
         return f"{self.topic}[{self.partition}]@{self.offset}"
+
+    def earlier_attempts(self) -> int:
+        """Deliveries before this one, from the ATTEMPTS_HEADER a replay sets; 0 when absent or unreadable."""
+        try:
+            return attempts_from(self.headers)
+        except Exception:  # a header is the sender's word, never a reason to lose the event
+            return 0
 
 
 @dataclass(frozen=True)
@@ -103,7 +116,7 @@ class Pipeline:
         pending, attempt = list(range(len(batch))), 0
         while pending:
             attempt += 1
-            results = await self._attempt([batch[i] for i in pending], attempt, [first_errors.get(i) for i in pending])
+            results = await self._attempt([batch[i] for i in pending], [first_errors.get(i) for i in pending])
             retry = []
             for i, outcome in zip(pending, results, strict=True):
                 if isinstance(outcome, DeadLetter) and outcome.reason in TRANSIENT and not self._late(started):
@@ -119,18 +132,16 @@ class Pipeline:
                 await asyncio.sleep(delay)
         return [outcomes[i] for i in range(len(batch))]
 
-    async def _attempt(
-        self, messages: Sequence[Incoming], attempt: int, first_errors: Sequence[datetime | None]
-    ) -> list[Outcome]:
+    async def _attempt(self, messages: Sequence[Incoming], first_errors: Sequence[datetime | None]) -> list[Outcome]:
         """One try at each message. Those answered without I/O (an unreadable event, a trusted cache hit)
         are answered here and then; only the rest become concurrent tasks."""
-        quick = [self._without_io(m, attempt, f) for m, f in zip(messages, first_errors, strict=True)]
+        quick = [self._without_io(m, f) for m, f in zip(messages, first_errors, strict=True)]
         slow = [(i, event) for i, event in enumerate(quick) if isinstance(event, UploadEvent)]
-        judged = await asyncio.gather(*(self._moderate(messages[i], e, attempt, first_errors[i]) for i, e in slow))
+        judged = await asyncio.gather(*(self._moderate(messages[i], e, first_errors[i]) for i, e in slow))
         answers = dict(zip((i for i, _ in slow), judged, strict=True))
         return [answers[i] if isinstance(item, UploadEvent) else item for i, item in enumerate(quick)]
 
-    def _without_io(self, message: Incoming, attempt: int, first_error: datetime | None) -> Outcome | UploadEvent:
+    def _without_io(self, message: Incoming, first_error: datetime | None) -> Outcome | UploadEvent:
         """The outcome when no I/O is needed, else the parsed event."""
         event: UploadEvent | None = None
         try:
@@ -139,23 +150,21 @@ class Pipeline:
                 return self._verdict(event, hit, cached=True, timings=_timings(time.perf_counter()))
             return event
         except Exception as exc:
-            return self._failed(message, event, exc, attempt, first_error)
+            return self._failed(message, event, exc, first_error)
 
-    async def _moderate(
-        self, message: Incoming, event: UploadEvent, attempt: int, first_error: datetime | None
-    ) -> Outcome:
+    async def _moderate(self, message: Incoming, event: UploadEvent, first_error: datetime | None) -> Outcome:
         try:
             return await self._judge(event)
         except Exception as exc:
-            return self._failed(message, event, exc, attempt, first_error)
+            return self._failed(message, event, exc, first_error)
 
     def _failed(
-        self, message: Incoming, event: UploadEvent | None, exc: Exception, attempt: int, first: datetime | None
+        self, message: Incoming, event: UploadEvent | None, exc: Exception, first: datetime | None
     ) -> DeadLetter:
         if not isinstance(exc, Rejected):  # a bug must cost one event a dead letter, never the worker
             log.error("unexpected error", exc_info=exc, extra={"where": message.where})
             exc = Rejected(Reason.INTERNAL_ERROR, f"{type(exc).__name__}: {exc}")
-        return self._dead_letter(message, event, exc, attempt, first)
+        return self._dead_letter(message, event, exc, first)
 
     def _late(self, started: float) -> bool:
         return time.monotonic() - started >= self.backoff.deadline_s
@@ -215,11 +224,11 @@ class Pipeline:
         )
 
     def _dead_letter(
-        self, message: Incoming, event: UploadEvent | None, exc: Rejected, attempt: int, first: datetime | None
+        self, message: Incoming, event: UploadEvent | None, exc: Rejected, first: datetime | None
     ) -> DeadLetter:
         now = self.clock()
         event_id = event.event_id if event else event_id_of(message.value)
-        payload, detail, retryable = message.value, exc.detail[:2000], exc.retryable
+        payload, detail, retryable = message.value or b"", exc.detail[:2000], exc.retryable
         if len(payload) > MAX_DEAD_LETTER_PAYLOAD:  # a dead letter the broker refuses would stop the worker
             detail += f" (payload cut to its first {MAX_DEAD_LETTER_PAYLOAD} of {len(payload)} bytes)"
             payload, retryable = payload[:MAX_DEAD_LETTER_PAYLOAD], False
@@ -228,13 +237,14 @@ class Pipeline:
             reason=exc.reason,
             detail=detail,
             retryable=retryable,
-            attempts=message.earlier_attempts + attempt,
+            attempts=message.earlier_attempts() + 1,  # deliveries: retries inside one delivery do not count
             first_error_at=first or now,
             last_error_at=now,
             source_topic=message.topic,
             source_partition=message.partition,
             source_offset=message.offset,
             payload_base64=base64.b64encode(payload).decode(),
+            payload_null=message.value is None,
         )
 
 

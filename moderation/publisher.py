@@ -35,6 +35,7 @@ class Record:
     topic: str
     key: bytes | None
     value: bytes
+    headers: list[tuple[str, bytes | None]] | None = None
 
 
 class Publisher:
@@ -70,7 +71,9 @@ class Publisher:
     async def _send(self, record: Record) -> asyncio.Future[object]:
         assert self._producer is not None, "start() first"
         try:
-            future: asyncio.Future[object] = await self._producer.send(record.topic, key=record.key, value=record.value)
+            future: asyncio.Future[object] = await self._producer.send(
+                record.topic, key=record.key, value=record.value, headers=record.headers
+            )
         except KafkaError as exc:  # refused before it was queued (buffer full, no metadata): a failed ack
             future = asyncio.get_running_loop().create_future()
             future.set_exception(exc)

@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from moderation.app import OrderedAcks
+from moderation.acks import OrderedAcks
 
 
 class Recorder:

@@ -116,7 +116,7 @@ async def test_a_transient_fault_past_the_deadline_is_a_retryable_dead_letter() 
     slow = Backoff(deadline_s=0.05, base_s=0.01, cap_s=0.01)
     [outcome] = await pipeline(detector, slow).moderate_batch([message(event("e3"))])
     assert isinstance(outcome, DeadLetter) and outcome.reason == Reason.INFERENCE_UNAVAILABLE and outcome.retryable
-    assert outcome.attempts == detector.calls > 1
+    assert detector.calls > 1 and outcome.attempts == 1, "attempts counts deliveries, not retries within one"
 
 
 async def test_permanent_inference_errors_are_not_retried() -> None:
