@@ -2,8 +2,9 @@
 
 One aiokafka producer per worker (acks=all). A batch is enqueued whole, so the producer packs it into a
 few requests, and only the acks are awaited: no task per record. Records the broker did not acknowledge
-are sent again with backoff; after the last attempt `PublishError` leaves the batch un-acked in the
-stream, so its offsets are never committed and another worker (or this one, restarted) redoes it.
+are sent again with backoff, within MODERATION_PUBLISH_TIMEOUT_S in all; after that `PublishError` leaves
+the batch un-acked in the stream, so its offsets are never committed and another worker (or this one,
+restarted: the worker exits on it) redoes it.
 """
 
 from __future__ import annotations
@@ -54,7 +55,15 @@ class Publisher:
             await self._producer.stop()
 
     async def publish(self, records: Sequence[Record]) -> None:
-        """Every record acknowledged by the broker (acks=all), or PublishError."""
+        """Every record acknowledged by the broker (acks=all) within the publish timeout, or PublishError."""
+        timeout_s = self._settings.publish_timeout_s
+        try:
+            async with asyncio.timeout(timeout_s):
+                await self._publish(records)
+        except TimeoutError as exc:
+            raise PublishError(f"{len(records)} records not all acknowledged within {timeout_s:.0f} s") from exc
+
+    async def _publish(self, records: Sequence[Record]) -> None:
         pending = list(records)
         for attempt in range(1, ATTEMPTS + 1):
             results = await asyncio.gather(*[await self._send(r) for r in pending], return_exceptions=True)

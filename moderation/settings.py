@@ -124,6 +124,13 @@ class Settings(BaseSettings):
         "images in flight to the detector are at most this times the batch size.",
     )
 
+    publish_timeout_s: float = Field(
+        30.0,
+        gt=0,
+        description="The broker must acknowledge a batch's outcomes within this, retries included; "
+        "else the worker exits (crash-only) and the group re-delivers the batch.",
+    )
+
     # Liveness and shutdown
     ack_stall_s: float = Field(
         300.0,

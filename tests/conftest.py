@@ -10,10 +10,11 @@ import urllib.error
 import urllib.request
 import uuid
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from moderation import localstack
 from moderation.demo import settings_for, start_worker, stop_worker
@@ -46,20 +47,36 @@ class Lane:
     env: dict[str, str]
     workdir: Path
 
-    metrics_port: int = 0
+    metrics_port: int = 0  # the last started worker's
+    ports: dict[str, int] = field(default_factory=dict)  # every worker's, by name
 
     def worker(self, name: str = "worker", **env: str):  # type: ignore[no-untyped-def]
         """`moderation worker` in its own process, with /metrics, /live and /ready on a free port."""
-        self.metrics_port = free_port()
+        self.metrics_port = self.ports[name] = free_port()
         env = {"MODERATION_METRICS_PORT": str(self.metrics_port)} | env
         return start_worker(self.env | env, self.workdir / f"{name}.log")
 
-    def scrape(self, path: str = "/metrics") -> tuple[int, str]:
+    def scrape(self, path: str = "/metrics", name: str | None = None) -> tuple[int, str]:
+        port = self.ports[name] if name else self.metrics_port
         try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}{path}", timeout=5) as response:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5) as response:
                 return response.status, response.read().decode()
         except urllib.error.HTTPError as exc:
             return exc.code, exc.read().decode()
+        except OSError as exc:  # not listening (yet, or any more)
+            return 0, str(exc)
+
+    def pending(self, name: str | None = None) -> float:
+        """The worker's events taken and not yet acked, from its /metrics (0 while it does not answer)."""
+        status, text = self.scrape("/metrics", name)
+        if status != 200:
+            return 0.0
+        return sum(
+            s.value
+            for f in text_string_to_metric_families(text)
+            for s in f.samples
+            if s.name == f.name == "moderation_events_pending"
+        )
 
     def log(self, name: str = "worker") -> str:
         path = self.workdir / f"{name}.log"

@@ -4,6 +4,7 @@ all outcomes of one event_id agree, and none is lost. Duplicates (at-least-once)
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import time
@@ -15,6 +16,7 @@ from support import disagreements, duplicates, outcomes_for, publish_uploads, wa
 
 from moderation import localstack
 from moderation.client import Outcomes
+from moderation.crashonly import EXIT_CRASHED, SHUTDOWN_MARGIN_S
 from moderation.demo import stop_worker
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -23,13 +25,17 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow]
 class Supervisor:
     """Keeps one worker process running, as Kubernetes would restart a crashed pod."""
 
-    def __init__(self, lane) -> None:  # type: ignore[no-untyped-def]
-        self.lane, self.starts = lane, 0
+    def __init__(self, lane, **env: str) -> None:  # type: ignore[no-untyped-def]
+        self.lane, self.env, self.starts, self.exits = lane, env, 0, []  # type: list[int]
         self.process = self._start()
+
+    @property
+    def name(self) -> str:
+        return f"worker-{self.starts}"
 
     def _start(self) -> subprocess.Popen[bytes]:
         self.starts += 1
-        return self.lane.worker(f"worker-{self.starts}", MODERATION_EVENT_DEADLINE_S="300")
+        return self.lane.worker(self.name, **({"MODERATION_EVENT_DEADLINE_S": "300"} | self.env))
 
     def kill(self) -> None:
         os.killpg(self.process.pid, signal.SIGKILL)
@@ -38,11 +44,12 @@ class Supervisor:
 
     def terminate(self) -> None:
         """SIGTERM, as Kubernetes stops a pod: the worker hands its in-flight batch back uncommitted."""
-        assert stop_worker(self.process) == 0, self.lane.log(f"worker-{self.starts}")[-2000:]
+        assert stop_worker(self.process) == 0, self.lane.log(self.name)[-2000:]
         self.process = self._start()
 
     def keep_alive(self) -> None:
-        if self.process.poll() is not None:
+        if (code := self.process.poll()) is not None:
+            self.exits.append(code)
             self.process = self._start()
 
     def stop(self) -> None:
@@ -56,11 +63,21 @@ def wait_until_some_outcomes(lane, published, supervisor: Supervisor, count: int
         assert time.monotonic() < deadline, lane.log("worker-1")[-3000:]
 
 
-def run_with_fault(lane, tmp_path: Path, fault: Callable[[Supervisor], None], good: int = 30) -> Outcomes:  # type: ignore[no-untyped-def]
+def events_in_flight(lane, name: str, timeout_s: float = 120) -> float:  # type: ignore[no-untyped-def]
+    """Events the worker has taken and not acked, from its own counters: the fault must hit some."""
+    deadline = time.monotonic() + timeout_s
+    while (pending := lane.pending(name)) == 0 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return pending
+
+
+def run_with_fault(lane, tmp_path: Path, fault: Callable[[Supervisor], None], good: int = 30, **env: str) -> Outcomes:  # type: ignore[no-untyped-def]
     published = publish_uploads(lane.settings, tmp_path / "images", good)
-    supervisor = Supervisor(lane)
+    supervisor = Supervisor(lane, **env)
     try:
         wait_until_some_outcomes(lane, published, supervisor)
+        in_flight = events_in_flight(lane, supervisor.name)
+        assert in_flight > 0, "the fault must hit events in flight"
         fault(supervisor)
         deadline = time.monotonic() + 420
         while not published.expected <= (outcomes := outcomes_for(lane.settings, published, timeout_s=5)).decided():
@@ -69,12 +86,19 @@ def run_with_fault(lane, tmp_path: Path, fault: Callable[[Supervisor], None], go
         committed = wait_for_commits(lane.settings, published.ends)
     finally:
         supervisor.stop()
+    check_nothing_lost(published, outcomes, committed)
+    print(
+        f"\n{len(published.expected)} events, {in_flight:.0f} in flight at the fault, "
+        f"{duplicates(outcomes)} duplicates, {supervisor.starts} worker starts"
+    )
+    return outcomes
+
+
+def check_nothing_lost(published, outcomes: Outcomes, committed: dict[int, int]) -> None:  # type: ignore[no-untyped-def]
     assert not disagreements(outcomes), disagreements(outcomes)
     good_ids = {e.event_id for e in published.events}
     assert good_ids <= set(outcomes.verdicts), "no good upload was dead-lettered by the fault"
     assert committed == published.ends
-    print(f"\n{len(published.expected)} events, {duplicates(outcomes)} duplicates, {supervisor.starts} worker starts")
-    return outcomes
 
 
 def test_triton_killed_mid_stream_and_restarted(lane, tmp_path: Path) -> None:
@@ -113,8 +137,10 @@ def durable_broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[localst
         localstack.down(run_dir)
 
 
-def test_broker_restarted_with_durable_storage(lane, durable_broker, tmp_path: Path) -> None:
-    """Tansu keeps its log in S3 here, so topics, messages and committed offsets survive the restart."""
+@pytest.fixture
+def durable_lane(lane, durable_broker):  # type: ignore[no-untyped-def]
+    """The lane, its Kafka moved to the durable broker (Tansu keeping its log in S3), so topics, messages
+    and committed offsets survive a broker restart."""
     import asyncio
 
     from moderation.demo import settings_for
@@ -124,15 +150,73 @@ def test_broker_restarted_with_durable_storage(lane, durable_broker, tmp_path: P
     lane.settings = settings_for(
         lane.info, **{**_overrides(s), "kafka_bootstrap_servers": durable_broker.kafka_bootstrap}
     )
-    topics = [s.topic_uploads, s.topic_verdicts, s.topic_flagged, s.topic_dlq]
+    topics = [s.topic_uploads, s.topic_verdicts, s.topic_flagged, s.topic_dlq, s.topic_cache]
     asyncio.run(localstack.create_topics(durable_broker.kafka_bootstrap, topics, s.kafka_topic_partitions))
+    lane.broker_run_dir = durable_broker.run_dir
+    return lane
 
+
+def test_broker_restarted_with_durable_storage(durable_lane, tmp_path: Path) -> None:
     def fault(_: Supervisor) -> None:
-        assert localstack.stop_server(durable_broker.run_dir, "kafka")
+        assert localstack.stop_server(durable_lane.broker_run_dir, "kafka")
         time.sleep(3)
-        localstack.start_server(durable_broker.run_dir, "kafka")
+        localstack.start_server(durable_lane.broker_run_dir, "kafka")
 
-    run_with_fault(lane, tmp_path, fault)
+    run_with_fault(durable_lane, tmp_path, fault)
+
+
+def test_broker_away_longer_than_the_publish_window_ends_the_worker_and_a_restart_loses_nothing(
+    durable_lane, tmp_path: Path
+) -> None:
+    """Crash-only: outcomes the broker would not take end the process (non-zero), never an agent restarted
+    in-process on the same stream; the restarted worker redoes everything after the committed offset."""
+
+    def fault(supervisor: Supervisor) -> None:
+        assert localstack.stop_server(durable_lane.broker_run_dir, "kafka")
+        try:
+            code = supervisor.process.wait(timeout=120)
+        finally:
+            localstack.start_server(durable_lane.broker_run_dir, "kafka")
+        log = durable_lane.log(supervisor.name)
+        assert code == EXIT_CRASHED, (code, log[-3000:])
+        assert "worker crashed: outcomes not published" in log, log[-3000:]
+
+    run_with_fault(durable_lane, tmp_path, fault, good=40, MODERATION_PUBLISH_TIMEOUT_S="5", MODERATION_BATCH_SIZE="4")
+
+
+def test_two_workers_one_sigkilled_mid_stream_the_other_takes_over(lane, tmp_path: Path) -> None:
+    """A rebalance: the killed worker's partitions move to the survivor, which redoes its un-acked events."""
+    published = publish_uploads(lane.settings, tmp_path / "images", 40)
+    env = {"MODERATION_EVENT_DEADLINE_S": "300", "MODERATION_BATCH_SIZE": "4"}
+    workers = {name: lane.worker(name, **env) for name in ("worker-a", "worker-b")}
+    try:
+        wait_for_both_to_work(lane)
+        victim = max(workers, key=lane.pending)
+        in_flight = lane.pending(victim)
+        assert in_flight > 0, "the kill must hit events in flight"
+        os.killpg(workers[victim].pid, signal.SIGKILL)
+        workers[victim].wait()
+        [survivor] = set(workers) - {victim}
+        deadline = time.monotonic() + 420
+        while not published.expected <= (outcomes := outcomes_for(lane.settings, published, timeout_s=5)).decided():
+            assert workers[survivor].poll() is None, lane.log(survivor)[-3000:]
+            assert time.monotonic() < deadline, f"lost: {published.expected - outcomes.decided()}"
+        committed = wait_for_commits(lane.settings, published.ends)
+    finally:
+        for process in workers.values():
+            stop_worker(process)
+    check_nothing_lost(published, outcomes, committed)
+    print(
+        f"\n{len(published.expected)} events, {in_flight:.0f} in flight at the kill, {duplicates(outcomes)} duplicates"
+    )
+
+
+def wait_for_both_to_work(lane, timeout_s: float = 180) -> None:  # type: ignore[no-untyped-def]
+    """Until each worker has events in flight at once (each got partitions) and some outcomes are out."""
+    deadline = time.monotonic() + timeout_s
+    while not (lane.pending("worker-a") and lane.pending("worker-b")):
+        assert time.monotonic() < deadline, lane.log("worker-a")[-2000:] + lane.log("worker-b")[-2000:]
+        time.sleep(0.05)
 
 
 def _overrides(s) -> dict[str, str]:  # type: ignore[no-untyped-def]
@@ -141,7 +225,36 @@ def _overrides(s) -> dict[str, str]:  # type: ignore[no-untyped-def]
         "topic_verdicts": s.topic_verdicts,
         "topic_flagged": s.topic_flagged,
         "topic_dlq": s.topic_dlq,
+        "topic_cache": s.topic_cache,
         "kafka_consumer_group": s.kafka_consumer_group,
         "s3_allowed_buckets": ",".join(s.s3_allowed_buckets),
         "data_dir": str(s.data_dir),
     }
+
+
+def test_a_stuck_worker_is_not_live_and_still_stops_on_sigterm_within_its_grace(lane, tmp_path: Path) -> None:
+    """Triton away: the batches in flight wait on their retries, nothing is acked. /live turns red after
+    MODERATION_ACK_STALL_S (Kubernetes would restart the pod) and SIGTERM still ends the worker after
+    MODERATION_SHUTDOWN_GRACE_S, leaving the un-acked events to the next worker."""
+    grace_s = 3.0
+    env = {"MODERATION_ACK_STALL_S": "4", "MODERATION_SHUTDOWN_GRACE_S": str(grace_s)}
+
+    def fault(supervisor: Supervisor) -> None:
+        assert localstack.stop_server(lane.info.run_dir, "triton")
+        try:
+            deadline = time.monotonic() + 120
+            while lane.scrape("/live", supervisor.name)[0] != 503:
+                assert time.monotonic() < deadline, lane.scrape("/live", supervisor.name)
+                time.sleep(0.5)
+            assert lane.pending(supervisor.name) > 0
+            stopping = time.monotonic()
+            code = stop_worker(supervisor.process, timeout_s=60)
+            took = time.monotonic() - stopping
+        finally:
+            localstack.start_server(lane.info.run_dir, "triton")
+        log = lane.log(supervisor.name)
+        assert code == 0 and took < grace_s + SHUTDOWN_MARGIN_S + 5, (code, took, log[-3000:])
+        assert re.search(r"stopping: [1-9]\d* events left un-acked", log), log[-3000:]
+        supervisor.keep_alive()
+
+    run_with_fault(lane, tmp_path, fault, **env)

@@ -89,3 +89,54 @@ async def test_a_failed_batch_leaves_itself_and_later_batches_unacked_and_is_rai
     with pytest.raises(ConnectionError):
         await acks.close()
     assert recorder.acked == ["first"]
+
+
+async def test_a_failure_is_reported_at_once_even_while_nothing_is_submitted() -> None:
+    failures: list[BaseException] = []
+    acks = OrderedAcks(Recorder().ack, limit=2, on_failure=failures.append)
+
+    async def broken() -> None:
+        raise ConnectionError("not acknowledged")
+
+    await acks.submit(["a"], broken)
+    await asyncio.sleep(0.01)  # the agent would now be waiting for the next events
+    assert [type(f) for f in failures] == [ConnectionError]
+
+
+async def test_stalled_only_while_events_wait_and_no_ack_moves() -> None:
+    now = [0.0]
+    recorder = Recorder()
+    acks = OrderedAcks(recorder.ack, limit=2, clock=lambda: now[0])
+    release = asyncio.Event()
+
+    async def slow() -> None:
+        await release.wait()
+
+    now[0] = 1000.0
+    assert not acks.stalled(60), "an idle worker is not stalled"
+    await acks.submit(["a", "b"], slow)
+    assert acks.pending == 2 and not acks.stalled(60)
+    now[0] = 1061.0
+    assert acks.stalled(60)
+    release.set()
+    await asyncio.sleep(0.01)
+    assert acks.pending == 0 and not acks.stalled(60)
+    await acks.close()
+
+
+async def test_drain_gives_up_after_its_grace_and_counts_what_is_left() -> None:
+    recorder = Recorder()
+    acks = OrderedAcks(recorder.ack, limit=3)
+    never = asyncio.Event()
+
+    async def ok() -> None:
+        return None
+
+    async def stuck() -> None:
+        await never.wait()
+
+    await acks.submit(["done"], ok)
+    await acks.submit(["stuck-1", "stuck-2"], stuck)
+    await acks.submit(["behind"], ok)
+    assert await acks.drain(0.05) == 3
+    assert recorder.acked == ["done"]
