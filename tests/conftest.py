@@ -68,19 +68,17 @@ class Lane:
 
     def pending(self, name: str | None = None) -> float:
         """The worker's events taken and not yet acked, from its /metrics (0 while it does not answer)."""
+        return self.counter("moderation_events_pending", name)
+
+    def counter(self, sample: str, name: str | None = None, **labels: str) -> float:
+        """The sum of a metric's samples with these labels on a worker's /metrics (0 while it does not answer)."""
         status, text = self.scrape("/metrics", name)
         if status != 200:
             return 0.0
+        families = text_string_to_metric_families(text)
         return sum(
-            s.value
-            for f in text_string_to_metric_families(text)
-            for s in f.samples
-            if s.name == f.name == "moderation_events_pending"
+            s.value for f in families for s in f.samples if s.name == sample and labels.items() <= s.labels.items()
         )
-
-    def log(self, name: str = "worker") -> str:
-        path = self.workdir / f"{name}.log"
-        return path.read_text(errors="replace") if path.exists() else ""
 
 
 @pytest.fixture

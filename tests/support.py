@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,13 +37,33 @@ class Published:
     def count(self) -> int:
         return len(self.events) + len(self.bad)
 
+    def add(self, more: Published) -> None:
+        """Another wave into the same topic: its events, and the ends its acks reached."""
+        self.events += more.events
+        self.bad += more.bad
+        for partition, end in more.ends.items():
+            self.ends[partition] = max(end, self.ends.get(partition, 0))
 
-def publish_uploads(settings: Settings, directory: Path, good: int, *, with_bad: bool = True) -> Published:
+
+def publish_uploads(
+    settings: Settings,
+    directory: Path,
+    good: int,
+    *,
+    with_bad: bool = True,
+    seed: int = 0,
+    between: Callable[[], object] | None = None,
+) -> Published:
+    """Store `good` fresh images (and the bad cases' objects) in S3, then publish their events;
+    `between` runs after the uploads and before the events are published (e.g. a fault)."""
     bucket = settings.s3_allowed_buckets[0]
-    events = asyncio.run(upload_images(settings, write_samples(directory, good), bucket=bucket, tenant="t1"))
+    images = write_samples(directory, good, seed=seed)
+    events = asyncio.run(upload_images(settings, images, bucket=bucket, tenant="t1"))
     bad = bad_uploads(bucket) if with_bad else []
     for case in bad:
         put_objects(settings, bucket, case.objects)
+    if between is not None:
+        between()
     acked = asyncio.run(publish(settings, [event_message(e) for e in events] + [c.message for c in bad]))
     # End offsets from the produce acks: Tansu 0.6's ListOffsets answers per record batch, not per record.
     ends = {p: 1 + max(m.offset for m in acked if m.partition == p) for p in {m.partition for m in acked}}

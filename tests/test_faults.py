@@ -63,22 +63,40 @@ def wait_until_some_outcomes(lane, published, supervisor: Supervisor, count: int
         assert time.monotonic() < deadline, lane.log("worker-1")[-3000:]
 
 
-def events_in_flight(lane, name: str, timeout_s: float = 120) -> float:  # type: ignore[no-untyped-def]
-    """Events the worker has taken and not acked, from its own counters: the fault must hit some."""
-    deadline = time.monotonic() + timeout_s
-    while (pending := lane.pending(name)) == 0 and time.monotonic() < deadline:
-        time.sleep(0.05)
-    return pending
+def events_in_flight(lane, name: str, more: More, waves: int = 10) -> float:  # type: ignore[no-untyped-def]
+    """Events the worker has taken and not acked, from its own counters: the fault must hit some. The tiny
+    model is quick, so fresh waves of uploads are published until the worker is caught with some."""
+    for _ in range(waves):
+        more(6)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            if pending := lane.pending(name):
+                return pending
+            time.sleep(0.02)
+    return 0.0
 
 
-def run_with_fault(lane, tmp_path: Path, fault: Callable[[Supervisor], None], good: int = 30, **env: str) -> Outcomes:  # type: ignore[no-untyped-def]
+More = Callable[..., None]  # more(n, between=None): n fresh uploads into the stream
+Fault = Callable[[Supervisor, More], None]
+
+
+def run_with_fault(lane, tmp_path: Path, fault: Fault, good: int = 30, **env: str) -> Outcomes:  # type: ignore[no-untyped-def]
+    """Uploads through a supervised worker; `fault(supervisor, more)` hits it once events are in flight
+    (`more(n)` publishes n fresh uploads into the stream while the fault holds)."""
     published = publish_uploads(lane.settings, tmp_path / "images", good)
+    waves = iter(range(1, 100))
+
+    def more(count: int, between: Callable[[], object] | None = None) -> None:
+        wave = next(waves)
+        directory, seed = tmp_path / f"images-{wave}", 1000 * wave  # fresh bytes: no verdict-cache hits
+        published.add(publish_uploads(lane.settings, directory, count, with_bad=False, seed=seed, between=between))
+
     supervisor = Supervisor(lane, **env)
     try:
         wait_until_some_outcomes(lane, published, supervisor)
-        in_flight = events_in_flight(lane, supervisor.name)
+        in_flight = events_in_flight(lane, supervisor.name, more)
         assert in_flight > 0, "the fault must hit events in flight"
-        fault(supervisor)
+        fault(supervisor, more)
         deadline = time.monotonic() + 420
         while not published.expected <= (outcomes := outcomes_for(lane.settings, published, timeout_s=5)).decided():
             supervisor.keep_alive()
@@ -94,6 +112,15 @@ def run_with_fault(lane, tmp_path: Path, fault: Callable[[Supervisor], None], go
     return outcomes
 
 
+def wait_for_retries(lane, name: str, reason: str, timeout_s: float = 120) -> float:  # type: ignore[no-untyped-def]
+    """The worker's own count of events that met the fault and were retried (its /metrics)."""
+    deadline = time.monotonic() + timeout_s
+    while (retried := lane.counter("moderation_retries_total", name, reason=reason)) == 0:
+        assert time.monotonic() < deadline, f"no event met the fault\n{lane.log(name)[-2000:]}"
+        time.sleep(0.2)
+    return retried
+
+
 def check_nothing_lost(published, outcomes: Outcomes, committed: dict[int, int]) -> None:  # type: ignore[no-untyped-def]
     assert not disagreements(outcomes), disagreements(outcomes)
     good_ids = {e.event_id for e in published.events}
@@ -102,26 +129,27 @@ def check_nothing_lost(published, outcomes: Outcomes, committed: dict[int, int])
 
 
 def test_triton_killed_mid_stream_and_restarted(lane, tmp_path: Path) -> None:
-    def fault(_: Supervisor) -> None:
+    def fault(supervisor: Supervisor, more: More) -> None:
         assert localstack.stop_server(lane.info.run_dir, "triton")
-        time.sleep(5)  # the worker backs off and takes no new events meanwhile
+        more(8)
+        assert wait_for_retries(lane, supervisor.name, "inference_unavailable") > 0  # the worker backs off
         localstack.start_server(lane.info.run_dir, "triton")
 
     run_with_fault(lane, tmp_path, fault)
 
 
 def test_worker_sigkilled_mid_batch_and_restarted(lane, tmp_path: Path) -> None:
-    run_with_fault(lane, tmp_path, lambda supervisor: supervisor.kill())
+    run_with_fault(lane, tmp_path, lambda supervisor, _: supervisor.kill())
 
 
 def test_worker_sigterm_mid_stream_loses_nothing(lane, tmp_path: Path) -> None:
-    run_with_fault(lane, tmp_path, lambda supervisor: supervisor.terminate())
+    run_with_fault(lane, tmp_path, lambda supervisor, _: supervisor.terminate())
 
 
 def test_s3_stopped_briefly(lane, tmp_path: Path) -> None:
-    def fault(_: Supervisor) -> None:
-        assert localstack.stop_server(lane.info.run_dir, "s3")
-        time.sleep(5)
+    def fault(supervisor: Supervisor, more: More) -> None:
+        more(8, between=lambda: localstack.stop_server(lane.info.run_dir, "s3"))  # stored, then S3 goes away
+        assert wait_for_retries(lane, supervisor.name, "storage_unavailable") > 0
         localstack.start_server(lane.info.run_dir, "s3")
 
     run_with_fault(lane, tmp_path, fault)
@@ -157,7 +185,7 @@ def durable_lane(lane, durable_broker):  # type: ignore[no-untyped-def]
 
 
 def test_broker_restarted_with_durable_storage(durable_lane, tmp_path: Path) -> None:
-    def fault(_: Supervisor) -> None:
+    def fault(_: Supervisor, __: More) -> None:
         assert localstack.stop_server(durable_lane.broker_run_dir, "kafka")
         time.sleep(3)
         localstack.start_server(durable_lane.broker_run_dir, "kafka")
@@ -171,7 +199,7 @@ def test_broker_away_longer_than_the_publish_window_ends_the_worker_and_a_restar
     """Crash-only: outcomes the broker would not take end the process (non-zero), never an agent restarted
     in-process on the same stream; the restarted worker redoes everything after the committed offset."""
 
-    def fault(supervisor: Supervisor) -> None:
+    def fault(supervisor: Supervisor, _: More) -> None:
         assert localstack.stop_server(durable_lane.broker_run_dir, "kafka")
         try:
             code = supervisor.process.wait(timeout=120)
@@ -190,10 +218,8 @@ def test_two_workers_one_sigkilled_mid_stream_the_other_takes_over(lane, tmp_pat
     env = {"MODERATION_EVENT_DEADLINE_S": "300", "MODERATION_BATCH_SIZE": "4"}
     workers = {name: lane.worker(name, **env) for name in ("worker-a", "worker-b")}
     try:
-        wait_for_both_to_work(lane)
-        victim = max(workers, key=lane.pending)
-        in_flight = lane.pending(victim)
-        assert in_flight > 0, "the kill must hit events in flight"
+        wait_until_both_took_events(lane)
+        victim, in_flight = caught_with_events_in_flight(lane, published, tmp_path)
         os.killpg(workers[victim].pid, signal.SIGKILL)
         workers[victim].wait()
         [survivor] = set(workers) - {victim}
@@ -211,12 +237,26 @@ def test_two_workers_one_sigkilled_mid_stream_the_other_takes_over(lane, tmp_pat
     )
 
 
-def wait_for_both_to_work(lane, timeout_s: float = 180) -> None:  # type: ignore[no-untyped-def]
-    """Until each worker has events in flight at once (each got partitions) and some outcomes are out."""
+def wait_until_both_took_events(lane, timeout_s: float = 180) -> None:  # type: ignore[no-untyped-def]
+    """Until each worker has taken events (each got partitions in the group), from their counters."""
     deadline = time.monotonic() + timeout_s
-    while not (lane.pending("worker-a") and lane.pending("worker-b")):
+    while not all(lane.counter("moderation_events_in_total", name) for name in ("worker-a", "worker-b")):
         assert time.monotonic() < deadline, lane.log("worker-a")[-2000:] + lane.log("worker-b")[-2000:]
-        time.sleep(0.05)
+        time.sleep(0.2)
+
+
+def caught_with_events_in_flight(lane, published, tmp_path: Path) -> tuple[str, float]:  # type: ignore[no-untyped-def]
+    """A worker with events taken and not acked: fresh waves of uploads until one is caught so."""
+    for wave in range(1, 11):
+        more = publish_uploads(lane.settings, tmp_path / f"more-{wave}", 8, with_bad=False, seed=1000 * wave)
+        published.add(more)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            for name in ("worker-a", "worker-b"):
+                if pending := lane.pending(name):
+                    return name, pending
+            time.sleep(0.02)
+    raise AssertionError("no worker was ever caught with events in flight")
 
 
 def _overrides(s) -> dict[str, str]:  # type: ignore[no-untyped-def]
@@ -239,9 +279,10 @@ def test_a_stuck_worker_is_not_live_and_still_stops_on_sigterm_within_its_grace(
     grace_s = 3.0
     env = {"MODERATION_ACK_STALL_S": "4", "MODERATION_SHUTDOWN_GRACE_S": str(grace_s)}
 
-    def fault(supervisor: Supervisor) -> None:
+    def fault(supervisor: Supervisor, more: More) -> None:
         assert localstack.stop_server(lane.info.run_dir, "triton")
         try:
+            more(8)
             deadline = time.monotonic() + 120
             while lane.scrape("/live", supervisor.name)[0] != 503:
                 assert time.monotonic() < deadline, lane.scrape("/live", supervisor.name)
