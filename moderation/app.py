@@ -27,7 +27,7 @@ from faust.types import TP, EventT
 
 from moderation import metrics
 from moderation.dlq import attempts_from
-from moderation.events import CacheEntry, DeadLetter
+from moderation.events import DeadLetter
 from moderation.kafka import faust_credentials, faust_transport
 from moderation.pipeline import Incoming, Outcome
 from moderation.publisher import Record
@@ -42,30 +42,30 @@ def create_app(settings: Settings) -> faust.App:
     app.transport = faust_transport(settings, app)
     resources = Resources(settings)
 
-    def topic(name: str) -> faust.TopicT:
-        return app.topic(name, key_type=bytes, value_type=bytes, partitions=settings.kafka_topic_partitions)
+    def topic(name: str, *, compacting: bool | None = None) -> faust.TopicT:
+        return app.topic(
+            name,
+            key_type=bytes,
+            value_type=bytes,
+            partitions=settings.kafka_topic_partitions,
+            replicas=settings.kafka_replication_factor,
+            config={"min.insync.replicas": str(settings.kafka_min_insync_replicas)},
+            compacting=compacting,
+        )
 
     uploads, verdicts = topic(settings.topic_uploads), topic(settings.topic_verdicts)
     flagged, dead_letters = topic(settings.topic_flagged), topic(settings.topic_dlq)
-    cache_topic = app.topic(
-        settings.topic_cache,
-        key_type=bytes,
-        value_type=bytes,
-        partitions=settings.kafka_topic_partitions,
-        compacting=True,
-    )
+    cache_topic = topic(settings.topic_cache, compacting=True)
 
-    def records(outcome: Outcome, *, sharing: bool) -> list[Record]:
-        """Where one outcome goes: every verdict to verdicts (and flagged), a fresh one also to the cache topic."""
+    def records(outcome: Outcome) -> list[Record]:
+        """Where one outcome goes: every verdict to verdicts (and flagged), a dead letter to the dlq. Cache
+        entries are not among them: they go out best effort (`CacheFeed`), never holding up an ack."""
         key, value = outcome.event_id.encode() if outcome.event_id else None, outcome.to_bytes()
         if isinstance(outcome, DeadLetter):
             return [Record(settings.topic_dlq, key, value)]
         out = [Record(settings.topic_verdicts, key, value)]
         if outcome.action == "flag":
             out.append(Record(settings.topic_flagged, key, value))
-        if sharing and not outcome.cached:
-            entry = CacheEntry.of(outcome)
-            out.append(Record(settings.topic_cache, entry.image_sha256.encode(), entry.to_bytes()))
         return out
 
     @app.agent(uploads, concurrency=1)
@@ -74,7 +74,7 @@ def create_app(settings: Settings) -> faust.App:
         batches: AsyncIterator[list[EventT]] = cast(Any, stream).noack_take(
             settings.batch_size, within=settings.batch_wait_s
         )
-        for output in (verdicts, flagged, dead_letters, cache_topic):
+        for output in (verdicts, flagged, dead_letters, cache_topic) if settings.kafka_declare_topics else ():
             await output.maybe_declare()
         pipeline = await resources.start()
         in_flight = OrderedAcks(stream.ack, settings.max_inflight_batches)
@@ -82,7 +82,9 @@ def create_app(settings: Settings) -> faust.App:
 
         async def moderate_and_publish(events: list[EventT]) -> None:
             outcomes = await pipeline.moderate_batch([incoming(event) for event in events])
-            await resources.publisher.publish([r for outcome in outcomes for r in records(outcome, sharing=sharing)])
+            if sharing:
+                resources.cache_feed.offer(outcomes)
+            await resources.publisher.publish([r for outcome in outcomes for r in records(outcome)])
             metrics.record(outcomes)
 
         try:

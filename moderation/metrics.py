@@ -68,6 +68,17 @@ DISAGREEMENTS = Counter(
 )
 RETRIES = Counter("moderation_retries", "Transient faults retried, by reason.", ["reason"], registry=REGISTRY)
 READY = Gauge("moderation_ready", "1 while Kafka, S3 and the model answer.", registry=REGISTRY)
+CACHE_REFUSED = Counter(
+    "moderation_cache_entries_refused",
+    "Verdict cache entries not stored, by reason (key_mismatch, future, unknown_weights...).",
+    ["reason"],
+    registry=REGISTRY,
+)
+CACHE_PUBLISH_FAILURES = Counter(
+    "moderation_cache_publish_failures",
+    "Verdict cache entries not published to the cache topic (best effort: their verdicts went out).",
+    registry=REGISTRY,
+)
 
 
 def record(outcomes: Iterable[Verdict | DeadLetter]) -> None:
