@@ -31,6 +31,11 @@ def weights_identity(checkpoint: str | Path) -> str:
     return _hub_identity(str(checkpoint))
 
 
+def combined_identity(parts: list[str | Path]) -> str:
+    """One identity for weights in several places (the GPU layout: tokenizer, vision engine, LLM engine)."""
+    return "sha256:" + hashlib.sha256("\n".join(weights_identity(p) for p in parts).encode()).hexdigest()
+
+
 def directory_digest(directory: Path) -> str:
     """sha256 over (relative path, size, sha256 of the content) of every file, in path order."""
     outer = hashlib.sha256()
