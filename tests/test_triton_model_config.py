@@ -55,6 +55,7 @@ def test_outputs(config: model_config_pb2.ModelConfig) -> None:
         "LABEL": (DataType.TYPE_STRING, [1]),
         "EXPLANATION": (DataType.TYPE_STRING, [1]),
         "ANSWER_LABEL": (DataType.TYPE_STRING, [1]),
+        "WEIGHTS": (DataType.TYPE_STRING, [1]),
     }
 
 
