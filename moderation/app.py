@@ -195,6 +195,8 @@ def faust_options(settings: Settings) -> dict[str, Any]:
         "producer_acks": -1,
         "consumer_auto_offset_reset": "earliest",
         "topic_partitions": settings.kafka_topic_partitions,
+        "topic_replication_factor": settings.kafka_replication_factor,
+        "topic_disable_leader": True,  # no on_leader tasks: no `<group>-__assignor-__leader` topic to create
         "broker_rebalance_timeout": settings.kafka_rebalance_timeout_s,
         "broker_session_timeout": settings.kafka_session_timeout_s,
         "broker_heartbeat_interval": settings.kafka_heartbeat_interval_s,
