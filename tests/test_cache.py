@@ -159,6 +159,19 @@ def test_a_hub_cache_snapshot_is_named_by_its_commit(tmp_path: Path, monkeypatch
     assert combined_identity([snapshot, snapshot]) != combined_identity([snapshot])
 
 
+def test_the_in_process_detector_names_its_weights_by_their_digest(tmp_path: Path) -> None:
+    from moderation.detector import InProcessDetector, running
+    from moderation.tinymodel import build_tiny_checkpoint
+
+    checkpoint = build_tiny_checkpoint(tmp_path / "tiny")
+
+    async def model() -> ModelInfo:
+        async with running(InProcessDetector(checkpoint)) as detector:
+            return detector.model
+
+    assert asyncio.run(model()).weights == weights_identity(checkpoint) == directory_digest(checkpoint)
+
+
 async def cache_records(settings, timeout_s: float = 10.0) -> list[tuple[bytes | None, bytes | None]]:  # type: ignore[no-untyped-def]
     from moderation.kafka import aiokafka_options
 
