@@ -140,8 +140,9 @@ class CacheFeed:
         self._producer = AIOKafkaProducer(acks="all", **options)
         await self._producer.start()
 
-    async def stop(self, grace_s: float = 5.0) -> None:
-        """Give the pending publishes `grace_s`, then drop (and count) the rest."""
+    async def stop(self, grace_s: float = 2.0) -> None:
+        """Give the pending publishes, then the producer's flush, `grace_s` each; drop (and count) the rest:
+        a worker's shutdown never waits on the cache topic."""
         if self._pending:
             await asyncio.wait(set(self._pending), timeout=grace_s)
         for task in list(self._pending):
@@ -149,8 +150,11 @@ class CacheFeed:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         if self._producer is not None:
-            await self._producer.stop()
-            self._producer = None
+            producer, self._producer = self._producer, None
+            try:
+                await asyncio.wait_for(producer.stop(), grace_s)
+            except TimeoutError:
+                log.warning("verdict cache: its producer did not flush within %.0f s", grace_s)
 
     def offer(self, outcomes: Iterable[object]) -> None:
         """Share the fresh verdicts among `outcomes` (cache hits and dead letters are skipped)."""
@@ -161,7 +165,10 @@ class CacheFeed:
         ]
         if not entries:
             return
-        if self._producer is None or len(self._pending) >= self._max_pending:
+        if self._producer is None:
+            self._failed(len(entries), "the cache feed is not started")
+            return
+        if len(self._pending) >= self._max_pending:
             self._failed(len(entries), f"{len(self._pending)} batches of cache entries still pending")
             return
         task = asyncio.create_task(self._publish(entries), name="cache-feed")

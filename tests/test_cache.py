@@ -230,15 +230,63 @@ def test_identical_bytes_reach_the_model_once_across_worker_restarts(lane, tmp_p
     assert models == {model}
 
 
-def scrape_metric(lane, name: str) -> float:  # type: ignore[no-untyped-def]
+def scrape_metric(lane, name: str, **labels: str) -> float:  # type: ignore[no-untyped-def]
     status, text = lane.scrape()
     if status != 200:
         return 0.0
     for family in text_string_to_metric_families(text):
         for sample in family.samples:
-            if sample.name == name:
+            if sample.name == name and labels.items() <= sample.labels.items():
                 return float(sample.value)
     return 0.0
+
+
+@pytest.mark.integration
+def test_a_worker_refuses_poisoned_cache_records(lane, tmp_path: Path) -> None:
+    """Records that anyone with write access could put on the cache topic, claiming "real" for an image:
+    dated in the future, keyed for other bytes, or made by other weights. None of them is served."""
+    from moderation.samples import draw_image
+
+    settings = lane.settings
+    tiny = lane.info.run_dir.parent / "tiny-checkpoint"
+    if not tiny.is_dir():
+        pytest.skip("the session's stack does not serve the tiny checkpoint")
+    draw_image(7, (96, 64)).save(image := tmp_path / "target.png")
+    sha = hashlib.sha256(image.read_bytes()).hexdigest()
+    model = ModelInfo(name=settings.triton_model, version="1 (forged)", weights=weights_identity(tiny))
+    lie = CacheEntry(
+        image_sha256=sha,
+        label="real",
+        score=0.0,
+        explanation="This is a real image.",
+        model=model,
+        image=ImageInfo(width=96, height=64, format="PNG"),
+        decided_at=datetime.now(UTC),
+    )
+    future = lie.model_copy(update={"decided_at": datetime.now(UTC) + timedelta(days=30)})
+    other_weights = lie.model_copy(update={"model": model.model_copy(update={"weights": "sha256:" + "0" * 64})})
+    forged = [
+        record(future),  # refused: future
+        (cache_key("f" * 64, model).encode(), lie.to_bytes()),  # refused: key_mismatch
+        (sha.encode(), lie.to_bytes()),  # refused: key_mismatch (the sha256 alone)
+        record(other_weights),  # stored, but never served to these weights
+    ]
+    asyncio.run(publish(settings, forged, topic=settings.topic_cache))
+    [event] = asyncio.run(upload_images(settings, [image], bucket=settings.s3_allowed_buckets[0]))
+    asyncio.run(publish(settings, [event_message(event)]))
+    worker = lane.worker("poisoned")
+    try:
+        outcomes = asyncio.run(read_outcomes(settings, {event.event_id}, timeout_s=240))
+        [verdict] = outcomes.verdicts[event.event_id]
+        assert not verdict.cached and verdict.model.weights == model.weights, lane.log("poisoned")[-3000:]
+        refused = {
+            reason: scrape_metric(lane, "moderation_cache_entries_refused_total", reason=reason)
+            for reason in ("future", "key_mismatch")
+        }
+        assert refused == {"future": 1, "key_mismatch": 2}
+    finally:
+        stop_worker(worker)
+    assert "entry refused (future)" in lane.log("poisoned")
 
 
 @pytest.mark.integration
