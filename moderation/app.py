@@ -29,7 +29,7 @@ from faust.types import TP, EventT
 from moderation import metrics
 from moderation.acks import OrderedAcks
 from moderation.crashonly import crash
-from moderation.events import CacheEntry, DeadLetter
+from moderation.events import DeadLetter
 from moderation.kafka import faust_credentials, faust_transport
 from moderation.pipeline import Headers, Incoming, Outcome
 from moderation.publisher import Record
@@ -47,22 +47,25 @@ def create_app(settings: Settings) -> faust.App:
     resources = Resources(settings)
     acking: list[OrderedAcks] = []  # the agent's, once it runs: /live reads it
 
-    def topic(name: str) -> faust.TopicT:
-        return app.topic(name, key_type=bytes, value_type=bytes, partitions=settings.kafka_topic_partitions)
+    def topic(name: str, *, compacting: bool | None = None) -> faust.TopicT:
+        return app.topic(
+            name,
+            key_type=bytes,
+            value_type=bytes,
+            partitions=settings.kafka_topic_partitions,
+            replicas=settings.kafka_replication_factor,
+            config={"min.insync.replicas": str(settings.kafka_min_insync_replicas)},
+            compacting=compacting,
+        )
 
     uploads, verdicts = topic(settings.topic_uploads), topic(settings.topic_verdicts)
     flagged, dead_letters = topic(settings.topic_flagged), topic(settings.topic_dlq)
-    cache_topic = app.topic(
-        settings.topic_cache,
-        key_type=bytes,
-        value_type=bytes,
-        partitions=settings.kafka_topic_partitions,
-        compacting=True,
-    )
+    cache_topic = topic(settings.topic_cache, compacting=True)
 
-    def records(outcome: Outcome, message: Incoming, *, sharing: bool) -> list[Record]:
-        """Where one outcome goes: every verdict to verdicts (and flagged), a fresh one also to the cache topic;
-        a dead letter keyed and headed like the record it answers, plus why and whence."""
+    def records(outcome: Outcome, message: Incoming) -> list[Record]:
+        """Where one outcome goes: every verdict to verdicts (and flagged); a dead letter to the dlq, keyed and
+        headed like the record it answers, plus why and whence. Cache entries are not among them: they go
+        out best effort (`CacheFeed`), never holding up an ack."""
         value = outcome.to_bytes()
         if isinstance(outcome, DeadLetter):
             key = message.key if message.key is not None else _encoded(outcome.event_id)
@@ -71,9 +74,6 @@ def create_app(settings: Settings) -> faust.App:
         out = [Record(settings.topic_verdicts, key, value)]
         if outcome.action == "flag":
             out.append(Record(settings.topic_flagged, key, value))
-        if sharing and not outcome.cached:
-            entry = CacheEntry.of(outcome)
-            out.append(Record(settings.topic_cache, entry.image_sha256.encode(), entry.to_bytes()))
         return out
 
     @app.agent(uploads, concurrency=1)
@@ -90,7 +90,7 @@ def create_app(settings: Settings) -> faust.App:
         batches: AsyncIterator[list[EventT]] = cast(Any, stream).noack_take(
             settings.batch_size, within=settings.batch_wait_s
         )
-        for output in (verdicts, flagged, dead_letters, cache_topic):
+        for output in (verdicts, flagged, dead_letters, cache_topic) if settings.kafka_declare_topics else ():
             await output.maybe_declare()
         pipeline = await resources.start()
         in_flight = OrderedAcks(
@@ -102,8 +102,11 @@ def create_app(settings: Settings) -> faust.App:
         async def moderate_and_publish(events: list[EventT]) -> None:
             messages = [incoming(event) for event in events]
             outcomes = await pipeline.moderate_batch(messages)
-            routed = [r for o, m in zip(outcomes, messages, strict=True) for r in records(o, m, sharing=sharing)]
-            await resources.publisher.publish(routed)
+            if sharing:
+                resources.cache_feed.offer(outcomes)
+            await resources.publisher.publish(
+                [r for o, m in zip(outcomes, messages, strict=True) for r in records(o, m)]
+            )
             metrics.record(outcomes)
 
         try:
@@ -206,6 +209,8 @@ def faust_options(settings: Settings) -> dict[str, Any]:
         "producer_acks": -1,
         "consumer_auto_offset_reset": "earliest",
         "topic_partitions": settings.kafka_topic_partitions,
+        "topic_replication_factor": settings.kafka_replication_factor,
+        "topic_disable_leader": True,  # no on_leader tasks: no `<group>-__assignor-__leader` topic to create
         "broker_rebalance_timeout": settings.kafka_rebalance_timeout_s,
         "broker_session_timeout": settings.kafka_session_timeout_s,
         "broker_heartbeat_interval": settings.kafka_heartbeat_interval_s,

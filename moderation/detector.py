@@ -2,6 +2,10 @@
 
 - `TritonDetector`: gRPC, many requests in flight, merged into batches by Triton's dynamic batcher;
 - `InProcessDetector`: FakeVLM loaded in this process (CPU or GPU), concurrent calls micro-batched here.
+
+`detector.model` says which weights answer (`ModelInfo.weights`, see `moderation.identity`): the in-process
+backend hashes its checkpoint at start; Triton's model does so at load and returns it with every answer
+(the WEIGHTS output), so a Triton that was rolled out to other weights is noticed on its next answer.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from tritonclient.utils import InferenceServerException
 
 from moderation.errors import ModelError, Reason, Rejected
 from moderation.events import ModelInfo
+from moderation.identity import weights_identity
 from moderation.imaging import CROP_SIZE
 from moderation.settings import Settings
 
@@ -34,6 +39,8 @@ log = logging.getLogger(__name__)
 
 IN_PROCESS = "fakevlm-in-process"  # ModelInfo.name of the in-process backend
 _UNAVAILABLE = ("StatusCode.UNAVAILABLE", "StatusCode.DEADLINE_EXCEEDED", "StatusCode.RESOURCE_EXHAUSTED")
+_OUTPUTS = ("SCORE", "LABEL", "EXPLANATION", "ANSWER_LABEL")
+WEIGHTS = "WEIGHTS"  # the output that names the weights that answered
 
 
 @dataclass(frozen=True)
@@ -60,6 +67,7 @@ class TritonDetector:
         self._startup_timeout_s = settings.triton_startup_timeout_s
         self._tls = _tls_options(settings)
         self._client: grpcclient.InferenceServerClient | None = None
+        self._outputs: tuple[str, ...] = _OUTPUTS
         self.model = ModelInfo(name=settings.triton_model, version="unknown")
 
     async def start(self) -> None:
@@ -76,6 +84,21 @@ class TritonDetector:
         checkpoint = config.get("parameters", {}).get("checkpoint", {}).get("string_value", "?")
         versions = config.get("version_policy", {}).get("specific", {}).get("versions", ["latest"])
         self.model = ModelInfo(name=self._model_name, version=f"{versions[0]} ({checkpoint})")
+        await self._learn_weights({output.get("name") for output in config.get("output", [])})
+
+    async def _learn_weights(self, outputs: set[str]) -> None:
+        """One answer, to a blank image and never explained, says which weights serve before the first event."""
+        if WEIGHTS not in outputs:
+            log.warning(
+                "Triton %s does not say which weights it runs: no verdict is served from the cache", self._model_name
+            )
+            return
+        self._outputs = (*_OUTPUTS, WEIGHTS)
+        try:
+            await self.detect(np.zeros((3, CROP_SIZE, CROP_SIZE), dtype=np.float32), explain_above=math.inf)
+        except Rejected as exc:
+            log.warning("Triton %s: weights unknown until its first answer (%s)", self._model_name, exc.detail)
+        log.info("Triton %s runs weights %s", self._model_name, self.model.weights)
 
     async def stop(self) -> None:
         if self._client is not None:
@@ -104,7 +127,7 @@ class TritonDetector:
         pixels.set_data_from_numpy(pixel_values[np.newaxis].astype(np.float32, copy=False))
         explain = grpcclient.InferInput("EXPLAIN_ABOVE", [1, 1], "FP32")
         explain.set_data_from_numpy(np.asarray([[explain_above]], dtype=np.float32))
-        outputs = [grpcclient.InferRequestedOutput(n) for n in ("SCORE", "LABEL", "EXPLANATION", "ANSWER_LABEL")]
+        outputs = [grpcclient.InferRequestedOutput(n) for n in self._outputs]
         try:
             result = await self._client.infer(
                 self._model_name, [pixels, explain], outputs=outputs, client_timeout=self._timeout_s
@@ -116,6 +139,8 @@ class TritonDetector:
             reason = Reason.INFERENCE_UNAVAILABLE if down else Reason.INFERENCE_FAILED
             raise Rejected(reason, f"Triton {self._model_name}: {exc.message()}") from exc
         score = float(result.as_numpy("SCORE").reshape(-1)[0])
+        if WEIGHTS in self._outputs:
+            self._answered_by(_text(result.as_numpy(WEIGHTS)))
         return Detection(
             score=score,
             label=_text(result.as_numpy("LABEL")) or ("fake" if score >= 0.5 else "real"),
@@ -128,6 +153,15 @@ class TritonDetector:
     ) -> list[Detection]:
         """N images as N concurrent requests: Triton's dynamic batcher merges them into its batches."""
         return await _detect_each(self, pixel_values, explain_above)
+
+    def _answered_by(self, weights: str | None) -> None:
+        # Set before `detect` returns, so the caller's cache entry names the weights that gave this answer.
+        if weights != self.model.weights:
+            if self.model.weights is not None:
+                log.warning(
+                    "Triton %s now answers with weights %s (was %s)", self._model_name, weights, self.model.weights
+                )
+            self.model = self.model.model_copy(update={"weights": weights})
 
 
 def _tls_options(settings: Settings) -> dict[str, object]:
@@ -206,7 +240,9 @@ class InProcessDetector:
         if self._vlm is None:
             self._vlm = await asyncio.to_thread(FakeVLM.load, self._checkpoint, device=self._device, dtype=self._dtype)
         location = self._checkpoint if not Path(self._checkpoint).exists() else Path(self._checkpoint).resolve()
-        self.model = ModelInfo(name=IN_PROCESS, version=f"{self._vlm.model_id} ({location}) on {self._device}")
+        weights = await asyncio.to_thread(_identity_or_none, self._checkpoint)
+        version = f"{self._vlm.model_id} ({location}) on {self._device}"
+        self.model = ModelInfo(name=IN_PROCESS, version=version, weights=weights)
         if self._batcher is None or self._batcher.done():
             self._queue = asyncio.Queue()
             self._batcher = asyncio.create_task(self._run(), name="fakevlm-batcher")
@@ -299,7 +335,7 @@ class InProcessDetector:
 class NullDetector:
     """Costs nothing and says "real" (P(fake) = 0): for benchmarking everything around the model."""
 
-    model = ModelInfo(name="null", version="0 (no model: benchmarking only)")
+    model = ModelInfo(name="null", version="0 (no model: benchmarking only)", weights="null")
 
     async def start(self) -> None: ...
 
@@ -420,6 +456,14 @@ def _checked_pixels(pixel_values: np.ndarray) -> np.ndarray:
     if not np.isfinite(pixels).all():
         raise Rejected(Reason.INFERENCE_FAILED, "pixel_values must be finite float32 values")
     return pixels
+
+
+def _identity_or_none(checkpoint: str | Path) -> str | None:
+    try:
+        return weights_identity(checkpoint)
+    except ModelError as exc:  # verdicts still flow; none is served from the cache
+        log.warning("%s", exc)
+        return None
 
 
 def _fail(request: _Request, exc: Exception) -> None:

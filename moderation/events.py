@@ -60,6 +60,12 @@ class UploadEvent(_Message):
 class ModelInfo(_Message):
     name: str = Field(description="Triton model name or in-process backend name.")
     version: str = Field(description="Model version and checkpoint, e.g. '1 (lingcco/fakeVLM)'.")
+    weights: str | None = Field(
+        default=None,
+        max_length=200,
+        description="What the weights are, not where: 'hf:<repo>@<commit>' or 'sha256:<digest of every file>'; "
+        "null when unknown (such a verdict is never served from the cache).",
+    )
 
 
 class ImageInfo(_Message):
@@ -127,7 +133,8 @@ class DeadLetter(_Message):
 
 
 class CacheEntry(_Message):
-    """What the model said about one image's bytes: the verdict cache topic (compacted, keyed by sha256)."""
+    """What one model (its weights) said about one image's bytes: the verdict cache topic, compacted, keyed by
+    image sha256 and model identity (`moderation.cache.cache_key`)."""
 
     schema_version: Literal[1] = SCHEMA_VERSION
     image_sha256: str = Field(pattern=r"^[0-9a-f]{64}$")

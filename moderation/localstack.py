@@ -16,7 +16,7 @@ import secrets
 import shlex
 import shutil
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -48,6 +48,7 @@ DEFAULT_TOPICS = (
     "moderation.dlq",
     "moderation.verdict-cache",
 )
+COMPACTED_TOPICS = ("moderation.verdict-cache",)  # keyed tables: the latest record per key is what counts
 KAFKA, S3, TRITON = "kafka", "s3", "triton"
 READY_TIMEOUT_S = {KAFKA: 30.0, S3: 30.0, TRITON: 300.0}
 TANSU_BUCKET = "tansu"
@@ -106,6 +107,7 @@ def up(
     model_repository: Path | None = None,
     topics: Sequence[str] = DEFAULT_TOPICS,
     partitions: int = 4,
+    compacted: Collection[str] = COMPACTED_TOPICS,
     bucket: str = "uploads",
     with_triton: bool = True,
     model_name: str = "fakevlm",
@@ -179,7 +181,7 @@ def up(
         _start(run_dir, KAFKA, say)
         _wait_ready(run_dir, KAFKA, say)
         create_bucket(info, bucket)
-        servers.run_sync(create_topics(info.kafka_bootstrap, topics, partitions))
+        servers.run_sync(create_topics(info.kafka_bootstrap, topics, partitions, compacted=compacted))
         if with_triton:
             _wait_ready(run_dir, TRITON, say)
     except BaseException:
@@ -239,15 +241,31 @@ def start_server(run_dir: Path, name: str, *, progress: Progress | None = None) 
     return pid
 
 
-async def create_topics(bootstrap: str, topics: Sequence[str], partitions: int) -> None:
-    """Create the topics (replication 1); ones that already exist are fine."""
+async def create_topics(
+    bootstrap: str,
+    topics: Sequence[str],
+    partitions: int,
+    *,
+    replication_factor: int = 1,
+    min_insync_replicas: int = 1,
+    compacted: Collection[str] = (),
+) -> None:
+    """Create the topics, those in `compacted` with cleanup.policy=compact; ones that already exist are fine
+    (and left as they are). Replication 1 suits the one local broker; a cluster's come from the settings
+    MODERATION_KAFKA_REPLICATION_FACTOR and MODERATION_KAFKA_MIN_INSYNC_REPLICAS."""
     from aiokafka.admin import AIOKafkaAdminClient, NewTopic
     from aiokafka.errors import TopicAlreadyExistsError
+
+    def new(topic: str) -> NewTopic:
+        configs = {"min.insync.replicas": str(min_insync_replicas)}
+        if topic in compacted:
+            configs["cleanup.policy"] = "compact"
+        return NewTopic(topic, partitions, replication_factor, topic_configs=configs)
 
     admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=10_000)
     await admin.start()
     try:
-        response = await admin.create_topics([NewTopic(t, partitions, 1) for t in topics])
+        response = await admin.create_topics([new(t) for t in topics])
         failed = [e for e in response.topic_errors if e[1] not in (0, TopicAlreadyExistsError.errno)]
     except TopicAlreadyExistsError:  # for aiokafka versions that raise instead of returning codes
         failed = []

@@ -72,6 +72,17 @@ READY = Gauge("moderation_ready", "1 while Kafka, S3 and the model answer.", reg
 EVENTS_PENDING = Gauge(
     "moderation_events_pending", "Events taken from the stream whose offsets are not yet acked.", registry=REGISTRY
 )
+CACHE_REFUSED = Counter(
+    "moderation_cache_entries_refused",
+    "Verdict cache entries not stored, by reason (key_mismatch, future, unknown_weights...).",
+    ["reason"],
+    registry=REGISTRY,
+)
+CACHE_PUBLISH_FAILURES = Counter(
+    "moderation_cache_publish_failures",
+    "Verdict cache entries not published to the cache topic (best effort: their verdicts went out).",
+    registry=REGISTRY,
+)
 
 
 def record(outcomes: Iterable[Verdict | DeadLetter]) -> None:

@@ -7,13 +7,11 @@ import asyncio
 import logging
 import time
 
-from aiokafka import AIOKafkaClient, AIOKafkaConsumer, ConsumerRecord, TopicPartition
-from pydantic import ValidationError
+from aiokafka import AIOKafkaClient, AIOKafkaConsumer, TopicPartition
 
 from moderation import imaging
-from moderation.cache import VerdictCache
+from moderation.cache import CacheFeed, VerdictCache
 from moderation.detector import detector_from_settings
-from moderation.events import CacheEntry
 from moderation.kafka import aiokafka_options
 from moderation.pipeline import Backoff, Pipeline
 from moderation.policy import Policy
@@ -32,8 +30,11 @@ class Resources:
         self.publisher = Publisher(settings)
         self._kafka: AIOKafkaClient | None = None  # aiokafka objects must be made inside the event loop
         self.cache = (
-            VerdictCache(settings.cache_max_entries, settings.cache_ttl_s) if settings.cache_max_entries else None
+            VerdictCache(settings.cache_max_entries, settings.cache_ttl_s, max_skew_s=settings.cache_clock_skew_s)
+            if settings.cache_max_entries
+            else None
         )
+        self.cache_feed = CacheFeed(settings)  # started only with the cache on: its verdicts feed the topic
         self._cache_reader: asyncio.Task[None] | None = None
         self._started = asyncio.Event()
         self._lock = asyncio.Lock()
@@ -50,6 +51,7 @@ class Resources:
                 if self.settings.fast_preprocess:
                     await asyncio.to_thread(imaging.warm_up)
                 if self.cache is not None:
+                    await self.cache_feed.start()
                     await self._load_cache(self.cache)
                 self._started.set()
         s = self.settings
@@ -71,6 +73,7 @@ class Resources:
                 if self._cache_reader is not None:
                     self._cache_reader.cancel()
                 await self.detector.stop()
+                await self.cache_feed.stop()
                 await self.publisher.stop()
                 await self.store.stop()
                 if self._kafka is not None:
@@ -112,7 +115,10 @@ class Resources:
                     loaded.set()
                 for records in (await consumer.getmany(timeout_ms=1000)).values():
                     for record in records:
-                        self._put(cache, record)
+                        if refusal := cache.put_record(record.key, record.value):
+                            where = f"{record.topic}[{record.partition}]@{record.offset}"
+                            level = logging.WARNING if refusal.suspicious else logging.DEBUG
+                            log.log(level, "verdict cache: entry refused (%s) at %s", refusal, where)
         except asyncio.CancelledError:
             raise
         except Exception:  # the cache is an optimisation: losing its feed must not stop the worker
@@ -125,13 +131,6 @@ class Resources:
         assert self._kafka is not None
         await self._kafka.fetch_all_metadata()
         return self._kafka.cluster.partitions_for_topic(topic) or set()
-
-    @staticmethod
-    def _put(cache: VerdictCache, record: ConsumerRecord[bytes, bytes]) -> None:
-        try:
-            cache.put(CacheEntry.model_validate_json(record.value or b""))
-        except ValidationError:
-            log.warning("unreadable cache entry at %s[%d]@%d", record.topic, record.partition, record.offset)
 
     async def _kafka_ok(self) -> bool:
         try:

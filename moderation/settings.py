@@ -41,6 +41,19 @@ class Settings(BaseSettings):
     kafka_fetch_max_wait_ms: int = Field(
         100, ge=1, description="Longest a fetch waits for new records (Tansu always waits it out: latency floor)."
     )
+    kafka_replication_factor: int = Field(
+        1, ge=1, description="Replication factor of the topics the worker or `moderation dev up` creates (prod: 3)."
+    )
+    kafka_min_insync_replicas: int = Field(
+        1,
+        ge=1,
+        description="min.insync.replicas of those topics: with acks=all a write needs this many replicas (prod: 2).",
+    )
+    kafka_declare_topics: bool = Field(
+        True,
+        description="The worker creates missing topics at start; false where they are provisioned (the topics Job "
+        "or Strimzi) and the worker's principal may not create topics.",
+    )
 
     # Topics
     topic_uploads: str = Field("moderation.uploads", description="Upload events in.")
@@ -102,7 +115,12 @@ class Settings(BaseSettings):
     cache_max_entries: int = Field(100_000, ge=0, description="Entries each worker keeps in memory (0: no cache).")
     cache_ttl_s: float = Field(7 * 86400.0, gt=0, description="Entries older than this are not served.")
     cache_trust_event_sha256: bool = Field(
-        False, description="Look the event's own sha256 up before fetching (saves the S3 GET on a hit)."
+        False,
+        description="Serve a cache hit on the sha256 the EVENT claims, before fetching: skips the bucket allowlist "
+        "and never reads the bytes, so whoever can publish an upload event chooses the verdict it gets.",
+    )
+    cache_clock_skew_s: float = Field(
+        60.0, ge=0, description="Cache entries dated more than this in the future are refused (clock skew allowance)."
     )
     cache_load_timeout_s: float = Field(
         60.0, ge=0, description="At start, read the cache topic to its end before consuming, for at most this long."
@@ -164,6 +182,8 @@ class Settings(BaseSettings):
     def _ordered(self) -> Settings:
         if self.review_threshold > self.flag_threshold:
             raise ValueError("review_threshold must not exceed flag_threshold")
+        if self.kafka_min_insync_replicas > self.kafka_replication_factor:
+            raise ValueError("kafka_min_insync_replicas must not exceed kafka_replication_factor")
         return self
 
 

@@ -1,8 +1,9 @@
 """The Triton side that both FakeVLM Python models share (the CPU/in-process one and the GPU BLS one).
 
 The contract: PIXEL_VALUES [n, 3, 336, 336] FP32 and the optional EXPLAIN_ABOVE [n, 1] in; SCORE, LABEL,
-EXPLANATION, ANSWER_LABEL out. A request that cannot be read gets its own INVALID_ARG error; a batch
-whose inference fails gets UNAVAILABLE for its readable requests; neither touches the other requests.
+EXPLANATION, ANSWER_LABEL and WEIGHTS (what the loaded weights are, `moderation.identity`) out. A request
+that cannot be read gets its own INVALID_ARG error; a batch whose inference fails gets UNAVAILABLE for its
+readable requests; neither touches the other requests.
 Each function takes the model's `triton_python_backend_utils` module (`pb`), which exists only inside
 Triton's Python stub, so that the models' tests can hand in a stand-in.
 """
@@ -52,16 +53,18 @@ def readable(decoded: Sequence[Rows | Any]) -> list[Rows]:
     return [item for item in decoded if isinstance(item, Rows)]
 
 
-def responses(pb: Any, decoded: Sequence[Rows | Any], answers: Iterable[Answer] | Exception) -> list[Any]:
-    """One response per request: its error, or its rows' answers (taken in order from `answers`), or,
-    when the batch's inference raised, UNAVAILABLE."""
+def responses(
+    pb: Any, decoded: Sequence[Rows | Any], answers: Iterable[Answer] | Exception, weights: str = ""
+) -> list[Any]:
+    """One response per request: its error, or its rows' answers (taken in order from `answers`) with the
+    `weights` that gave them, or, when the batch's inference raised, UNAVAILABLE."""
     if isinstance(answers, Exception):
         pb.Logger.log_error(f"fakevlm: inference failed: {answers!r}")
         error = pb.TritonError(f"fakevlm inference failed: {answers}", pb.TritonError.UNAVAILABLE)
         return [pb.InferenceResponse(error=item if not isinstance(item, Rows) else error) for item in decoded]
     remaining = iter(answers)
     return [
-        _response(pb, [next(remaining) for _ in range(len(item.pixels))])
+        _response(pb, [next(remaining) for _ in range(len(item.pixels))], weights)
         if isinstance(item, Rows)
         else pb.InferenceResponse(error=item)
         for item in decoded
@@ -89,7 +92,7 @@ def _rows(pb: Any, request: Any, to_numpy: Callable[[Any], np.ndarray]) -> Rows 
     return Rows(pixels, explain)
 
 
-def _response(pb: Any, answers: list[Answer]) -> Any:
+def _response(pb: Any, answers: list[Answer], weights: str) -> Any:
     def strings(values: list[str]) -> np.ndarray:
         return np.array([[v.encode("utf-8")] for v in values], dtype=np.object_)
 
@@ -99,6 +102,7 @@ def _response(pb: Any, answers: list[Answer]) -> Any:
             pb.Tensor("LABEL", strings([a.label for a in answers])),
             pb.Tensor("EXPLANATION", strings([a.explanation or "" for a in answers])),
             pb.Tensor("ANSWER_LABEL", strings([a.answer_label or "" for a in answers])),
+            pb.Tensor("WEIGHTS", strings([weights] * len(answers))),
         ]
     )
 

@@ -102,7 +102,11 @@ def lane(stack: localstack.StackInfo, tmp_path: Path) -> Lane:
         settings.topic_dlq,
         settings.topic_cache,
     ]
-    asyncio.run(localstack.create_topics(stack.kafka_bootstrap, topics, settings.kafka_topic_partitions))
+    asyncio.run(
+        localstack.create_topics(
+            stack.kafka_bootstrap, topics, settings.kafka_topic_partitions, compacted=[settings.topic_cache]
+        )
+    )
     localstack.create_bucket(stack, f"bucket-{suffix}")
     env = stack.env() | {f"MODERATION_{k.upper()}": v for k, v in overrides.items()}
     return Lane(stack, settings, env, tmp_path)

@@ -459,6 +459,7 @@ def test_network_policies(overlay: Path) -> None:
 # -- topics -------------------------------------------------------------------------------------------
 
 
+TOPICS = ("UPLOADS", "VERDICTS", "FLAGGED", "DLQ", "CACHE")  # MODERATION_TOPIC_*, in the order the Job creates them
 STUB = """#!/bin/sh
 echo "$*" >> "$STUB_LOG"
 case "$*" in *--describe*) echo "Topic: x	PartitionCount: $STUB_PARTITIONS	ReplicationFactor: 3";; esac
@@ -466,7 +467,9 @@ case "$*" in *--describe*) echo "Topic: x	PartitionCount: $STUB_PARTITIONS	Repli
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS, ids=_rel)
-def test_topic_job_creates_the_four_topics_with_the_worker_partition_count(overlay: Path, tmp_path: Path) -> None:
+def test_topic_job_creates_every_topic_with_the_worker_partitions_and_replication(
+    overlay: Path, tmp_path: Path
+) -> None:
     docs = render(overlay)
     job = find(docs, "Job", "moderation-create-topics")
     create = container(job)
@@ -500,11 +503,16 @@ def test_topic_job_creates_the_four_topics_with_the_worker_partition_count(overl
     assert result.returncode == 0, result.stderr
     assert "WARNING" not in result.stderr
     creates = [line.split() for line in log.read_text().splitlines() if "--create" in line]
-    expected = [env[f"MODERATION_TOPIC_{t}"] for t in ("UPLOADS", "VERDICTS", "FLAGGED", "DLQ")]
-    assert [c[c.index("--topic") + 1] for c in creates] == expected
-    for c in creates:
+    assert [c[c.index("--topic") + 1] for c in creates] == [env[f"MODERATION_TOPIC_{t}"] for t in TOPICS]
+    for name, c in zip(TOPICS, creates, strict=True):
+        configs = {c[i + 1] for i, word in enumerate(c) if word == "--config"}
         assert c[c.index("--partitions") + 1] == partitions
-        assert c[c.index("--replication-factor") + 1] == topics["TOPIC_REPLICATION_FACTOR"]
+        assert c[c.index("--replication-factor") + 1] == env["MODERATION_KAFKA_REPLICATION_FACTOR"]
+        assert f"min.insync.replicas={env['MODERATION_KAFKA_MIN_INSYNC_REPLICAS']}" in configs
+        if name == "CACHE":
+            assert "cleanup.policy=compact" in configs
+        else:
+            assert f"retention.ms={topics[f'TOPIC_{name}_RETENTION_MS']}" in configs
         assert c[c.index("--bootstrap-server") + 1] == env["MODERATION_KAFKA_BOOTSTRAP_SERVERS"]
         assert "--if-not-exists" in c
     props = (tmp_path / "client.properties").read_text()
@@ -519,15 +527,55 @@ def test_topic_job_creates_the_four_topics_with_the_worker_partition_count(overl
     assert "--alter" not in log.read_text()
 
 
+@pytest.mark.parametrize("overlay", OVERLAYS, ids=_rel)
+def test_topics_are_provisioned_with_replication_from_the_settings(overlay: Path) -> None:
+    settings = Settings.model_validate(
+        {k.removeprefix("MODERATION_").lower(): v for k, v in worker_env(render(overlay)).items()}
+    )
+    if overlay.name == "prod":  # provisioned by the Job or Strimzi; the worker may not create topics
+        assert (settings.kafka_replication_factor, settings.kafka_min_insync_replicas) == (3, 2)
+        assert not settings.kafka_declare_topics
+    else:
+        assert (settings.kafka_replication_factor, settings.kafka_min_insync_replicas) == (1, 1)
+
+
 def test_strimzi_topics_match_prod() -> None:
     env = worker_env(render(DEPLOY / "overlays" / "prod"))
     topics = list(yaml.safe_load_all((DEPLOY / "topics" / "strimzi-kafkatopics.yaml").read_text()))
-    assert [t["metadata"]["name"] for t in topics] == [
-        env[f"MODERATION_TOPIC_{t}"] for t in ("UPLOADS", "VERDICTS", "FLAGGED", "DLQ")
-    ]
+    assert [t["metadata"]["name"] for t in topics] == [env[f"MODERATION_TOPIC_{t}"] for t in TOPICS]
     for topic in topics:
         assert (topic["apiVersion"], topic["kind"]) == ("kafka.strimzi.io/v1beta2", "KafkaTopic")
         assert topic["spec"]["partitions"] == int(env["MODERATION_KAFKA_TOPIC_PARTITIONS"])
+        assert topic["spec"]["replicas"] == int(env["MODERATION_KAFKA_REPLICATION_FACTOR"])
+        assert topic["spec"]["config"]["min.insync.replicas"] == int(env["MODERATION_KAFKA_MIN_INSYNC_REPLICAS"])
+    [cache] = [t for t in topics if t["metadata"]["name"] == env["MODERATION_TOPIC_CACHE"]]
+    assert cache["spec"]["config"]["cleanup.policy"] == "compact"
+
+
+def test_only_the_worker_principal_writes_the_cache_topic() -> None:
+    env = worker_env(render(DEPLOY / "overlays" / "prod"))
+    users = list(yaml.safe_load_all((DEPLOY / "topics" / "strimzi-kafkausers.yaml").read_text()))
+    assert all((u["apiVersion"], u["kind"]) == ("kafka.strimzi.io/v1beta2", "KafkaUser") for u in users)
+
+    def allowed(user: dict[str, Any], operation: str, topic: str) -> bool:
+        return any(
+            acl["resource"]["type"] == "topic"
+            and operation in acl["operations"]
+            and (
+                topic == acl["resource"]["name"]
+                if acl["resource"]["patternType"] == "literal"
+                else topic.startswith(acl["resource"]["name"])
+            )
+            for acl in user["spec"]["authorization"]["acls"]
+        )
+
+    cache = env["MODERATION_TOPIC_CACHE"]
+    writers = {u["metadata"]["name"] for u in users if allowed(u, "Write", cache) or allowed(u, "All", cache)}
+    assert writers == {env["MODERATION_KAFKA_SASL_USERNAME"]}
+    [worker] = [u for u in users if u["metadata"]["name"] == env["MODERATION_KAFKA_SASL_USERNAME"]]
+    assert allowed(worker, "Read", cache) and allowed(worker, "Read", env["MODERATION_TOPIC_UPLOADS"])
+    assert all(allowed(worker, "Write", env[f"MODERATION_TOPIC_{t}"]) for t in ("VERDICTS", "FLAGGED", "DLQ"))
+    assert not any(allowed(worker, "Create", env[f"MODERATION_TOPIC_{t}"]) for t in TOPICS)
 
 
 # -- observability: scrape targets, dashboard, alerts, metric names ---------------------------------

@@ -112,6 +112,24 @@ async def consume_and_commit(bootstrap: str, topic: str, group: str, count: int)
     return [v for v in values if v is not None], sum(c or 0 for c in committed)
 
 
+async def topic_configs(bootstrap: str, topics: list[str]) -> dict[str, dict[str, str]]:
+    """Each topic's configs as the broker describes them (DescribeConfigs)."""
+    from aiokafka.admin import AIOKafkaAdminClient
+    from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
+
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    await admin.start()
+    try:
+        responses = await admin.describe_configs([ConfigResource(ConfigResourceType.TOPIC, t) for t in topics])
+    finally:
+        await admin.close()
+    return {
+        name: {entry[0]: entry[1] for entry in entries}
+        for response in responses
+        for _code, _message, _type, name, entries in response.resources
+    }
+
+
 def gone(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -165,6 +183,28 @@ def test_kafka_and_s3_stack(tmp_path: Path) -> None:
         asyncio.run(produce(info.kafka_bootstrap, topic, [b"a", b"b", b"c"]))
         values, committed = asyncio.run(consume_and_commit(info.kafka_bootstrap, topic, group, 3))
         assert sorted(values) == [b"a", b"b", b"c"] and committed == 3
+
+        # Topics are made with explicit configs: the verdict cache compacted, min.insync.replicas set.
+        configs = asyncio.run(topic_configs(info.kafka_bootstrap, list(localstack.DEFAULT_TOPICS)))
+        assert configs["moderation.verdict-cache"]["cleanup.policy"] == "compact"
+        assert all(configs[t].get("cleanup.policy", "delete") == "delete" for t in localstack.DEFAULT_TOPICS[:4])
+        assert {c["min.insync.replicas"] for c in configs.values()} == {"1"}
+        # A cluster's replication settings reach the broker (Tansu takes them whatever its broker count).
+        replicated = f"r-{uuid.uuid4().hex[:8]}"
+        asyncio.run(
+            localstack.create_topics(
+                info.kafka_bootstrap,
+                [replicated],
+                1,
+                replication_factor=3,
+                min_insync_replicas=2,
+                compacted=[replicated],
+            )
+        )
+        assert asyncio.run(topic_configs(info.kafka_bootstrap, [replicated]))[replicated] == {
+            "min.insync.replicas": "2",
+            "cleanup.policy": "compact",
+        }
 
         # S3: a fresh bucket, put/get with the stack's keys; wrong keys are refused.
         bucket = f"b-{uuid.uuid4().hex[:8]}"

@@ -31,7 +31,7 @@ class MemoryStore:
 
 
 class FixedDetector:
-    model = ModelInfo(name="fixed", version="1")
+    model = ModelInfo(name="fixed", version="1", weights="sha256:fixed")
 
     def __init__(self, score: float, fail: Exception | None = None, failures: int = 10**9) -> None:
         self.score, self.fail, self.failures, self.calls = score, fail, failures, 0

@@ -55,6 +55,7 @@ def test_outputs(config: model_config_pb2.ModelConfig) -> None:
         "LABEL": (DataType.TYPE_STRING, [1]),
         "EXPLANATION": (DataType.TYPE_STRING, [1]),
         "ANSWER_LABEL": (DataType.TYPE_STRING, [1]),
+        "WEIGHTS": (DataType.TYPE_STRING, [1]),
     }
 
 
@@ -155,6 +156,12 @@ def test_execute_answers_each_request_in_order(triton_model: Any) -> None:
     assert mismatched.error is not None and "EXPLAIN_ABOVE" in mismatched.error.message
     alone = triton_model.execute([_request(1, seed=2)])[0]
     np.testing.assert_allclose(alone.outputs["SCORE"], third.outputs["SCORE"], atol=1e-4)
+
+
+def test_every_answer_names_the_weights_that_gave_it(triton_model: Any) -> None:
+    [response] = triton_model.execute([_request(2, seed=6)])
+    assert triton_model._weights.startswith("sha256:")  # the tiny checkpoint's digest, computed at load
+    assert response.outputs["WEIGHTS"][:, 0].tolist() == [triton_model._weights.encode()] * 2
 
 
 def test_a_failed_forward_pass_fails_its_batch_not_the_server(triton_model: Any, monkeypatch: Any) -> None:

@@ -1,6 +1,7 @@
 #!/bin/sh
 # Create the moderation topics when they do not exist yet; idempotent, never alters a topic that
-# exists. Reads the worker's own settings (MODERATION_*) and the topic settings (TOPIC_*).
+# exists. Reads the worker's own settings (MODERATION_*: names, partitions, replication factor,
+# min.insync.replicas) and the retention settings (TOPIC_*). The verdict cache topic is compacted.
 # Partition counts of existing topics are only checked: raising them is an operator's decision
 # (it moves keys to other partitions), see deploy/README.md "Scale past the partition count".
 set -eu
@@ -29,14 +30,15 @@ fi
 
 partitions="${MODERATION_KAFKA_TOPIC_PARTITIONS}"
 
+# create TOPIC [--config KEY=VALUE]...
 create() {
   topic="$1"
-  retention_ms="$2"
+  shift
   "$KAFKA_TOPICS" --bootstrap-server "$MODERATION_KAFKA_BOOTSTRAP_SERVERS" --command-config "$props" \
     --create --if-not-exists --topic "$topic" --partitions "$partitions" \
-    --replication-factor "$TOPIC_REPLICATION_FACTOR" \
-    --config "min.insync.replicas=${TOPIC_MIN_INSYNC_REPLICAS}" \
-    --config "retention.ms=${retention_ms}"
+    --replication-factor "$MODERATION_KAFKA_REPLICATION_FACTOR" \
+    --config "min.insync.replicas=${MODERATION_KAFKA_MIN_INSYNC_REPLICAS}" \
+    "$@"
   described="$("$KAFKA_TOPICS" --bootstrap-server "$MODERATION_KAFKA_BOOTSTRAP_SERVERS" --command-config "$props" \
     --describe --topic "$topic")"
   actual="$(printf '%s\n' "$described" | sed -n 's/.*PartitionCount: *\([0-9][0-9]*\).*/\1/p' | head -n 1)"
@@ -47,7 +49,9 @@ create() {
   fi
 }
 
-create "$MODERATION_TOPIC_UPLOADS" "$TOPIC_UPLOADS_RETENTION_MS"
-create "$MODERATION_TOPIC_VERDICTS" "$TOPIC_VERDICTS_RETENTION_MS"
-create "$MODERATION_TOPIC_FLAGGED" "$TOPIC_FLAGGED_RETENTION_MS"
-create "$MODERATION_TOPIC_DLQ" "$TOPIC_DLQ_RETENTION_MS"
+create "$MODERATION_TOPIC_UPLOADS" --config "retention.ms=${TOPIC_UPLOADS_RETENTION_MS}"
+create "$MODERATION_TOPIC_VERDICTS" --config "retention.ms=${TOPIC_VERDICTS_RETENTION_MS}"
+create "$MODERATION_TOPIC_FLAGGED" --config "retention.ms=${TOPIC_FLAGGED_RETENTION_MS}"
+create "$MODERATION_TOPIC_DLQ" --config "retention.ms=${TOPIC_DLQ_RETENTION_MS}"
+# A table keyed by image sha256 and model weights: the latest entry per key is kept, whatever its age.
+create "$MODERATION_TOPIC_CACHE" --config "cleanup.policy=compact"

@@ -15,7 +15,9 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from moderation import triton_io
+from moderation.errors import ModelError
 from moderation.fakevlm import FakeVLM, Scored, checkpoint_relative_to
+from moderation.identity import weights_identity
 
 
 class TritonPythonModel:
@@ -32,7 +34,9 @@ class TritonPythonModel:
             # Raising here makes Triton mark the model unavailable with this message, instead of
             # serving a model that fails every request.
             raise RuntimeError(f"fakevlm: cannot load the model on {device}: {exc}") from exc
-        pb_utils.Logger.log_info(f"fakevlm: loaded {self._model.model_id} from {checkpoint} on {device}")
+        self._weights = _identity(checkpoint)
+        identity = self._weights or "weights unknown"
+        pb_utils.Logger.log_info(f"fakevlm: loaded {self._model.model_id} ({identity}) from {checkpoint} on {device}")
 
     def execute(self, requests: list[Any]) -> list[Any]:
         decoded = [triton_io.decode(pb_utils, request) for request in requests]
@@ -40,7 +44,7 @@ class TritonPythonModel:
             scored: list[Scored] | Exception = self._score(triton_io.readable(decoded))
         except Exception as exc:  # one failed forward pass fails this batch, never the server
             scored = exc
-        return triton_io.responses(pb_utils, decoded, scored)
+        return triton_io.responses(pb_utils, decoded, scored, self._weights)
 
     def finalize(self) -> None:
         self._model = None
@@ -65,6 +69,15 @@ class TritonPythonModel:
             threshold=self._threshold,
             max_new_tokens=self._max_new_tokens,
         )
+
+
+def _identity(checkpoint: str) -> str:
+    # Unknown weights still serve verdicts: the workers only stop serving them from their cache.
+    try:
+        return weights_identity(checkpoint)
+    except ModelError as exc:
+        pb_utils.Logger.log_warn(f"fakevlm: {exc}")
+        return ""
 
 
 def _device(args: dict[str, str]) -> str:

@@ -35,6 +35,7 @@ from torch.utils import dlpack
 
 from moderation import triton_io
 from moderation.fakevlm import ANSWER_PREFIX, PROMPT, checkpoint_relative_to, label_from_answer
+from moderation.identity import combined_identity
 from moderation.imaging import CROP_SIZE
 
 
@@ -95,6 +96,11 @@ class TritonPythonModel:
         tokenizer_dir = checkpoint_relative_to(params.get("tokenizer", "weights"), Path(args["model_repository"]))
         self._processor = AutoProcessor.from_pretrained(tokenizer_dir)
         self._prompt = PromptIds(self._processor, int(params.get("vocab_size", "32064")))
+        # The answers depend on the tokenizer and on both engines: all three make the weights' identity.
+        repository = Path(args["model_repository"]).parent
+        self._weights = combined_identity(
+            [tokenizer_dir, repository / self._vision / "1", repository / self._llm / "1"]
+        )
         pb_utils.Logger.log_info(
             f"fakevlm (GPU BLS): {len(self._prompt.input_ids)} prompt tokens, "
             f"{self._prompt.image_tokens} from the image; {self._vision} -> {self._llm}"
@@ -106,7 +112,7 @@ class TritonPythonModel:
             rows: list[_Row] | Exception = await self._score(triton_io.readable(decoded))
         except Exception as exc:  # one failed batch fails its requests, never the server
             rows = exc
-        return triton_io.responses(pb_utils, decoded, rows)
+        return triton_io.responses(pb_utils, decoded, rows, self._weights)
 
     def finalize(self) -> None:
         self._processor = None
