@@ -80,6 +80,10 @@ class Lane:
             s.value for f in families for s in f.samples if s.name == sample and labels.items() <= s.labels.items()
         )
 
+    def log(self, name: str = "worker") -> str:
+        path = self.workdir / f"{name}.log"
+        return path.read_text(errors="replace") if path.exists() else ""
+
 
 @pytest.fixture
 def lane(stack: localstack.StackInfo, tmp_path: Path) -> Lane:
