@@ -70,6 +70,12 @@ class _Consumer(faust_aiokafka.Consumer):
     def _new_consumer_thread(self) -> faust_aiokafka.AIOKafkaConsumerThread:
         return _ConsumerThread(self, loop=self.loop, beacon=self.beacon)
 
+    async def on_stop(self) -> None:
+        """Commit what is acked and go: Faust would first wait, without end, for every event it handed out to
+        be acked, but on SIGTERM the agent has already drained them for MODERATION_SHUTDOWN_GRACE_S, and
+        the rest is for the group to re-deliver."""
+        await self.commit_and_end_transactions()
+
     async def _drain_messages(self, fetcher: ServiceT) -> None:
         """faust-streaming's drain loop, racing each fetch's delivery against a flow suspension once.
 
