@@ -15,7 +15,6 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
-from PIL import Image
 from transformers import AutoProcessor, LlavaForConditionalGeneration
 
 from moderation.errors import ModelError
@@ -67,9 +66,10 @@ class FakeVLM:
         self.processor = processor
         self.model_id = model_id
         self.tokenizer = processor.tokenizer
-        self._prefix_ids, self._answer_ids = self._prompt_ids()
-        self._fake_id = self._verdict_token("fake")
-        self._real_id = self._verdict_token("real")
+        self.prompt = build_prompt(self.tokenizer, model.config)
+        self._prefix_ids = torch.tensor([self.prompt.ids], device=self.device)
+        self._answer_ids = self.prompt.answer
+        self._fake_id, self._real_id = self.prompt.fake, self.prompt.real
         self._eos_ids = _eos_ids(model)
 
     @classmethod
@@ -168,32 +168,61 @@ class FakeVLM:
             raise ValueError(f"pixel_values must be {expected}, got {tuple(pixels.shape)}")
         return pixels.to(device=self.device, dtype=self.model.dtype)
 
-    def _prompt_ids(self) -> tuple[torch.Tensor, list[int]]:
-        # The processor expands `<image>` only when it sees an image, so give it a blank one once;
-        # the ids are the same for every request and are reused for the whole batch.
-        blank = Image.new("RGB", (CROP_SIZE, CROP_SIZE))
-        prompt = self.processor(text=PROMPT, images=blank, return_tensors="pt")["input_ids"]
-        image_tokens = int((prompt == self.model.config.image_token_id).sum())
-        if image_tokens != self.model.config.image_seq_length:
-            raise ModelError(
-                f"the processor expands <image> to {image_tokens} tokens, "
-                f"the model expects {self.model.config.image_seq_length}"
-            )
-        # Encoded on its own, as the model would generate it: "▁This ▁is ▁a", not "?This".
-        answer = self.tokenizer.encode(ANSWER_PREFIX, add_special_tokens=False)
-        prefix = torch.cat([prompt, torch.tensor([answer], dtype=prompt.dtype)], dim=1)
-        return prefix.to(self.device), answer
-
-    def _verdict_token(self, word: str) -> int:
-        base = self.tokenizer.encode(ANSWER_PREFIX, add_special_tokens=False)
-        full = self.tokenizer.encode(f"{ANSWER_PREFIX} {word}", add_special_tokens=False)
-        if full[: len(base)] != base or len(full) != len(base) + 1:
-            raise ModelError(f"the tokenizer does not encode ' {word}' after {ANSWER_PREFIX!r} as one token")
-        return full[-1]
-
     def _pad_id(self) -> int | None:
         pad = self.tokenizer.pad_token_id
         return pad if pad is not None else self.tokenizer.eos_token_id
+
+
+@dataclass(frozen=True)
+class Prompt:
+    """FakeVLM's verdict prompt as token ids: what every backend feeds the language model."""
+
+    ids: list[int]  # BOS, the `<image>` run, the question, then the answer prefix
+    answer: list[int]  # the answer prefix alone, as the model would generate it
+    image_positions: list[int]  # where the image features go, in order
+    fake: int  # the verdict words' single token ids after the answer prefix
+    real: int
+
+
+def build_prompt(tokenizer: Any, config: Any) -> Prompt:
+    """The one prompt builder (in-process, Triton CPU and GPU models): `<image>` is expanded here, to the
+    model's own image_seq_length, never by the processor. A processor_config.json saved by transformers
+    4.45 (FakeVLM's pin) lacks num_additional_image_tokens, and transformers 5 then expands to 575, not 576.
+    """
+    image_id, image_tokens = int(config.image_token_id), int(config.image_seq_length)
+    features = _image_features(config)
+    if image_tokens != features:
+        raise ModelError(
+            f"config.json says image_seq_length {image_tokens}, but its vision tower gives {features} "
+            "image features per image: the checkpoint's config is inconsistent"
+        )
+    tokenizer_image_id = tokenizer.convert_tokens_to_ids("<image>")
+    if tokenizer_image_id != image_id:
+        raise ModelError(f"the tokenizer's <image> is id {tokenizer_image_id}, the model's image_token_id {image_id}")
+    question = list(tokenizer.encode(PROMPT, add_special_tokens=True))
+    if question.count(image_id) != 1:
+        raise ModelError(f"the tokenizer encodes {PROMPT!r} with {question.count(image_id)} <image> tokens, not 1")
+    at = question.index(image_id)
+    # Encoded on its own, as the model would generate it: "▁This ▁is ▁a", not "?This".
+    answer = list(tokenizer.encode(ANSWER_PREFIX, add_special_tokens=False))
+    ids = [*question[:at], *[image_id] * image_tokens, *question[at + 1 :], *answer]
+    positions = list(range(at, at + image_tokens))
+    return Prompt(ids, answer, positions, _verdict_token(tokenizer, "fake"), _verdict_token(tokenizer, "real"))
+
+
+def _image_features(config: Any) -> int:
+    """Image features the vision tower hands the language model: a patch grid, plus CLS unless dropped."""
+    vision = config.vision_config
+    grid = (int(vision.image_size) // int(vision.patch_size)) ** 2
+    return grid + (1 if config.vision_feature_select_strategy == "full" else 0)
+
+
+def _verdict_token(tokenizer: Any, word: str) -> int:
+    base = tokenizer.encode(ANSWER_PREFIX, add_special_tokens=False)
+    full = tokenizer.encode(f"{ANSWER_PREFIX} {word}", add_special_tokens=False)
+    if full[: len(base)] != base or len(full) != len(base) + 1:
+        raise ModelError(f"the tokenizer does not encode ' {word}' after {ANSWER_PREFIX!r} as one token")
+    return int(full[-1])
 
 
 def _scored(score: float, threshold: float, explanation: str | None) -> Scored:

@@ -180,7 +180,8 @@ class _Engines:
         new_tokens = int(inputs["request_output_len"].reshape(-1)[0])
         logits = np.zeros((1, 1, 1, self.vocab), dtype=np.float32)
         logits[..., self.fake_id] = float(inputs["prompt_embedding_table"].reshape(-1)[0])
-        ids = [*([self.fake_id, *self.answer] * new_tokens)[: new_tokens - 1], self.eos]
+        first = int(logits.reshape(-1).argmax())  # greedy: the first token is the argmax of those logits
+        ids = [first, *([*self.answer, self.fake_id] * new_tokens)[: new_tokens - 2], self.eos][:new_tokens]
         return _Response(
             [
                 _Tensor("output_ids", np.array([[[*ids, 0, 0]]], dtype=np.int32)),
