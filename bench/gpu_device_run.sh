@@ -2,7 +2,8 @@
 # The prepared GPU run for a session lent a device (see the README, "Performance"), one command:
 #   bash bench/gpu_device_run.sh        # on the device, timeout_s 540: about 3-4 minutes on an H200
 #   bash bench/gpu_device_run.sh --cpu  # a dry run here: tiny shapes on the CPU, same steps
-#   bash bench/gpu_device_run.sh --experiments  # only bench/gpu_verdict_profile.py's three steps (~8 min)
+#   bash bench/gpu_device_run.sh --experiments  # only bench/gpu_verdict_profile.py's three steps (~3 min)
+#   bash bench/gpu_device_run.sh --compiled     # only bench/gpu_fakevlm.py --compile (~4 min)
 # 1. bench/gpu_bls_check.py: the GPU Python model's scores vs the in-process CPU scores (tiny trained and
 #    random checkpoints), late generation logits refused, `moderation.modelcheck` on the tiny model;
 # 2. bench/gpu_fakevlm.py: FakeVLM's 7B shape, random bf16 weights: verdict-first img/s at batch
@@ -27,6 +28,10 @@ run_all() {
       --new-tokens 12 --output bench/results/gpu_bls_check-cpu-dry-run.txt
     step 300 python3 bench/gpu_fakevlm.py --tiny --verdict-batch 1 4 --explain-batch 2 --new-tokens 8 --repeat 1 \
       --generate-repeat 1 --output bench/results/gpu_fakevlm-cpu-dry-run.txt
+    return
+  fi
+  if [ "${1:-}" = "--compiled" ]; then
+    step 420 python3 bench/gpu_fakevlm.py --compile --verdict-batch 16 64 96 --explain-batch 32 --generate-repeat 1
     return
   fi
   if [ "${1:-}" = "--experiments" ]; then
