@@ -11,13 +11,17 @@ by the official text rule.
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
+from moderation.errors import Rejected
 from moderation.fakevlm import ANSWER_PREFIX, FakeVLM, label_from_answer
+from moderation.imaging import decode, preprocess
 
 EVAL_MAX_NEW_TOKENS = 256  # FakeVLM's scripts/eval.py
 
@@ -97,3 +101,17 @@ def summarise(answers: list[Answer], threshold: float) -> CheckReport:
         margin_max=max(margins) if margins else None,
         answers=answers,
     )
+
+
+def load_images(paths: Sequence[Path], *, max_pixels: int = 50_000_000) -> tuple[np.ndarray, list[Path], list[str]]:
+    """Files and folders -> pixel values by the exact preprocessing, the files used, and why others were not."""
+    from moderation.scan import collect_files  # here: scan needs pydantic, the GPU device run does not have it
+
+    rows, used, skipped = [], [], []
+    for path in collect_files(paths):
+        try:
+            rows.append(preprocess(decode(path.read_bytes(), max_pixels=max_pixels).image))
+            used.append(path)
+        except (OSError, Rejected) as exc:
+            skipped.append(f"{path}: {exc}")
+    return (np.stack(rows) if rows else np.empty((0, 3, 336, 336), np.float32)), used, skipped
