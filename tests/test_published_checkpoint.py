@@ -24,7 +24,10 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoProcessor
 from typer.testing import CliRunner
 
+from moderation import localstack
 from moderation.cli import app
+from moderation.demo import settings_for
+from moderation.detector import TritonDetector
 from moderation.errors import ModelError
 from moderation.fakevlm import PROMPT, FakeVLM, build_prompt
 from moderation.imaging import CROP_SIZE, preprocess
@@ -194,3 +197,21 @@ def test_a_tokenizer_without_the_models_image_token_is_refused() -> None:
             build_prompt(vlm.tokenizer, config)
     finally:
         config.image_token_id = saved
+
+
+@pytest.mark.integration
+async def test_triton_cpu_serves_the_published_layout(published: Path, pixels: np.ndarray, tmp_path: Path) -> None:
+    run_dir = tmp_path / "stack"
+    info = localstack.up(run_dir, model_repository=localstack.prepare_model_repository(tmp_path / "repo", published))
+    try:
+        triton = TritonDetector(settings_for(info))
+        await triton.start()
+        try:
+            served = await triton.detect_batch(pixels, explain_above=[2.0] * len(pixels))
+        finally:
+            await triton.stop()
+    finally:
+        localstack.down(run_dir)
+    expected = FakeVLM.load(trained_checkpoint()).score(pixels, [2.0] * len(pixels))
+    assert [d.score for d in served] == pytest.approx([r.score for r in expected], abs=1e-4)
+    assert [d.label for d in served] == [r.label for r in expected]
