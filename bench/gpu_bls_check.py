@@ -250,6 +250,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--new-tokens", type=int, default=32, help="explanation tokens compared")
     parser.add_argument("--tolerance", type=float, default=0.02, help="max |P(fake) GPU - P(fake) CPU fp32|")
     parser.add_argument("--check-images", type=int, default=16, help="images for moderation.modelcheck")
+    parser.add_argument("--skip-random", action="store_true", help="only the trained checkpoint (a quicker dry run)")
     parser.add_argument("--output", type=Path)
     args = parser.parse_args(argv)
     card = torch.cuda.get_device_name(args.device) if args.device.startswith("cuda") else "cpu"
@@ -305,7 +306,8 @@ def main(argv: list[str] | None = None) -> int:
 
     gpu = compare(args.checkpoint, args.checkpoint.name)
     with tempfile.TemporaryDirectory() as tmp:  # untrained: P(fake) near 0.5, where precision shows
-        compare(build_tiny_checkpoint(Path(tmp) / "fakevlm-tiny-random"), "fakevlm-tiny-random")
+        if not args.skip_random:
+            compare(build_tiny_checkpoint(Path(tmp) / "fakevlm-tiny-random"), "fakevlm-tiny-random")
 
     late = Engines(gpu, late_logits=True)
     stale = load_gpu_model(late, args.checkpoint, args.new_tokens)
