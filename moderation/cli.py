@@ -413,6 +413,43 @@ def train_tiny(
     console.print(f"Trained tiny FakeVLM saved to {path}")
 
 
+@model.command("check")
+def check_model(
+    images: Annotated[list[Path], typer.Argument(help="Image files or folders: a few dozen, real and fake.")],
+    checkpoint: Checkpoint = None,
+    device: Device = "cpu",
+    dtype: Dtype = None,
+    max_new_tokens: Annotated[int, typer.Option(min=1, help="Free answer length (FakeVLM's eval.py: 256).")] = 256,
+    out: Annotated[Path | None, typer.Option(help="Write the report, every answer included, as JSON.")] = None,
+) -> None:
+    """Is verdict-first valid for this checkpoint? Free greedy answers (as FakeVLM's eval.py) vs the forced verdict."""
+    from moderation.detector import default_checkpoint
+    from moderation.fakevlm import ANSWER_PREFIX, FakeVLM
+    from moderation.modelcheck import check, load_images
+
+    pixels, used, skipped = load_images(images)
+    for reason in skipped:
+        _warn(f"skipped {reason}")
+    if not used:
+        raise typer.BadParameter("no readable image among IMAGES")
+    source = checkpoint or default_checkpoint(DEFAULT_HOME)[0]
+    vlm = _run_or_exit(asyncio.to_thread(FakeVLM.load, source, device=device, dtype=dtype.value if dtype else None))
+    report = check(vlm, pixels, max_new_tokens=max_new_tokens)
+    if out is not None:
+        out.write_text(report.to_json() + "\n")
+    agreement = "n/a" if report.agreement is None else f"{report.agreement:.1%}"
+    console.print(f"{vlm.model_id}: {report.images} images")
+    console.print(f"  free answers starting with {ANSWER_PREFIX!r}: {report.prefix_share:.1%}")
+    console.print(f"  verdict-first label = free answer's label (eval rule): {agreement} of {report.labelled}")
+    if report.disagreements:
+        console.print(
+            f"  {report.disagreements} disagree; |P(fake) - 0.5| there: mean {report.margin_mean:.3f}, "
+            f"max {report.margin_max:.3f}"
+        )
+    valid = report.prefix_share >= 0.95 and (report.agreement or 0.0) >= 0.95
+    console.print(f"  verdict-first valid for this checkpoint: {_yes(valid)}")
+
+
 def _yes(flag: bool) -> str:
     return "[green]yes[/]" if flag else "[red]no[/]"
 

@@ -15,7 +15,6 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
-from PIL import Image
 from transformers import AutoProcessor, LlavaForConditionalGeneration
 
 from moderation.errors import ModelError
@@ -61,20 +60,38 @@ def label_from_answer(text: str) -> Label | None:
 class FakeVLM:
     """A loaded FakeVLM (or the tiny checkpoint of the same shape) that scores preprocessed images."""
 
-    def __init__(self, model: LlavaForConditionalGeneration, processor: Any, *, model_id: str) -> None:
+    def __init__(
+        self, model: LlavaForConditionalGeneration, processor: Any, *, model_id: str, compile: bool = False
+    ) -> None:
         # Any: transformers' decorated methods (to, generate) do not type-check under mypy.
         self.model: Any = model
+        # torch.compile fuses the norms and activations that take 29% of the verdict pass's GPU time:
+        # 57.7 -> 68.7 img/s at batch 64 on an H200 (bench/results/gpu_verdict_profile-nvidia-h200.txt).
+        # It serves the verdict pass only, always without a KV cache; explained rows are prefilled again.
+        self._verdict_model: Any = torch.compile(model) if compile else model
+        self.compiled = compile
         self.processor = processor
         self.model_id = model_id
         self.tokenizer = processor.tokenizer
-        self._prefix_ids, self._answer_ids = self._prompt_ids()
-        self._fake_id = self._verdict_token("fake")
-        self._real_id = self._verdict_token("real")
+        self.prompt = build_prompt(self.tokenizer, model.config)
+        self._prefix_ids = torch.tensor([self.prompt.ids], device=self.device)
+        self._answer_ids = self.prompt.answer
+        self._fake_id, self._real_id = self.prompt.fake, self.prompt.real
         self._eos_ids = _eos_ids(model)
 
     @classmethod
-    def load(cls, checkpoint: str | Path, *, device: str = "cpu", dtype: torch.dtype | str | None = None) -> FakeVLM:
-        """Load from a local directory or a hub id; dtype (or its name) defaults to bf16 on CUDA, else fp32."""
+    def load(
+        cls,
+        checkpoint: str | Path,
+        *,
+        device: str = "cpu",
+        dtype: torch.dtype | str | None = None,
+        compile: bool = False,
+    ) -> FakeVLM:
+        """Load from a local directory or a hub id; dtype (or its name) defaults to bf16 on CUDA, else fp32.
+
+        compile: torch.compile the verdict pass (worth it on a GPU; the first batch of each new size
+        pays a compilation of tens of seconds)."""
         source = _resolve(checkpoint)
         if dtype is None:
             dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
@@ -87,7 +104,7 @@ class FakeVLM:
         except Exception as exc:  # OSError, ValueError, KeyError, CUDA errors... on bad files or devices
             raise ModelError(f"cannot load FakeVLM from {source!r} on {device}: {exc}") from exc
         model_id = Path(source).name if Path(source).is_dir() else source
-        return cls(model, processor, model_id=model_id)
+        return cls(model, processor, model_id=model_id, compile=compile)
 
     @property
     def device(self) -> torch.device:
@@ -109,17 +126,17 @@ class FakeVLM:
             return []
         with torch.inference_mode():
             # Scores never exceed 1, so a threshold above it (or inf: never explain) needs no cache.
-            keep_cache = any(limit <= 1.0 for limit in explain_above)
+            keep_cache = not self.compiled and any(limit <= 1.0 for limit in explain_above)
             scores, next_ids, cache = self._verdict(pixels, keep_cache=keep_cache)
             wanted = [i for i, s in enumerate(scores) if s >= explain_above[i]]
-            texts = self._explain(wanted, next_ids, cache, max_new_tokens) if wanted else []
+            texts = self._explain(wanted, next_ids, pixels, cache, max_new_tokens) if wanted else []
         explanations: dict[int, str] = dict(zip(wanted, texts, strict=True))
         return [_scored(s, threshold, explanations.get(i)) for i, s in enumerate(scores)]
 
     def _verdict(self, pixels: torch.Tensor, *, keep_cache: bool) -> tuple[list[float], torch.Tensor, Any]:
         rows = pixels.shape[0]
         input_ids = self._prefix_ids.expand(rows, -1)
-        out = self.model(
+        out = self._verdict_model(
             input_ids=input_ids,
             attention_mask=torch.ones_like(input_ids),
             pixel_values=pixels,
@@ -131,19 +148,25 @@ class FakeVLM:
         scores = torch.softmax(pair, dim=-1)[:, 0].tolist()
         return scores, last.argmax(dim=-1), out.past_key_values
 
-    def _explain(self, rows: list[int], next_ids: torch.Tensor, cache: Any, max_new_tokens: int) -> list[str]:
-        # Re-use the verdict pass's KV cache: keep the rows to explain, append the greedy token its
-        # logits already chose, and let generate() feed only that one new token on top of the cache.
+    def _explain(
+        self, rows: list[int], next_ids: torch.Tensor, pixels: torch.Tensor, cache: Any, max_new_tokens: int
+    ) -> list[str]:
+        # Re-use the verdict pass's KV cache when it kept one: keep the rows to explain, append the
+        # greedy token its logits already chose, and let generate() feed only that one new token on
+        # top of the cache. Without one (a compiled verdict pass), generate() prefills these rows again.
         index = torch.tensor(rows, device=self.device)
         first = next_ids[index].unsqueeze(1)
         if max_new_tokens <= 1:
             return [self._decode(ids) for ids in first.tolist()]
-        cache.batch_select_indices(index)
+        image_inputs: dict[str, Any] = {"pixel_values": pixels[index]}
+        if cache is not None:
+            cache.batch_select_indices(index)
+            image_inputs = {"past_key_values": cache}
         input_ids = torch.cat([self._prefix_ids.expand(len(rows), -1), first], dim=1)
         out = self.model.generate(
             input_ids=input_ids,
             attention_mask=torch.ones_like(input_ids),
-            past_key_values=cache,
+            **image_inputs,
             max_new_tokens=max_new_tokens - 1,
             do_sample=False,
             pad_token_id=self._pad_id(),
@@ -168,32 +191,61 @@ class FakeVLM:
             raise ValueError(f"pixel_values must be {expected}, got {tuple(pixels.shape)}")
         return pixels.to(device=self.device, dtype=self.model.dtype)
 
-    def _prompt_ids(self) -> tuple[torch.Tensor, list[int]]:
-        # The processor expands `<image>` only when it sees an image, so give it a blank one once;
-        # the ids are the same for every request and are reused for the whole batch.
-        blank = Image.new("RGB", (CROP_SIZE, CROP_SIZE))
-        prompt = self.processor(text=PROMPT, images=blank, return_tensors="pt")["input_ids"]
-        image_tokens = int((prompt == self.model.config.image_token_id).sum())
-        if image_tokens != self.model.config.image_seq_length:
-            raise ModelError(
-                f"the processor expands <image> to {image_tokens} tokens, "
-                f"the model expects {self.model.config.image_seq_length}"
-            )
-        # Encoded on its own, as the model would generate it: "▁This ▁is ▁a", not "?This".
-        answer = self.tokenizer.encode(ANSWER_PREFIX, add_special_tokens=False)
-        prefix = torch.cat([prompt, torch.tensor([answer], dtype=prompt.dtype)], dim=1)
-        return prefix.to(self.device), answer
-
-    def _verdict_token(self, word: str) -> int:
-        base = self.tokenizer.encode(ANSWER_PREFIX, add_special_tokens=False)
-        full = self.tokenizer.encode(f"{ANSWER_PREFIX} {word}", add_special_tokens=False)
-        if full[: len(base)] != base or len(full) != len(base) + 1:
-            raise ModelError(f"the tokenizer does not encode ' {word}' after {ANSWER_PREFIX!r} as one token")
-        return full[-1]
-
     def _pad_id(self) -> int | None:
         pad = self.tokenizer.pad_token_id
         return pad if pad is not None else self.tokenizer.eos_token_id
+
+
+@dataclass(frozen=True)
+class Prompt:
+    """FakeVLM's verdict prompt as token ids: what every backend feeds the language model."""
+
+    ids: list[int]  # BOS, the `<image>` run, the question, then the answer prefix
+    answer: list[int]  # the answer prefix alone, as the model would generate it
+    image_positions: list[int]  # where the image features go, in order
+    fake: int  # the verdict words' single token ids after the answer prefix
+    real: int
+
+
+def build_prompt(tokenizer: Any, config: Any) -> Prompt:
+    """The one prompt builder (in-process, Triton CPU and GPU models): `<image>` is expanded here, to the
+    model's own image_seq_length, never by the processor. A processor_config.json saved by transformers
+    4.45 (FakeVLM's pin) lacks num_additional_image_tokens, and transformers 5 then expands to 575, not 576.
+    """
+    image_id, image_tokens = int(config.image_token_id), int(config.image_seq_length)
+    features = _image_features(config)
+    if image_tokens != features:
+        raise ModelError(
+            f"config.json says image_seq_length {image_tokens}, but its vision tower gives {features} "
+            "image features per image: the checkpoint's config is inconsistent"
+        )
+    tokenizer_image_id = tokenizer.convert_tokens_to_ids("<image>")
+    if tokenizer_image_id != image_id:
+        raise ModelError(f"the tokenizer's <image> is id {tokenizer_image_id}, the model's image_token_id {image_id}")
+    question = list(tokenizer.encode(PROMPT, add_special_tokens=True))
+    if question.count(image_id) != 1:
+        raise ModelError(f"the tokenizer encodes {PROMPT!r} with {question.count(image_id)} <image> tokens, not 1")
+    at = question.index(image_id)
+    # Encoded on its own, as the model would generate it: "▁This ▁is ▁a", not "?This".
+    answer = list(tokenizer.encode(ANSWER_PREFIX, add_special_tokens=False))
+    ids = [*question[:at], *[image_id] * image_tokens, *question[at + 1 :], *answer]
+    positions = list(range(at, at + image_tokens))
+    return Prompt(ids, answer, positions, _verdict_token(tokenizer, "fake"), _verdict_token(tokenizer, "real"))
+
+
+def _image_features(config: Any) -> int:
+    """Image features the vision tower hands the language model: a patch grid, plus CLS unless dropped."""
+    vision = config.vision_config
+    grid = (int(vision.image_size) // int(vision.patch_size)) ** 2
+    return grid + (1 if config.vision_feature_select_strategy == "full" else 0)
+
+
+def _verdict_token(tokenizer: Any, word: str) -> int:
+    base = tokenizer.encode(ANSWER_PREFIX, add_special_tokens=False)
+    full = tokenizer.encode(f"{ANSWER_PREFIX} {word}", add_special_tokens=False)
+    if full[: len(base)] != base or len(full) != len(base) + 1:
+        raise ModelError(f"the tokenizer does not encode ' {word}' after {ANSWER_PREFIX!r} as one token")
+    return int(full[-1])
 
 
 def _scored(score: float, threshold: float, explanation: str | None) -> Scored:

@@ -31,11 +31,10 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image
 
 from moderation.errors import ModelError
-from moderation.fakevlm import ANSWER_PREFIX, PROMPT, FakeVLM
-from moderation.imaging import CROP_SIZE, preprocess
+from moderation.fakevlm import ANSWER_PREFIX, FakeVLM
+from moderation.imaging import preprocess
 from moderation.synthetic import Sample, make_sample
 from moderation.tinymodel import build_tiny_checkpoint
 
@@ -257,10 +256,9 @@ def _prefetched(seed: int, steps: int, batch_size: int) -> Iterator[list[Sample]
 
 
 def prompt_ids(vlm: FakeVLM) -> torch.Tensor:
-    """FakeVLM's raw prompt as the processor encodes it (BOS, 576 `<image>` tokens, the question)."""
-    blank = Image.new("RGB", (CROP_SIZE, CROP_SIZE))  # the processor expands `<image>` only with an image
-    ids: torch.Tensor = vlm.processor(text=PROMPT, images=blank, return_tensors="pt")["input_ids"][0]
-    return ids
+    """FakeVLM's raw prompt from the one prompt builder: BOS, the `<image>` run, the question (no answer prefix)."""
+    prompt = vlm.prompt
+    return torch.tensor(prompt.ids[: len(prompt.ids) - len(prompt.answer)])
 
 
 def _answer_ids(vlm: FakeVLM, text: str) -> list[int]:

@@ -24,6 +24,17 @@ def _run(script: str, *args: str) -> tuple[list[str], dict[str, object]]:
 
 
 @pytest.mark.slow
+def test_gpu_bls_check_dry_run_on_a_cpu(tmp_path: Path) -> None:
+    """The device run's correctness script, on the CPU: the GPU model's code against the in-process scores."""
+    output = tmp_path / "bls.txt"
+    args = ["--device", "cpu", "--images", "4", "--check-images", "2", "--new-tokens", "4", "--skip-random"]
+    lines, summary = _run("gpu_bls_check.py", *args, "--output", str(output))
+    assert summary["failures"] == []
+    passed = [line.split(":")[0] for line in lines if line.startswith("PASS")]
+    assert len(passed) == 4 and any("late generation_logits refused" in p for p in passed)
+
+
+@pytest.mark.slow
 def test_gpu_fakevlm_runs_tiny_on_a_cpu(tmp_path: Path) -> None:
     output = tmp_path / "gpu.txt"
     args = ["--tiny", "--verdict-batch", "1", "2", "--explain-batch", "2", "--new-tokens", "3"]

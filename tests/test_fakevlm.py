@@ -196,3 +196,23 @@ def test_checkpoint_setting_resolves_against_the_model_directory(tmp_path: Path)
     assert checkpoint_relative_to("lingcco/fakeVLM", tmp_path) == "lingcco/fakeVLM"
     (tmp_path / "lingcco" / "fakeVLM").mkdir(parents=True)
     assert checkpoint_relative_to("lingcco/fakeVLM", tmp_path) == str(tmp_path / "lingcco" / "fakeVLM")
+
+
+def test_without_a_kept_cache_explained_rows_are_prefilled_again_to_the_same_answers() -> None:
+    """The compiled verdict pass keeps no KV cache; its explanations must equal the cache path's."""
+    from moderation.imaging import preprocess
+    from moderation.synthetic import samples
+    from moderation.training import trained_checkpoint
+
+    vlm = FakeVLM.load(trained_checkpoint())
+    pixels = np.stack([preprocess(s.image) for s in samples(4, 5)])
+    limits = [0.0, 2.0, 0.0, 0.0]
+    with_cache = vlm.score(pixels, limits, max_new_tokens=16)
+    vlm.compiled = True  # the compiled model's path, without paying for a compilation here
+    try:
+        prefilled = vlm.score(pixels, limits, max_new_tokens=16)
+    finally:
+        vlm.compiled = False
+    assert [r.explanation for r in prefilled] == [r.explanation for r in with_cache]
+    assert [r.score for r in prefilled] == pytest.approx([r.score for r in with_cache], abs=1e-6)
+    assert prefilled[1].explanation is None and prefilled[0].explanation

@@ -167,6 +167,7 @@ class _Engines:
         self.vision_calls: list[np.ndarray] = []
         self.llm_calls: list[dict[str, np.ndarray]] = []
         self.fail_llm = False
+        self.late_logits = False  # generation_logits one step late, as TensorRT-LLM before #3205
 
     def answer_request(self, model: str, inputs: dict[str, np.ndarray]) -> _Response:
         if model == "vision_encoder":
@@ -180,7 +181,10 @@ class _Engines:
         new_tokens = int(inputs["request_output_len"].reshape(-1)[0])
         logits = np.zeros((1, 1, 1, self.vocab), dtype=np.float32)
         logits[..., self.fake_id] = float(inputs["prompt_embedding_table"].reshape(-1)[0])
-        ids = [*([self.fake_id, *self.answer] * new_tokens)[: new_tokens - 1], self.eos]
+        first = int(logits.reshape(-1).argmax())  # greedy: the first token is the argmax of those logits
+        if self.late_logits:
+            logits = np.roll(logits, 1, axis=-1)  # the next step's logits: they did not choose `first`
+        ids = [first, *([*self.answer, self.fake_id] * new_tokens)[: new_tokens - 2], self.eos][:new_tokens]
         return _Response(
             [
                 _Tensor("output_ids", np.array([[[*ids, 0, 0]]], dtype=np.int32)),
@@ -302,3 +306,15 @@ def test_bls_a_failing_engine_fails_the_batch_not_the_server(bls: Any) -> None:
     finally:
         engines.fail_llm = False
     assert [r.error().code for r in responses] == ["UNAVAILABLE", "UNAVAILABLE"]
+
+
+def test_bls_refuses_logits_that_did_not_choose_the_first_token(bls: Any) -> None:
+    """P(fake) comes from the last prompt position's logits; an engine returning a later step's is refused."""
+    model, engines = bls
+    engines.late_logits = True
+    try:
+        (response,) = asyncio.run(model.execute([_request([2.0, 1.0])]))
+    finally:
+        engines.late_logits = False
+    assert response.error().code == "UNAVAILABLE"
+    assert "not the last prompt position's logits" in response.error().message()

@@ -29,7 +29,8 @@ class TritonPythonModel:
         checkpoint = checkpoint_relative_to(params.get("checkpoint", "weights"), Path(args["model_repository"]))
         device = _device(args)
         try:
-            self._model: FakeVLM | None = FakeVLM.load(checkpoint, device=device)
+            compile = params.get("compile", "false").lower() == "true"  # worth it on a GPU only
+            self._model: FakeVLM | None = FakeVLM.load(checkpoint, device=device, compile=compile)
         except Exception as exc:
             # Raising here makes Triton mark the model unavailable with this message, instead of
             # serving a model that fails every request.

@@ -15,7 +15,7 @@ know which layout serves it. Per dynamic batch:
    KV-cache reuse serves its prefill from the verdict request's blocks: the image tokens carry
    prompt_table_extra_ids (a hash of the image), so two images never share blocks.
 
-Parameters: tokenizer (a FakeVLM checkpoint directory: tokenizer and processor files are enough),
+Parameters: tokenizer (a FakeVLM checkpoint directory: its config.json and tokenizer files are read),
 vocab_size (the LLM's, 32064), vision_model, llm_model, threshold, max_new_tokens.
 """
 
@@ -34,9 +34,8 @@ import triton_python_backend_utils as pb_utils
 from torch.utils import dlpack
 
 from moderation import triton_io
-from moderation.fakevlm import ANSWER_PREFIX, PROMPT, checkpoint_relative_to, label_from_answer
+from moderation.fakevlm import build_prompt, checkpoint_relative_to, label_from_answer
 from moderation.identity import combined_identity
-from moderation.imaging import CROP_SIZE
 
 
 @dataclass(frozen=True)
@@ -48,23 +47,17 @@ class _Row:
 
 
 class PromptIds:
-    """Token ids of FakeVLM's prompt for TensorRT-LLM: image tokens as prompt-table ids, verdict token ids."""
+    """moderation.fakevlm's prompt for TensorRT-LLM: the image tokens become prompt-table ids."""
 
-    def __init__(self, processor: Any, vocab_size: int) -> None:
-        from PIL import Image
-
-        tokenizer = processor.tokenizer
-        blank = Image.new("RGB", (CROP_SIZE, CROP_SIZE))
-        prompt = processor(text=PROMPT, images=blank, return_tensors="np")["input_ids"][0].astype(np.int64)
-        image_id = tokenizer.convert_tokens_to_ids("<image>")
-        image_positions = np.flatnonzero(prompt == image_id)
-        self.image_tokens = len(image_positions)
-        prompt[image_positions] = vocab_size + np.arange(self.image_tokens)  # rows of the prompt table
-        self.answer = tokenizer.encode(ANSWER_PREFIX, add_special_tokens=False)
-        self.input_ids = np.concatenate([prompt, np.asarray(self.answer)]).astype(np.int32)
-        self.image_positions = image_positions
-        self.fake = _single_token(tokenizer, "fake")
-        self.real = _single_token(tokenizer, "real")
+    def __init__(self, tokenizer: Any, config: Any, vocab_size: int) -> None:
+        prompt = build_prompt(tokenizer, config)  # the same ids as the in-process model, 576 checked
+        ids = np.asarray(prompt.ids, dtype=np.int32)
+        self.image_positions = np.asarray(prompt.image_positions)
+        self.image_tokens = len(self.image_positions)
+        ids[self.image_positions] = vocab_size + np.arange(self.image_tokens)  # rows of the prompt table
+        self.input_ids = ids
+        self.answer = prompt.answer
+        self.fake, self.real = prompt.fake, prompt.real
         self.eos = int(tokenizer.eos_token_id)
         self.pad = int(tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos)
 
@@ -75,17 +68,9 @@ class PromptIds:
         return extra
 
 
-def _single_token(tokenizer: Any, word: str) -> int:
-    base = tokenizer.encode(ANSWER_PREFIX, add_special_tokens=False)
-    full = tokenizer.encode(f"{ANSWER_PREFIX} {word}", add_special_tokens=False)
-    if full[: len(base)] != base or len(full) != len(base) + 1:
-        raise ValueError(f"the tokenizer does not encode ' {word}' after {ANSWER_PREFIX!r} as one token")
-    return int(full[-1])
-
-
 class TritonPythonModel:
     def initialize(self, args: dict[str, str]) -> None:
-        from transformers import AutoProcessor
+        from transformers import AutoConfig, AutoTokenizer
 
         config = json.loads(args["model_config"])
         params = {key: value["string_value"] for key, value in config.get("parameters", {}).items()}
@@ -94,8 +79,9 @@ class TritonPythonModel:
         self._threshold = float(params.get("threshold", "0.5"))
         self._max_new_tokens = int(params.get("max_new_tokens", "128"))
         tokenizer_dir = checkpoint_relative_to(params.get("tokenizer", "weights"), Path(args["model_repository"]))
-        self._processor = AutoProcessor.from_pretrained(tokenizer_dir)
-        self._prompt = PromptIds(self._processor, int(params.get("vocab_size", "32064")))
+        self._tokenizer: Any = AutoTokenizer.from_pretrained(tokenizer_dir)
+        model_config = AutoConfig.from_pretrained(tokenizer_dir)  # image_seq_length, image_token_id
+        self._prompt = PromptIds(self._tokenizer, model_config, int(params.get("vocab_size", "32064")))
         # The answers depend on the tokenizer and on both engines: all three make the weights' identity.
         repository = Path(args["model_repository"]).parent
         self._weights = combined_identity(
@@ -115,7 +101,7 @@ class TritonPythonModel:
         return triton_io.responses(pb_utils, decoded, rows, self._weights)
 
     def finalize(self) -> None:
-        self._processor = None
+        self._tokenizer = None
 
     async def _score(self, batches: list[triton_io.Rows]) -> list[_Row]:
         if not batches:
@@ -171,8 +157,18 @@ class TritonPythonModel:
         return response
 
     def _verdict_score(self, response: Any) -> float:
+        # P(fake) must come from the logits at the LAST PROMPT POSITION (after "This is a"), the ones
+        # that chose the first generated token. TensorRT-LLM returns those as generation_logits[0]
+        # since NVIDIA/TensorRT-LLM#3205 (April 2025); before it, generation logits began one step
+        # later (tensorrtllm_backend#530). The greedy token says which row this is: its argmax.
         logits = _numpy(pb_utils.get_output_tensor_by_name(response, "generation_logits"))
-        last = logits.reshape(-1, logits.shape[-1])[0].astype(np.float64)  # beam 0, the one generated token
+        last = logits.reshape(-1, logits.shape[-1])[0].astype(np.float64)  # beam 0, the first generated token
+        chosen = int(_numpy(pb_utils.get_output_tensor_by_name(response, "output_ids")).reshape(-1)[0])
+        if last[chosen] < last.max() - 1e-3 * max(1.0, abs(last.max())):
+            raise RuntimeError(
+                f"{self._llm}: generation_logits[0] did not choose the first generated token {chosen}: they are "
+                "not the last prompt position's logits (TensorRT-LLM before #3205?); refusing to score"
+            )
         pair = last[[self._prompt.fake, self._prompt.real]]
         pair = np.exp(pair - pair.max())
         return float(pair[0] / pair.sum())
@@ -183,8 +179,7 @@ class TritonPythonModel:
         new_ids = [int(t) for t in ids[:length]]  # exclude_input_in_output: the generated tokens only
         if self._prompt.eos in new_ids:
             new_ids = new_ids[: new_ids.index(self._prompt.eos)]
-        tokenizer = self._processor.tokenizer
-        return str(tokenizer.decode(self._prompt.answer + new_ids, skip_special_tokens=True)).strip()
+        return str(self._tokenizer.decode(self._prompt.answer + new_ids, skip_special_tokens=True)).strip()
 
     def _row(self, score: float, explanation: str | None) -> _Row:
         answer = label_from_answer(explanation) if explanation is not None else None

@@ -1,0 +1,117 @@
+"""Is verdict-first valid for a checkpoint? Compare the forced verdict with the model's free answer.
+
+Verdict-first forces the answer prefix "This is a" and reads P(fake) from the next token's logits.
+FakeVLM was trained with a chat template and is evaluated without one, so what it says first when it
+answers freely is an empirical fact per checkpoint. This check generates freely, as FakeVLM's
+scripts/eval.py does (raw prompt, greedy, max_new_tokens 256), and reports the share of answers that
+start with the forced prefix and how often the verdict-first label agrees with the free answer's label
+by the official text rule.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from moderation.errors import Rejected
+from moderation.fakevlm import ANSWER_PREFIX, FakeVLM, label_from_answer
+from moderation.imaging import decode, preprocess
+
+EVAL_MAX_NEW_TOKENS = 256  # FakeVLM's scripts/eval.py
+
+
+@dataclass(frozen=True)
+class Answer:
+    free_text: str  # the model's own answer to the raw prompt, greedy
+    free_label: str | None  # by FakeVLM's eval rule; None when neither word decides
+    score: float  # verdict-first P(fake)
+    verdict_label: str  # verdict-first label at the threshold
+
+
+@dataclass(frozen=True)
+class CheckReport:
+    images: int
+    prefix_share: float  # free answers that start with ANSWER_PREFIX
+    labelled: int  # free answers the eval rule could label
+    agreement: float | None  # verdict-first label == free label, over the labelled answers
+    disagreements: int
+    # |score - threshold| where they disagree: how far the forced verdict is from flipping to the free one
+    margin_mean: float | None
+    margin_max: float | None
+    answers: list[Answer]
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2)
+
+
+def free_answers(vlm: FakeVLM, pixels: np.ndarray, *, max_new_tokens: int = EVAL_MAX_NEW_TOKENS) -> list[str]:
+    """Greedy answers to the raw prompt (no answer prefix, no chat template), as the released eval runs."""
+    prompt = vlm.prompt
+    question = torch.tensor([prompt.ids[: len(prompt.ids) - len(prompt.answer)]], device=vlm.device)
+    rows = question.expand(pixels.shape[0], -1)
+    model: Any = vlm.model
+    with torch.inference_mode():
+        out = model.generate(
+            input_ids=rows,
+            attention_mask=torch.ones_like(rows),
+            pixel_values=torch.as_tensor(pixels).to(device=vlm.device, dtype=model.dtype),
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            pad_token_id=vlm.tokenizer.pad_token_id,
+        )
+    new = out[:, question.shape[1] :]
+    return [str(text).strip() for text in vlm.tokenizer.batch_decode(new, skip_special_tokens=True)]
+
+
+def check(
+    vlm: FakeVLM,
+    pixels: np.ndarray,
+    *,
+    threshold: float = 0.5,
+    max_new_tokens: int = EVAL_MAX_NEW_TOKENS,
+    batch_size: int = 8,
+) -> CheckReport:
+    """Verdict-first against free generation on the same preprocessed images (N, 3, 336, 336)."""
+    answers: list[Answer] = []
+    for start in range(0, pixels.shape[0], batch_size):
+        batch = pixels[start : start + batch_size]
+        texts = free_answers(vlm, batch, max_new_tokens=max_new_tokens)
+        scored = vlm.score(batch, [float("inf")] * batch.shape[0], threshold=threshold)
+        answers += [Answer(t, label_from_answer(t), s.score, s.label) for t, s in zip(texts, scored, strict=True)]
+    return summarise(answers, threshold)
+
+
+def summarise(answers: list[Answer], threshold: float) -> CheckReport:
+    labelled = [a for a in answers if a.free_label is not None]
+    disagree = [a for a in labelled if a.free_label != a.verdict_label]
+    margins = [abs(a.score - threshold) for a in disagree]
+    return CheckReport(
+        images=len(answers),
+        prefix_share=sum(a.free_text.startswith(ANSWER_PREFIX) for a in answers) / len(answers) if answers else 0.0,
+        labelled=len(labelled),
+        agreement=1 - len(disagree) / len(labelled) if labelled else None,
+        disagreements=len(disagree),
+        margin_mean=sum(margins) / len(margins) if margins else None,
+        margin_max=max(margins) if margins else None,
+        answers=answers,
+    )
+
+
+def load_images(paths: Sequence[Path], *, max_pixels: int = 50_000_000) -> tuple[np.ndarray, list[Path], list[str]]:
+    """Files and folders -> pixel values by the exact preprocessing, the files used, and why others were not."""
+    from moderation.scan import collect_files  # here: scan needs pydantic, the GPU device run does not have it
+
+    rows, used, skipped = [], [], []
+    for path in collect_files(paths):
+        try:
+            rows.append(preprocess(decode(path.read_bytes(), max_pixels=max_pixels).image))
+            used.append(path)
+        except (OSError, Rejected) as exc:
+            skipped.append(f"{path}: {exc}")
+    return (np.stack(rows) if rows else np.empty((0, 3, 336, 336), np.float32)), used, skipped
