@@ -121,7 +121,7 @@ async def read_dead_letters(settings: Settings, *, limit: int = 100, newest_firs
     await consumer.start()
     try:
         partitions = await _partitions(consumer, settings.topic_dlq)
-        first, end = await consumer.beginning_offsets(partitions), await consumer.end_offsets(partitions)
+        first, end = await consumer.beginning_offsets(partitions), await _ends(consumer, partitions)
         start = {tp: max(first[tp], end[tp] - limit) if newest_first else first[tp] for tp in partitions}
         stop = {tp: min(end[tp], start[tp] + limit) for tp in partitions}
         stored = [parse(r) async for batch in _read(consumer, start, stop) for r in batch]
@@ -164,7 +164,7 @@ async def replay(
         await client.start()
     try:
         partitions = await _partitions(reader, settings.topic_dlq)
-        first, end = await reader.beginning_offsets(partitions), await reader.end_offsets(partitions)
+        first, end = await reader.beginning_offsets(partitions), await _ends(reader, partitions)
         done = {reason: await _committed(group, partitions, first) for reason, group in groups.items()}
         start = {tp: min(done[reason][tp] for reason in chosen) for tp in partitions}
         async for batch in _read(reader, start, end):
@@ -232,6 +232,20 @@ async def _partitions(consumer: AIOKafkaConsumer, topic: str) -> list[TopicParti
     if not ids:
         raise TopicMissing(f"topic {topic} does not exist")
     return [TopicPartition(topic, p) for p in sorted(ids)]
+
+
+async def _ends(consumer: AIOKafkaConsumer, partitions: list[TopicPartition]) -> dict[TopicPartition, int]:
+    """Each partition's end offset (its high watermark), from a fetch: Tansu's ListOffsets answers with the
+    last record batch's base offset + 1, short of the end when that batch holds several records."""
+    listed = await consumer.end_offsets(partitions)
+    consumer.assign(partitions)
+    for tp in partitions:
+        consumer.seek(tp, listed[tp])
+    for _ in range(_IDLE_FETCHES):
+        if all(consumer.highwater(tp) is not None for tp in partitions):
+            break
+        await consumer.getmany(timeout_ms=500)  # records or not, the answer carries the high watermark
+    return {tp: max(listed[tp], consumer.highwater(tp) or 0) for tp in partitions}
 
 
 async def _read(
