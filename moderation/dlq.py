@@ -253,6 +253,8 @@ async def _read(
 ) -> AsyncIterator[list[ConsumerRecord[Any, Any]]]:
     """Records in [start, stop) of each partition, a partition's run at a time, in offset order."""
     pending = [tp for tp in start if start[tp] < stop[tp]]
+    if not pending:
+        return  # and assign() no empty list: aiokafka's consumer then never stops
     consumer.assign(pending)
     for tp in pending:
         consumer.seek(tp, start[tp])
