@@ -17,7 +17,7 @@ CommaList = Annotated[tuple[str, ...], NoDecode]
 
 # What bounds the worst batch time (`Settings.worst_batch_s`), from the code and the clients it uses;
 # tests/test_settings.py checks each against its source.
-S3_TRIES, S3_BACKOFF_S = 3, 3.0  # botocore's standard retry mode (moderation/storage.py): 3 tries, <= 1 + 2 s apart
+S3_TRIES, S3_BACKOFF_S = 4, 7.0  # moderation/storage.py: botocore's standard mode, 3 retries <= 1, 2, 4 s apart
 KAFKA_REQUEST_TIMEOUT_S = 40.0  # aiokafka's producer default, which moderation/publisher.py keeps
 PUBLISH_ATTEMPTS, PUBLISH_BACKOFF_S = 5, 6.0  # moderation/publisher.py: ATTEMPTS, and its sleeps 0.4 + 0.8 + 1.6 + 3.2
 # An attempt waits for topic metadata, then for its records, which expire a request timeout after they were
