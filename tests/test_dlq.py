@@ -9,6 +9,7 @@ import asyncio
 import base64
 import inspect
 import json
+import re
 import time
 
 import pytest
@@ -225,14 +226,17 @@ def test_a_transient_dead_letter_from_a_worker_is_replayed_with_the_defaults_and
     )
     [acked] = asyncio.run(publish(settings, [event_message(event)]))
     nowhere = f"http://127.0.0.1:{free_port()}"  # S3 away for the whole event deadline: several in-batch retries
-    worker = lane.worker("s3-away", MODERATION_S3_ENDPOINT_URL=nowhere, MODERATION_EVENT_DEADLINE_S="4")
+    worker = lane.worker("s3-away", MODERATION_S3_ENDPOINT_URL=nowhere, MODERATION_EVENT_DEADLINE_S="25")
     try:
-        deadline = time.monotonic() + 180
+        deadline = time.monotonic() + 240
         while not (mine := letters_of(settings, event.event_id)):
             assert time.monotonic() < deadline, lane.log("s3-away")[-2000:]
             time.sleep(1)
         ends = {acked.partition: acked.offset + 1}
         assert wait_for_commits(settings, ends) == ends, "the original upload is done: only the replay comes back"
+        _, metrics = lane.scrape()
+        retried = re.search(r'^moderation_retries_total\{reason="storage_unavailable"\} (\S+)$', metrics, re.M)
+        assert retried and float(retried.group(1)) >= 1, "the batch retried the event before its dead letter"
     finally:
         stop_worker(worker)
     [transient] = mine
