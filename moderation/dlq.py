@@ -26,7 +26,7 @@ import binascii
 import logging
 import re
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPartition
@@ -138,7 +138,6 @@ class ReplayReport:
     exhausted: int = 0
     malformed: int = 0
     earlier: int = 0  # letters of the chosen reasons that an earlier replay already dealt with
-    progress: dict[str, dict[int, int]] = field(default_factory=dict)  # reason -> partition -> committed offset
 
 
 async def replay(
@@ -185,7 +184,6 @@ async def replay(
                     if reached > done[reason][tp]:
                         await group.commit({tp: reached})
                         done[reason][tp] = reached
-        report.progress = {reason: {tp.partition: done[reason][tp] for tp in partitions} for reason in chosen}
     finally:
         for client in (producer, *groups.values(), reader):
             await client.stop()
