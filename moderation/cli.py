@@ -321,56 +321,87 @@ def dev_status(run_dir: RunDir = DEFAULT_HOME / "stack") -> None:
 @dlq.command("inspect")
 def dlq_inspect(
     env_file: EnvFile = None,
-    limit: Annotated[int, typer.Option(min=1, help="Show at most this many, oldest first.")] = 100,
+    limit: Annotated[
+        int, typer.Option(min=1, help="Show at most this many (reads at most this many a partition).")
+    ] = 100,
+    oldest: Annotated[bool, typer.Option("--oldest", help="The oldest first (default: the newest first).")] = False,
 ) -> None:
-    """Show the dead letters with their reasons (reading commits nothing)."""
+    """Show the dead letters, the newest first, with their reasons; records that are not dead letters are
+    listed with where they are and why. Reading commits nothing."""
+    from rich.markup import escape
     from rich.table import Table
 
     from moderation.dlq import read_dead_letters
 
-    letters = asyncio.run(read_dead_letters(load_settings(env_file), limit=limit))
-    table = Table("event_id", "reason", "retryable", "attempts", "source", "last error", "detail")
-    for d in letters:
-        source = f"{d.source_topic}[{d.source_partition}]@{d.source_offset}"
+    stored = _run_or_exit(read_dead_letters(load_settings(env_file), limit=limit, newest_first=not oldest))
+    table = Table("event_id", "reason", "retryable", "attempts", "source", "dead letter", "last error", "detail")
+    malformed = 0
+    for s in stored:
+        if (d := s.letter) is None:
+            malformed += 1
+            table.add_row("", "(not a dead letter)", "", "", "", s.where, "", escape(s.problem[:80]))
+            continue
         table.add_row(
             str(d.event_id),
             d.reason,
             _yes(d.retryable),
             str(d.attempts),
-            source,
+            f"{d.source_topic}[{d.source_partition}]@{d.source_offset}",
+            s.where,
             d.last_error_at.isoformat(timespec="seconds"),
-            d.detail[:80],
+            escape(d.detail[:80]),
         )
     console.print(table)
-    console.print(f"{len(letters)} dead letters")
+    console.print(
+        f"{len(stored) - malformed} dead letters, {malformed} records that are not, "
+        + ("oldest" if oldest else "newest")
+        + " first"
+    )
 
 
-@dlq.command("replay")
+@dlq.command(
+    "replay",
+    help="Re-publish retryable dead letters to the uploads topic, byte for byte, with their attempt count. "
+    "Progress is kept per reason code (consumer group <group>-dlq-replay.<reason>) and a replay moves only the "
+    "groups of the reasons it replays, so a letter it skips for its reason is still there for a later replay "
+    "of that reason; letters at the cap and permanent ones are final. Records that are not dead letters are "
+    "reported and skipped. Run one replay at a time.",
+)
 def dlq_replay(
     env_file: EnvFile = None,
-    max_attempts: Annotated[int, typer.Option(min=1, help="Leave letters that failed this often.")] = 5,
-    reason: Annotated[list[str] | None, typer.Option(help="Only these reason codes (repeatable).")] = None,
+    max_attempts: Annotated[
+        int,
+        typer.Option(min=1, help="Leave letters whose upload was delivered this often (attempts counts deliveries)."),
+    ] = 5,
+    reason: Annotated[
+        list[str] | None, typer.Option(help="Only these retryable reason codes (repeatable; default: all of them).")
+    ] = None,
     dry_run: Annotated[bool, typer.Option(help="Show what would be replayed; publish and commit nothing.")] = False,
 ) -> None:
-    """Re-publish retryable dead letters to the uploads topic, byte for byte, with their attempt count."""
-    from moderation.dlq import replay
-    from moderation.events import DeadLetter
+    from moderation.dlq import Stored, replay
+    from moderation.errors import RETRYABLE, Reason
 
-    def show(letter: DeadLetter, verdict: str) -> None:
-        console.print(f"{verdict:>9}  {letter.event_id}  {letter.reason}  attempts={letter.attempts}")
+    if wrong := [r for r in reason or () if r not in RETRYABLE]:
+        retryable = ", ".join(sorted(RETRYABLE))
+        console.print(f"[red]error:[/] not a retryable reason code: {', '.join(wrong)} (retryable: {retryable})")
+        raise typer.Exit(2)
+    reasons = {Reason(r) for r in reason} if reason else None
 
-    report = asyncio.run(
-        replay(
-            load_settings(env_file),
-            max_attempts=max_attempts,
-            reasons=set(reason) if reason else None,
-            dry_run=dry_run,
-            on_letter=show,
-        )
+    def show(stored: Stored, verdict: str) -> None:
+        if (letter := stored.letter) is None:
+            console.print(f"{verdict:>9}  {stored.where}  {stored.problem}", markup=False)
+        elif verdict != "earlier":
+            console.print(
+                f"{verdict:>9}  {stored.where}  {letter.event_id}  {letter.reason}  attempts={letter.attempts}"
+            )
+
+    report = _run_or_exit(
+        replay(load_settings(env_file), max_attempts=max_attempts, reasons=reasons, dry_run=dry_run, on_letter=show)
     )
     console.print(
-        f"replayed {report.replayed}, skipped {report.skipped}, over the cap {report.exhausted}"
-        + (" (dry run)" if dry_run else "")
+        f"replayed {report.replayed}, skipped {report.skipped}, over the cap {report.exhausted}, "
+        f"not dead letters {report.malformed}, done by an earlier replay {report.earlier}"
+        + (" (dry run: nothing published or committed)" if dry_run else "")
     )
 
 

@@ -1,49 +1,134 @@
 """The dead-letter topic: inspect it, and replay the retryable letters with an attempt count and a cap.
 
-A replayed upload carries the number of attempts so far in the `moderation-attempts` header; the
-worker adds to it, so a letter that keeps failing stops being replayed at `--max-attempts`.
+A replayed upload carries the number of deliveries so far in the `moderation-attempts` header; the
+worker's dead letter for it counts one more, so a letter that keeps failing stops being replayed once
+its `attempts` reaches `--max-attempts`.
+
+Replay never hides a letter. Its progress is kept per reason code, in one consumer group per
+retryable reason (`<group>-dlq-replay.<reason>`), committed without joining the group. A replay of
+reasons R reads each partition from the lowest committed offset among R's groups, up to the end
+offsets it saw when it started, and moves only R's groups, to the end it read: every letter of a
+reason in R below that point was replayed, or can never be (not retryable, or at the cap). Letters of
+other reasons are read and skipped, but their groups do not move, so a later replay for their reason
+still finds them. A letter at the cap stays final for replay (a higher `--max-attempts` later does not
+bring it back: stopping it from being replayed again and again is what the cap is for); `dlq inspect`
+still shows it. Run one replay at a time: two at once may replay the same letters twice (duplicates,
+never loss).
+
+A record on the topic that is not a dead letter (a null value, bytes that are not JSON, JSON that is not
+a DeadLetter, a payload that is not base64) is reported with its `topic[partition]@offset` and why,
+and skipped: it never stops `inspect` or `replay`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping
+import binascii
+import logging
+import re
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from dataclasses import dataclass
+from typing import Any
 
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPartition
+from pydantic import ValidationError
 
+from moderation.errors import RETRYABLE, ModerationError, Reason
 from moderation.events import DeadLetter
 from moderation.kafka import aiokafka_options
 from moderation.settings import Settings
 
+log = logging.getLogger(__name__)
+
 ATTEMPTS_HEADER = "moderation-attempts"
 REPLAY_GROUP_SUFFIX = "-dlq-replay"
+_COUNT = re.compile(rb"\s*\+?(\d{1,18})\s*")  # at most 18 digits: an int64 a Kafka client may have written
+_IDLE_FETCHES = 10  # empty fetches in a row before a read gives up on reaching the end offsets
 
 
-def attempts_from(headers: Mapping[str, bytes] | Iterable[tuple[str, bytes]] | None) -> int:
-    """Attempts recorded on a replayed message; 0 for a first delivery or an unreadable header."""
-    pairs = headers.items() if isinstance(headers, Mapping) else (headers or ())
-    for name, value in pairs:
-        if name == ATTEMPTS_HEADER:
-            try:
-                return max(0, int(value))
-            except ValueError:
-                return 0
-    return 0
+def attempts_from(headers: Mapping[Any, Any] | Iterable[Any] | None) -> int:
+    """Deliveries recorded on a replayed message; 0 for a first delivery. Never raises, whatever a Kafka
+    client sent: a null, non-UTF-8, non-numeric or negative value counts as 0, and of duplicated headers
+    the largest count wins (a stale lower one must not restart the count and lift the cap)."""
+    try:
+        pairs = list(headers.items() if isinstance(headers, Mapping) else (headers or ()))
+    except Exception:  # headers the client could not even list: a first delivery
+        return 0
+    return max((_count(pair) for pair in pairs), default=0)
 
 
-async def read_dead_letters(settings: Settings, *, limit: int | None = None) -> list[DeadLetter]:
-    """Every dead letter on the topic, oldest first (no consumer group: reading commits nothing)."""
-    consumer = AIOKafkaConsumer(
-        settings.topic_dlq, group_id=None, auto_offset_reset="earliest", **aiokafka_options(settings)
-    )
+def _count(pair: Any) -> int:
+    try:
+        name, value = pair
+    except (TypeError, ValueError):  # not a (name, value) pair
+        return 0
+    if name not in (ATTEMPTS_HEADER, ATTEMPTS_HEADER.encode()):
+        return 0
+    if isinstance(value, str):
+        value = value.encode(errors="replace")
+    if not isinstance(value, bytes | bytearray | memoryview):  # a null value, or something no client sends
+        return 0
+    match = _COUNT.fullmatch(bytes(value))
+    return int(match.group(1)) if match else 0
+
+
+class TopicMissing(ModerationError):
+    """The dead-letter topic does not exist (yet)."""
+
+
+@dataclass(frozen=True)
+class Stored:
+    """One record of the dead-letter topic: its letter, or why it is not one (`problem`)."""
+
+    topic: str
+    partition: int
+    offset: int
+    timestamp_ms: int
+    key: bytes | None
+    letter: DeadLetter | None
+    problem: str = ""
+
+    @property
+    def where(self) -> str:
+        return f"{self.topic}[{self.partition}]@{self.offset}"
+
+
+def parse(record: ConsumerRecord[Any, Any]) -> Stored:
+    """The record as a dead letter, or why it is not one. Never raises."""
+    letter, problem = None, ""
+    if record.value is None:
+        problem = "null value (a tombstone), not a dead letter"
+    else:
+        try:
+            letter = DeadLetter.model_validate_json(record.value)
+            letter.payload()
+        except ValidationError as exc:
+            letter, problem = None, f"not a dead letter: {_first_error(exc)}"
+        except (binascii.Error, ValueError) as exc:
+            letter, problem = None, f"payload_base64 is not base64: {exc}"
+    return Stored(record.topic, record.partition, record.offset, record.timestamp, record.key, letter, problem)
+
+
+def _first_error(exc: ValidationError) -> str:
+    error = exc.errors(include_url=False, include_input=False)[0]
+    where = ".".join(str(part) for part in error["loc"])
+    return f"{where}: {error['msg']}" if where else error["msg"]
+
+
+async def read_dead_letters(settings: Settings, *, limit: int = 100, newest_first: bool = True) -> list[Stored]:
+    """At most `limit` records of the dead-letter topic, the newest (or oldest) first, malformed ones
+    included with their problem. Reads at most `limit` records per partition; commits nothing."""
+    consumer = AIOKafkaConsumer(group_id=None, enable_auto_commit=False, **aiokafka_options(settings))
     await consumer.start()
     try:
-        letters: list[DeadLetter] = []
-        while (batch := await consumer.getmany(timeout_ms=1000)) and (limit is None or len(letters) < limit):
-            letters += [DeadLetter.model_validate_json(r.value) for records in batch.values() for r in records]
-        return letters[:limit]
+        partitions = await _partitions(consumer, settings.topic_dlq)
+        first, end = await consumer.beginning_offsets(partitions), await _ends(consumer, partitions)
+        start = {tp: max(first[tp], end[tp] - limit) if newest_first else first[tp] for tp in partitions}
+        stop = {tp: min(end[tp], start[tp] + limit) for tp in partitions}
+        stored = [parse(r) async for batch in _read(consumer, start, stop) for r in batch]
     finally:
         await consumer.stop()
+    stored.sort(key=lambda s: (s.timestamp_ms, s.partition, s.offset), reverse=newest_first)
+    return stored[:limit]
 
 
 @dataclass
@@ -51,58 +136,139 @@ class ReplayReport:
     replayed: int = 0
     skipped: int = 0
     exhausted: int = 0
+    malformed: int = 0
+    earlier: int = 0  # letters of the chosen reasons that an earlier replay already dealt with
 
 
 async def replay(
     settings: Settings,
     *,
     max_attempts: int,
-    reasons: set[str] | None = None,
+    reasons: set[Reason] | None = None,
     dry_run: bool = False,
-    on_letter: Callable[[DeadLetter, str], None] | None = None,
+    on_letter: Callable[[Stored, str], None] | None = None,
 ) -> ReplayReport:
-    """Re-publish retryable dead letters (under `max_attempts`) to the uploads topic, byte for byte.
-
-    A consumer group remembers how far replay got, so running it again replays only newer letters.
-    """
-    group = settings.kafka_consumer_group + REPLAY_GROUP_SUFFIX
-    consumer = AIOKafkaConsumer(
-        settings.topic_dlq,
-        group_id=group,
-        auto_offset_reset="earliest",
-        enable_auto_commit=False,
-        **aiokafka_options(settings),
-    )
-    producer = AIOKafkaProducer(acks="all", **aiokafka_options(settings))
+    """Re-publish retryable dead letters of `reasons` (default: every retryable reason) with fewer than
+    `max_attempts` deliveries to the uploads topic, byte for byte, keyed as on the dead-letter topic.
+    Progress per reason: see the module docstring. `on_letter(stored, verdict)` sees every record read,
+    verdict one of replayed, skipped, exhausted, malformed, earlier."""
+    chosen = sorted(RETRYABLE & reasons if reasons is not None else RETRYABLE)
     report = ReplayReport()
-    await consumer.start()
-    await producer.start()
+    if not chosen:
+        return report
+    reader = AIOKafkaConsumer(group_id=None, enable_auto_commit=False, **aiokafka_options(settings))
+    groups = {reason: _progress_consumer(settings, reason) for reason in chosen}
+    producer = AIOKafkaProducer(acks="all", **aiokafka_options(settings))
+    for client in (reader, *groups.values(), producer):
+        await client.start()
     try:
-        while batch := await consumer.getmany(timeout_ms=2000):
-            for records in batch.values():
-                for record in records:
-                    letter = DeadLetter.model_validate_json(record.value)
-                    verdict = _decide(letter, max_attempts, reasons)
-                    setattr(report, verdict, getattr(report, verdict) + 1)
-                    if on_letter:
-                        on_letter(letter, verdict)
-                    if verdict == "replayed" and not dry_run:
-                        await _republish(producer, settings, letter)
-            if not dry_run:
-                await consumer.commit()
+        partitions = await _partitions(reader, settings.topic_dlq)
+        first, end = await reader.beginning_offsets(partitions), await _ends(reader, partitions)
+        done = {reason: await _committed(group, partitions, first) for reason, group in groups.items()}
+        start = {tp: min(done[reason][tp] for reason in chosen) for tp in partitions}
+        async for batch in _read(reader, start, end):
+            for record in batch:
+                stored = parse(record)
+                verdict = _decide(stored, max_attempts, done, chosen)
+                setattr(report, verdict, getattr(report, verdict) + 1)
+                if verdict == "malformed":
+                    log.warning("skipped %s: %s", stored.where, stored.problem)
+                if on_letter:
+                    on_letter(stored, verdict)
+                if verdict == "replayed" and not dry_run:
+                    await _republish(producer, settings, stored)
+            if batch and not dry_run:  # each group past what it dealt with, never back
+                tp = TopicPartition(batch[0].topic, batch[0].partition)
+                reached = batch[-1].offset + 1
+                for reason, group in groups.items():
+                    if reached > done[reason][tp]:
+                        await group.commit({tp: reached})
+                        done[reason][tp] = reached
     finally:
-        await producer.stop()
-        await consumer.stop()
+        for client in (producer, *groups.values(), reader):
+            await client.stop()
     return report
 
 
-def _decide(letter: DeadLetter, max_attempts: int, reasons: set[str] | None) -> str:
-    if not letter.retryable or (reasons is not None and letter.reason not in reasons):
+def _decide(
+    stored: Stored, max_attempts: int, done: dict[Reason, dict[TopicPartition, int]], chosen: list[Reason]
+) -> str:
+    letter = stored.letter
+    if letter is None:
+        return "malformed"
+    if letter.reason not in chosen:
+        return "skipped"  # its own reason's group does not move: a replay for that reason finds it
+    if stored.offset < done[letter.reason][TopicPartition(stored.topic, stored.partition)]:
+        return "earlier"
+    if not letter.retryable:
         return "skipped"
     return "exhausted" if letter.attempts >= max_attempts else "replayed"
 
 
-async def _republish(producer: AIOKafkaProducer, settings: Settings, letter: DeadLetter) -> None:
-    key = letter.event_id.encode() if letter.event_id else None
-    headers = [(ATTEMPTS_HEADER, str(letter.attempts).encode())]
-    await producer.send_and_wait(settings.topic_uploads, value=letter.payload(), key=key, headers=headers)
+def replay_group(settings: Settings, reason: Reason) -> str:
+    return f"{settings.kafka_consumer_group}{REPLAY_GROUP_SUFFIX}.{reason}"
+
+
+def _progress_consumer(settings: Settings, reason: Reason) -> AIOKafkaConsumer:
+    """A consumer that only reads and commits its group's offsets: it is given partitions, never joins."""
+    return AIOKafkaConsumer(
+        group_id=replay_group(settings, reason), enable_auto_commit=False, **aiokafka_options(settings)
+    )
+
+
+async def _committed(
+    group: AIOKafkaConsumer, partitions: list[TopicPartition], first: dict[TopicPartition, int]
+) -> dict[TopicPartition, int]:
+    group.assign(partitions)
+    committed = {tp: await group.committed(tp) for tp in partitions}
+    return {tp: max(committed[tp] or 0, first[tp]) for tp in partitions}  # retention may have moved the start
+
+
+async def _partitions(consumer: AIOKafkaConsumer, topic: str) -> list[TopicPartition]:
+    await consumer.topics()  # fetches the metadata partitions_for_topic reads
+    ids = consumer.partitions_for_topic(topic)
+    if not ids:
+        raise TopicMissing(f"topic {topic} does not exist")
+    return [TopicPartition(topic, p) for p in sorted(ids)]
+
+
+async def _ends(consumer: AIOKafkaConsumer, partitions: list[TopicPartition]) -> dict[TopicPartition, int]:
+    """Each partition's end offset (its high watermark), from a fetch: Tansu's ListOffsets answers with the
+    last record batch's base offset + 1, short of the end when that batch holds several records."""
+    listed = await consumer.end_offsets(partitions)
+    consumer.assign(partitions)
+    for tp in partitions:
+        consumer.seek(tp, listed[tp])
+    for _ in range(_IDLE_FETCHES):
+        if all(consumer.highwater(tp) is not None for tp in partitions):
+            break
+        await consumer.getmany(timeout_ms=500)  # records or not, the answer carries the high watermark
+    return {tp: max(listed[tp], consumer.highwater(tp) or 0) for tp in partitions}
+
+
+async def _read(
+    consumer: AIOKafkaConsumer, start: dict[TopicPartition, int], stop: dict[TopicPartition, int]
+) -> AsyncIterator[list[ConsumerRecord[Any, Any]]]:
+    """Records in [start, stop) of each partition, a partition's run at a time, in offset order."""
+    pending = [tp for tp in start if start[tp] < stop[tp]]
+    if not pending:
+        return  # and assign() no empty list: aiokafka's consumer then never stops
+    consumer.assign(pending)
+    for tp in pending:
+        consumer.seek(tp, start[tp])
+    idle = 0
+    while pending:
+        batch = await consumer.getmany(*pending, timeout_ms=1000)
+        idle = 0 if batch else idle + 1
+        if idle >= _IDLE_FETCHES:
+            raise TimeoutError(f"no records from {pending} before their end offsets {[stop[tp] for tp in pending]}")
+        for tp, records in batch.items():
+            yield [r for r in records if r.offset < stop[tp]]
+        pending = [tp for tp in pending if await consumer.position(tp) < stop[tp]]
+        consumer.pause(*(tp for tp in consumer.assignment() if tp not in pending))
+
+
+async def _republish(producer: AIOKafkaProducer, settings: Settings, stored: Stored) -> None:
+    assert stored.letter is not None, "only letters are replayed"
+    headers = [(ATTEMPTS_HEADER, str(stored.letter.attempts).encode())]
+    await producer.send_and_wait(settings.topic_uploads, value=stored.letter.payload(), key=stored.key, headers=headers)

@@ -76,6 +76,7 @@ class StackInfo:
         env = {
             "MODERATION_KAFKA_BOOTSTRAP_SERVERS": self.kafka_bootstrap,
             "MODERATION_KAFKA_REBALANCE_TIMEOUT_S": "5",
+            "MODERATION_KAFKA_ACCEPT_REBALANCE_OVERLAP": "true",  # Tansu holds a JoinGroup for the whole timeout
             "MODERATION_KAFKA_SESSION_TIMEOUT_S": "10",
             "MODERATION_KAFKA_HEARTBEAT_INTERVAL_S": "1",
             "MODERATION_S3_ENDPOINT_URL": self.s3_endpoint,

@@ -15,6 +15,16 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 CommaList = Annotated[tuple[str, ...], NoDecode]
 
+# What bounds the worst batch time (`Settings.worst_batch_s`), from the code and the clients it uses;
+# tests/test_settings.py checks each against its source.
+S3_TRIES, S3_BACKOFF_S = 4, 7.0  # moderation/storage.py: botocore's standard mode, 3 retries <= 1, 2, 4 s apart
+KAFKA_REQUEST_TIMEOUT_S = 40.0  # aiokafka's producer default, which moderation/publisher.py keeps
+PUBLISH_ATTEMPTS, PUBLISH_BACKOFF_S = 5, 6.0  # moderation/publisher.py: ATTEMPTS, and its sleeps 0.4 + 0.8 + 1.6 + 3.2
+# An attempt waits for topic metadata, then for its records, which expire a request timeout after they were
+# queued, plus a produce request in flight at that moment: 3 request timeouts at most.
+PUBLISH_WINDOW_S = PUBLISH_ATTEMPTS * 3 * KAFKA_REQUEST_TIMEOUT_S + PUBLISH_BACKOFF_S  # 606 s
+FAUST_REQUEST_TIMEOUT_S = 90.0  # Faust's broker_request_timeout: it refuses a longer session timeout
+
 
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="MODERATION_", env_file=None, extra="ignore", frozen=True)
@@ -33,10 +43,30 @@ class Settings(BaseSettings):
     kafka_ssl_certfile: Path | None = Field(None, description="Client certificate for mutual TLS.")
     kafka_ssl_keyfile: Path | None = Field(None, description="Private key of the client certificate.")
     kafka_consumer_group: str = Field("moderation", description="Consumer group, also the Faust app id.")
-    kafka_rebalance_timeout_s: float = Field(60.0, gt=0, description="Consumer-group rebalance timeout.")
-    kafka_session_timeout_s: float = Field(60.0, gt=0, description="Consumer-group session timeout.")
-    kafka_heartbeat_interval_s: float = Field(3.0, gt=0, description="Consumer-group heartbeat interval.")
-    kafka_max_poll_interval_s: float = Field(300.0, description="Keep above the worst batch time.")
+    kafka_rebalance_timeout_s: float = Field(
+        1200.0,
+        gt=0,
+        description="Consumer-group rebalance timeout; above the worst batch time (README: Timeouts), as a "
+        "member finishes its batches before it rejoins.",
+    )
+    kafka_session_timeout_s: float = Field(
+        60.0, gt=0, description="Consumer-group session timeout (at most 90 s, Faust's request timeout)."
+    )
+    kafka_heartbeat_interval_s: float = Field(
+        3.0, gt=0, description="Consumer-group heartbeat interval (at most a third of the session timeout)."
+    )
+    kafka_max_poll_interval_s: float = Field(
+        1200.0,
+        gt=0,
+        description="Above the worst batch time (README: Timeouts): a consumer that fetched nothing this long "
+        "leaves the group.",
+    )
+    kafka_accept_rebalance_overlap: bool = Field(
+        False,
+        description="Accept a rebalance timeout at or below the worst batch time: a worker still finishing a batch "
+        "may lose its partitions and another redo them (duplicates, never loss). Only for brokers such as Tansu, "
+        "which hold every JoinGroup for the whole rebalance timeout (the local stack sets it).",
+    )
     kafka_topic_partitions: int = Field(4, ge=1, description="Partitions for topics the worker declares.")
     kafka_fetch_max_wait_ms: int = Field(
         100, ge=1, description="Longest a fetch waits for new records (Tansu always waits it out: latency floor)."
@@ -128,7 +158,7 @@ class Settings(BaseSettings):
 
     # Retries
     event_deadline_s: float = Field(
-        600.0, gt=0, description="Transient faults (S3/Triton unavailable) are retried this long, then dead-lettered."
+        300.0, gt=0, description="Transient faults (S3/Triton unavailable) are retried this long, then dead-lettered."
     )
     retry_backoff_max_s: float = Field(30.0, gt=0, description="Longest wait between two retries (with jitter).")
 
@@ -184,6 +214,63 @@ class Settings(BaseSettings):
             raise ValueError("review_threshold must not exceed flag_threshold")
         if self.kafka_min_insync_replicas > self.kafka_replication_factor:
             raise ValueError("kafka_min_insync_replicas must not exceed kafka_replication_factor")
+        return self
+
+    @property
+    def worst_batch_s(self) -> float:
+        """The longest one batch can stay un-acked while its worker lives: transient retries until the event
+        deadline, one more backoff and try (S3 with botocore's retries, then Triton), then the publisher's
+        whole retry window. With MODERATION_MAX_INFLIGHT_BATCHES out, the agent waits that long for a slot
+        and Faust fetches nothing meanwhile (its buffer is full)."""
+        one_try = S3_TRIES * 2 * self.s3_timeout_s + S3_BACKOFF_S + self.triton_timeout_s
+        return self.event_deadline_s + self.retry_backoff_max_s + one_try + PUBLISH_WINDOW_S
+
+    @model_validator(mode="after")
+    def _timeouts_agree(self) -> Settings:
+        """Refuse timeouts that let the group hand a worker's partitions to another worker while the first
+        still works on (and publishes for) their events: the second would redo them."""
+        worst = (
+            f"the worst batch time ({self.worst_batch_s:.0f} s = MODERATION_EVENT_DEADLINE_S + "
+            f"MODERATION_RETRY_BACKOFF_MAX_S + one try: {S3_TRIES} x 2 x MODERATION_S3_TIMEOUT_S + {S3_BACKOFF_S:.0f} "
+            f"+ MODERATION_TRITON_TIMEOUT_S, + the publisher's retry window, {PUBLISH_WINDOW_S:.0f} s)"
+        )
+        problems = []
+        if self.kafka_max_poll_interval_s <= self.worst_batch_s:
+            problems.append(
+                f"MODERATION_KAFKA_MAX_POLL_INTERVAL_S ({self.kafka_max_poll_interval_s:g} s) must exceed {worst}: "
+                "Faust fetches nothing while the agent waits on a batch, and aiokafka leaves the group once it has "
+                "fetched nothing for that long"
+            )
+            worst = "the worst batch time"
+        if self.kafka_rebalance_timeout_s <= self.worst_batch_s and not self.kafka_accept_rebalance_overlap:
+            problems.append(
+                f"MODERATION_KAFKA_REBALANCE_TIMEOUT_S ({self.kafka_rebalance_timeout_s:g} s) must exceed {worst}: "
+                "in a rebalance Faust finishes and acks the batches in flight before it rejoins, and the group "
+                "drops a member that has not rejoined by then (MODERATION_KAFKA_ACCEPT_REBALANCE_OVERLAP=true "
+                "accepts the duplicates, for Tansu)"
+            )
+        drain_limits = [("MODERATION_KAFKA_MAX_POLL_INTERVAL_S", self.kafka_max_poll_interval_s)]
+        if not self.kafka_accept_rebalance_overlap:
+            drain_limits.append(("MODERATION_KAFKA_REBALANCE_TIMEOUT_S", self.kafka_rebalance_timeout_s))
+        problems += [
+            f"MODERATION_SHUTDOWN_GRACE_S ({self.shutdown_grace_s:g} s) must be below {name} ({limit:g} s): the "
+            "worker drains on SIGTERM with its fetcher stopped, and must not be dropped from the group meanwhile"
+            for name, limit in drain_limits
+            if self.shutdown_grace_s >= limit
+        ]
+        if self.kafka_session_timeout_s > FAUST_REQUEST_TIMEOUT_S:
+            problems.append(
+                f"MODERATION_KAFKA_SESSION_TIMEOUT_S ({self.kafka_session_timeout_s:g} s) must not exceed "
+                f"{FAUST_REQUEST_TIMEOUT_S:g} s, Faust's broker_request_timeout (Faust refuses to start)"
+            )
+        if 3 * self.kafka_heartbeat_interval_s > self.kafka_session_timeout_s:
+            problems.append(
+                f"MODERATION_KAFKA_HEARTBEAT_INTERVAL_S ({self.kafka_heartbeat_interval_s:g} s) must be at most a "
+                f"third of MODERATION_KAFKA_SESSION_TIMEOUT_S ({self.kafka_session_timeout_s:g} s), so that a "
+                "lost heartbeat or two does not drop a live worker"
+            )
+        if problems:
+            raise ValueError("timeouts that disagree (README: Timeouts): " + "; ".join(problems))
         return self
 
 

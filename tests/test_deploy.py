@@ -827,3 +827,21 @@ def test_promtool_parses_every_expression(tmp_path: Path) -> None:
         text=True,
     )
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+# After the drain the worker still commits, leaves the group and closes its clients before it exits.
+SHUTDOWN_MARGIN_S = 30
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS, ids=_rel)
+def test_the_worker_drains_within_the_pods_termination_grace_period(overlay: Path) -> None:
+    docs = render(overlay)
+    env = worker_env(docs)
+    fields = {f"MODERATION_{name.upper()}": name for name in Settings.model_fields}
+    settings = Settings.model_validate({fields[key]: value for key, value in env.items()})
+    assert "MODERATION_SHUTDOWN_GRACE_S" in env, "the drain grace sits next to the pod that must outlast it"
+    period = pod_spec(find(docs, "Deployment", WORKER))["terminationGracePeriodSeconds"]
+    assert settings.shutdown_grace_s + SHUTDOWN_MARGIN_S <= period, (
+        f"MODERATION_SHUTDOWN_GRACE_S {settings.shutdown_grace_s:g} s + {SHUTDOWN_MARGIN_S} s to commit, leave the "
+        f"group and close must fit in terminationGracePeriodSeconds {period}, or the kubelet SIGKILLs the drain"
+    )

@@ -42,3 +42,128 @@ def test_triton_tls_options_read_the_certificate_files(tmp_path: Path) -> None:
         triton_ssl=True, triton_ssl_root_certificates=tmp_path / "ca.pem", triton_ssl_private_key=tmp_path / "key.pem"
     )
     assert _tls_options(tls) == {"ssl": True, "root_certificates": b"CA", "private_key": b"KEY"}
+
+
+def test_the_default_timeouts_agree_with_room_to_spare() -> None:
+    settings = Settings()
+    assert settings.worst_batch_s < settings.kafka_max_poll_interval_s
+    assert settings.worst_batch_s < settings.kafka_rebalance_timeout_s
+    assert settings.event_deadline_s < settings.worst_batch_s / 2, "the publisher's window is the larger part"
+
+
+@pytest.mark.parametrize(
+    ("overrides", "named"),
+    [
+        # The old defaults: transient retries outlived the max poll interval and the rebalance timeout.
+        (
+            {"event_deadline_s": 600, "kafka_max_poll_interval_s": 300, "kafka_rebalance_timeout_s": 60},
+            [
+                "MODERATION_KAFKA_MAX_POLL_INTERVAL_S",
+                "MODERATION_KAFKA_REBALANCE_TIMEOUT_S",
+                "MODERATION_EVENT_DEADLINE_S",
+            ],
+        ),
+        ({"triton_timeout_s": 600}, ["MODERATION_KAFKA_MAX_POLL_INTERVAL_S", "MODERATION_TRITON_TIMEOUT_S"]),
+        ({"kafka_rebalance_timeout_s": 60}, ["MODERATION_KAFKA_REBALANCE_TIMEOUT_S"]),
+        ({"shutdown_grace_s": 1200}, ["MODERATION_SHUTDOWN_GRACE_S", "MODERATION_KAFKA_MAX_POLL_INTERVAL_S"]),
+        ({"kafka_session_timeout_s": 120}, ["MODERATION_KAFKA_SESSION_TIMEOUT_S"]),
+        ({"kafka_heartbeat_interval_s": 30}, ["MODERATION_KAFKA_HEARTBEAT_INTERVAL_S"]),
+    ],
+)
+def test_timeouts_that_let_a_second_worker_redo_events_are_refused(overrides: dict, named: list[str]) -> None:
+    with pytest.raises(ValidationError, match="timeouts that disagree") as refused:
+        Settings(**overrides)
+    for name in named:
+        assert name in str(refused.value)
+
+
+def test_a_short_rebalance_timeout_only_when_the_overlap_is_accepted_as_for_tansu() -> None:
+    tansu = Settings(kafka_rebalance_timeout_s=5, kafka_accept_rebalance_overlap=True)
+    assert tansu.kafka_rebalance_timeout_s < tansu.worst_batch_s
+    with pytest.raises(ValidationError, match="MODERATION_KAFKA_MAX_POLL_INTERVAL_S"):
+        Settings(kafka_max_poll_interval_s=60, kafka_accept_rebalance_overlap=True), "the max poll interval still holds"
+
+
+def test_the_local_stack_settings_validate() -> None:
+    from moderation.localstack import StackInfo
+
+    info = StackInfo(
+        Path("."),
+        "127.0.0.1:9092",
+        "http://127.0.0.1:1",
+        "us-east-1",
+        "a",
+        "b",
+        "uploads",
+        None,
+        None,
+        None,
+        "fakevlm",
+        {},
+    )
+    fields = {name.upper(): name for name in Settings.model_fields}
+    Settings.model_validate({fields[key.removeprefix("MODERATION_")]: value for key, value in info.env().items()})
+
+
+def test_the_worst_batch_time_comes_from_what_bounds_each_part(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each constant behind `worst_batch_s`, checked against the code and the clients that set it."""
+    import asyncio
+    import inspect
+
+    import faust
+    from aiokafka import AIOKafkaProducer
+    from aiokafka.errors import KafkaConnectionError
+
+    from moderation import publisher
+    from moderation import settings as module
+    from moderation.app import faust_options
+    from moderation.storage import S3Store
+
+    # The publisher: ATTEMPTS, the sleeps between them, and the producer's request timeout it leaves alone.
+    assert module.PUBLISH_ATTEMPTS == publisher.ATTEMPTS
+    made: dict[str, object] = {}
+    slept: list[float] = []
+
+    class Refusing:  # a producer that refuses every record at once: what the publisher's retry loop sees
+        def __init__(self, **kwargs: object) -> None:
+            made.update(kwargs)
+
+        async def start(self) -> None: ...
+
+        async def send(self, *args: object, **kwargs: object) -> None:
+            raise KafkaConnectionError("broker away")
+
+    async def sleep(seconds: float) -> None:
+        slept.append(seconds)
+
+    monkeypatch.setattr(publisher, "AIOKafkaProducer", Refusing)
+    monkeypatch.setattr(publisher.asyncio, "sleep", sleep)
+
+    async def publish_once() -> None:
+        sender = publisher.Publisher(Settings())
+        await sender.start()
+        await sender.publish([publisher.Record("t", None, b"v")])
+
+    with pytest.raises(publisher.PublishError):
+        asyncio.run(publish_once())
+    monkeypatch.undo()
+    assert sum(slept) == pytest.approx(module.PUBLISH_BACKOFF_S) and len(slept) == publisher.ATTEMPTS - 1
+    default = inspect.signature(AIOKafkaProducer).parameters["request_timeout_ms"].default
+    assert made.get("request_timeout_ms", default) / 1000 == module.KAFKA_REQUEST_TIMEOUT_S
+
+    # S3: botocore's total attempts and its standard-mode backoff cap (1, 2, 4 s before the 2nd, 3rd, 4th).
+    async def s3_retries() -> dict[str, object]:
+        store = S3Store(Settings(s3_endpoint_url="http://127.0.0.1:1"))
+        await store.start()
+        try:
+            return dict(store._client.meta.config.retries)
+        finally:
+            await store.stop()
+
+    retries = asyncio.run(s3_retries())
+    assert retries == {"total_max_attempts": module.S3_TRIES, "mode": "standard"}
+    assert sum(2**n for n in range(module.S3_TRIES - 1)) == module.S3_BACKOFF_S
+
+    # Faust refuses a session timeout above its request timeout, which the worker leaves at Faust's default.
+    assert "broker_request_timeout" not in faust_options(Settings())
+    assert faust.Settings("x").broker_request_timeout == module.FAUST_REQUEST_TIMEOUT_S
