@@ -43,7 +43,7 @@ DLQ_HEADER_PREFIX = "moderation.dlq."  # why and whence, as headers beside the o
 
 def create_app(settings: Settings) -> faust.App:
     app = faust.App(settings.kafka_consumer_group, **faust_options(settings))
-    app.transport = faust_transport(settings, app)
+    app.transport = transport = faust_transport(settings, app)
     resources = Resources(settings)
     acking: list[OrderedAcks] = []  # the agent's, once it runs: /live reads it
 
@@ -116,7 +116,7 @@ def create_app(settings: Settings) -> faust.App:
                 await in_flight.submit(events, functools.partial(moderate_and_publish, events))
                 record_lag(app, events)
         except asyncio.CancelledError:
-            left = await in_flight.drain(settings.shutdown_grace_s)
+            left = await in_flight.drain(transport.shutdown.left())
             log.log(
                 logging.WARNING if left else logging.INFO,
                 "stopping: %d events left un-acked after the %.0f s grace (the group re-delivers them)",

@@ -4,7 +4,9 @@ Faust's aiokafka transport with a configurable fetch wait and a lighter per-mess
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ssl
+import time
 from typing import Any, cast
 
 import aiokafka
@@ -70,10 +72,20 @@ class _Consumer(faust_aiokafka.Consumer):
     def _new_consumer_thread(self) -> faust_aiokafka.AIOKafkaConsumerThread:
         return _ConsumerThread(self, loop=self.loop, beacon=self.beacon)
 
+    async def wait_empty(self) -> None:
+        """Faust's wait for every event handed out to be acked: as Faust has it in a rebalance (the timeouts
+        are set so that it ends in time), but for at most what is left of MODERATION_SHUTDOWN_GRACE_S
+        when the worker stops, so that SIGTERM ends even a worker whose acking is stuck."""
+        if not self.app.should_stop:
+            await super().wait_empty()
+            return
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(super().wait_empty(), cast("FaustTransport", self.transport).shutdown.left())
+        await self.commit_and_end_transactions()
+
     async def on_stop(self) -> None:
-        """Commit what is acked and go: Faust would first wait, without end, for every event it handed out to
-        be acked, but on SIGTERM the agent has already drained them for MODERATION_SHUTDOWN_GRACE_S, and
-        the rest is for the group to re-deliver."""
+        """Commit what is acked and go: the waiting was done, within the grace, by `wait_empty` and the agent;
+        what is left un-acked is for the group to re-deliver."""
         await self.commit_and_end_transactions()
 
     async def _drain_messages(self, fetcher: ServiceT) -> None:
@@ -139,10 +151,31 @@ class FaustTransport(faust_aiokafka.Transport):
 
     Consumer = _Consumer
 
-    def __init__(self, url: Any, app: faust.App, *, fetch_max_wait_ms: int) -> None:
+    def __init__(self, url: Any, app: faust.App, *, fetch_max_wait_ms: int, shutdown_grace_s: float) -> None:
         super().__init__(url, app)
         self.fetch_max_wait_ms = fetch_max_wait_ms
+        self.shutdown = Grace(shutdown_grace_s)
+
+
+class Grace:
+    """MODERATION_SHUTDOWN_GRACE_S, counted once from the first wait of the shutdown: Faust's wait for acks
+    and the agent's drain share it."""
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+        self._started: float | None = None
+
+    def left(self) -> float:
+        now = time.monotonic()
+        if self._started is None:
+            self._started = now
+        return max(0.0, self.seconds - (now - self._started))
 
 
 def faust_transport(settings: Settings, app: faust.App) -> FaustTransport:
-    return FaustTransport(app.conf.broker_consumer, app, fetch_max_wait_ms=settings.kafka_fetch_max_wait_ms)
+    return FaustTransport(
+        app.conf.broker_consumer,
+        app,
+        fetch_max_wait_ms=settings.kafka_fetch_max_wait_ms,
+        shutdown_grace_s=settings.shutdown_grace_s,
+    )

@@ -18,11 +18,6 @@ CommaList = Annotated[tuple[str, ...], NoDecode]
 # What bounds the worst batch time (`Settings.worst_batch_s`), from the code and the clients it uses;
 # tests/test_settings.py checks each against its source.
 S3_TRIES, S3_BACKOFF_S = 4, 7.0  # moderation/storage.py: botocore's standard mode, 3 retries <= 1, 2, 4 s apart
-KAFKA_REQUEST_TIMEOUT_S = 40.0  # aiokafka's producer default, which moderation/publisher.py keeps
-PUBLISH_ATTEMPTS, PUBLISH_BACKOFF_S = 5, 6.0  # moderation/publisher.py: ATTEMPTS, and its sleeps 0.4 + 0.8 + 1.6 + 3.2
-# An attempt waits for topic metadata, then for its records, which expire a request timeout after they were
-# queued, plus a produce request in flight at that moment: 3 request timeouts at most.
-PUBLISH_WINDOW_S = PUBLISH_ATTEMPTS * 3 * KAFKA_REQUEST_TIMEOUT_S + PUBLISH_BACKOFF_S  # 606 s
 FAUST_REQUEST_TIMEOUT_S = 90.0  # Faust's broker_request_timeout: it refuses a longer session timeout
 
 
@@ -181,9 +176,10 @@ class Settings(BaseSettings):
 
     # Liveness and shutdown
     ack_stall_s: float = Field(
-        300.0,
+        900.0,
         gt=0,
-        description="/live turns red when events are pending and no ack progressed for this long (the pod restarts).",
+        description="/live turns red when events are pending and no ack progressed for this long (the pod restarts); "
+        "keep it above the worst batch time (README: Timeouts), or a worker that waits out an outage restarts.",
     )
     shutdown_grace_s: float = Field(
         25.0,
@@ -220,10 +216,11 @@ class Settings(BaseSettings):
     def worst_batch_s(self) -> float:
         """The longest one batch can stay un-acked while its worker lives: transient retries until the event
         deadline, one more backoff and try (S3 with botocore's retries, then Triton), then the publisher's
-        whole retry window. With MODERATION_MAX_INFLIGHT_BATCHES out, the agent waits that long for a slot
+        whole window (MODERATION_PUBLISH_TIMEOUT_S, a hard limit: past it the worker exits). With
+        MODERATION_MAX_INFLIGHT_BATCHES out, the agent waits that long for a slot
         and Faust fetches nothing meanwhile (its buffer is full)."""
         one_try = S3_TRIES * 2 * self.s3_timeout_s + S3_BACKOFF_S + self.triton_timeout_s
-        return self.event_deadline_s + self.retry_backoff_max_s + one_try + PUBLISH_WINDOW_S
+        return self.event_deadline_s + self.retry_backoff_max_s + one_try + self.publish_timeout_s
 
     @model_validator(mode="after")
     def _timeouts_agree(self) -> Settings:
@@ -232,7 +229,7 @@ class Settings(BaseSettings):
         worst = (
             f"the worst batch time ({self.worst_batch_s:.0f} s = MODERATION_EVENT_DEADLINE_S + "
             f"MODERATION_RETRY_BACKOFF_MAX_S + one try: {S3_TRIES} x 2 x MODERATION_S3_TIMEOUT_S + {S3_BACKOFF_S:.0f} "
-            f"+ MODERATION_TRITON_TIMEOUT_S, + the publisher's retry window, {PUBLISH_WINDOW_S:.0f} s)"
+            f"+ MODERATION_TRITON_TIMEOUT_S, + MODERATION_PUBLISH_TIMEOUT_S)"
         )
         problems = []
         if self.kafka_max_poll_interval_s <= self.worst_batch_s:

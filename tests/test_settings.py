@@ -48,7 +48,7 @@ def test_the_default_timeouts_agree_with_room_to_spare() -> None:
     settings = Settings()
     assert settings.worst_batch_s < settings.kafka_max_poll_interval_s
     assert settings.worst_batch_s < settings.kafka_rebalance_timeout_s
-    assert settings.event_deadline_s < settings.worst_batch_s / 2, "the publisher's window is the larger part"
+    assert settings.worst_batch_s < settings.ack_stall_s, "a worker waiting out an outage is not restarted"
 
 
 @pytest.mark.parametrize(
@@ -63,7 +63,7 @@ def test_the_default_timeouts_agree_with_room_to_spare() -> None:
                 "MODERATION_EVENT_DEADLINE_S",
             ],
         ),
-        ({"triton_timeout_s": 600}, ["MODERATION_KAFKA_MAX_POLL_INTERVAL_S", "MODERATION_TRITON_TIMEOUT_S"]),
+        ({"triton_timeout_s": 1000}, ["MODERATION_KAFKA_MAX_POLL_INTERVAL_S", "MODERATION_TRITON_TIMEOUT_S"]),
         ({"kafka_rebalance_timeout_s": 60}, ["MODERATION_KAFKA_REBALANCE_TIMEOUT_S"]),
         ({"shutdown_grace_s": 1200}, ["MODERATION_SHUTDOWN_GRACE_S", "MODERATION_KAFKA_MAX_POLL_INTERVAL_S"]),
         ({"kafka_session_timeout_s": 120}, ["MODERATION_KAFKA_SESSION_TIMEOUT_S"]),
@@ -108,48 +108,12 @@ def test_the_local_stack_settings_validate() -> None:
 def test_the_worst_batch_time_comes_from_what_bounds_each_part(monkeypatch: pytest.MonkeyPatch) -> None:
     """Each constant behind `worst_batch_s`, checked against the code and the clients that set it."""
     import asyncio
-    import inspect
 
     import faust
-    from aiokafka import AIOKafkaProducer
-    from aiokafka.errors import KafkaConnectionError
 
-    from moderation import publisher
     from moderation import settings as module
     from moderation.app import faust_options
     from moderation.storage import S3Store
-
-    # The publisher: ATTEMPTS, the sleeps between them, and the producer's request timeout it leaves alone.
-    assert module.PUBLISH_ATTEMPTS == publisher.ATTEMPTS
-    made: dict[str, object] = {}
-    slept: list[float] = []
-
-    class Refusing:  # a producer that refuses every record at once: what the publisher's retry loop sees
-        def __init__(self, **kwargs: object) -> None:
-            made.update(kwargs)
-
-        async def start(self) -> None: ...
-
-        async def send(self, *args: object, **kwargs: object) -> None:
-            raise KafkaConnectionError("broker away")
-
-    async def sleep(seconds: float) -> None:
-        slept.append(seconds)
-
-    monkeypatch.setattr(publisher, "AIOKafkaProducer", Refusing)
-    monkeypatch.setattr(publisher.asyncio, "sleep", sleep)
-
-    async def publish_once() -> None:
-        sender = publisher.Publisher(Settings())
-        await sender.start()
-        await sender.publish([publisher.Record("t", None, b"v")])
-
-    with pytest.raises(publisher.PublishError):
-        asyncio.run(publish_once())
-    monkeypatch.undo()
-    assert sum(slept) == pytest.approx(module.PUBLISH_BACKOFF_S) and len(slept) == publisher.ATTEMPTS - 1
-    default = inspect.signature(AIOKafkaProducer).parameters["request_timeout_ms"].default
-    assert made.get("request_timeout_ms", default) / 1000 == module.KAFKA_REQUEST_TIMEOUT_S
 
     # S3: botocore's total attempts and its standard-mode backoff cap (1, 2, 4 s before the 2nd, 3rd, 4th).
     async def s3_retries() -> dict[str, object]:
