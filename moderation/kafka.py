@@ -4,7 +4,6 @@ Faust's aiokafka transport with a configurable fetch wait and a lighter per-mess
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import ssl
 import time
 from typing import Any, cast
@@ -75,12 +74,15 @@ class _Consumer(faust_aiokafka.Consumer):
     async def wait_empty(self) -> None:
         """Faust's wait for every event handed out to be acked: as Faust has it in a rebalance (the timeouts
         are set so that it ends in time), but for at most what is left of MODERATION_SHUTDOWN_GRACE_S
-        when the worker stops, so that SIGTERM ends even a worker whose acking is stuck."""
+        when the worker stops, so that SIGTERM ends even a worker whose acking is stuck. (Faust's own loop
+        cannot be cut short from outside: cancelling it hung in a stuck worker.)"""
         if not self.app.should_stop:
             await super().wait_empty()
             return
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(super().wait_empty(), cast("FaustTransport", self.transport).shutdown.left())
+        deadline = time.monotonic() + cast("FaustTransport", self.transport).shutdown.left()
+        while self._unacked_messages and time.monotonic() < deadline:
+            await asyncio.sleep(0.1)
+            self._clean_unacked_messages()
         await self.commit_and_end_transactions()
 
     async def on_stop(self) -> None:
