@@ -29,6 +29,7 @@ from faust.types import TP, EventT
 from moderation import metrics
 from moderation.acks import OrderedAcks
 from moderation.crashonly import crash
+from moderation.dlq import DLQ_HEADER_PREFIX
 from moderation.events import DeadLetter
 from moderation.kafka import faust_credentials, faust_transport
 from moderation.pipeline import Headers, Incoming, Outcome
@@ -37,8 +38,6 @@ from moderation.resources import Resources
 from moderation.settings import Settings
 
 log = logging.getLogger(__name__)
-
-DLQ_HEADER_PREFIX = "moderation.dlq."  # why and whence, as headers beside the original ones (Kafka Connect's way)
 
 
 def create_app(settings: Settings) -> faust.App:

@@ -40,6 +40,7 @@ from moderation.settings import Settings
 log = logging.getLogger(__name__)
 
 ATTEMPTS_HEADER = "moderation-attempts"
+DLQ_HEADER_PREFIX = "moderation.dlq."  # the dead letter's own headers: why and whence (Kafka Connect's way)
 REPLAY_GROUP_SUFFIX = "-dlq-replay"
 _COUNT = re.compile(rb"\s*\+?(\d{1,18})\s*")  # at most 18 digits: an int64 a Kafka client may have written
 _IDLE_FETCHES = 10  # empty fetches in a row before a read gives up on reaching the end offsets
@@ -86,6 +87,7 @@ class Stored:
     key: bytes | None
     letter: DeadLetter | None
     problem: str = ""
+    headers: tuple[tuple[str, bytes | None], ...] = ()
 
     @property
     def where(self) -> str:
@@ -105,7 +107,8 @@ def parse(record: ConsumerRecord[Any, Any]) -> Stored:
             letter, problem = None, f"not a dead letter: {_first_error(exc)}"
         except (binascii.Error, ValueError) as exc:
             letter, problem = None, f"payload_base64 is not base64: {exc}"
-    return Stored(record.topic, record.partition, record.offset, record.timestamp, record.key, letter, problem)
+    headers = tuple(record.headers or ())
+    return Stored(record.topic, record.partition, record.offset, record.timestamp, record.key, letter, problem, headers)
 
 
 def _first_error(exc: ValidationError) -> str:
@@ -269,6 +272,11 @@ async def _read(
 
 
 async def _republish(producer: AIOKafkaProducer, settings: Settings, stored: Stored) -> None:
-    assert stored.letter is not None, "only letters are replayed"
-    headers = [(ATTEMPTS_HEADER, str(stored.letter.attempts).encode())]
-    await producer.send_and_wait(settings.topic_uploads, value=stored.letter.payload(), key=stored.key, headers=headers)
+    """The original record again: its key, value and headers (the dead letter's own headers dropped), with the
+    deliveries so far in ATTEMPTS_HEADER."""
+    letter = stored.letter
+    assert letter is not None, "only letters are replayed"
+    kept = [(n, v) for n, v in stored.headers if not n.startswith(DLQ_HEADER_PREFIX) and n != ATTEMPTS_HEADER]
+    headers = [*kept, (ATTEMPTS_HEADER, str(letter.attempts).encode())]
+    value = None if letter.payload_null else letter.payload()
+    await producer.send_and_wait(settings.topic_uploads, value=value, key=stored.key, headers=headers)
