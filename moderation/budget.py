@@ -26,6 +26,11 @@ class ByteBudget:
         with self._changed:
             return self._used
 
+    @property
+    def waiting(self) -> int:
+        with self._changed:
+            return len(self._line)
+
     @contextmanager
     def reserve(self, nbytes: int) -> Iterator[int]:
         """Hold `nbytes` (at most the whole budget) for the duration; waits while they do not fit."""

@@ -150,15 +150,14 @@ def to_l(image: Image.Image) -> Image.Image:
     width, height = image.size
     rows = max(1, _BAND_PIXELS // width)
     bands = [(top, min(top + rows, height)) for top in range(0, height, rows)]
+    peak = max(float(np.nan_to_num(_band(image, band)).max(initial=0)) for band in bands)
     if image.mode == "F":
-        peak = max(float(np.nan_to_num(_band(image, band)).max(initial=0)) for band in bands)
         scale = 255.0 if peak <= 1.0 else 1.0
 
         def to_8bit(pixels: np.ndarray) -> np.ndarray:
             return np.clip(np.nan_to_num(pixels.astype(np.float64)) * scale, 0, 255).astype(np.uint8)
     else:
-        _, high = image.getextrema()
-        shift = 8 if isinstance(high, int | float) and high > 255 else 0
+        shift = 8 if peak > 255 else 0
 
         def to_8bit(pixels: np.ndarray) -> np.ndarray:
             return (np.clip(pixels.astype(np.int32), 0, 65535) >> shift).astype(np.uint8)
