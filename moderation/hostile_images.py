@@ -66,6 +66,14 @@ def sixteen_bit_png(size: tuple[int, int]) -> bytes:
     return save(Image.fromarray(np.broadcast_to(ramp, (height, width)).copy()), "PNG", compress_level=9)
 
 
+def rgb_png(size: tuple[int, int]) -> bytes:
+    """An 8-bit RGB PNG of a horizontal ramp: libspng's kind of PNG, small however large."""
+    width, height = size
+    ramp = (np.arange(width) * 255 // max(1, width - 1)).astype(np.uint8)
+    row = np.stack([ramp, ramp[::-1], np.full_like(ramp, 128)], axis=-1)
+    return save(Image.fromarray(np.broadcast_to(row, (height, width, 3)).copy()), "PNG", compress_level=9)
+
+
 def float_tiff(size: tuple[int, int]) -> bytes:
     """A 32-bit float TIFF (mode F) with values in [0, 1], deflated: 4 bytes a pixel once decoded."""
     width, height = size

@@ -235,7 +235,8 @@ def decode_for_model(
     decoded); width, height and format are the original image's. Where the time goes instead:
     - a JPEG is decoded at 1/2, 1/4 or 1/8 scale in the DCT domain (`Image.draft`), keeping its shortest
       edge at least reducing_gap * 336;
-    - an 8-bit PNG is decoded by libspng (pyspng), about twice as fast as Pillow, to the same pixels;
+    - an 8-bit PNG up to SPNG_MAX_PIXELS is decoded by libspng (pyspng), about twice as fast as Pillow,
+      to the same pixels;
     - the antialiased bicubic resize is torch's uint8 kernel (vectorised; Pillow's is scalar), which
       computes Pillow's filter to within one 8-bit level of rounding, 5 to 8 times faster;
     - an image already at 336 on its shortest edge is only cropped, as the reference's resize is a no-op.
@@ -257,7 +258,7 @@ def model_input(header: Header, *, reducing_gap: float = REDUCING_GAP) -> ModelI
         if drafted is not None:
             _, (_, _, extent_width, extent_height) = drafted
             extent = (float(extent_width), float(extent_height))
-    if fmt == "PNG" and image.mode in _SPNG_MODES:
+    if fmt == "PNG" and image.mode in _SPNG_MODES and header.pixels <= SPNG_MAX_PIXELS:
         rgb = _png_rgb(header.data)
     else:
         rgb = np.asarray(_load_rgb(image, fmt, copy=False))
@@ -266,6 +267,9 @@ def model_input(header: Header, *, reducing_gap: float = REDUCING_GAP) -> ModelI
 
 
 _SPNG_MODES = frozenset({"RGB", "RGBA", "L", "LA", "P", "1"})  # 8 bits or fewer a sample: same RGB as Pillow
+# pyspng holds the GIL while it decodes (Pillow's decoders let it go): about 15 ms a megapixel, measured,
+# which the event loop waits out. Larger PNGs go to Pillow, twice as slow but off the loop's back.
+SPNG_MAX_PIXELS = 2_000_000
 
 
 def _png_rgb(data: bytes) -> np.ndarray:

@@ -70,7 +70,7 @@ RETRIES = Counter("moderation_retries", "Transient faults retried, by reason.", 
 READY = Gauge("moderation_ready", "1 while Kafka, S3 and the model answer.", registry=REGISTRY)
 EVENT_LOOP_LAG_MAX = Gauge(
     "moderation_event_loop_lag_max_seconds",
-    "Longest the event loop was late to wake a timer since the worker started (a stall of every task).",
+    "Longest the event loop was late to wake a timer since the worker's clients started (a stall of every task).",
     registry=REGISTRY,
 )
 

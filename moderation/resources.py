@@ -26,6 +26,7 @@ from moderation.storage import S3Store
 log = logging.getLogger(__name__)
 
 LOOP_LAG_PROBE_S = 0.05  # how often the loop-lag probe wakes: a stall is measured to within this
+STALL_WARNING_S = 0.1
 
 
 class Resources:
@@ -49,7 +50,6 @@ class Resources:
         """Idempotent: the agent calls it on start; the detector waits for its model first."""
         async with self._lock:
             if not self._started.is_set():
-                self._lag_probe = asyncio.create_task(watch_loop_lag(LOOP_LAG_PROBE_S), name="loop-lag-probe")
                 self._decode_pool = ThreadPoolExecutor(self.settings.decode_threads, thread_name_prefix="decode")
                 await self.store.start()
                 await self.publisher.start()
@@ -60,6 +60,9 @@ class Resources:
                     await asyncio.get_running_loop().run_in_executor(self._decode_pool, imaging.warm_up)
                 if self.cache is not None:
                     await self._load_cache(self.cache)
+                # From here on: start-up's own stalls (botocore loading its models on the loop, torch's
+                # import holding the GIL in a decode thread) come before the first event and are not counted.
+                self._lag_probe = asyncio.create_task(watch_loop_lag(LOOP_LAG_PROBE_S), name="loop-lag-probe")
                 self._started.set()
         s = self.settings
         backoff = Backoff(deadline_s=s.event_deadline_s, cap_s=s.retry_backoff_max_s)
@@ -169,5 +172,5 @@ async def watch_loop_lag(interval_s: float) -> None:
         if lag > worst:
             worst = lag
             metrics.EVENT_LOOP_LAG_MAX.set(lag)
-            if lag >= 1.0:
-                log.warning("the event loop stalled for %.1f s", lag)
+            if lag >= STALL_WARNING_S:  # a new longest stall over this: at most a few lines a run
+                log.warning("the event loop stalled for %.3f s", lag)
