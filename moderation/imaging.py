@@ -118,20 +118,38 @@ def _other_format(data: bytes, allowed: tuple[str, ...]) -> str | None:
     return None
 
 
-def _load_rgb(image: Image.Image, fmt: str, *, copy: bool = True) -> Image.Image:
+def _load_rgb(image: Image.Image, fmt: str) -> Image.Image:
     try:
-        # Multi-frame images are judged on their first frame, like FakeVLM's eval (Image.open().convert).
-        image.seek(0)
-        if not copy and image.mode == "RGB":
-            image.load()
-            return image
-        if image.mode in _WIDE_MODES:
-            eight_bits = to_l(image)
-            image.close()  # the wide image is the largest buffer: freed before the RGB one is made
-            image = eight_bits
-        return image.convert("RGB")
+        return to_rgb(_first_frame_8bit(image))
     except Exception as exc:
         raise Rejected(Reason.INVALID_IMAGE, f"corrupt or truncated {fmt} image: {exc}") from exc
+
+
+def _rgb_array(image: Image.Image, fmt: str) -> np.ndarray:
+    """HWC uint8 RGB, converted a band of rows at a time into one array: no whole-image RGB image in Pillow
+    (4 bytes a pixel) and no whole-image `tobytes` (3, twice over while its chunks are joined)."""
+    try:
+        image = _first_frame_8bit(image)
+        width, height = image.size
+        out = np.empty((height, width, 3), dtype=np.uint8)
+        for top, bottom in _bands(width, height):
+            band = image.crop((0, top, width, bottom))
+            out[top:bottom] = np.asarray(band if band.mode == "RGB" else band.convert("RGB"))
+        return out
+    except Exception as exc:
+        raise Rejected(Reason.INVALID_IMAGE, f"corrupt or truncated {fmt} image: {exc}") from exc
+
+
+def _first_frame_8bit(image: Image.Image) -> Image.Image:
+    """The first frame, loaded, 16-bit and float images scaled to 8 bits (the wide image freed at once)."""
+    # Multi-frame images are judged on their first frame, like FakeVLM's eval (Image.open().convert).
+    image.seek(0)
+    image.load()
+    if image.mode not in _WIDE_MODES:
+        return image
+    eight_bits = to_l(image)
+    image.close()  # the wide image is the largest buffer: freed before the RGB one is made
+    return eight_bits
 
 
 _WIDE_MODES = frozenset({"I;16", "I;16B", "I;16L", "I;16N", "I", "F"})
@@ -148,8 +166,7 @@ def to_l(image: Image.Image) -> Image.Image:
     exceeds 255, floats in [0, 1] times 255; then clipped. A band of rows at a time, so no temporary is
     the image's size (a whole-image int64 or float64 copy of 50 MP is 400 MB)."""
     width, height = image.size
-    rows = max(1, _BAND_PIXELS // width)
-    bands = [(top, min(top + rows, height)) for top in range(0, height, rows)]
+    bands = _bands(width, height)
     peak = max(float(np.nan_to_num(_band(image, band)).max(initial=0)) for band in bands)
     if image.mode == "F":
         scale = 255.0 if peak <= 1.0 else 1.0
@@ -168,21 +185,28 @@ def to_l(image: Image.Image) -> Image.Image:
     return Image.fromarray(out, mode="L")
 
 
+def _bands(width: int, height: int) -> list[tuple[int, int]]:
+    rows = max(1, _BAND_PIXELS // width)
+    return [(top, min(top + rows, height)) for top in range(0, height, rows)]
+
+
 def _band(image: Image.Image, rows: tuple[int, int]) -> np.ndarray:
     return np.asarray(image.crop((0, rows[0], image.width, rows[1])))
 
 
+DECODE_SLACK = 16 * 1024 * 1024
 # Bytes a pixel in Pillow's own buffers: every mode not listed here is kept in 4 (RGB as RGBX).
 _STORED_BYTES = {"1": 1, "L": 1, "P": 1, "I;16": 2, "I;16B": 2, "I;16L": 2, "I;16N": 2}
 
 
 def decode_bytes(header: Header) -> int:
     """An upper bound on the pixel memory that decoding this image holds at its peak: the image in its own
-    mode, its 8-bit copy when it is 16-bit or float, the RGB image (4 bytes a pixel) and an array of it (3);
-    libjpeg's coefficients (2 bytes a sample of every component) for a progressive JPEG, whatever its scale."""
+    mode, its 8-bit copy when it is 16-bit or float, then the RGB image (4 bytes a pixel; the fast path's
+    RGB array takes 3), and DECODE_SLACK for bands and decoder buffers; libjpeg's coefficients (2 bytes a
+    sample of every component) for a progressive JPEG, whatever its scale."""
     mode = header.image.mode
-    per_pixel = _STORED_BYTES.get(mode, 4) + (1 if mode in _WIDE_MODES else 0) + 4 + 3
-    total = header.pixels * per_pixel
+    per_pixel = _STORED_BYTES.get(mode, 4) + (1 if mode in _WIDE_MODES else 0) + 4
+    total = header.pixels * per_pixel + DECODE_SLACK
     if header.format in ("JPEG", "MPO") and header.image.info.get("progressive"):
         total += header.pixels * 2 * max(1, len(getattr(header.image, "layer", ())))
     return total
@@ -261,7 +285,7 @@ def model_input(header: Header, *, reducing_gap: float = REDUCING_GAP) -> ModelI
     if fmt == "PNG" and image.mode in _SPNG_MODES and header.pixels <= SPNG_MAX_PIXELS:
         rgb = _png_rgb(header.data)
     else:
-        rgb = np.asarray(_load_rgb(image, fmt, copy=False))
+        rgb = _rgb_array(image, fmt)
     pixels = _resize_crop_normalise(rgb, extent, (new_width, new_height))
     return ModelInput(pixels=pixels, width=width, height=height, format=fmt)
 

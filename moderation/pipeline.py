@@ -298,7 +298,10 @@ def prepare(
     if budget is None:
         return prepare_header(header, fast=fast)
     with budget.reserve(decode_bytes(header)):
-        return prepare_header(header, fast=fast)
+        try:
+            return prepare_header(header, fast=fast)
+        finally:
+            header.image.close()  # its pixels go before the budget is given back
 
 
 def prepare_header(header: Header, *, fast: bool = False) -> Prepared:
