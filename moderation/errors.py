@@ -22,6 +22,7 @@ class Reason(StrEnum):
     INFERENCE_FAILED = "inference_failed"
     INFERENCE_UNAVAILABLE = "inference_unavailable"
     INTERNAL_ERROR = "internal_error"
+    UNSUPPORTED_FORMAT = "unsupported_format"
 
 
 RETRYABLE = frozenset(

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from moderation import structure
 from moderation.errors import Reason, Rejected
 
 CROP_SIZE = 336
@@ -29,6 +30,32 @@ _MEAN = np.asarray(CLIP_MEAN, dtype=np.float32).reshape(3, 1, 1)
 _STD = np.asarray(CLIP_STD, dtype=np.float32).reshape(3, 1, 1)
 
 
+# Parsed at all unless the settings say otherwise (MODERATION_IMAGE_FORMATS): Pillow has some 40 readers
+# (EPS, PSD, FITS, WMF...), each a parser of untrusted bytes. Names the installed Pillow lacks are left out.
+DEFAULT_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF", "HEIF", "AVIF")
+
+
+def readable(formats: tuple[str, ...]) -> tuple[str, ...]:
+    """The formats, in their order, that the installed Pillow (with its plugins) can open."""
+    Image.init()
+    return tuple(name for name in (f.upper() for f in formats) if name in Image.OPEN)
+
+
+@dataclass(frozen=True)
+class Header:
+    """An image whose header is read and checked, none of its pixels decoded."""
+
+    image: Image.Image  # lazy: owned by whoever decodes it
+    data: bytes
+    width: int
+    height: int
+    format: str
+
+    @property
+    def pixels(self) -> int:
+        return self.width * self.height
+
+
 @dataclass(frozen=True)
 class DecodedImage:
     image: Image.Image  # RGB, fully loaded
@@ -37,36 +64,34 @@ class DecodedImage:
     format: str
 
 
-def decode(data: bytes, *, max_pixels: int) -> DecodedImage:
+def decode(data: bytes, *, max_pixels: int, formats: tuple[str, ...] = DEFAULT_FORMATS) -> DecodedImage:
     """Decode bytes to an RGB image, refusing oversized images before their pixels are decoded."""
-    image, width, height, fmt = _open(data, max_pixels)
-    return DecodedImage(image=_load_rgb(image, fmt), width=width, height=height, format=fmt)
+    return decode_header(read_header(data, max_pixels=max_pixels, formats=formats))
 
 
-def header_pixels(data: bytes) -> int | None:
-    """width x height from the image header alone (no pixel decoded), or None when it cannot be read."""
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # bomb warnings are `decode`'s to raise, with a reason code
-            with Image.open(io.BytesIO(data)) as image:
-                width, height = image.size
-    except Exception:  # `decode` reports why; this is only a size hint
-        return None
-    return width * height
+def decode_header(header: Header) -> DecodedImage:
+    image = _load_rgb(header.image, header.format)
+    return DecodedImage(image=image, width=header.width, height=header.height, format=header.format)
 
 
-def _open(data: bytes, max_pixels: int) -> tuple[Image.Image, int, int, str]:
-    """Read the header only: (lazy image, width, height, format), or Rejected before any pixel is decoded."""
+def read_header(data: bytes, *, max_pixels: int, formats: tuple[str, ...] = DEFAULT_FORMATS) -> Header:
+    """Check the file's structure budget, then read the header of an allowed format only: a Header, or
+    Rejected before any pixel is decoded."""
     if not data:
         raise Rejected(Reason.EMPTY_OBJECT, "the object has zero bytes")
+    structure.check(data)
+    allowed = readable(formats)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            image = Image.open(io.BytesIO(data))
+            image = Image.open(io.BytesIO(data), formats=allowed)
     except (UnidentifiedImageError, Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        if isinstance(exc, UnidentifiedImageError):
-            raise Rejected(Reason.INVALID_IMAGE, "the bytes are not an image Pillow can read") from exc
-        raise Rejected(Reason.TOO_MANY_PIXELS, str(exc)) from exc
+        if not isinstance(exc, UnidentifiedImageError):
+            raise Rejected(Reason.TOO_MANY_PIXELS, str(exc)) from exc
+        if other := _other_format(data, allowed):
+            detail = f"the bytes carry the signature of {other}, not of a format read ({', '.join(allowed)})"
+            raise Rejected(Reason.UNSUPPORTED_FORMAT, detail) from exc
+        raise Rejected(Reason.INVALID_IMAGE, "the bytes are not an image Pillow can read") from exc
     except Exception as exc:  # Pillow raises many types on hostile headers
         raise Rejected(Reason.INVALID_IMAGE, f"unreadable image header: {exc}") from exc
     width, height = image.size
@@ -74,32 +99,117 @@ def _open(data: bytes, max_pixels: int) -> tuple[Image.Image, int, int, str]:
         raise Rejected(Reason.TOO_MANY_PIXELS, f"{width}x{height} is {width * height} pixels, the cap is {max_pixels}")
     if width == 0 or height == 0:
         raise Rejected(Reason.INVALID_IMAGE, f"degenerate size {width}x{height}")
-    return image, width, height, image.format or "unknown"
+    return Header(image=image, data=data, width=width, height=height, format=image.format or "unknown")
 
 
-def _load_rgb(image: Image.Image, fmt: str, *, copy: bool = True) -> Image.Image:
+def _other_format(data: bytes, allowed: tuple[str, ...]) -> str | None:
+    """The first format outside the allowlist whose signature the bytes carry, from its 16-byte prefix
+    only (the check Pillow makes before it parses): never parsed. Formats without a signature (TGA) stay
+    invalid images."""
+    prefix = data[:16]
+    for name, (_, accept) in Image.OPEN.items():
+        if name in allowed or accept is None:
+            continue
+        try:
+            if accept(prefix):
+                return name
+        except Exception:  # noqa: S112 - a signature check that fails on odd bytes is not a match
+            continue
+    return None
+
+
+def _load_rgb(image: Image.Image, fmt: str) -> Image.Image:
     try:
-        # Multi-frame images are judged on their first frame, like FakeVLM's eval (Image.open().convert).
-        image.seek(0)
-        if not copy and image.mode == "RGB":
-            image.load()
-            return image
-        return to_rgb(image)
+        return to_rgb(_first_frame_8bit(image))
     except Exception as exc:
         raise Rejected(Reason.INVALID_IMAGE, f"corrupt or truncated {fmt} image: {exc}") from exc
 
 
+def _rgb_array(image: Image.Image, fmt: str) -> np.ndarray:
+    """HWC uint8 RGB, converted a band of rows at a time into one array: no whole-image RGB image in Pillow
+    (4 bytes a pixel) and no whole-image `tobytes` (3, twice over while its chunks are joined)."""
+    try:
+        image = _first_frame_8bit(image)
+        width, height = image.size
+        out = np.empty((height, width, 3), dtype=np.uint8)
+        for top, bottom in _bands(width, height):
+            band = image.crop((0, top, width, bottom))
+            out[top:bottom] = np.asarray(band if band.mode == "RGB" else band.convert("RGB"))
+        return out
+    except Exception as exc:
+        raise Rejected(Reason.INVALID_IMAGE, f"corrupt or truncated {fmt} image: {exc}") from exc
+
+
+def _first_frame_8bit(image: Image.Image) -> Image.Image:
+    """The first frame, loaded, 16-bit and float images scaled to 8 bits (the wide image freed at once)."""
+    # Multi-frame images are judged on their first frame, like FakeVLM's eval (Image.open().convert).
+    image.seek(0)
+    image.load()
+    if image.mode not in _WIDE_MODES:
+        return image
+    eight_bits = to_l(image)
+    image.close()  # the wide image is the largest buffer: freed before the RGB one is made
+    return eight_bits
+
+
+_WIDE_MODES = frozenset({"I;16", "I;16B", "I;16L", "I;16N", "I", "F"})
+_BAND_PIXELS = 1 << 20  # rows converted at a time: their temporaries stay a few MB whatever the image's size
+
+
 def to_rgb(image: Image.Image) -> Image.Image:
     """RGB for every mode; 16-bit and float images are scaled to 8 bits (Pillow's convert would clip them)."""
-    if image.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
-        pixels = np.asarray(image, dtype=np.int64)
-        shift = 8 if pixels.max(initial=0) > 255 else 0
-        image = Image.fromarray((np.clip(pixels, 0, 65535) >> shift).astype(np.uint8), mode="L")
-    elif image.mode == "F":
-        pixels = np.nan_to_num(np.asarray(image, dtype=np.float64))
-        scale = 255.0 if pixels.max(initial=0) <= 1.0 else 1.0
-        image = Image.fromarray(np.clip(pixels * scale, 0, 255).astype(np.uint8), mode="L")
-    return image.convert("RGB")
+    return (to_l(image) if image.mode in _WIDE_MODES else image).convert("RGB")
+
+
+def to_l(image: Image.Image) -> Image.Image:
+    """A 16-bit, 32-bit or float image scaled to 8-bit greyscale: integers shifted down 8 bits when any
+    exceeds 255, floats in [0, 1] times 255; then clipped. A band of rows at a time, so no temporary is
+    the image's size (a whole-image int64 or float64 copy of 50 MP is 400 MB)."""
+    width, height = image.size
+    bands = _bands(width, height)
+    peak = max(float(np.nan_to_num(_band(image, band)).max(initial=0)) for band in bands)
+    if image.mode == "F":
+        scale = 255.0 if peak <= 1.0 else 1.0
+
+        def to_8bit(pixels: np.ndarray) -> np.ndarray:
+            return np.clip(np.nan_to_num(pixels.astype(np.float64)) * scale, 0, 255).astype(np.uint8)
+    else:
+        shift = 8 if peak > 255 else 0
+
+        def to_8bit(pixels: np.ndarray) -> np.ndarray:
+            return (np.clip(pixels.astype(np.int32), 0, 65535) >> shift).astype(np.uint8)
+
+    out = np.empty((height, width), dtype=np.uint8)
+    for top, bottom in bands:
+        out[top:bottom] = to_8bit(_band(image, (top, bottom)))
+    return Image.fromarray(out, mode="L")
+
+
+def _bands(width: int, height: int) -> list[tuple[int, int]]:
+    rows = max(1, _BAND_PIXELS // width)
+    return [(top, min(top + rows, height)) for top in range(0, height, rows)]
+
+
+def _band(image: Image.Image, rows: tuple[int, int]) -> np.ndarray:
+    return np.asarray(image.crop((0, rows[0], image.width, rows[1])))
+
+
+DECODE_SLACK = 16 * 1024 * 1024
+# Bytes a pixel in Pillow's own buffers: every mode not listed here is kept in 4 (RGB as RGBX).
+_STORED_BYTES = {"1": 1, "L": 1, "P": 1, "I;16": 2, "I;16B": 2, "I;16L": 2, "I;16N": 2}
+
+
+def decode_bytes(header: Header) -> int:
+    """An upper bound on the pixel memory that decoding this image holds at its peak: the image in its own
+    mode, its 8-bit copy when it is 16-bit or float, then the RGB image (4 bytes a pixel; the fast path's
+    RGB array takes 3), and DECODE_SLACK for bands and decoder buffers; libjpeg's coefficients (2 bytes a
+    sample of every component) for a progressive JPEG, whatever its scale."""
+    mode = header.image.mode
+    per_pixel = _STORED_BYTES.get(mode, 4) + (1 if mode in _WIDE_MODES else 0) + 4
+    total = header.pixels * per_pixel + DECODE_SLACK
+    if header.format in ("JPEG", "MPO") and header.image.info.get("progressive"):
+        total += header.pixels * 2 * max(1, len(getattr(header.image, "layer", ())))
+    return total
 
 
 def resize_size(width: int, height: int, shortest_edge: int = SHORTEST_EDGE) -> tuple[int, int]:
@@ -140,21 +250,29 @@ class ModelInput:
     format: str
 
 
-def decode_for_model(data: bytes, *, max_pixels: int, reducing_gap: float = REDUCING_GAP) -> ModelInput:
+def decode_for_model(
+    data: bytes, *, max_pixels: int, reducing_gap: float = REDUCING_GAP, formats: tuple[str, ...] = DEFAULT_FORMATS
+) -> ModelInput:
     """Bytes -> FakeVLM pixel_values, several times faster than `preprocess(decode(...).image)`.
 
     Same checks and Rejected reasons as `decode` (the pixel cap read from the header, before any pixel is
     decoded); width, height and format are the original image's. Where the time goes instead:
     - a JPEG is decoded at 1/2, 1/4 or 1/8 scale in the DCT domain (`Image.draft`), keeping its shortest
       edge at least reducing_gap * 336;
-    - an 8-bit PNG is decoded by libspng (pyspng), about twice as fast as Pillow, to the same pixels;
+    - an 8-bit PNG up to SPNG_MAX_PIXELS is decoded by libspng (pyspng), about twice as fast as Pillow,
+      to the same pixels;
     - the antialiased bicubic resize is torch's uint8 kernel (vectorised; Pillow's is scalar), which
       computes Pillow's filter to within one 8-bit level of rounding, 5 to 8 times faster;
     - an image already at 336 on its shortest edge is only cropped, as the reference's resize is a no-op.
     The result is within FAST_MAX_ABS_DIFF (max) and FAST_MEAN_ABS_DIFF (mean) of `preprocess`, in
     normalised units; reducing_gap 3 roughly halves a JPEG's difference, at some cost in speed.
     """
-    image, width, height, fmt = _open(data, max_pixels)
+    return model_input(read_header(data, max_pixels=max_pixels, formats=formats), reducing_gap=reducing_gap)
+
+
+def model_input(header: Header, *, reducing_gap: float = REDUCING_GAP) -> ModelInput:
+    """`decode_for_model` from an image whose header is read."""
+    image, width, height, fmt = header.image, header.width, header.height, header.format
     new_width, new_height = resize_size(width, height)
     extent = (float(width), float(height))  # the original image, in the decoded image's pixels
     if fmt == "JPEG":
@@ -164,15 +282,18 @@ def decode_for_model(data: bytes, *, max_pixels: int, reducing_gap: float = REDU
         if drafted is not None:
             _, (_, _, extent_width, extent_height) = drafted
             extent = (float(extent_width), float(extent_height))
-    if fmt == "PNG" and image.mode in _SPNG_MODES:
-        rgb = _png_rgb(data)
+    if fmt == "PNG" and image.mode in _SPNG_MODES and header.pixels <= SPNG_MAX_PIXELS:
+        rgb = _png_rgb(header.data)
     else:
-        rgb = np.asarray(_load_rgb(image, fmt, copy=False))
+        rgb = _rgb_array(image, fmt)
     pixels = _resize_crop_normalise(rgb, extent, (new_width, new_height))
     return ModelInput(pixels=pixels, width=width, height=height, format=fmt)
 
 
 _SPNG_MODES = frozenset({"RGB", "RGBA", "L", "LA", "P", "1"})  # 8 bits or fewer a sample: same RGB as Pillow
+# pyspng holds the GIL while it decodes (Pillow's decoders let it go): about 15 ms a megapixel, measured,
+# which the event loop waits out. Larger PNGs go to Pillow, twice as slow but off the loop's back.
+SPNG_MAX_PIXELS = 2_000_000
 
 
 def _png_rgb(data: bytes) -> np.ndarray:

@@ -8,17 +8,20 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import functools
 import hashlib
 import logging
 import random
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import Executor
 from dataclasses import dataclass
 from datetime import datetime
 
 import numpy as np
 
 from moderation import metrics
+from moderation.budget import ByteBudget
 from moderation.cache import VerdictCache
 from moderation.detector import Detector
 from moderation.dlq import attempts_from
@@ -34,7 +37,15 @@ from moderation.events import (
     parse_upload,
     utcnow,
 )
-from moderation.imaging import decode, decode_for_model, header_pixels, preprocess
+from moderation.imaging import (
+    DEFAULT_FORMATS,
+    Header,
+    decode_bytes,
+    decode_header,
+    model_input,
+    preprocess,
+    read_header,
+)
 from moderation.policy import Policy
 from moderation.storage import ImageStore
 
@@ -43,8 +54,12 @@ log = logging.getLogger(__name__)
 Outcome = Verdict | DeadLetter
 
 # Images up to this size (about 1 ms to decode and preprocess) are prepared on the event loop: a hand-off to a
-# thread costs more than that on a busy core (the GIL ping-pong), larger ones must not stall the loop.
+# thread costs more than that on a busy core (the GIL ping-pong), larger ones must not stall the loop. Only
+# objects up to INLINE_MAX_BYTES have their header read on the loop, as reading it costs at most a walk of
+# that many bytes within imaging's structure budget (a FakeVLM-sized 336x336 JPEG or WebP is under 20 KiB);
+# every other object, header included, goes to the decode threads.
 INLINE_MAX_PIXELS = 200_000
+INLINE_MAX_BYTES = 64 * 1024
 # base64 makes this 683 KiB: with the other fields a dead letter stays under Kafka's default 1 MB message cap.
 MAX_DEAD_LETTER_PAYLOAD = 512 * 1024
 
@@ -106,6 +121,9 @@ class Pipeline:
     trust_event_sha256: bool = False  # a cache hit on the event's own sha256 skips the S3 GET
     fast_preprocess: bool = False
     clock: Callable[[], datetime] = utcnow
+    image_formats: tuple[str, ...] = DEFAULT_FORMATS
+    decode_pool: Executor | None = None  # the worker's bounded pool; None: asyncio's default (tests, tools)
+    decode_budget: ByteBudget | None = None  # bytes of decoded pixels in flight; None: unbounded
 
     async def moderate_batch(self, batch: Sequence[Incoming]) -> list[Outcome]:
         """One outcome per message, in order. Transient faults (S3 or Triton unavailable) are retried
@@ -176,10 +194,7 @@ class Pipeline:
         digest = checked_sha256(data, event.sha256)
         if hit := self._cached(digest):
             return self._verdict(event, hit, cached=True, timings=_timings(started, fetched))
-        if (header_pixels(data) or 0) <= INLINE_MAX_PIXELS:
-            prepared = prepare(data, self.max_image_pixels, fast=self.fast_preprocess)
-        else:
-            prepared = await asyncio.to_thread(prepare, data, self.max_image_pixels, fast=self.fast_preprocess)
+        prepared = await self._prepare(data)
         decoded = time.perf_counter()
         with metrics.INFLIGHT.track_inprogress():
             detection = await self.detector.detect(prepared.pixels, explain_above=self.policy.explain_above)
@@ -196,6 +211,21 @@ class Pipeline:
         if self.cache is not None:
             self.cache.put(entry)
         return self._verdict(event, entry, cached=False, timings=_timings(started, fetched, decoded))
+
+    async def _prepare(self, data: bytes) -> Prepared:
+        if len(data) <= INLINE_MAX_BYTES:
+            header = read_header(data, max_pixels=self.max_image_pixels, formats=self.image_formats)
+            if header.pixels <= INLINE_MAX_PIXELS:
+                return prepare_header(header, fast=self.fast_preprocess)
+        work = functools.partial(
+            prepare,
+            data,
+            self.max_image_pixels,
+            fast=self.fast_preprocess,
+            formats=self.image_formats,
+            budget=self.decode_budget,
+        )
+        return await asyncio.get_running_loop().run_in_executor(self.decode_pool, work)
 
     def _cached(self, sha256: str) -> CacheEntry | None:
         if self.cache is None:
@@ -264,17 +294,31 @@ def checked_sha256(data: bytes, expected: str | None) -> str:
     return digest
 
 
-def prepare(data: bytes, max_pixels: int, *, fast: bool = False) -> Prepared:
-    """CPU-bound: decode and preprocess one image (runs in a worker thread). `fast`: imaging's
-    `decode_for_model`, within its stated tolerance of the exact path."""
+def prepare(
+    data: bytes,
+    max_pixels: int,
+    *,
+    fast: bool = False,
+    formats: tuple[str, ...] = DEFAULT_FORMATS,
+    budget: ByteBudget | None = None,
+) -> Prepared:
+    """CPU-bound: read the header, then decode and preprocess one image (runs in a decode thread) once its
+    pixels fit in `budget`. `fast`: imaging's `decode_for_model`, within its stated tolerance of the exact path."""
+    header = read_header(data, max_pixels=max_pixels, formats=formats)
+    if budget is None:
+        return prepare_header(header, fast=fast)
+    with budget.reserve(decode_bytes(header)):
+        try:
+            return prepare_header(header, fast=fast)
+        finally:
+            header.image.close()  # its pixels go before the budget is given back
+
+
+def prepare_header(header: Header, *, fast: bool = False) -> Prepared:
+    info = ImageInfo(width=header.width, height=header.height, format=header.format)
     if fast:
-        quick = decode_for_model(data, max_pixels=max_pixels)
-        return Prepared(quick.pixels, ImageInfo(width=quick.width, height=quick.height, format=quick.format))
-    decoded = decode(data, max_pixels=max_pixels)
-    return Prepared(
-        pixels=preprocess(decoded.image),
-        image=ImageInfo(width=decoded.width, height=decoded.height, format=decoded.format),
-    )
+        return Prepared(model_input(header).pixels, info)
+    return Prepared(preprocess(decode_header(header).image), info)
 
 
 def _timings(started: float, fetched: float | None = None, decoded: float | None = None) -> Timings:

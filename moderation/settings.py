@@ -100,6 +100,20 @@ class Settings(BaseSettings):
 
     # Images
     max_image_pixels: int = Field(50_000_000, ge=1, description="Checked from the header, before decoding.")
+    image_formats: CommaList = Field(
+        ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF", "HEIF", "AVIF"),
+        description="Comma-separated Pillow format names parsed at all; any other is an unsupported_format dead "
+        "letter. Names the installed Pillow cannot read (HEIF without the pillow-heif plugin) are left out.",
+    )
+    decode_threads: int = Field(
+        2, ge=1, description="Threads that decode images: the worker's own pool, not asyncio's (sized by the node)."
+    )
+    decode_budget_mib: int = Field(
+        768,
+        ge=1,
+        description="MiB of decoded pixels in flight across the decode threads; an image waits until its share fits "
+        "(one larger than the whole budget decodes alone). Keep well below the pod's memory limit.",
+    )
 
     # Detector
     detector: Literal["triton", "inprocess", "null"] = Field(
@@ -197,12 +211,17 @@ class Settings(BaseSettings):
         "uvloop", description="The worker's event loop: uvloop (libuv; less CPU per message) or asyncio's own."
     )
 
-    @field_validator("s3_allowed_buckets", mode="before")
+    @field_validator("s3_allowed_buckets", "image_formats", mode="before")
     @classmethod
     def _split(cls, value: Any) -> Any:
         if isinstance(value, str):
             return tuple(part.strip() for part in value.split(",") if part.strip())
         return value
+
+    @field_validator("image_formats")
+    @classmethod
+    def _upper(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        return tuple(name.upper() for name in value)
 
     @model_validator(mode="after")
     def _ordered(self) -> Settings:

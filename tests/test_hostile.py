@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import io
 import json
 import struct
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,10 +15,13 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
+from moderation import hostile_images
+from moderation.client import event_message, publish, read_outcomes, upload_images
+from moderation.demo import stop_worker
 from moderation.errors import Reason, Rejected
 from moderation.events import UploadEvent, parse_upload
 from moderation.imaging import decode, preprocess
-from moderation.samples import draw_image
+from moderation.samples import draw_image, encode
 
 FORMATS = ["JPEG", "PNG", "WEBP", "GIF", "TIFF", "BMP"]
 CAP = 10_000_000
@@ -61,13 +66,19 @@ def test_corrupted_files_never_crash_the_decoder(fmt: str, data: st.DataObject) 
     for _ in range(data.draw(st.integers(1, 8))):
         position = data.draw(st.integers(0, len(original) - 1))
         original[position] = data.draw(st.integers(0, 255))
-    assert decode_or_reason(bytes(original)) in (None, Reason.INVALID_IMAGE, Reason.TOO_MANY_PIXELS)
+    assert decode_or_reason(bytes(original)) in (
+        None,
+        Reason.INVALID_IMAGE,
+        Reason.TOO_MANY_PIXELS,
+        Reason.UNSUPPORTED_FORMAT,  # a corrupted signature can be another format's
+    )
 
 
 @settings(max_examples=200, deadline=1000)
 @given(st.binary(max_size=512))
 def test_arbitrary_bytes_never_crash_the_decoder(data: bytes) -> None:
-    assert decode_or_reason(data) in (None, Reason.INVALID_IMAGE, Reason.EMPTY_OBJECT, Reason.TOO_MANY_PIXELS)
+    expected = (None, Reason.INVALID_IMAGE, Reason.EMPTY_OBJECT, Reason.TOO_MANY_PIXELS, Reason.UNSUPPORTED_FORMAT)
+    assert decode_or_reason(data) in expected
 
 
 def jpeg_claiming(width: int, height: int) -> bytes:
@@ -209,3 +220,37 @@ def test_huge_payloads_are_rejected_quickly() -> None:
     payload = json.dumps(GOOD | {"attributes": {"a": "v" * 5_000_000}}).encode()
     with pytest.raises(Rejected):
         parse_upload(payload)
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_other_formats_and_structure_bombs_are_dead_letters_through_a_real_worker(lane, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    settings = lane.settings
+    files = {
+        "eps": (hostile_images.other_format("EPS"), Reason.UNSUPPORTED_FORMAT),
+        "psd": (hostile_images.other_format("PSD"), Reason.UNSUPPORTED_FORMAT),
+        "ico": (hostile_images.other_format("ICO"), Reason.UNSUPPORTED_FORMAT),
+        "chunks": (hostile_images.png_with_private_chunks(200_000), Reason.INVALID_IMAGE),
+        "scans": (hostile_images.progressive_jpeg((640, 480), 100), Reason.INVALID_IMAGE),
+        "good": (encode(draw_image(4, (640, 480)), "JPEG"), None),
+        "good-16bit": (hostile_images.sixteen_bit_png((900, 700)), None),
+    }
+    paths = []
+    for name, (data, _) in files.items():
+        (path := tmp_path / name).write_bytes(data)
+        paths.append(path)
+    events = asyncio.run(upload_images(settings, paths, bucket=settings.s3_allowed_buckets[0]))
+    expected = {event.event_id: files[Path(event.key).name][1] for event in events}
+    asyncio.run(publish(settings, [event_message(e) for e in events]))
+
+    worker = lane.worker()
+    try:
+        outcomes = asyncio.run(read_outcomes(settings, set(expected), timeout_s=300))
+    finally:
+        stop_worker(worker)
+    for event_id, reason in expected.items():
+        if reason is None:
+            assert len(outcomes.verdicts[event_id]) == 1, outcomes.dead_letters.get(event_id)
+        else:
+            [letter] = outcomes.dead_letters[event_id]
+            assert (letter.reason, letter.retryable) == (reason, False), letter.detail
