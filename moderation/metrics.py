@@ -81,6 +81,8 @@ CACHE_REFUSED = Counter(
 CACHE_PUBLISH_FAILURES = Counter(
     "moderation_cache_publish_failures",
     "Verdict cache entries not published to the cache topic (best effort: their verdicts went out).",
+    registry=REGISTRY,
+)
 EVENT_LOOP_LAG_MAX = Gauge(
     "moderation_event_loop_lag_max_seconds",
     "Longest the event loop was late to wake a timer since the worker's clients started (a stall of every task).",
