@@ -199,10 +199,17 @@ def test_broker_away_longer_than_the_publish_window_ends_the_worker_and_a_restar
     """Crash-only: outcomes the broker would not take end the process (non-zero), never an agent restarted
     in-process on the same stream; the restarted worker redoes everything after the committed offset."""
 
-    def fault(supervisor: Supervisor, _: More) -> None:
+    def fault(supervisor: Supervisor, more: More) -> None:
+        # Events held in flight first (Triton away: they wait in their retries), so that the broker is gone
+        # when their outcomes are published.
+        triton = durable_lane.info.run_dir
+        assert localstack.stop_server(triton, "triton")
+        more(6)
+        assert wait_for_retries(durable_lane, supervisor.name, "inference_unavailable") > 0
         assert localstack.stop_server(durable_lane.broker_run_dir, "kafka")
+        localstack.start_server(triton, "triton")
         try:
-            code = supervisor.process.wait(timeout=120)
+            code = supervisor.process.wait(timeout=180)
         finally:
             localstack.start_server(durable_lane.broker_run_dir, "kafka")
         log = durable_lane.log(supervisor.name)
