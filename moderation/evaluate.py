@@ -15,7 +15,6 @@ and a threshold sweep (moderation.thresholds) propose the policy's review and fl
 
 from __future__ import annotations
 
-import asyncio
 import json
 import time
 from collections.abc import Callable, Sequence
@@ -32,11 +31,10 @@ from moderation.detector import BatchDetector
 from moderation.errors import ModerationError
 from moderation.events import Label, ModelInfo
 from moderation.fakevlm import label_from_answer
-from moderation.imaging import decode, preprocess
+from moderation.freegen import EVAL_MAX_NEW_TOKENS, FreeAnswerer, answer_files
 from moderation.scan import DEFAULT_MAX_BYTES, FileOutcome, ProgressBar, detect_files
 from moderation.thresholds import Sweep, svg, sweep
 
-EVAL_MAX_NEW_TOKENS = 256  # FakeVLM's scripts/eval.py
 DEFAULT_REVIEW_PRECISION = 0.80
 DEFAULT_FLAG_PRECISION = 0.95
 
@@ -163,11 +161,11 @@ class Report(_Report):
             f"| all | {e.n} | {_pct(e.rouge_l)} | {_pct(e.css)} |",
             "",
             f"CSS embedding model: {e.embedding_model}. Acc and F1 take fake as positive (per class: that class);"
-            " Acc/F1 take the verdict-first score's label, ROUGE-L/CSS its explanation.",
+            " ROUGE-L and CSS score the verdict-first explanation.",
             f"The explanation states the other label than the score for {e.disagreements} images"
             f" and no label for {e.undecided}.",
             "",
-            *self._thresholds(),
+            *([self.thresholds.markdown(), svg(self.thresholds), ""] if self.thresholds else []),
             PAPER_FIGURES,
         ]
         return "\n".join(lines)
@@ -190,27 +188,8 @@ class Report(_Report):
             " service's own decision (P(fake) at the forced prefix \"This is a\"), not the paper's."
         )
 
-    def _thresholds(self) -> list[str]:
-        t = self.thresholds
-        if t is None:
-            return []
-        auc = "n/a (one class only)" if t.roc_auc is None else f"{t.roc_auc:.4f}"
-        lines = [f"ROC-AUC of P(fake) (fake positive, {t.n} images): {auc}.", ""]
-        for name, proposal in (("REVIEW", t.review), ("FLAG", t.flag)):
-            point = proposal.threshold
-            target = f"precision >= {proposal.target_precision:.2f}"
-            lines.append(
-                f"- MODERATION_{name}_THRESHOLD: no threshold reaches {target} on this set."
-                if point is None
-                else f"- MODERATION_{name}_THRESHOLD={point.threshold:.4f}: the lowest threshold with {target}"
-                f" (precision {point.precision:.3f}, recall {point.recall:.3f}, FPR {point.fpr:.3f})."
-            )
-        return [*lines, "", svg(t), ""]
-
 
 Embedder = Callable[[Sequence[str]], np.ndarray]
-# Pixel values (N, 3, 336, 336) -> free greedy answers to the raw prompt, as eval.py generates them.
-FreeAnswerer = Callable[[np.ndarray], list[str]]
 
 
 def load_fakeclue(data_json: Path) -> list[Sample]:
@@ -374,25 +353,16 @@ async def answer_freely(
     progress: bool = False,
     console: Console | None = None,
 ) -> list[Prediction]:
-    """Answer every scored image freely (exact preprocessing, as eval.py's processor) and label the text."""
+    """Answer every scored image freely and label each answer by the official text rule."""
     todo = [i for i, p in enumerate(predictions) if p.label is not None]
+    files = [images_dir / predictions[i].sample.image for i in todo]
+    texts = await answer_files(
+        files, answerer, batch_size=batch_size, max_pixels=max_pixels, progress=progress, console=console
+    )
     out = list(predictions)
-    with ProgressBar(progress, console, "free generation", len(todo)) as bar:
-        for start in range(0, len(todo), batch_size):
-            chunk = todo[start : start + batch_size]
-            pixels = await asyncio.gather(
-                *(asyncio.to_thread(_pixels, images_dir / out[i].sample.image, max_pixels) for i in chunk)
-            )
-            texts = await asyncio.to_thread(answerer, np.stack(pixels))
-            for i, text in zip(chunk, texts, strict=True):
-                out[i] = replace(out[i], free_text=text, free_label=label_from_answer(text))
-            bar.advance(len(chunk))
+    for i, text in zip(todo, texts, strict=True):
+        out[i] = replace(out[i], free_text=text, free_label=label_from_answer(text))
     return out
-
-
-def _pixels(path: Path, max_pixels: int) -> np.ndarray:
-    # The file was scored a moment ago, so it decodes: a failure now is unexpected and may crash the run.
-    return preprocess(decode(path.read_bytes(), max_pixels=max_pixels).image)
 
 
 def detection_scores(predictions: Sequence[Prediction], *, positive: Label) -> Scores:

@@ -43,6 +43,27 @@ class Sweep(BaseModel):
     flag: Proposal = Field(description="For MODERATION_FLAG_THRESHOLD.")
     points: list[Operating] = Field(description="One per distinct score, highest threshold first.")
 
+    def markdown(self) -> str:
+        """ROC-AUC and the proposed thresholds as the settings a T&S team would set."""
+        auc = "n/a (one class only)" if self.roc_auc is None else f"{self.roc_auc:.4f}"
+        lines = [f"ROC-AUC of P(fake) (fake positive, {self.n} images): {auc}.", ""]
+        for name, proposal in (("REVIEW", self.review), ("FLAG", self.flag)):
+            point, target = proposal.threshold, f"precision >= {proposal.target_precision:.2f}"
+            lines.append(
+                f"- MODERATION_{name}_THRESHOLD: no threshold reaches {target} on this set."
+                if point is None
+                else f"- MODERATION_{name}_THRESHOLD={point.threshold:.4f}: the lowest threshold with {target}"
+                f" (precision {point.precision:.3f}, recall {point.recall:.3f}, FPR {point.fpr:.3f})."
+            )
+        lines += [
+            "",
+            "The lowest threshold meeting a target is the most recall that target allows on this set; on a"
+            " small or cleanly separated set it sits at the edge of the real images' scores: use a set like"
+            " your uploads, large enough that the precision is a measurement.",
+            "",
+        ]
+        return "\n".join(lines)
+
 
 def sweep(scores: Sequence[float], is_fake: Sequence[bool], *, review_precision: float, flag_precision: float) -> Sweep:
     """The operating point of every distinct score, ROC-AUC, and the two proposed thresholds."""
@@ -149,9 +170,12 @@ def _line(origin: int, points: Sequence[tuple[float, float]], colour: str) -> st
 
 def _vertical(origin: int, x: float, colour: str, label: str, row: int) -> str:
     (x0, y0), (_, y1) = (_xy(origin, x, 0.0).split(","), _xy(origin, x, 1.0).split(","))
+    # The label on the side with room, so a threshold near 0 or 1 keeps its label inside the panel.
+    anchor, shift = ("start", 3) if x < 0.5 else ("end", -3)
     return (
         f'<line x1="{x0}" y1="{y0}" x2="{x0}" y2="{y1}" stroke="{colour}" stroke-dasharray="4 3"/>'
-        f'<text x="{x0}" y="{PAD + 14 * (row + 1)}" fill="{colour}" text-anchor="end">{escape(label)} </text>'
+        f'<text x="{float(x0) + shift:.1f}" y="{PAD + 14 * (row + 1)}" fill="{colour}" text-anchor="{anchor}">'
+        f"{escape(label)}</text>"
     )
 
 
