@@ -332,15 +332,11 @@ def free_scores(scored: Sequence[Prediction], max_new_tokens: int) -> FreeGenera
 
 
 def threshold_sweep(scored: Sequence[Prediction], *, review_precision: float, flag_precision: float) -> Sweep | None:
-    with_score = [p for p in scored if p.score is not None]
-    if not with_score:
+    pairs = [(p.score, p.sample.label == "fake") for p in scored if p.score is not None]
+    if not pairs:
         return None
-    return sweep(
-        [float(p.score) for p in with_score if p.score is not None],
-        [p.sample.label == "fake" for p in with_score],
-        review_precision=review_precision,
-        flag_precision=flag_precision,
-    )
+    scores, is_fake = zip(*pairs, strict=True)
+    return sweep(scores, is_fake, review_precision=review_precision, flag_precision=flag_precision)
 
 
 async def answer_freely(
