@@ -13,6 +13,7 @@ import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
+from moderation import localstack
 from moderation.cli import app
 from moderation.detector import Detection
 from moderation.evaluate import (
@@ -411,3 +412,25 @@ def test_sweep_proposes_the_lowest_threshold_that_meets_each_precision() -> None
     assert lowest_meeting(points, 1.01) is None
     plot = svg(result)
     assert plot.startswith("<svg") and plot.endswith("</svg>") and "review 0.600" in plot and "flag 0.900" in plot
+
+
+@pytest.mark.slow
+def test_eval_on_triton_reports_the_sweep_and_says_free_generation_was_not_run(
+    stack: localstack.StackInfo, tmp_path: Path
+) -> None:
+    """Triton serves verdict-first only: no free answers, so no paper-comparable figures, said twice."""
+    from moderation.synthetic import write_fakeclue
+
+    assert stack.triton_url is not None
+    data = write_fakeclue(tmp_path / "set", 8, seed=99)
+    out = tmp_path / "report.json"
+
+    result = CliRunner().invoke(
+        app, ["eval", str(data), "--images", str(data.parent), "--triton", stack.triton_url, "--out", str(out)]
+    )
+
+    assert result.exit_code == 0, result.output
+    assert "free generation needs the weights" in result.output and "Free generation was not run" in result.output
+    report = json.loads(out.read_text())
+    assert report["n"] == 8 and report["failed"] == 0 and report["free_generation"] is None
+    assert report["thresholds"]["n"] == 8 and report["thresholds"]["positives"] == 4
