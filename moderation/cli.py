@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import re
 from collections.abc import Coroutine
 from enum import StrEnum
 from pathlib import Path
@@ -217,19 +218,41 @@ def eval_set(
     embedding_model: EmbeddingModel = None,
     out: Annotated[Path, typer.Option(help="The report as JSON.")] = Path("report.json"),
     markdown: Annotated[Path | None, typer.Option(help="Also write the markdown table here.")] = None,
+    html: Annotated[Path | None, typer.Option(help="Also write the report, plots included, as HTML.")] = None,
     predictions: Predictions = None,
     batch_size: BatchSize = 16,
     device: Device = "cpu",
     dtype: Dtype = None,
+    free_generation: Annotated[
+        bool,
+        typer.Option(help="Also answer freely as FakeVLM's eval.py (slow; in-process only): the paper's figures."),
+    ] = True,
+    max_new_tokens: Annotated[int, typer.Option(min=1, help="Free answer length (FakeVLM's eval.py: 256).")] = 256,
+    review_precision: Annotated[
+        float, typer.Option(min=0.0, max=1.0, help="Propose the lowest review threshold with this precision.")
+    ] = 0.80,
+    flag_precision: Annotated[
+        float, typer.Option(min=0.0, max=1.0, help="Propose the lowest flag threshold with this precision.")
+    ] = 0.95,
 ) -> None:
-    """Acc/F1 (overall, real, fake, per category), ROUGE-L and CSS of a detector on a FakeClue-format set."""
-    from moderation.detector import running
-    from moderation.evaluate import Report, evaluate
+    """Acc/F1 (verdict-first and, paper-comparable, free answers), ROUGE-L, CSS, ROC-AUC and thresholds."""
+    from moderation.detector import InProcessDetector, running
+    from moderation.evaluate import FreeAnswerer, Report, evaluate
+    from moderation.modelcheck import free_answers
 
     detector = _detector(checkpoint, triton, device, dtype, batch_size)
+    if free_generation and triton is not None:
+        _warn("free generation needs the weights in this process: not run with --triton (no paper-comparable figures)")
+
+    def answerer(started: InProcessDetector) -> FreeAnswerer:
+        # The detector's own model: the verdict-first pass is over when the free one starts.
+        vlm = started._vlm
+        assert vlm is not None, "the detector is running"
+        return lambda pixels: free_answers(vlm, pixels, max_new_tokens=max_new_tokens)
 
     async def run() -> Report:
         async with running(detector) as started:
+            free = answerer(started) if free_generation and isinstance(started, InProcessDetector) else None
             return await evaluate(
                 data,
                 images,
@@ -239,6 +262,10 @@ def eval_set(
                 predictions_out=predictions,
                 progress=True,
                 console=console,
+                free_answerer=free,
+                free_max_new_tokens=max_new_tokens,
+                review_precision=review_precision,
+                flag_precision=flag_precision,
             )
 
     report = _run_or_exit(run())
@@ -248,8 +275,11 @@ def eval_set(
     if markdown is not None:
         markdown.parent.mkdir(parents=True, exist_ok=True)
         markdown.write_text(table + "\n")
-    print(table)
-    console.print(f"Wrote {out}" + (f" and {markdown}" if markdown else ""))
+    if html is not None:
+        html.parent.mkdir(parents=True, exist_ok=True)
+        html.write_text(report.html())
+    print(re.sub(r"<svg.*?</svg>\n", "", table, flags=re.DOTALL))  # the plot is for the files, not the terminal
+    console.print(f"Wrote {', '.join(str(p) for p in (out, markdown, html) if p is not None)}")
 
 
 @app.command()

