@@ -246,8 +246,7 @@ def eval_set(
 
     def answerer(started: InProcessDetector) -> FreeAnswerer:
         # The detector's own model: the verdict-first pass is over when the free one starts.
-        vlm = started._vlm
-        assert vlm is not None, "the detector is running"
+        vlm = started.vlm
         return lambda pixels: free_answers(vlm, pixels, max_new_tokens=max_new_tokens)
 
     async def run() -> Report:

@@ -263,6 +263,13 @@ class InProcessDetector:
             self._queue = None
         self._vlm = None
 
+    @property
+    def vlm(self) -> FakeVLM:
+        """The loaded model, for offline tools that also generate freely (eval): loaded once, shared."""
+        if self._vlm is None:
+            raise ModelError("the in-process detector is not started")
+        return self._vlm
+
     async def ready(self) -> bool:
         return self._vlm is not None and self._batcher is not None and not self._batcher.done()
 
