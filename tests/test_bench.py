@@ -52,3 +52,17 @@ def test_preprocess_bench_reports_speedup_and_tolerance(tmp_path: Path) -> None:
     assert set(summary["speedup_by_case"]) == {"JPEG 0.5MP", "PNG 0.5MP"}  # type: ignore[arg-type]
     assert isinstance(summary["speedup"], float) and summary["within_tolerance"] is True
     assert lines[-2].startswith("PNG 0.5MP")  # one table row per case, baseline and candidate side by side
+
+
+@pytest.mark.slow
+def test_preprocess_drift_bench_scores_both_paths(tmp_path: Path) -> None:
+    output = tmp_path / "drift.txt"
+    lines, summary = _run("preprocess_drift.py", "--count", "8", "--max-mp", "1", "--output", str(output))
+    by_case = summary["by_case"]
+    assert set(by_case) == {"JPEG q95", "JPEG q85", "JPEG q70", "PNG", "JPEG", "all"}  # type: ignore[arg-type]
+    assert summary["images"] == 8 and isinstance(summary["max_drift"], float) and isinstance(summary["flips"], int)
+    assert 0.0 <= summary["max_drift"] <= 1.0 and summary["faithful"] is (  # type: ignore[operator]
+        summary["max_drift"] <= 0.01 and summary["flips"] == 0  # type: ignore[operator]
+    )
+    assert any(line.startswith("# rule (issue 12.5)") for line in lines)
+    assert output.read_text().strip().splitlines()[-1] == lines[-1]
