@@ -162,6 +162,20 @@ def test_scan_on_the_published_layout(published: Path, tmp_path: Path) -> None:
     assert len(lines) == 4 and all("error" not in line and 0.0 <= line["score"] <= 1.0 for line in lines)
 
 
+def test_eval_on_the_published_layout(published: Path, tmp_path: Path) -> None:
+    """`moderation eval` (verdict-first and eval.py's free generation) reads the 4.45 layout as well."""
+    from moderation.synthetic import write_fakeclue
+
+    data = write_fakeclue(tmp_path / "set", 8, seed=4545)
+    out = tmp_path / "report.json"
+    args = ["eval", str(data), "--images", str(data.parent), "--model", str(published), "--out", str(out)]
+    result = CliRunner().invoke(app, [*args, "--batch-size", "8", "--max-new-tokens", "32"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(out.read_text())
+    assert report["n"] == 8 and report["failed"] == 0 and report["overall"]["accuracy"] >= 0.75
+    assert report["free_generation"]["answered"] == 8
+
+
 def test_prompt_token_ids_are_pinned(published: Path, tmp_path: Path) -> None:
     """The reference sequences: BOS, the 576-token `<image>` run, the question, "This is a"; verdict words."""
     today = FakeVLM.load(trained_checkpoint()).prompt
