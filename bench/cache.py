@@ -18,10 +18,10 @@ import time
 import uuid
 from pathlib import Path
 
-from moderation import localstack
 from moderation.client import event_message, publish, read_outcomes, upload_images
-from moderation.demo import settings_for, start_worker, stop_worker
-from moderation.samples import draw_image
+from moderation.devkit import localstack
+from moderation.devkit.demo import settings_for, start_worker, stop_worker
+from moderation.devkit.samples import draw_image
 
 TARGET = 5000.0
 

@@ -15,7 +15,7 @@ Checks, each printed with PASS or FAIL, then a JSON summary (also written to ben
 2. the GPU BLS model scores as the in-process CPU model, within --tolerance, with the same labels;
 3. an engine whose generation_logits start one step late (TensorRT-LLM before #3205) is refused, not
    scored: the GPU model checks that generation_logits[0] chose the first generated token;
-4. `moderation.modelcheck`: verdict-first against free generation (eval.py's settings) on the GPU.
+4. `moderation.offline.modelcheck`: verdict-first against free generation (eval.py's settings) on the GPU.
 """
 
 from __future__ import annotations
@@ -36,11 +36,11 @@ import numpy as np
 import torch
 from torch.utils import dlpack
 
-from moderation.fakevlm import FakeVLM
-from moderation.imaging import preprocess
-from moderation.modelcheck import check
-from moderation.synthetic import samples
-from moderation.tinymodel import build_tiny_checkpoint
+from moderation.devkit.synthetic import samples
+from moderation.devkit.tinymodel import build_tiny_checkpoint
+from moderation.model.fakevlm import FakeVLM
+from moderation.model.imaging import preprocess
+from moderation.offline.modelcheck import check
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
@@ -249,7 +249,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--images", type=int, default=48)
     parser.add_argument("--new-tokens", type=int, default=32, help="explanation tokens compared")
     parser.add_argument("--tolerance", type=float, default=0.02, help="max |P(fake) GPU - P(fake) CPU fp32|")
-    parser.add_argument("--check-images", type=int, default=16, help="images for moderation.modelcheck")
+    parser.add_argument("--check-images", type=int, default=16, help="images for moderation.offline.modelcheck")
     parser.add_argument("--skip-random", action="store_true", help="only the trained checkpoint (a quicker dry run)")
     parser.add_argument("--output", type=Path)
     args = parser.parse_args(argv)

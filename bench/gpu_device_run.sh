@@ -5,7 +5,7 @@
 #   bash bench/gpu_device_run.sh --experiments  # only bench/gpu_verdict_profile.py's three steps (~3 min)
 #   bash bench/gpu_device_run.sh --compiled     # only bench/gpu_fakevlm.py --compile (~4 min)
 # 1. bench/gpu_bls_check.py: the GPU Python model's scores vs the in-process CPU scores (tiny trained and
-#    random checkpoints), late generation logits refused, `moderation.modelcheck` on the tiny model;
+#    random checkpoints), late generation logits refused, `moderation.offline.modelcheck` on the tiny model;
 # 2. bench/gpu_fakevlm.py: FakeVLM's 7B shape, random bf16 weights: verdict-first img/s at batch
 #    1/16/64/96, explanations vs transformers generate, naive generate at batch 1.
 # That machine's own python3 holds torch and transformers; this script installs nothing. The figures

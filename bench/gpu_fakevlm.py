@@ -2,7 +2,7 @@
 
 A model of FakeVLM's exact shape (LLaVA-1.5-7B: CLIP ViT-L/14-336, 2-layer gelu projector, Llama-7B with
 a 32064 vocabulary) with RANDOM weights, built in memory: nothing is downloaded, so the figures are
-about speed only. `--tiny` uses moderation.tinymodel's shrunken config instead, which runs on a CPU
+about speed only. `--tiny` uses moderation.devkit.tinymodel's shrunken config instead, which runs on a CPU
 (that is how the test suite and this machine exercise the script; its figures say nothing about a GPU).
 
 Measured in one run, on one device, with the same inputs:
@@ -42,9 +42,9 @@ import torch
 import transformers
 from transformers import GenerationConfig, LlavaForConditionalGeneration
 
-from moderation.fakevlm import FakeVLM
-from moderation.imaging import CROP_SIZE
-from moderation.tinymodel import FAKEVLM_WIDTHS, TINY_WIDTHS, build_tiny_processor, llava_config
+from moderation.devkit.tinymodel import FAKEVLM_WIDTHS, TINY_WIDTHS, build_tiny_processor, llava_config
+from moderation.model.fakevlm import FakeVLM
+from moderation.model.imaging import CROP_SIZE
 
 RESULTS = Path(__file__).resolve().parent / "results"
 TARGET_VERDICT_IMG_S = 67.0  # on one H100
@@ -110,7 +110,7 @@ def naive_generate(vlm: FakeVLM, images: torch.Tensor, new_tokens: int) -> Any:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--tiny", action="store_true", help="moderation.tinymodel's config: runs on a CPU")
+    parser.add_argument("--tiny", action="store_true", help="moderation.devkit.tinymodel's config: runs on a CPU")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], help="default: bf16 on CUDA, else fp32")
     parser.add_argument("--verdict-batch", type=int, nargs="+", default=[1, 16, 64, 96])

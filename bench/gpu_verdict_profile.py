@@ -92,7 +92,7 @@ def static_generate(vlm: Any, batch: int, new_tokens: int, say: Any) -> dict[str
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("step", choices=["profile", "compile", "static"])
-    parser.add_argument("--tiny", action="store_true", help="moderation.tinymodel's shape: a plumbing check")
+    parser.add_argument("--tiny", action="store_true", help="moderation.devkit.tinymodel's shape: a plumbing check")
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--generate-batch", type=int, default=32)
     parser.add_argument("--new-tokens", type=int, default=128)

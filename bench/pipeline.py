@@ -38,14 +38,14 @@ from typing import Any
 from aiobotocore.session import get_session
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
-from moderation import localstack
 from moderation.client import event_message, publish, s3_client_args, upload_images
-from moderation.demo import settings_for, start_worker, stop_worker
+from moderation.devkit import localstack
+from moderation.devkit.demo import settings_for, start_worker, stop_worker
+from moderation.devkit.samples import draw_image, encode
 from moderation.events import UploadEvent
-from moderation.kafka import aiokafka_options
-from moderation.pipeline import prepare
-from moderation.samples import draw_image, encode
+from moderation.model.imaging import prepare
 from moderation.settings import Settings
+from moderation.worker.kafka import aiokafka_options
 
 TARGET_RATIO = 0.7
 DISTINCT_IMAGES = 64
@@ -267,7 +267,7 @@ def main(argv: list[str] | None = None) -> int:
             path.write_bytes(encode(draw_image(i, (width, height)), "JPEG"))
             files.append(path)
         data = files[0].read_bytes()
-        prepare_ms = min(_timed(lambda: prepare(data, 10**8)) for _ in range(20)) * 1000
+        prepare_ms = min(_timed(lambda: prepare(data, max_pixels=10**8)) for _ in range(20)) * 1000
         print(
             f"# pipeline: {DISTINCT_IMAGES} distinct {width}x{height} JPEGs, ~{len(data)} bytes each; "
             f"prepare() (hash + decode + preprocess) {prepare_ms:.2f} ms per image, which the bare loop skips"

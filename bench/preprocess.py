@@ -1,4 +1,4 @@
-"""Image bytes -> FakeVLM pixel_values: `moderation.imaging.decode_for_model` against transformers' CLIPImageProcessor.
+"""Image bytes -> pixel_values: `moderation.model.imaging.decode_for_model` against CLIPImageProcessor.
 
 Baseline, as a project without the fast path would do it: Pillow decodes the whole image
 (`Image.open(...).convert("RGB")`) and transformers' CLIPImageProcessor (llava-hf/FakeVLM settings; the
@@ -33,14 +33,14 @@ import transformers
 from PIL import Image
 from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 
-from moderation.imaging import (
+from moderation.devkit.samples import draw_image, encode
+from moderation.devkit.tinymodel import fakevlm_image_processor
+from moderation.model.imaging import (
     FAST_MAX_ABS_DIFF,
     FAST_MEAN_ABS_DIFF,
     REDUCING_GAP,
     decode_for_model,
 )
-from moderation.samples import draw_image, encode
-from moderation.tinymodel import fakevlm_image_processor
 
 TARGET_SPEEDUP = 4.0
 
@@ -111,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
         f"numpy {np.__version__}"
     )
     say("# baseline : Image.open(bytes).convert('RGB') + transformers CLIPImageProcessor (PIL backend)")
-    say(f"# candidate: moderation.imaging.decode_for_model(bytes, reducing_gap={args.reducing_gap})")
+    say(f"# candidate: moderation.model.imaging.decode_for_model(bytes, reducing_gap={args.reducing_gap})")
     say(f"# median of {args.repeat} interleaved runs; diff in normalised units vs the baseline's output")
     header = f"{'case':<14}{'bytes':>11}{'baseline ms':>13}{'candidate ms':>14}{'speedup':>9}"
     say(header + f"{'full decode ms':>16}{'max diff':>10}{'mean diff':>11}")
@@ -137,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
     summary = {
         "bench": "preprocess",
         "baseline": "Pillow full decode + transformers CLIPImageProcessor (PIL backend)",
-        "candidate": "moderation.imaging.decode_for_model",
+        "candidate": "moderation.model.imaging.decode_for_model",
         "reducing_gap": args.reducing_gap,
         "speedup": round(min(ratios), 2),
         "speedup_geomean": round(math.exp(statistics.fmean(math.log(r) for r in ratios)), 2),

@@ -1,7 +1,7 @@
 """Fast preprocessing as SCORE drift: the trained tiny FakeVLM's P(fake) on the exact path against the fast one.
 
 FakeVLM reads high-frequency artifacts, so pixels within tolerance are not enough: what matters is whether
-the verdict moves. Images are the trained model's own distribution (`moderation.synthetic`, real and
+the verdict moves. Images are the trained model's own distribution (`moderation.devkit.synthetic`, real and
 fake alternating), rendered at 0.3 to --max-mp megapixels (upscaled renders, odd aspect ratios up to 3:1),
 a few at their native size (the resize is a no-op) or smaller (the resize enlarges), and saved as JPEG at
 a few qualities or as PNG. Each image is scored twice, verdict-first and without explanations:
@@ -36,10 +36,10 @@ import numpy as np
 import torch
 from PIL import Image
 
-from moderation.fakevlm import FakeVLM
-from moderation.imaging import decode, decode_for_model, preprocess
-from moderation.synthetic import make_sample
-from moderation.training import trained_checkpoint
+from moderation.devkit.synthetic import make_sample
+from moderation.devkit.training import trained_checkpoint
+from moderation.model.fakevlm import FakeVLM
+from moderation.model.imaging import decode, decode_for_model, preprocess
 
 MAX_DRIFT = 0.01  # issue 12 point 5: the fast path stays the default only within this, with no flip
 THRESHOLD = 0.5

@@ -33,10 +33,11 @@ from pathlib import Path
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
-from moderation import hostile_images, localstack, structure
 from moderation.client import event_message, publish, read_outcomes, upload_images
-from moderation.demo import settings_for, start_worker, stop_worker
-from moderation.samples import draw_image, encode
+from moderation.devkit import hostile_images, localstack
+from moderation.devkit.demo import settings_for, start_worker, stop_worker
+from moderation.devkit.samples import draw_image, encode
+from moderation.model import structure
 
 ROOT = Path(__file__).resolve().parents[1]
 DEPLOYMENT = ROOT / "deploy/base/worker/deployment.yaml"

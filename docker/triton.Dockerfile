@@ -16,14 +16,14 @@ ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_BREAK_SYSTEM_PACKAGES
 WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY moderation ./moderation
-# The model imports moderation.fakevlm (torch, transformers, pillow, numpy). Keep the image's own
+# The model imports moderation.model.fakevlm (torch, transformers, pillow, numpy). Keep the image's own
 # CUDA builds of torch and numpy (constraints) and install the project without its dependency
 # list, which pins a CPU torch range for the worker; then add only what the model needs.
 RUN pip list --format=freeze | grep -iE '^(torch|numpy|tensorrt[-_]llm)==' > /tmp/image-constraints.txt \
  && pip install --no-deps . \
  && pip install --constraint /tmp/image-constraints.txt \
       "transformers>=5.0,<6" "tokenizers>=0.20" "safetensors>=0.4" "pillow>=10.3" \
- && python3 -c "import moderation.fakevlm, torch; print('torch', torch.__version__)" \
+ && python3 -c "import moderation.model.fakevlm, torch; print('torch', torch.__version__)" \
  && rm -rf /src /tmp/image-constraints.txt
 
 # The model repository: fakevlm with its default (CPU) and gpu configs; weights mount point.

@@ -18,7 +18,7 @@ from moderation.events import json_schemas
 from moderation.settings import Settings, env_table
 
 if TYPE_CHECKING:
-    from moderation.detector import InProcessDetector, TritonDetector
+    from moderation.model.detectors import InProcessDetector, TritonDetector
 
 _T = TypeVar("_T")
 
@@ -39,8 +39,7 @@ Checkpoint = Annotated[
     typer.Option(
         "--model",
         "--checkpoint",
-        help="FakeVLM weights: a local directory, or a hub id such as lingcco/fakeVLM from the Hugging Face "
-        "cache (default: the trained tiny test model).",
+        help="FakeVLM weights: a local directory, or a hub id such as lingcco/fakeVLM from the Hugging Face cache.",
     ),
 ]
 
@@ -52,9 +51,10 @@ def load_settings(env_file: Path | None) -> Settings:
 @app.command()
 def worker(env_file: EnvFile = None) -> None:
     """Run the stream worker (a Faust app) until SIGTERM or Ctrl-C."""
-    from moderation.app import create_app
-    from moderation.crashonly import Worker
+    from moderation.errors import ModerationError
     from moderation.logs import logging_config
+    from moderation.worker.app import create_app
+    from moderation.worker.crashonly import Worker
 
     settings = load_settings(env_file)
     settings.data_dir.mkdir(parents=True, exist_ok=True)
@@ -62,8 +62,13 @@ def worker(env_file: EnvFile = None) -> None:
         import mode.loop
 
         mode.loop.use("uvloop")  # the policy: Faust's consumer thread makes its own loop, uvloop too
+    try:
+        worker_app = create_app(settings)
+    except ModerationError as exc:  # a configuration it cannot run with: nothing to restart into
+        console.print(f"[red]error:[/] {exc}")
+        raise typer.Exit(2) from exc
     Worker(
-        create_app(settings),
+        worker_app,
         loglevel=settings.log_level,
         logging_config=logging_config(settings.log_level),
         quiet=True,
@@ -78,7 +83,7 @@ def demo(
     images: Annotated[int, typer.Option(min=1, help="Sample images to upload.")] = 12,
 ) -> None:
     """Bring the local stack up, push sample and bad uploads through a worker, show every outcome."""
-    from moderation.demo import run_demo
+    from moderation.devkit.demo import run_demo
 
     if not run_demo(workdir, checkpoint, console, images):
         raise typer.Exit(1)
@@ -138,21 +143,31 @@ def _detector(
     *,
     threshold: float = 0.5,
 ) -> InProcessDetector | TritonDetector:
-    """The in-process or Triton detector of scan and eval, from their shared options."""
-    from moderation.detector import open_detector
+    """The in-process or Triton detector of scan and eval, from their shared options: one of them is required,
+    as no tool here falls back to a test model."""
+    from moderation.model.detectors import InProcessDetector, TritonDetector
 
     if checkpoint is not None and triton is not None:
         raise typer.BadParameter("give --model or --triton, not both")
-    return open_detector(
-        checkpoint=checkpoint,
-        triton_url=triton,
+    if triton is not None:
+        return TritonDetector(Settings.model_validate({"triton_url": triton}))
+    return InProcessDetector(
+        _required_model(checkpoint),
         device=device,
         dtype=dtype.value if dtype else None,
         batch_size=batch_size,
         threshold=threshold,
-        home=DEFAULT_HOME,
-        warn=_warn,
     )
+
+
+def _required_model(checkpoint: str | None) -> str:
+    if checkpoint is None:
+        raise typer.BadParameter(
+            "which weights? --model lingcco/fakeVLM (or a directory); for a plumbing run on the trained tiny "
+            "test model: --model models/fakevlm-tiny-trained",
+            param_hint="--model",
+        )
+    return checkpoint
 
 
 def _run_or_exit(work: Coroutine[Any, Any, _T]) -> _T:
@@ -180,9 +195,9 @@ def scan_files(
     env_file: EnvFile = None,
 ) -> None:
     """Detect AI-generated images among local files, offline; unreadable files are reported, never fatal."""
-    from moderation.detector import running
-    from moderation.policy import Policy
-    from moderation.scan import ScanSummary, scan, summary_json
+    from moderation.model.detectors import running
+    from moderation.offline.scan import ScanSummary, scan, summary_json
+    from moderation.worker.policy import Policy
 
     settings = load_settings(env_file)
     limit = settings.explain_above if explain_above is None else explain_above
@@ -236,9 +251,9 @@ def eval_set(
     ] = 0.95,
 ) -> None:
     """Acc/F1 (verdict-first and, paper-comparable, free answers), ROUGE-L, CSS, ROC-AUC and thresholds."""
-    from moderation.detector import InProcessDetector, running
-    from moderation.evaluate import FreeAnswerer, Report, evaluate
-    from moderation.modelcheck import free_answers
+    from moderation.model.detectors import InProcessDetector, running
+    from moderation.offline.evaluate import FreeAnswerer, Report, evaluate
+    from moderation.offline.modelcheck import free_answers
 
     detector = _detector(checkpoint, triton, device, dtype, batch_size)
     if free_generation and triton is not None:
@@ -308,8 +323,8 @@ def show_settings(env_file: EnvFile = None, markdown: bool = typer.Option(False,
 @dev.command("up")
 def dev_up(run_dir: RunDir = DEFAULT_HOME / "stack", checkpoint: Checkpoint = None) -> None:
     """Start Tansu, SeaweedFS and Triton on free ports, create topics and bucket, write stack.env."""
-    from moderation import localstack
-    from moderation.detector import default_checkpoint
+    from moderation.devkit import localstack
+    from moderation.devkit.checkpoints import default_checkpoint
 
     served: str | Path | None = checkpoint
     if served is None:
@@ -325,7 +340,7 @@ def dev_up(run_dir: RunDir = DEFAULT_HOME / "stack", checkpoint: Checkpoint = No
 @dev.command("down")
 def dev_down(run_dir: RunDir = DEFAULT_HOME / "stack") -> None:
     """Stop exactly the servers `dev up` started."""
-    from moderation import localstack
+    from moderation.devkit import localstack
 
     stopped = localstack.down(run_dir)
     console.print(f"Stopped: {', '.join(stopped) or 'nothing was running'}")
@@ -336,7 +351,7 @@ def dev_status(run_dir: RunDir = DEFAULT_HOME / "stack") -> None:
     """Report each server of the local stack: alive, ready, address, log file."""
     from rich.table import Table
 
-    from moderation import localstack
+    from moderation.devkit import localstack
 
     table = Table("server", "pid", "alive", "ready", "address", "log")
     statuses = localstack.status(run_dir)
@@ -360,7 +375,7 @@ def dlq_inspect(
     from rich.markup import escape
     from rich.table import Table
 
-    from moderation.dlq import read_dead_letters
+    from moderation.worker.dlq import read_dead_letters
 
     stored = _run_or_exit(read_dead_letters(load_settings(env_file), limit=limit, newest_first=not oldest))
     table = Table("event_id", "reason", "retryable", "attempts", "source", "dead letter", "last error", "detail")
@@ -407,8 +422,8 @@ def dlq_replay(
     ] = None,
     dry_run: Annotated[bool, typer.Option(help="Show what would be replayed; publish and commit nothing.")] = False,
 ) -> None:
-    from moderation.dlq import Stored, replay
     from moderation.errors import RETRYABLE, Reason
+    from moderation.worker.dlq import Stored, replay
 
     if wrong := [r for r in reason or () if r not in RETRYABLE]:
         retryable = ", ".join(sorted(RETRYABLE))
@@ -437,7 +452,7 @@ def dlq_replay(
 @model.command("build-tiny")
 def build_tiny(out_dir: Annotated[Path, typer.Argument(help="Where to write the checkpoint.")]) -> None:
     """Build the tiny FakeVLM-architecture checkpoint used by tests and the demo (no downloads)."""
-    from moderation.tinymodel import build_tiny_checkpoint
+    from moderation.devkit.tinymodel import build_tiny_checkpoint
 
     console.print(f"Tiny checkpoint ready at {build_tiny_checkpoint(out_dir)}")
 
@@ -454,7 +469,13 @@ def train_tiny(
     """Train the tiny FakeVLM on synthetic images with known answers (CPU, minutes, deterministic)."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
 
-    from moderation.training import DEFAULT_STEPS, TRAINED_CHECKPOINT, TrainProgress, read_metrics, train_tiny_fakevlm
+    from moderation.devkit.training import (
+        DEFAULT_STEPS,
+        TRAINED_CHECKPOINT,
+        TrainProgress,
+        read_metrics,
+        train_tiny_fakevlm,
+    )
 
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     with Progress(*columns, TextColumn("{task.fields[loss]}"), console=console) as bar:
@@ -483,16 +504,15 @@ def check_model(
     out: Annotated[Path | None, typer.Option(help="Write the report, every answer included, as JSON.")] = None,
 ) -> None:
     """Is verdict-first valid for this checkpoint? Free greedy answers (as FakeVLM's eval.py) vs the forced verdict."""
-    from moderation.detector import default_checkpoint
-    from moderation.fakevlm import ANSWER_PREFIX, FakeVLM
-    from moderation.modelcheck import check, load_images
+    from moderation.model.fakevlm import ANSWER_PREFIX, FakeVLM
+    from moderation.offline.modelcheck import check, load_images
 
+    source = _required_model(checkpoint)
     pixels, used, skipped = load_images(images)
     for reason in skipped:
         _warn(f"skipped {reason}")
     if not used:
         raise typer.BadParameter("no readable image among IMAGES")
-    source = checkpoint or default_checkpoint(DEFAULT_HOME)[0]
     vlm = _run_or_exit(asyncio.to_thread(FakeVLM.load, source, device=device, dtype=dtype.value if dtype else None))
     report = check(vlm, pixels, max_new_tokens=max_new_tokens)
     if out is not None:

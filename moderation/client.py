@@ -20,8 +20,8 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.structs import RecordMetadata
 
 from moderation.events import DeadLetter, UploadEvent, Verdict, utcnow
-from moderation.kafka import aiokafka_options
 from moderation.settings import Settings
+from moderation.worker.kafka import aiokafka_options
 
 Outcome = Verdict | DeadLetter
 

@@ -134,7 +134,7 @@ class DeadLetter(_Message):
 
 class CacheEntry(_Message):
     """What one model (its weights) said about one image's bytes: the verdict cache topic, compacted, keyed by
-    image sha256 and model identity (`moderation.cache.cache_key`)."""
+    image sha256 and model identity (`moderation.worker.cache.cache_key`)."""
 
     schema_version: Literal[1] = SCHEMA_VERSION
     image_sha256: str = Field(pattern=r"^[0-9a-f]{64}$")

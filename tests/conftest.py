@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from moderation import localstack
-from moderation.demo import settings_for, start_worker, stop_worker
+from moderation.devkit import localstack
+from moderation.devkit.demo import settings_for, start_worker, stop_worker
 from moderation.settings import Settings
 
 

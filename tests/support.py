@@ -12,11 +12,11 @@ from pathlib import Path
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from moderation.client import Outcomes, event_message, publish, read_outcomes, upload_images
-from moderation.demo import put_objects
+from moderation.devkit.demo import put_objects
+from moderation.devkit.samples import BadUpload, bad_uploads, write_samples
 from moderation.events import DeadLetter, UploadEvent, Verdict
-from moderation.kafka import aiokafka_options
-from moderation.samples import BadUpload, bad_uploads, write_samples
 from moderation.settings import Settings
+from moderation.worker.kafka import aiokafka_options
 
 
 @dataclass

@@ -12,16 +12,19 @@ from typing import Any
 
 import numpy as np
 import pytest
+from typer.testing import CliRunner
 
-from moderation import detector as detector_module
-from moderation import localstack
-from moderation.demo import settings_for
-from moderation.detector import InProcessDetector, TritonDetector, open_detector, running
+from moderation import cli
+from moderation.devkit import checkpoints, localstack
+from moderation.devkit.demo import settings_for
+from moderation.devkit.samples import draw_image
+from moderation.devkit.tinymodel import build_tiny_checkpoint
 from moderation.errors import ModelError, Reason, Rejected
-from moderation.fakevlm import FakeVLM
-from moderation.imaging import preprocess
-from moderation.samples import draw_image
-from moderation.tinymodel import build_tiny_checkpoint
+from moderation.model.detectors import InProcessDetector, TritonDetector, running
+from moderation.model.fakevlm import FakeVLM
+from moderation.model.imaging import preprocess
+from moderation.settings import Settings
+from moderation.worker.clients import detector_from_settings
 
 
 @pytest.fixture(scope="module")
@@ -114,21 +117,33 @@ async def test_lifecycle(checkpoint: Path, pixels: np.ndarray) -> None:
         await InProcessDetector(checkpoint.parent / "nowhere").start()
 
 
-def test_open_detector_picks_the_backend(checkpoint: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    assert isinstance(open_detector(checkpoint=checkpoint), InProcessDetector)
-    assert isinstance(open_detector(triton_url="127.0.0.1:1"), TritonDetector)
-    with pytest.raises(ValueError, match="not both"):
-        open_detector(checkpoint=checkpoint, triton_url="127.0.0.1:1")
+def test_the_worker_refuses_to_serve_without_weights(checkpoint: Path) -> None:
+    with pytest.raises(ModelError, match="MODERATION_CHECKPOINT"):
+        detector_from_settings(Settings.model_validate({"detector": "inprocess"}))
+    chosen = detector_from_settings(Settings.model_validate({"detector": "inprocess", "checkpoint": str(checkpoint)}))
+    assert isinstance(chosen, InProcessDetector)
+    assert isinstance(detector_from_settings(Settings()), TritonDetector)
 
-    # No checkpoint: the trained tiny model when there is one, else the random one, with a warning.
+
+def test_the_worker_command_says_why_it_will_not_start(tmp_path: Path) -> None:
+    env = tmp_path / "worker.env"
+    env.write_text(f"MODERATION_DETECTOR=inprocess\nMODERATION_DATA_DIR={tmp_path}\n")
+    result = CliRunner().invoke(cli.app, ["worker", "--env-file", str(env)])
+    assert result.exit_code == 2 and "MODERATION_CHECKPOINT" in result.output
+
+
+def test_offline_tools_want_named_weights(tmp_path: Path) -> None:
+    result = CliRunner().invoke(cli.app, ["scan", str(tmp_path)])
+    assert result.exit_code == 2 and "--model" in result.output
+
+
+def test_only_the_devkit_picks_a_tiny_model(checkpoint: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # No checkpoint: the trained tiny model when there is one, else the random one.
     shutil.copytree(checkpoint, tmp_path / "models" / "fakevlm-tiny")  # complete: reused, not rebuilt
-    warnings: list[str] = []
-    monkeypatch.setattr(detector_module, "_trained_checkpoint", lambda: None)
-    default = open_detector(home=tmp_path, warn=warnings.append)
-    assert isinstance(default, InProcessDetector) and "fakevlm-tiny" in default.model.version
-    assert len(warnings) == 1 and "mean nothing" in warnings[0]
-    monkeypatch.setattr(detector_module, "_trained_checkpoint", lambda: checkpoint)
-    assert detector_module.default_checkpoint(tmp_path) == (checkpoint, True)
+    monkeypatch.setattr(checkpoints, "_trained_checkpoint", lambda: None)
+    assert checkpoints.default_checkpoint(tmp_path) == (tmp_path / "models" / "fakevlm-tiny", False)
+    monkeypatch.setattr(checkpoints, "_trained_checkpoint", lambda: checkpoint)
+    assert checkpoints.default_checkpoint(tmp_path) == (checkpoint, True)
 
 
 @pytest.mark.integration

@@ -14,11 +14,11 @@ from aiokafka import AIOKafkaConsumer
 from prometheus_client.parser import text_string_to_metric_families
 from support import committed_offsets
 
-from moderation.cache import Refusal, VerdictCache, cache_key
 from moderation.client import event_message, publish, read_outcomes, upload_images
-from moderation.demo import stop_worker
+from moderation.devkit.demo import stop_worker
 from moderation.events import CacheEntry, ImageInfo, ModelInfo
-from moderation.identity import combined_identity, directory_digest, weights_identity
+from moderation.model.identity import combined_identity, directory_digest, weights_identity
+from moderation.worker.cache import Refusal, VerdictCache, cache_key
 
 MODEL = ModelInfo(name="fakevlm", version="1 (tiny)", weights="sha256:" + "1" * 64)
 NOW = datetime(2026, 11, 27, tzinfo=UTC)
@@ -160,8 +160,8 @@ def test_a_hub_cache_snapshot_is_named_by_its_commit(tmp_path: Path, monkeypatch
 
 
 def test_the_in_process_detector_names_its_weights_by_their_digest(tmp_path: Path) -> None:
-    from moderation.detector import InProcessDetector, running
-    from moderation.tinymodel import build_tiny_checkpoint
+    from moderation.devkit.tinymodel import build_tiny_checkpoint
+    from moderation.model.detectors import InProcessDetector, running
 
     checkpoint = build_tiny_checkpoint(tmp_path / "tiny")
 
@@ -173,7 +173,7 @@ def test_the_in_process_detector_names_its_weights_by_their_digest(tmp_path: Pat
 
 
 async def cache_records(settings, timeout_s: float = 10.0) -> list[tuple[bytes | None, bytes | None]]:  # type: ignore[no-untyped-def]
-    from moderation.kafka import aiokafka_options
+    from moderation.worker.kafka import aiokafka_options
 
     consumer = AIOKafkaConsumer(
         settings.topic_cache, group_id=None, auto_offset_reset="earliest", **aiokafka_options(settings)
@@ -194,7 +194,7 @@ async def cache_records(settings, timeout_s: float = 10.0) -> list[tuple[bytes |
 def test_identical_bytes_reach_the_model_once_across_worker_restarts(lane, tmp_path: Path) -> None:
     settings = lane.settings
     image = tmp_path / "same.png"
-    from moderation.samples import draw_image
+    from moderation.devkit.samples import draw_image
 
     draw_image(3, (320, 240)).save(image)
     bucket = settings.s3_allowed_buckets[0]
@@ -245,7 +245,7 @@ def scrape_metric(lane, name: str, **labels: str) -> float:  # type: ignore[no-u
 def test_a_worker_refuses_poisoned_cache_records(lane, tmp_path: Path) -> None:
     """Records that anyone with write access could put on the cache topic, claiming "real" for an image:
     dated in the future, keyed for other bytes, or made by other weights. None of them is served."""
-    from moderation.samples import draw_image
+    from moderation.devkit.samples import draw_image
 
     settings = lane.settings
     tiny = lane.info.run_dir.parent / "tiny-checkpoint"
@@ -293,7 +293,7 @@ def test_a_worker_refuses_poisoned_cache_records(lane, tmp_path: Path) -> None:
 def test_verdicts_flow_and_offsets_commit_when_the_cache_topic_cannot_be_written(lane, tmp_path: Path) -> None:
     """The broker refuses the cache topic (a name it does not accept): every event still gets its verdict
     and its offset committed; the failed cache publishes are logged and counted, not waited for."""
-    from moderation.samples import draw_image
+    from moderation.devkit.samples import draw_image
 
     settings = lane.settings
     images = []

@@ -19,12 +19,12 @@ from support import wait_for_commits
 
 from moderation.cli import dlq_replay
 from moderation.client import event_message, publish, read_outcomes, upload_images
-from moderation.demo import stop_worker
-from moderation.dlq import ATTEMPTS_HEADER, attempts_from, read_dead_letters, replay, replay_group
+from moderation.devkit.demo import stop_worker
+from moderation.devkit.samples import write_samples
 from moderation.errors import Reason
 from moderation.events import DeadLetter, Verdict, utcnow
-from moderation.kafka import aiokafka_options
-from moderation.samples import write_samples
+from moderation.worker.dlq import ATTEMPTS_HEADER, attempts_from, read_dead_letters, replay, replay_group
+from moderation.worker.kafka import aiokafka_options
 
 pytestmark = pytest.mark.integration
 

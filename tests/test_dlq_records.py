@@ -11,9 +11,9 @@ from aiokafka import ConsumerRecord
 from hypothesis import given
 from hypothesis import strategies as st
 
-from moderation.dlq import ATTEMPTS_HEADER, attempts_from, parse
 from moderation.errors import Reason
 from moderation.events import DeadLetter, utcnow
+from moderation.worker.dlq import ATTEMPTS_HEADER, attempts_from, parse
 
 NAME = ATTEMPTS_HEADER
 

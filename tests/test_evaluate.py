@@ -13,10 +13,14 @@ import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
-from moderation import localstack
 from moderation.cli import app
-from moderation.detector import Detection
-from moderation.evaluate import (
+from moderation.devkit import localstack
+from moderation.devkit.samples import write_samples
+from moderation.devkit.tinymodel import build_tiny_checkpoint
+from moderation.events import ModelInfo
+from moderation.model.detectors import Detection
+from moderation.model.fakevlm import label_from_answer
+from moderation.offline.evaluate import (
     DEFAULT_EMBEDDING_MODEL,
     DatasetError,
     Prediction,
@@ -25,11 +29,7 @@ from moderation.evaluate import (
     explanation_scores,
     load_fakeclue,
 )
-from moderation.events import ModelInfo
-from moderation.fakevlm import label_from_answer
-from moderation.samples import write_samples
-from moderation.thresholds import lowest_meeting, operating_points, roc_auc, svg, sweep
-from moderation.tinymodel import build_tiny_checkpoint
+from moderation.offline.thresholds import lowest_meeting, operating_points, roc_auc, svg, sweep
 
 FAKE_TEXT = "This is a fake image. Odd colours everywhere."
 REAL_TEXT = "This is a real image. Natural light and shadows."
@@ -341,8 +341,8 @@ def test_eval_command_end_to_end_with_the_in_process_detector(tmp_path: Path) ->
 def test_eval_on_a_fakeclue_set_the_trained_model_has_never_seen(tmp_path: Path) -> None:
     """The whole `moderation eval` on a FakeClue-format set of held-out synthetic images, scored by the
     trained tiny FakeVLM: the figures must say what the model is known to do on them."""
-    from moderation.synthetic import CATEGORIES, write_fakeclue
-    from moderation.training import trained_checkpoint
+    from moderation.devkit.synthetic import CATEGORIES, write_fakeclue
+    from moderation.devkit.training import trained_checkpoint
 
     data = write_fakeclue(tmp_path / "set", 32, seed=777)
     out, markdown, html = tmp_path / "report.json", tmp_path / "report.md", tmp_path / "report.html"
@@ -419,7 +419,7 @@ def test_eval_on_triton_reports_the_sweep_and_says_free_generation_was_not_run(
     stack: localstack.StackInfo, tmp_path: Path
 ) -> None:
     """Triton serves verdict-first only: no free answers, so no paper-comparable figures, said twice."""
-    from moderation.synthetic import write_fakeclue
+    from moderation.devkit.synthetic import write_fakeclue
 
     assert stack.triton_url is not None
     data = write_fakeclue(tmp_path / "set", 8, seed=99)

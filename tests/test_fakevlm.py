@@ -10,8 +10,9 @@ import pytest
 import torch
 from PIL import Image
 
+from moderation.devkit.tinymodel import MARKER, build_tiny_checkpoint
 from moderation.errors import ModelError
-from moderation.fakevlm import (
+from moderation.model.fakevlm import (
     ANSWER_PREFIX,
     PROMPT,
     FakeVLM,
@@ -19,8 +20,7 @@ from moderation.fakevlm import (
     checkpoint_relative_to,
     label_from_answer,
 )
-from moderation.imaging import CLIP_MEAN, CLIP_STD, preprocess
-from moderation.tinymodel import MARKER, build_tiny_checkpoint
+from moderation.model.imaging import CLIP_MEAN, CLIP_STD, preprocess
 
 
 @pytest.fixture(scope="session")
@@ -200,9 +200,9 @@ def test_checkpoint_setting_resolves_against_the_model_directory(tmp_path: Path)
 
 def test_without_a_kept_cache_explained_rows_are_prefilled_again_to_the_same_answers() -> None:
     """The compiled verdict pass keeps no KV cache; its explanations must equal the cache path's."""
-    from moderation.imaging import preprocess
-    from moderation.synthetic import samples
-    from moderation.training import trained_checkpoint
+    from moderation.devkit.synthetic import samples
+    from moderation.devkit.training import trained_checkpoint
+    from moderation.model.imaging import preprocess
 
     vlm = FakeVLM.load(trained_checkpoint())
     pixels = np.stack([preprocess(s.image) for s in samples(4, 5)])

@@ -8,8 +8,9 @@ import pytest
 from PIL import Image
 from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 
+from moderation.devkit.samples import draw_image, encode
 from moderation.errors import Reason, Rejected
-from moderation.imaging import (
+from moderation.model.imaging import (
     CLIP_MEAN,
     CLIP_STD,
     CROP_SIZE,
@@ -19,7 +20,6 @@ from moderation.imaging import (
     decode_for_model,
     preprocess,
 )
-from moderation.samples import draw_image, encode
 
 CAP = 10**8
 ONE_LEVEL = 1 / 255 / min(CLIP_STD) + 1e-6  # one 8-bit level, in normalised units

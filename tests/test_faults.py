@@ -14,10 +14,10 @@ from pathlib import Path
 import pytest
 from support import disagreements, duplicates, outcomes_for, publish_uploads, wait_for_commits
 
-from moderation import localstack
 from moderation.client import Outcomes
-from moderation.crashonly import EXIT_CRASHED, SHUTDOWN_MARGIN_S
-from moderation.demo import stop_worker
+from moderation.devkit import localstack
+from moderation.devkit.demo import stop_worker
+from moderation.worker.crashonly import EXIT_CRASHED, SHUTDOWN_MARGIN_S
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -171,7 +171,7 @@ def durable_lane(lane, durable_broker):  # type: ignore[no-untyped-def]
     and committed offsets survive a broker restart."""
     import asyncio
 
-    from moderation.demo import settings_for
+    from moderation.devkit.demo import settings_for
 
     s = lane.settings
     lane.env["MODERATION_KAFKA_BOOTSTRAP_SERVERS"] = durable_broker.kafka_bootstrap

@@ -15,13 +15,13 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from moderation import hostile_images
 from moderation.client import event_message, publish, read_outcomes, upload_images
-from moderation.demo import stop_worker
+from moderation.devkit import hostile_images
+from moderation.devkit.demo import stop_worker
+from moderation.devkit.samples import draw_image, encode
 from moderation.errors import Reason, Rejected
 from moderation.events import UploadEvent, parse_upload
-from moderation.imaging import decode, preprocess
-from moderation.samples import draw_image, encode
+from moderation.model.imaging import decode, preprocess
 
 FORMATS = ["JPEG", "PNG", "WEBP", "GIF", "TIFF", "BMP"]
 CAP = 10_000_000

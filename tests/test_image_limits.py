@@ -14,22 +14,24 @@ import numpy as np
 import pytest
 from PIL import Image, features
 
-from moderation import hostile_images, structure
-from moderation.budget import ByteBudget, return_large_frees
+from moderation.devkit import hostile_images
+from moderation.devkit.samples import draw_image, encode
 from moderation.errors import Reason, Rejected
-from moderation.imaging import (
+from moderation.model import structure
+from moderation.model.imaging import (
     DECODE_SLACK,
     DEFAULT_FORMATS,
     decode,
     decode_bytes,
     decode_for_model,
+    prepare,
     read_header,
     readable,
     to_l,
 )
-from moderation.pipeline import INLINE_MAX_BYTES, prepare
-from moderation.samples import draw_image, encode
 from moderation.settings import Settings
+from moderation.worker.budget import ByteBudget, return_large_frees
+from moderation.worker.pipeline import INLINE_MAX_BYTES
 
 CAP = 50_000_000
 
@@ -67,7 +69,7 @@ def test_a_progressive_jpeg_within_the_scan_budget_decodes_and_one_over_it_is_re
     assert decode(within, max_pixels=CAP).image.size == (320, 240)
     for fast in (False, True):
         with pytest.raises(Rejected) as caught:
-            prepare(over, CAP, fast=fast)
+            prepare(over, max_pixels=CAP, fast=fast)
         assert caught.value.reason == Reason.INVALID_IMAGE and "scans" in caught.value.detail
 
 
@@ -230,8 +232,8 @@ class CountingPool(ThreadPoolExecutor):
 
 
 async def test_large_objects_are_read_and_decoded_on_the_pools_threads_only() -> None:
-    from moderation.pipeline import Pipeline
-    from moderation.policy import Policy
+    from moderation.worker.pipeline import Pipeline
+    from moderation.worker.policy import Policy
 
     pool = CountingPool()
     pipeline = Pipeline(None, None, Policy(0.5, 0.8, 0.5), CAP, decode_pool=pool, decode_budget=ByteBudget(2**30))  # type: ignore[arg-type]
@@ -256,8 +258,8 @@ def test_large_frees_go_back_to_the_system_under_glibc() -> None:
 
 
 async def test_the_loop_lag_probe_exports_a_stall() -> None:
-    from moderation import metrics
-    from moderation.resources import watch_loop_lag
+    from moderation.worker import metrics
+    from moderation.worker.metrics import watch_loop_lag
 
     probe = asyncio.create_task(watch_loop_lag(0.01))
     await asyncio.sleep(0.05)

@@ -5,9 +5,9 @@ import pytest
 from PIL import Image
 from transformers import CLIPImageProcessor
 
+from moderation.devkit.samples import draw_image, encode
 from moderation.errors import Reason, Rejected
-from moderation.imaging import CLIP_MEAN, CLIP_STD, CROP_SIZE, decode, preprocess
-from moderation.samples import draw_image, encode
+from moderation.model.imaging import CLIP_MEAN, CLIP_STD, CROP_SIZE, decode, preprocess
 
 
 @pytest.fixture(scope="module")

@@ -16,9 +16,9 @@ from confluent_kafka import Consumer, Producer
 from support import wait_for_commits
 
 from moderation.client import upload_images
-from moderation.dlq import ATTEMPTS_HEADER
+from moderation.devkit.samples import write_samples
 from moderation.events import DeadLetter, Verdict
-from moderation.samples import write_samples
+from moderation.worker.dlq import ATTEMPTS_HEADER
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 

@@ -16,8 +16,8 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from botocore.config import Config
 from botocore.exceptions import ClientError
 
-from moderation import localstack
-from moderation.localstack import StackError, StackInfo
+from moderation.devkit import localstack
+from moderation.devkit.localstack import StackError, StackInfo
 
 MODEL_PY = """
 import json

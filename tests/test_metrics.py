@@ -5,8 +5,8 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 
-from moderation import metrics
 from moderation.events import ImageInfo, ModelInfo, Timings, Verdict
+from moderation.worker import metrics
 
 
 def verdict(label: str, answer_label: str | None) -> Verdict:

@@ -9,11 +9,11 @@ import pytest
 from typer.testing import CliRunner
 
 from moderation.cli import app
-from moderation.fakevlm import FakeVLM
-from moderation.imaging import preprocess
-from moderation.modelcheck import Answer, check, summarise
-from moderation.synthetic import samples, write_images
-from moderation.training import trained_checkpoint
+from moderation.devkit.synthetic import samples, write_images
+from moderation.devkit.training import trained_checkpoint
+from moderation.model.fakevlm import FakeVLM
+from moderation.model.imaging import preprocess
+from moderation.offline.modelcheck import Answer, check, summarise
 
 
 def test_summary_counts_prefix_agreement_and_margins() -> None:

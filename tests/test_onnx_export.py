@@ -12,8 +12,8 @@ import pytest
 import torch
 from transformers import LlavaConfig
 
-from moderation.fakevlm import FakeVLM
-from moderation.tinymodel import IMAGE_SEQ_LENGTH, build_tiny_checkpoint
+from moderation.devkit.tinymodel import IMAGE_SEQ_LENGTH, build_tiny_checkpoint
+from moderation.model.fakevlm import FakeVLM
 
 onnx = pytest.importorskip("onnx", reason="needs the onnx extra (onnx, onnxruntime, onnxscript)")
 ort = pytest.importorskip("onnxruntime", reason="needs the onnx extra (onnx, onnxruntime, onnxscript)")

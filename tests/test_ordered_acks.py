@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from moderation.acks import OrderedAcks
+from moderation.worker.acks import OrderedAcks
 
 
 class Recorder:

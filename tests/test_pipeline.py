@@ -6,12 +6,12 @@ from datetime import UTC, datetime
 
 import numpy as np
 
-from moderation.detector import Detection
+from moderation.devkit.samples import draw_image, encode
 from moderation.errors import Reason, Rejected
 from moderation.events import DeadLetter, ModelInfo, Verdict
-from moderation.pipeline import MAX_DEAD_LETTER_PAYLOAD, Backoff, Incoming, Pipeline
-from moderation.policy import Policy
-from moderation.samples import draw_image, encode
+from moderation.model.detectors import Detection
+from moderation.worker.pipeline import MAX_DEAD_LETTER_PAYLOAD, Backoff, Incoming, Pipeline
+from moderation.worker.policy import Policy
 
 NOW = datetime(2026, 11, 27, tzinfo=UTC)
 JPEG = encode(draw_image(0, (64, 48)), "JPEG")
@@ -133,7 +133,7 @@ async def test_a_bug_costs_one_dead_letter_not_the_worker() -> None:
 
 
 async def test_identical_bytes_are_served_from_the_cache() -> None:
-    from moderation.cache import VerdictCache
+    from moderation.worker.cache import VerdictCache
 
     detector = FixedDetector(0.9)
     store = MemoryStore({"a.jpg": JPEG, "copy.jpg": JPEG})

@@ -24,15 +24,15 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoProcessor
 from typer.testing import CliRunner
 
-from moderation import localstack
 from moderation.cli import app
-from moderation.demo import settings_for
-from moderation.detector import TritonDetector
+from moderation.devkit import localstack
+from moderation.devkit.demo import settings_for
+from moderation.devkit.synthetic import samples, write_images
+from moderation.devkit.training import trained_checkpoint
 from moderation.errors import ModelError
-from moderation.fakevlm import PROMPT, FakeVLM, build_prompt
-from moderation.imaging import CROP_SIZE, preprocess
-from moderation.synthetic import samples, write_images
-from moderation.training import trained_checkpoint
+from moderation.model.detectors import TritonDetector
+from moderation.model.fakevlm import PROMPT, FakeVLM, build_prompt
+from moderation.model.imaging import CROP_SIZE, preprocess
 
 _SPECIAL = {0: "<unk>", 1: "<s>", 2: "</s>"}
 # Llama-2's tokenizer.json (as meta-llama and llava-hf ship it): no pre-tokenizer, a normalizer that
@@ -164,7 +164,7 @@ def test_scan_on_the_published_layout(published: Path, tmp_path: Path) -> None:
 
 def test_eval_on_the_published_layout(published: Path, tmp_path: Path) -> None:
     """`moderation eval` (verdict-first and eval.py's free generation) reads the 4.45 layout as well."""
-    from moderation.synthetic import write_fakeclue
+    from moderation.devkit.synthetic import write_fakeclue
 
     data = write_fakeclue(tmp_path / "set", 8, seed=4545)
     out = tmp_path / "report.json"

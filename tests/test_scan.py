@@ -19,13 +19,13 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from moderation.cli import app
-from moderation.detector import Detection, InProcessDetector
+from moderation.devkit.samples import draw_image, encode, write_samples
+from moderation.devkit.tinymodel import build_tiny_checkpoint
 from moderation.errors import Reason, Rejected
 from moderation.events import ModelInfo, Verdict
-from moderation.policy import Policy
-from moderation.samples import draw_image, encode, write_samples
-from moderation.scan import NOT_FOUND, ScanError, ScanResult, collect_files, scan
-from moderation.tinymodel import build_tiny_checkpoint
+from moderation.model.detectors import Detection, InProcessDetector
+from moderation.offline.scan import NOT_FOUND, ScanError, ScanResult, collect_files, scan
+from moderation.worker.policy import Policy
 
 GOOD = ["sample-000.jpg", "sample-001.png", "sample-002.webp", "sample-003.gif", "nested/deeper/photo.bmp"]
 

@@ -32,7 +32,7 @@ def test_thresholds_must_be_ordered() -> None:
 
 
 def test_triton_tls_options_read_the_certificate_files(tmp_path: Path) -> None:
-    from moderation.detector import _tls_options
+    from moderation.model.detectors.triton import _tls_options
 
     (tmp_path / "ca.pem").write_bytes(b"CA")
     (tmp_path / "key.pem").write_bytes(b"KEY")
@@ -85,7 +85,7 @@ def test_a_short_rebalance_timeout_only_when_the_overlap_is_accepted_as_for_tans
 
 
 def test_the_local_stack_settings_validate() -> None:
-    from moderation.localstack import StackInfo
+    from moderation.devkit.localstack import StackInfo
 
     info = StackInfo(
         Path("."),
@@ -112,8 +112,8 @@ def test_the_worst_batch_time_comes_from_what_bounds_each_part(monkeypatch: pyte
     import faust
 
     from moderation import settings as module
-    from moderation.app import faust_options
-    from moderation.storage import S3Store
+    from moderation.worker.app import faust_options
+    from moderation.worker.storage import S3Store
 
     # S3: botocore's total attempts and its standard-mode backoff cap (1, 2, 4 s before the 2nd, 3rd, 4th).
     async def s3_retries() -> dict[str, object]:

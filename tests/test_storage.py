@@ -7,9 +7,9 @@ import asyncio
 import pytest
 from pydantic import SecretStr
 
-from moderation.demo import put_objects
+from moderation.devkit.demo import put_objects
 from moderation.errors import Reason, Rejected
-from moderation.storage import S3Store
+from moderation.worker.storage import S3Store
 
 pytestmark = pytest.mark.integration
 

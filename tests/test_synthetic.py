@@ -10,9 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from moderation.fakevlm import PROMPT, label_from_answer
-from moderation.imaging import CLIP_MEAN, CLIP_STD, preprocess
-from moderation.synthetic import (
+from moderation.devkit.synthetic import (
     ARTIFACTS,
     CATEGORIES,
     REGIONS,
@@ -27,7 +25,9 @@ from moderation.synthetic import (
     write_fakeclue,
     write_images,
 )
-from moderation.tinymodel import build_tiny_tokenizer
+from moderation.devkit.tinymodel import build_tiny_tokenizer
+from moderation.model.fakevlm import PROMPT, label_from_answer
+from moderation.model.imaging import CLIP_MEAN, CLIP_STD, preprocess
 
 PEAK = 20.0  # camera images stay under ~7, fakes reach ~75 and above
 

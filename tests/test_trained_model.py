@@ -11,11 +11,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from moderation.errors import ModelError
-from moderation.fakevlm import FakeVLM, Scored, label_from_answer
-from moderation.imaging import preprocess
-from moderation.synthetic import Sample, samples
-from moderation.training import (
+from moderation.devkit.synthetic import Sample, samples
+from moderation.devkit.training import (
     HELD_OUT_STREAM,
     METRICS_FILE,
     TRAINED_CHECKPOINT,
@@ -26,6 +23,9 @@ from moderation.training import (
     train_tiny_fakevlm,
     trained_checkpoint,
 )
+from moderation.errors import ModelError
+from moderation.model.fakevlm import FakeVLM, Scored, label_from_answer
+from moderation.model.imaging import preprocess
 
 FRESH_SEED = 20_251_127  # neither the training stream (seed 0) nor the held-out stream of training
 
@@ -92,7 +92,7 @@ def test_training_layout_is_what_score_feeds(trained: FakeVLM) -> None:
 
 
 def test_missing_checkpoint_says_how_to_build_it(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    monkeypatch.setattr("moderation.training.TRAINED_CHECKPOINT", tmp_path / "nothing")
+    monkeypatch.setattr("moderation.devkit.training.TRAINED_CHECKPOINT", tmp_path / "nothing")
     with pytest.raises(ModelError, match="moderation model train-tiny"):
         trained_checkpoint()
 

@@ -20,8 +20,8 @@ import torch
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2
 
-from moderation import localstack
-from moderation.tinymodel import IMAGE_SEQ_LENGTH, build_tiny_checkpoint
+from moderation.devkit import localstack
+from moderation.devkit.tinymodel import IMAGE_SEQ_LENGTH, build_tiny_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1] / "triton_models"
 GPU = ROOT / "gpu"

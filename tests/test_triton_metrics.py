@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from moderation import localstack
+from moderation.devkit import localstack
 
 pytestmark = pytest.mark.integration
 

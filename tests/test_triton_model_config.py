@@ -15,7 +15,7 @@ import pytest
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2
 
-from moderation.tinymodel import build_tiny_checkpoint
+from moderation.devkit.tinymodel import build_tiny_checkpoint
 
 MODEL_DIR = Path(__file__).resolve().parents[1] / "triton_models" / "fakevlm"
 CONFIG = MODEL_DIR / "config.pbtxt"

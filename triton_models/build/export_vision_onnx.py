@@ -4,7 +4,7 @@ The graph is what `LlavaForConditionalGeneration.get_image_features` computes fo
 CLIP ViT-L/14-336, hidden states of layer `vision_feature_layer` (-2), CLS dropped ("default"
 strategy), then the 2-layer gelu projector. Contract of the production layout (triton_models/gpu):
 
-    input           [batch, 3, 336, 336]   preprocessed pixels (moderation.imaging), dynamic batch
+    input           [batch, 3, 336, 336]   preprocessed pixels (moderation.model.imaging), dynamic batch
     encoder_output  [batch, 576, hidden]   image features in the LLM's embedding space (hidden 4096)
 
 ONNX opset 17, as tensorrtllm_backend's multimodal flow uses. `--verify` runs the exported file with

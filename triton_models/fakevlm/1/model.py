@@ -1,6 +1,6 @@
-"""Triton Python-backend model for FakeVLM: decode tensors, call moderation.fakevlm, encode tensors.
+"""Triton Python-backend model for FakeVLM: decode tensors, call moderation.model.fakevlm, encode tensors.
 
-All model logic lives in `moderation.fakevlm.FakeVLM`; this file only adapts Triton requests to one
+All model logic lives in `moderation.model.fakevlm.FakeVLM`; this file only adapts Triton requests to one
 `FakeVLM.score` call per dynamic batch and keeps every error attached to the request that caused it.
 """
 
@@ -14,10 +14,10 @@ from typing import Any
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
-from moderation import triton_io
 from moderation.errors import ModelError
-from moderation.fakevlm import FakeVLM, Scored, checkpoint_relative_to
-from moderation.identity import weights_identity
+from moderation.model import triton_io
+from moderation.model.fakevlm import FakeVLM, Scored, checkpoint_relative_to
+from moderation.model.identity import weights_identity
 
 
 class TritonPythonModel:

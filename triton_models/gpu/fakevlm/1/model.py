@@ -10,7 +10,7 @@ know which layout serves it. Per dynamic batch:
    once: the prompt `<image>Does the image looks real/fake?` + `This is a`, its 576 image tokens
    replaced by the prompt-table ids vocab_size .. vocab_size + 575 and the image's features as the
    prompt_embedding_table. The verdict request generates ONE token and returns its logits:
-   P(fake) = softmax(logit " fake", logit " real"), as moderation.fakevlm does.
+   P(fake) = softmax(logit " fake", logit " real"), as moderation.model.fakevlm does.
 3. Rows whose score reaches their EXPLAIN_ABOVE: a second request, greedy, max_new_tokens tokens.
    KV-cache reuse serves its prefill from the verdict request's blocks: the image tokens carry
    prompt_table_extra_ids (a hash of the image), so two images never share blocks.
@@ -33,9 +33,9 @@ import torch
 import triton_python_backend_utils as pb_utils
 from torch.utils import dlpack
 
-from moderation import triton_io
-from moderation.fakevlm import build_prompt, checkpoint_relative_to, label_from_answer
-from moderation.identity import combined_identity
+from moderation.model import triton_io
+from moderation.model.fakevlm import build_prompt, checkpoint_relative_to, label_from_answer
+from moderation.model.identity import combined_identity
 
 
 @dataclass(frozen=True)
@@ -47,7 +47,7 @@ class _Row:
 
 
 class PromptIds:
-    """moderation.fakevlm's prompt for TensorRT-LLM: the image tokens become prompt-table ids."""
+    """moderation.model.fakevlm's prompt for TensorRT-LLM: the image tokens become prompt-table ids."""
 
     def __init__(self, tokenizer: Any, config: Any, vocab_size: int) -> None:
         prompt = build_prompt(tokenizer, config)  # the same ids as the in-process model, 576 checked

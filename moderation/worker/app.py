@@ -4,13 +4,13 @@ Offsets: the agent takes batches without acking (`noack_take`) and acks an event
 broker acknowledged every outcome published for it, so a committed offset always means a delivered
 outcome. Up to MODERATION_MAX_INFLIGHT_BATCHES batches are moderated and published at once (while one
 waits on S3, Triton or the broker, the next is already fetched), but acks go out strictly in the
-order the batches were taken (`moderation.acks`). For the same reason agent concurrency stays 1.
+order the batches were taken (`moderation.worker.acks`). For the same reason agent concurrency stays 1.
 
 Crash-only: anything that escapes a batch (a bug, outcomes the broker would not take after every retry)
-ends the process (`moderation.crashonly`); on SIGTERM the batches in flight get MODERATION_SHUTDOWN_GRACE_S
+ends the process (`moderation.worker.crashonly`); on SIGTERM the batches in flight get MODERATION_SHUTDOWN_GRACE_S
 to be published and acked, and whatever is left un-acked is re-delivered to the group.
 
-Outcomes go out through the worker's own aiokafka producer (`moderation.publisher`), a batch at a time;
+Outcomes go out through the worker's own aiokafka producer (`moderation.worker.publisher`), a batch at a time;
 the output topics are still declared here, through Faust, when the agent starts.
 """
 
@@ -19,31 +19,40 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import gc
 import logging
 from collections.abc import AsyncIterator, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from typing import Any, cast
 
 import faust
 from faust.types import TP, EventT
 
-from moderation import metrics
-from moderation.acks import OrderedAcks
-from moderation.crashonly import crash
-from moderation.dlq import DLQ_HEADER_PREFIX
 from moderation.events import DeadLetter
-from moderation.kafka import faust_credentials, faust_transport
-from moderation.pipeline import Headers, Incoming, Outcome
-from moderation.publisher import Record
-from moderation.resources import Resources
+from moderation.model import imaging
 from moderation.settings import Settings
+from moderation.worker import cache, metrics
+from moderation.worker.acks import OrderedAcks
+from moderation.worker.budget import ByteBudget, return_large_frees
+from moderation.worker.clients import Clients
+from moderation.worker.crashonly import crash
+from moderation.worker.dlq import DLQ_HEADER_PREFIX
+from moderation.worker.kafka import faust_credentials, faust_transport
+from moderation.worker.pipeline import Backoff, Headers, Incoming, Outcome, Pipeline
+from moderation.worker.policy import Policy
+from moderation.worker.publisher import Record
 
 log = logging.getLogger(__name__)
+
+LOOP_LAG_PROBE_S = 0.05  # how often the loop-lag probe wakes: a stall is measured to within this
 
 
 def create_app(settings: Settings) -> faust.App:
     app = faust.App(settings.kafka_consumer_group, **faust_options(settings))
     app.transport = transport = faust_transport(settings, app)
-    resources = Resources(settings)
+    clients = Clients(settings)
+    running: list[Running] = []  # once the agent started the worker: readiness reads it
     acking: list[OrderedAcks] = []  # the agent's, once it runs: /live reads it
 
     def topic(name: str, *, compacting: bool | None = None) -> faust.TopicT:
@@ -91,21 +100,20 @@ def create_app(settings: Settings) -> faust.App:
         )
         for output in (verdicts, flagged, dead_letters, cache_topic) if settings.kafka_declare_topics else ():
             await output.maybe_declare()
-        pipeline = await resources.start()
+        worker = await start(settings, clients)
+        running.append(worker)
         in_flight = OrderedAcks(
             stream.ack, settings.max_inflight_batches, on_failure=lambda exc: crash("outcomes not published", exc)
         )
         acking.append(in_flight)
-        sharing = resources.cache is not None  # a worker with the cache off neither reads nor feeds its topic
+        sharing = worker.pipeline.cache is not None  # a worker with the cache off neither reads nor feeds its topic
 
         async def moderate_and_publish(events: list[EventT]) -> None:
             messages = [incoming(event) for event in events]
-            outcomes = await pipeline.moderate_batch(messages)
+            outcomes = await worker.pipeline.moderate_batch(messages)
             if sharing:
-                resources.cache_feed.offer(outcomes)
-            await resources.publisher.publish(
-                [r for o, m in zip(outcomes, messages, strict=True) for r in records(o, m)]
-            )
+                clients.cache_feed.offer(outcomes)
+            await clients.publisher.publish([r for o, m in zip(outcomes, messages, strict=True) for r in records(o, m)])
             metrics.record(outcomes)
 
         try:
@@ -122,7 +130,8 @@ def create_app(settings: Settings) -> faust.App:
                 left,
                 settings.shutdown_grace_s,
             )
-            await resources.stop()
+            await worker.stop()
+            await clients.stop()
             raise
 
     @app.on_partitions_revoked.connect  # type: ignore[arg-type]  # faust's signal typing wants a `signal` kwarg
@@ -132,6 +141,9 @@ def create_app(settings: Settings) -> faust.App:
             with contextlib.suppress(KeyError):
                 metrics.CONSUMER_LAG.remove(tp.topic, str(tp.partition))
 
+    async def readiness() -> dict[str, bool]:
+        return await clients.readiness() if running else {"started": False}
+
     def liveness() -> dict[str, bool]:
         return {"acking": not any(a.stalled(settings.ack_stall_s) for a in acking)}
 
@@ -139,7 +151,7 @@ def create_app(settings: Settings) -> faust.App:
 
         @app.task
         async def serve_metrics_and_health() -> None:
-            server = metrics.HealthServer(settings.metrics_port, resources.readiness, live=liveness)
+            server = metrics.HealthServer(settings.metrics_port, readiness, live=liveness)
             await server.start()
             try:
                 await asyncio.Event().wait()  # until the worker stops and cancels this task
@@ -147,6 +159,57 @@ def create_app(settings: Settings) -> faust.App:
                 await server.stop()
 
     return app
+
+
+@dataclass
+class Running:
+    """What runs beside the agent once the worker started: the pipeline and its decode threads, the verdict
+    cache's reader and the event-loop probe."""
+
+    pipeline: Pipeline
+    decode_pool: ThreadPoolExecutor
+    tasks: list[asyncio.Task[None]] = field(default_factory=list)
+
+    async def stop(self) -> None:
+        for task in self.tasks:
+            task.cancel()
+        self.decode_pool.shutdown(wait=False, cancel_futures=True)  # idle: every batch is done
+
+
+async def start(settings: Settings, clients: Clients) -> Running:
+    """Open the clients, build the pipeline, warm what needs warming; the verdict cache is read to its end."""
+    s = settings
+    if not return_large_frees():
+        log.warning("not glibc: freed pixel buffers may stay resident beyond the decode budget")
+    decode_pool = ThreadPoolExecutor(s.decode_threads, thread_name_prefix="decode")
+    verdicts = cache.VerdictCache(s.cache_max_entries, s.cache_ttl_s, max_skew_s=s.cache_clock_skew_s)
+    pipeline = Pipeline(
+        clients.store,
+        clients.detector,
+        Policy.from_settings(s),
+        s.max_image_pixels,
+        Backoff(deadline_s=s.event_deadline_s, cap_s=s.retry_backoff_max_s),
+        cache=verdicts if s.cache_max_entries else None,
+        trust_event_sha256=s.cache_trust_event_sha256,
+        fast_preprocess=s.fast_preprocess,
+        image_formats=imaging.readable(s.image_formats),
+        decode_pool=decode_pool,
+        decode_budget=ByteBudget(s.decode_budget_mib * 1024 * 1024),
+    )
+    worker = Running(pipeline, decode_pool)
+    await clients.start()
+    if s.fast_preprocess:
+        await asyncio.get_running_loop().run_in_executor(decode_pool, imaging.warm_up)
+    if pipeline.cache is not None:
+        worker.tasks.append(await cache.load(pipeline.cache, s, clients.partitions))
+    # Start-up's objects (some 240,000, torch's and botocore's) live as long as the worker: out of the
+    # collector's reach, a full collection no longer walks them and stalls the loop 130 ms.
+    gc.collect()
+    gc.freeze()
+    # From here on: start-up's own stalls (botocore loading its models on the loop, torch's import holding
+    # the GIL in a decode thread) come before the first event and are not counted.
+    worker.tasks.append(asyncio.create_task(metrics.watch_loop_lag(LOOP_LAG_PROBE_S), name="loop-lag-probe"))
+    return worker
 
 
 def dead_letter_headers(letter: DeadLetter, original: Headers) -> list[tuple[str, bytes | None]]:

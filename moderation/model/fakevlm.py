@@ -18,7 +18,7 @@ import torch
 from transformers import AutoProcessor, LlavaForConditionalGeneration
 
 from moderation.errors import ModelError
-from moderation.imaging import CROP_SIZE
+from moderation.model.imaging import CROP_SIZE
 
 # Verbatim from FakeVLM's eval: raw, with no chat template (wrapping it costs accuracy).
 PROMPT = "<image>Does the image looks real/fake?"

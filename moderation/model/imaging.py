@@ -17,8 +17,8 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from moderation import structure
 from moderation.errors import Reason, Rejected
+from moderation.model import structure
 
 CROP_SIZE = 336
 SHORTEST_EDGE = 336
@@ -244,10 +244,28 @@ REDUCING_GAP = 2.0
 
 @dataclass(frozen=True)
 class ModelInput:
+    """One image made ready for FakeVLM: its pixel_values, and the original's size and format."""
+
     pixels: np.ndarray  # float32 (3, 336, 336), FakeVLM's pixel_values for one image
     width: int  # of the original image, as decoded by `decode`
     height: int
     format: str
+
+
+def prepare(
+    data: bytes, *, max_pixels: int, fast: bool = False, formats: tuple[str, ...] = DEFAULT_FORMATS
+) -> ModelInput:
+    """CPU-bound: read the header, then decode and preprocess one image. `fast`: `decode_for_model`, within its
+    stated tolerance of the exact path (`preprocess(decode(...).image)`)."""
+    return prepare_header(read_header(data, max_pixels=max_pixels, formats=formats), fast=fast)
+
+
+def prepare_header(header: Header, *, fast: bool = False) -> ModelInput:
+    """`prepare` from an image whose header is read."""
+    if fast:
+        return model_input(header)
+    pixels = preprocess(decode_header(header).image)
+    return ModelInput(pixels=pixels, width=header.width, height=header.height, format=header.format)
 
 
 def decode_for_model(
@@ -317,7 +335,7 @@ def _resize_crop_normalise(rgb: np.ndarray, extent: tuple[float, float], size: t
 
     `extent` is the original image's (width, height) in `rgb`'s pixels: its own size, or a drafted JPEG's
     fractional one, so that every output pixel samples the same spot of the picture as the reference."""
-    import torch  # a dependency of the package; imported here so that `import moderation.imaging` stays light
+    import torch  # a dependency of the package; imported here so that `import moderation.model.imaging` stays light
 
     new_width, new_height = size
     if rgb.shape[:2] != (new_height, new_width):

@@ -18,8 +18,8 @@ from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaError
 
 from moderation.errors import ModerationError
-from moderation.kafka import aiokafka_options
 from moderation.settings import Settings
+from moderation.worker.kafka import aiokafka_options
 
 log = logging.getLogger(__name__)
 

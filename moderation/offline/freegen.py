@@ -13,8 +13,8 @@ from pathlib import Path
 import numpy as np
 from rich.console import Console
 
-from moderation.imaging import decode, preprocess
-from moderation.scan import ProgressBar
+from moderation.model.imaging import decode, preprocess
+from moderation.offline.scan import ProgressBar
 
 EVAL_MAX_NEW_TOKENS = 256  # FakeVLM's scripts/eval.py
 

@@ -10,7 +10,7 @@ stemming) and CSS (mean cosine similarity of sentence embeddings; the model is n
 Paper-comparable detection: FakeVLM's scripts/eval.py generates freely (raw prompt, greedy,
 max_new_tokens 256) and labels the answer by its text rule (`label_from_answer`); with a free answerer
 the same figures are computed from those answers, next to the verdict-first ones. ROC-AUC of P(fake)
-and a threshold sweep (moderation.thresholds) propose the policy's review and flag thresholds.
+and a threshold sweep (moderation.offline.thresholds) propose the policy's review and flag thresholds.
 """
 
 from __future__ import annotations
@@ -27,13 +27,13 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 from rich.console import Console
 
-from moderation.detector import BatchDetector
 from moderation.errors import ModerationError
 from moderation.events import Label, ModelInfo
-from moderation.fakevlm import label_from_answer
-from moderation.freegen import EVAL_MAX_NEW_TOKENS, FreeAnswerer, answer_files
-from moderation.scan import DEFAULT_MAX_BYTES, FileOutcome, ProgressBar, detect_files
-from moderation.thresholds import Sweep, svg, sweep
+from moderation.model.detectors import BatchDetector
+from moderation.model.fakevlm import label_from_answer
+from moderation.offline.freegen import EVAL_MAX_NEW_TOKENS, FreeAnswerer, answer_files
+from moderation.offline.scan import DEFAULT_MAX_BYTES, FileOutcome, ProgressBar, detect_files
+from moderation.offline.thresholds import Sweep, svg, sweep
 
 DEFAULT_REVIEW_PRECISION = 0.80
 DEFAULT_FLAG_PRECISION = 0.95

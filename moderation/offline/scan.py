@@ -1,7 +1,7 @@
 """Offline detection over local files: the worker's decoding and scoring, a JSONL line per file.
 
 `detect_files` is the shared core (also behind `moderation eval`): read, hash, decode and
-preprocess each file in worker threads with the stream worker's own code (`pipeline.prepare`),
+preprocess each file in worker threads with the stream worker's own code (`imaging.prepare`),
 then score a batch at a time through any detector backend, preparing the next batch while the
 current one is scored. A file that cannot be read or decoded becomes an error record with a
 reason code; nothing about one file stops the scan.
@@ -32,11 +32,11 @@ from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-from moderation.detector import BatchDetector, Detection
 from moderation.errors import Reason, Rejected
 from moderation.events import Action, ImageInfo, Label, ModelInfo, Timings, utcnow
-from moderation.pipeline import Prepared, prepare
-from moderation.policy import Policy
+from moderation.model.detectors import BatchDetector, Detection
+from moderation.model.imaging import ModelInput, prepare
+from moderation.worker.policy import Policy
 
 # Reason codes of a scan beyond the stream's dead-letter reasons (moderation.errors.Reason).
 NOT_FOUND = "not_found"
@@ -79,7 +79,7 @@ class FileOutcome:
     """What `detect_files` found for one file: a detection, or an error code with its detail."""
 
     path: Path
-    prepared: Prepared | None = None
+    prepared: ModelInput | None = None
     sha256: str = ""
     detection: Detection | None = None
     error: str | None = None
@@ -218,17 +218,16 @@ def to_record(
     if outcome.error is not None or outcome.detection is None or outcome.prepared is None:
         return ScanError(path=str(outcome.path), error=outcome.error or Reason.INTERNAL_ERROR, detail=outcome.detail)
     detection, prepared = outcome.detection, outcome.prepared
-    score = min(max(detection.score, 0.0), 1.0)
     return ScanResult(
         path=str(outcome.path),
         image_sha256=outcome.sha256,
-        label="fake" if detection.label == "fake" else "real",
-        score=score,
-        action=policy.action(score),
+        label=detection.label,
+        score=detection.score,
+        action=policy.action(detection.score),
         explanation=detection.explanation,
-        answer_label=detection.answer_label if detection.answer_label in ("fake", "real") else None,  # type: ignore[arg-type]
+        answer_label=detection.answer_label,
         model=model,
-        image=prepared.image,
+        image=ImageInfo(width=prepared.width, height=prepared.height, format=prepared.format),
         timings=Timings(
             fetch_ms=outcome.read_ms,
             decode_ms=outcome.decode_ms,
@@ -253,7 +252,7 @@ def _load(path: Path, max_pixels: int, max_bytes: int, thumbnails: bool) -> File
         return FileOutcome(path, error=UNREADABLE, detail=f"{type(exc).__name__}: {exc.strerror or exc}")
     read = time.perf_counter()
     try:
-        prepared = prepare(data, max_pixels)
+        prepared = prepare(data, max_pixels=max_pixels)
         thumbnail = _thumbnail(data) if thumbnails else None
     except Rejected as exc:
         return FileOutcome(path, error=exc.reason, detail=exc.detail, read_ms=_ms(started, read))

@@ -34,7 +34,7 @@ from typing import Literal
 import numpy as np
 from PIL import Image, ImageDraw
 
-from moderation.fakevlm import PROMPT
+from moderation.model.fakevlm import PROMPT
 
 Label = Literal["fake", "real"]
 CATEGORIES = ("object", "scenery", "satellite", "doc")

@@ -1,7 +1,7 @@
 """Train the tiny FakeVLM on synthetic images with known answers, on a CPU, in minutes, deterministically.
 
 The model starts as `build_tiny_checkpoint` (FakeVLM's architecture at tiny widths) and learns, by
-teacher forcing, to answer FakeVLM's raw prompt about `moderation.synthetic` images exactly as
+teacher forcing, to answer FakeVLM's raw prompt about `moderation.devkit.synthetic` images exactly as
 FakeVLM answers: `This is a fake image. <which artifact, where>` or `This is a real image. <why>`,
 then EOS. The input layout is the one `FakeVLM.score` feeds: the processor's prompt ids (`<image>`
 expanded to 576 tokens) followed by the answer, so the verdict it learns is the very next-token
@@ -32,13 +32,13 @@ from typing import Any
 import numpy as np
 import torch
 
+from moderation.devkit.synthetic import Sample, make_sample
+from moderation.devkit.tinymodel import build_tiny_checkpoint
 from moderation.errors import ModelError
-from moderation.fakevlm import ANSWER_PREFIX, FakeVLM
-from moderation.imaging import preprocess
-from moderation.synthetic import Sample, make_sample
-from moderation.tinymodel import build_tiny_checkpoint
+from moderation.model.fakevlm import ANSWER_PREFIX, FakeVLM
+from moderation.model.imaging import preprocess
 
-TRAINED_CHECKPOINT = Path(__file__).resolve().parent.parent / "models" / "fakevlm-tiny-trained"
+TRAINED_CHECKPOINT = Path(__file__).resolve().parents[2] / "models" / "fakevlm-tiny-trained"
 METRICS_FILE = "training-metrics.json"  # written last: its presence means the checkpoint is complete
 DEFAULT_STEPS = 500
 BATCH_SIZE = 8

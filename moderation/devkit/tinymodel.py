@@ -28,8 +28,8 @@ from transformers import (
 )
 from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 
-from moderation.imaging import CLIP_MEAN, CLIP_STD, CROP_SIZE, RESCALE_FACTOR, SHORTEST_EDGE
-from moderation.synthetic import answer_corpus
+from moderation.devkit.synthetic import answer_corpus
+from moderation.model.imaging import CLIP_MEAN, CLIP_STD, CROP_SIZE, RESCALE_FACTOR, SHORTEST_EDGE
 
 MARKER = ".tiny-checkpoint.json"
 PATCH_SIZE = 14
@@ -66,8 +66,8 @@ _CORPUS = (
     "the background objects melt into each other.",
     "This is a real image. The object is photographed with realistic depth of field, accurate "
     "proportions and noise patterns that match a real camera sensor.",
-    # The known answers of the synthetic images (moderation.synthetic), so that the trained tiny model
-    # (moderation.training) writes them in a few tokens per word, as Llama's 32k vocabulary would.
+    # The known answers of the synthetic images (moderation.devkit.synthetic), so that the trained tiny model
+    # (moderation.devkit.training) writes them in a few tokens per word, as Llama's 32k vocabulary would.
     *answer_corpus(),
 )
 
@@ -209,7 +209,7 @@ def build_tiny_processor() -> LlavaProcessor:
         vision_feature_select_strategy="default",
         # What llava-hf's processor_config.json holds today (24*24 + 1 CLS - 1 dropped = 576). NOT what
         # lingcco/fakeVLM ships: saved by transformers 4.45, its file has no such field, and transformers 5
-        # then expands to 575. The prompt never relies on it (moderation.fakevlm.build_prompt expands to
+        # then expands to 575. The prompt never relies on it (moderation.model.fakevlm.build_prompt expands to
         # the model's image_seq_length); tests/test_published_checkpoint.py loads the 4.45 layout.
         num_additional_image_tokens=1,
     )

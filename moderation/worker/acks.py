@@ -16,7 +16,7 @@ from typing import Any
 
 from faust.types import EventT
 
-from moderation import metrics
+from moderation.worker import metrics
 
 log = logging.getLogger(__name__)
 

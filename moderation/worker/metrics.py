@@ -172,3 +172,21 @@ class HealthServer:
         result = await self.readiness()
         ok = bool(result) and all(result.values())
         return web.json_response({"ready": ok, "checks": result}, status=200 if ok else 503)
+
+
+STALL_WARNING_S = 0.1
+
+
+async def watch_loop_lag(interval_s: float) -> None:
+    """Sleep `interval_s` again and again; whatever more the loop took to wake this task, every task
+    waited too. The longest such stall goes to moderation_event_loop_lag_max_seconds."""
+    worst = 0.0
+    while True:
+        started = time.perf_counter()
+        await asyncio.sleep(interval_s)
+        lag = time.perf_counter() - started - interval_s
+        if lag > worst:
+            worst = lag
+            EVENT_LOOP_LAG_MAX.set(lag)
+            if lag >= STALL_WARNING_S:  # a new longest stall over this: at most a few lines a run
+                log.warning("the event loop stalled for %.3f s", lag)

@@ -1,7 +1,7 @@
 """The Triton side that both FakeVLM Python models share (the CPU/in-process one and the GPU BLS one).
 
 The contract: PIXEL_VALUES [n, 3, 336, 336] FP32 and the optional EXPLAIN_ABOVE [n, 1] in; SCORE, LABEL,
-EXPLANATION, ANSWER_LABEL and WEIGHTS (what the loaded weights are, `moderation.identity`) out. A request
+EXPLANATION, ANSWER_LABEL and WEIGHTS (what the loaded weights are, `moderation.model.identity`) out. A request
 that cannot be read gets its own INVALID_ARG error; a batch whose inference fails gets UNAVAILABLE for its
 readable requests; neither touches the other requests.
 Each function takes the model's `triton_python_backend_utils` module (`pb`), which exists only inside
@@ -17,7 +17,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from moderation.imaging import CROP_SIZE
+from moderation.model.imaging import CROP_SIZE
 
 PIXEL_SHAPE = (3, CROP_SIZE, CROP_SIZE)
 

@@ -1,4 +1,4 @@
-"""The processes of the local stack (see `moderation.localstack`): each server's command line, free
+"""The processes of the local stack (see `moderation.devkit.localstack`): each server's command line, free
 ports, starting, liveness and stopping. Launch specs are plain JSON so a stack can be restarted,
 inspected and stopped from its `stack.json` alone, by any process."""
 
@@ -24,7 +24,7 @@ from typing import Any, NotRequired, TypedDict, TypeVar
 
 from moderation.errors import ModerationError
 
-PROJECT_ROOT = Path(__file__).resolve().parent.parent
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
 STOP_GRACE_S = 10.0
 GRPC_OFFSET = 10_000  # SeaweedFS's convention: gRPC port = HTTP port + 10000
 T = TypeVar("T")

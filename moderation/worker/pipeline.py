@@ -18,13 +18,6 @@ from concurrent.futures import Executor
 from dataclasses import dataclass
 from datetime import datetime
 
-import numpy as np
-
-from moderation import metrics
-from moderation.budget import ByteBudget
-from moderation.cache import VerdictCache
-from moderation.detector import Detector
-from moderation.dlq import attempts_from
 from moderation.errors import TRANSIENT, Reason, Rejected
 from moderation.events import (
     CacheEntry,
@@ -37,17 +30,14 @@ from moderation.events import (
     parse_upload,
     utcnow,
 )
-from moderation.imaging import (
-    DEFAULT_FORMATS,
-    Header,
-    decode_bytes,
-    decode_header,
-    model_input,
-    preprocess,
-    read_header,
-)
-from moderation.policy import Policy
-from moderation.storage import ImageStore
+from moderation.model.detectors import Detector
+from moderation.model.imaging import DEFAULT_FORMATS, ModelInput, decode_bytes, prepare_header, read_header
+from moderation.worker import metrics
+from moderation.worker.budget import ByteBudget
+from moderation.worker.cache import VerdictCache
+from moderation.worker.dlq import attempts_from
+from moderation.worker.policy import Policy
+from moderation.worker.storage import ImageStore
 
 log = logging.getLogger(__name__)
 
@@ -87,12 +77,6 @@ class Incoming:
         """Deliveries before this one, from the ATTEMPTS_HEADER a replay sets; 0 when absent or unreadable
         (`attempts_from` never raises, whatever a client put in the header)."""
         return attempts_from(self.headers)
-
-
-@dataclass(frozen=True)
-class Prepared:
-    pixels: np.ndarray
-    image: ImageInfo
 
 
 @dataclass(frozen=True)
@@ -198,19 +182,19 @@ class Pipeline:
             detection = await self.detector.detect(prepared.pixels, explain_above=self.policy.explain_above)
         entry = CacheEntry(
             image_sha256=digest,
-            label="fake" if detection.label == "fake" else "real",
-            score=min(max(detection.score, 0.0), 1.0),
+            label=detection.label,
+            score=detection.score,
             explanation=detection.explanation,
-            answer_label=detection.answer_label if detection.answer_label in ("fake", "real") else None,  # type: ignore[arg-type]
+            answer_label=detection.answer_label,
             model=self.detector.model,
-            image=prepared.image,
+            image=ImageInfo(width=prepared.width, height=prepared.height, format=prepared.format),
             decided_at=self.clock(),
         )
         if self.cache is not None:
             self.cache.put(entry)
         return self._verdict(event, entry, cached=False, timings=_timings(started, fetched, decoded))
 
-    async def _prepare(self, data: bytes) -> Prepared:
+    async def _prepare(self, data: bytes) -> ModelInput:
         if len(data) <= INLINE_MAX_BYTES:
             header = read_header(data, max_pixels=self.max_image_pixels, formats=self.image_formats)
             if header.pixels <= INLINE_MAX_PIXELS:
@@ -296,12 +280,11 @@ def prepare(
     data: bytes,
     max_pixels: int,
     *,
+    budget: ByteBudget | None,
     fast: bool = False,
     formats: tuple[str, ...] = DEFAULT_FORMATS,
-    budget: ByteBudget | None = None,
-) -> Prepared:
-    """CPU-bound: read the header, then decode and preprocess one image (runs in a decode thread) once its
-    pixels fit in `budget`. `fast`: imaging's `decode_for_model`, within its stated tolerance of the exact path."""
+) -> ModelInput:
+    """`imaging.prepare` in a decode thread, once the image's pixels fit in `budget` (None: unbounded)."""
     header = read_header(data, max_pixels=max_pixels, formats=formats)
     if budget is None:
         return prepare_header(header, fast=fast)
@@ -310,13 +293,6 @@ def prepare(
             return prepare_header(header, fast=fast)
         finally:
             header.image.close()  # its pixels go before the budget is given back
-
-
-def prepare_header(header: Header, *, fast: bool = False) -> Prepared:
-    info = ImageInfo(width=header.width, height=header.height, format=header.format)
-    if fast:
-        return Prepared(model_input(header).pixels, info)
-    return Prepared(preprocess(decode_header(header).image), info)
 
 
 def _timings(started: float, fetched: float | None = None, decoded: float | None = None) -> Timings:

@@ -5,7 +5,7 @@ and fills it from the compacted cache topic that all workers publish to: a globa
 changelog, so it is right across workers, rebalances and restarts.
 
 An entry is keyed by the image's sha256 AND the identity of the weights that judged it
-(`moderation.identity`), in memory and as the topic's record key, so it never outlives its model: other
+(`moderation.model.identity`), in memory and as the topic's record key, so it never outlives its model: other
 weights, or weights of unknown identity, never get a hit. Whoever can write the topic could still try to
 poison it, so an entry is refused when its record key is not its own sha256 and model, when it is dated
 in the future (beyond a clock-skew allowance: it would never age out), or when it is already too old.
@@ -21,15 +21,15 @@ import contextlib
 import logging
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from enum import StrEnum
 
-from aiokafka import AIOKafkaProducer
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from pydantic import ValidationError
 
-from moderation import metrics
 from moderation.events import CacheEntry, ModelInfo, Verdict
 from moderation.settings import Settings
+from moderation.worker import metrics
 
 log = logging.getLogger(__name__)
 
@@ -133,7 +133,7 @@ class CacheFeed:
         self._failing = 0  # failures in a row: logged when they start and when they stop
 
     async def start(self) -> None:
-        from moderation.kafka import aiokafka_options  # Faust with it: only where the worker runs
+        from moderation.worker.kafka import aiokafka_options  # Faust with it: only where the worker runs
 
         timeout_ms = int(self._timeout_s * 1000)
         options = aiokafka_options(self._settings) | {"request_timeout_ms": timeout_ms}
@@ -201,3 +201,60 @@ class CacheFeed:
                 "verdict cache: %d entries not published to %s (verdicts are not held up): %s", count, self._topic, why
             )
         self._failing += count
+
+
+async def load(
+    cache: VerdictCache, settings: Settings, partitions: Callable[[str], Awaitable[set[int]]]
+) -> asyncio.Task[None]:
+    """Follow the cache topic in a task; return it once the topic is read to its end (or after
+    MODERATION_CACHE_LOAD_TIMEOUT_S), so a restarted worker starts warm."""
+    loaded = asyncio.Event()
+    reader = asyncio.create_task(_follow(cache, settings, partitions, loaded), name="verdict-cache")
+    started = time.monotonic()
+    try:
+        await asyncio.wait_for(loaded.wait(), settings.cache_load_timeout_s)
+    except TimeoutError:
+        log.warning(
+            "verdict cache: %d entries after %.0f s, consuming before the rest",
+            len(cache),
+            settings.cache_load_timeout_s,
+        )
+    else:
+        log.info("verdict cache: %d entries loaded in %.1f s", len(cache), time.monotonic() - started)
+    return reader
+
+
+async def _follow(
+    cache: VerdictCache,
+    settings: Settings,
+    partitions: Callable[[str], Awaitable[set[int]]],
+    loaded: asyncio.Event,
+) -> None:
+    """Read the cache topic from its start for as long as the worker runs: every worker's verdicts."""
+    from moderation.worker.kafka import aiokafka_options
+
+    topic = settings.topic_cache
+    consumer = AIOKafkaConsumer(group_id=None, auto_offset_reset="earliest", **aiokafka_options(settings))
+    await consumer.start()
+    try:
+        assigned = [TopicPartition(topic, p) for p in sorted(await partitions(topic))]
+        if not assigned:
+            log.warning("verdict cache: topic %s has no partitions, so this worker's cache is its own", topic)
+        consumer.assign(assigned)
+        ends = await consumer.end_offsets(assigned)
+        while True:
+            if not loaded.is_set() and all([await consumer.position(tp) >= end for tp, end in ends.items()]):
+                loaded.set()
+            for records in (await consumer.getmany(timeout_ms=1000)).values():
+                for record in records:
+                    if refusal := cache.put_record(record.key, record.value):
+                        where = f"{record.topic}[{record.partition}]@{record.offset}"
+                        level = logging.WARNING if refusal.suspicious else logging.DEBUG
+                        log.log(level, "verdict cache: entry refused (%s) at %s", refusal, where)
+    except asyncio.CancelledError:
+        raise
+    except Exception:  # the cache is an optimisation: losing its feed must not stop the worker
+        log.exception("verdict cache feed stopped")
+    finally:
+        loaded.set()
+        await consumer.stop()

@@ -34,8 +34,8 @@ from pydantic import ValidationError
 
 from moderation.errors import RETRYABLE, ModerationError, Reason
 from moderation.events import DeadLetter
-from moderation.kafka import aiokafka_options
 from moderation.settings import Settings
+from moderation.worker.kafka import aiokafka_options
 
 log = logging.getLogger(__name__)
 

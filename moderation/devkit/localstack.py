@@ -21,8 +21,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from moderation import servers
-from moderation.servers import PROJECT_ROOT, Launch, StackError
+from moderation.devkit import servers
+from moderation.devkit.servers import PROJECT_ROOT, Launch, StackError
 
 __all__ = [
     "DEFAULT_TOPICS",
@@ -312,7 +312,7 @@ def prepare_model_repository(dest: Path, checkpoint: Path | str, source: Path = 
 def model_repository_for(home: Path, checkpoint: Path | str | None) -> Path:
     """`home`/model_repository serving `checkpoint`, or the tiny random checkpoint when None."""
     if checkpoint is None:
-        from moderation.tinymodel import build_tiny_checkpoint
+        from moderation.devkit.tinymodel import build_tiny_checkpoint
 
         checkpoint = build_tiny_checkpoint(Path(home) / "tiny-checkpoint")
     return prepare_model_repository(Path(home) / "model_repository", checkpoint)

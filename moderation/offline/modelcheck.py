@@ -20,8 +20,8 @@ import numpy as np
 import torch
 
 from moderation.errors import Rejected
-from moderation.fakevlm import ANSWER_PREFIX, FakeVLM, label_from_answer
-from moderation.imaging import decode, preprocess
+from moderation.model.fakevlm import ANSWER_PREFIX, FakeVLM, label_from_answer
+from moderation.model.imaging import decode, preprocess
 
 EVAL_MAX_NEW_TOKENS = 256  # FakeVLM's scripts/eval.py
 
@@ -105,7 +105,7 @@ def summarise(answers: list[Answer], threshold: float) -> CheckReport:
 
 def load_images(paths: Sequence[Path], *, max_pixels: int = 50_000_000) -> tuple[np.ndarray, list[Path], list[str]]:
     """Files and folders -> pixel values by the exact preprocessing, the files used, and why others were not."""
-    from moderation.scan import collect_files  # here: scan needs pydantic, the GPU device run does not have it
+    from moderation.offline.scan import collect_files  # here: scan needs pydantic, the GPU device run does not have it
 
     rows, used, skipped = [], [], []
     for path in collect_files(paths):
