@@ -35,10 +35,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from aiobotocore.config import AioConfig
 from aiobotocore.session import get_session
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
-from moderation.client import event_message, publish, s3_client_args, upload_images
+from moderation.client import event_message, publish, upload_images
 from moderation.devkit import localstack
 from moderation.devkit.demo import settings_for, start_worker, stop_worker
 from moderation.devkit.samples import draw_image, encode
@@ -46,6 +47,7 @@ from moderation.events import UploadEvent
 from moderation.model.imaging import prepare
 from moderation.settings import Settings
 from moderation.worker.kafka import aiokafka_options
+from moderation.worker.storage import s3_client_args
 
 TARGET_RATIO = 0.7
 DISTINCT_IMAGES = 64
@@ -104,7 +106,7 @@ async def bare_loop(settings: Settings, stopped: Callable[[], bool]) -> None:
     await consumer.start()
     await producer.start()
     try:
-        async with get_session().create_client("s3", **s3_client_args(settings)) as s3:
+        async with get_session().create_client("s3", **s3_client_args(settings, AioConfig)) as s3:
 
             async def one(value: bytes, key: bytes | None) -> None:
                 event = json.loads(value)

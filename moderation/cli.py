@@ -54,6 +54,7 @@ def worker(env_file: EnvFile = None) -> None:
     from moderation.errors import ModerationError
     from moderation.logs import logging_config
     from moderation.worker.app import create_app
+    from moderation.worker import tracing
     from moderation.worker.crashonly import Worker
 
     settings = load_settings(env_file)
@@ -63,8 +64,9 @@ def worker(env_file: EnvFile = None) -> None:
 
         mode.loop.use("uvloop")  # the policy: Faust's consumer thread makes its own loop, uvloop too
     try:
+        tracing.configure()
         worker_app = create_app(settings)
-    except ModerationError as exc:  # a configuration it cannot run with: nothing to restart into
+    except (ModerationError, ValueError) as exc:  # a configuration it cannot run with: nothing to restart into
         console.print(f"[red]error:[/] {exc}")
         raise typer.Exit(2) from exc
     Worker(

@@ -1,7 +1,8 @@
 """The producer side and the outcome reader: what a platform team (and the demo, and the tests) use.
 
-`upload_and_publish` stores images in S3 and publishes their upload events; `read_outcomes` reads
-the verdicts and dead-letter topics back until every expected event_id has its outcome.
+`upload_images` stores images in S3 and returns their upload events, `publish` sends them (keyed by
+event_id, `event_message`), and `read_outcomes` reads the verdicts and dead-letter topics back until every
+expected event_id has its outcome.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from aiobotocore.config import AioConfig
 from aiobotocore.session import get_session
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.structs import RecordMetadata
@@ -22,18 +24,9 @@ from aiokafka.structs import RecordMetadata
 from moderation.events import DeadLetter, UploadEvent, Verdict, utcnow
 from moderation.settings import Settings
 from moderation.worker.kafka import aiokafka_options
+from moderation.worker.storage import s3_client_args
 
 Outcome = Verdict | DeadLetter
-
-
-def s3_client_args(settings: Settings) -> dict[str, object]:
-    secret = settings.s3_secret_access_key.get_secret_value() if settings.s3_secret_access_key else None
-    return {
-        "endpoint_url": settings.s3_endpoint_url,
-        "region_name": settings.s3_region,
-        "aws_access_key_id": settings.s3_access_key_id,
-        "aws_secret_access_key": secret,
-    }
 
 
 async def upload_images(
@@ -46,7 +39,7 @@ async def upload_images(
 ) -> list[UploadEvent]:
     """Put each file in S3 under a fresh key and return the upload event that describes it."""
     events = []
-    async with get_session().create_client("s3", **s3_client_args(settings)) as s3:
+    async with get_session().create_client("s3", **s3_client_args(settings, AioConfig)) as s3:
         for path in files:
             data = path.read_bytes()
             event_id = uuid.uuid4().hex

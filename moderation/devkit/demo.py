@@ -15,12 +15,13 @@ import boto3
 from rich.console import Console
 from rich.table import Table
 
-from moderation.client import Outcomes, event_message, publish, read_outcomes, s3_client_args, upload_images
+from moderation.client import Outcomes, event_message, publish, read_outcomes, upload_images
 from moderation.devkit import localstack
 from moderation.devkit.checkpoints import default_checkpoint
 from moderation.devkit.samples import bad_uploads
 from moderation.devkit.synthetic import write_images
 from moderation.settings import Settings
+from moderation.worker.storage import s3_client_args
 
 TRAINED_MODEL_NOTE = (
     "The demo serves the tiny FakeVLM this project trains on its own synthetic images (checkerboard and "

@@ -23,6 +23,8 @@ from typing import Any
 
 from moderation.devkit import servers
 from moderation.devkit.servers import PROJECT_ROOT, Launch, StackError
+from moderation.settings import Settings
+from moderation.worker.storage import s3_client_args
 
 __all__ = [
     "DEFAULT_TOPICS",
@@ -386,7 +388,17 @@ def _s3_round_trip(info: StackInfo) -> None:
 
 
 def _s3(info: StackInfo, secret: str | None = None) -> Any:
-    return servers.s3_client(info.s3_endpoint, info.s3_region, info.s3_access_key, secret or info.s3_secret_key)
+    import boto3
+
+    settings = Settings.model_validate(
+        {
+            "s3_endpoint_url": info.s3_endpoint,
+            "s3_region": info.s3_region,
+            "s3_access_key_id": info.s3_access_key,
+            "s3_secret_access_key": secret or info.s3_secret_key,
+        }
+    )
+    return boto3.client("s3", **s3_client_args(settings))
 
 
 def _check_s3_refuses_wrong_keys(info: StackInfo) -> None:

@@ -261,28 +261,6 @@ def triton_ready(url: str, model: str) -> str | None:
         client.close()
 
 
-def s3_client(endpoint: str, region: str, access_key: str, secret_key: str) -> Any:
-    """boto3 S3 client, SigV4 and path-style addressing (no bucket subdomains on 127.0.0.1)."""
-    import boto3
-    from botocore.config import Config
-
-    config = Config(
-        s3={"addressing_style": "path"},
-        signature_version="s3v4",
-        connect_timeout=3,
-        read_timeout=10,
-        retries={"max_attempts": 2, "mode": "standard"},
-    )
-    return boto3.client(
-        "s3",
-        endpoint_url=endpoint,
-        region_name=region,
-        aws_access_key_id=access_key,
-        aws_secret_access_key=secret_key,
-        config=config,
-    )
-
-
 def run_sync(coro: Coroutine[Any, Any, T]) -> T:
     """Run a coroutine from sync code, also when called inside a running event loop."""
     try:

@@ -18,10 +18,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import functools
 import gc
 import logging
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, cast
@@ -32,18 +33,20 @@ from faust.types import TP, EventT
 from moderation.events import DeadLetter
 from moderation.model import imaging
 from moderation.settings import Settings
-from moderation.worker import cache, metrics
+from moderation.worker import cache, metrics, tracing
 from moderation.worker.acks import OrderedAcks
 from moderation.worker.budget import ByteBudget, return_large_frees
 from moderation.worker.clients import Clients
 from moderation.worker.crashonly import crash
 from moderation.worker.dlq import DLQ_HEADER_PREFIX
 from moderation.worker.kafka import faust_credentials, faust_transport
-from moderation.worker.pipeline import Backoff, Headers, Incoming, Outcome, Pipeline
+from moderation.worker.pipeline import Backoff, Incoming, Outcome, Pipeline
 from moderation.worker.policy import Policy
 from moderation.worker.publisher import Record
 
 log = logging.getLogger(__name__)
+
+Header = tuple[str, bytes | None]
 
 LOOP_LAG_PROBE_S = 0.05  # how often the loop-lag probe wakes: a stall is measured to within this
 
@@ -70,20 +73,6 @@ def create_app(settings: Settings) -> faust.App:
     flagged, dead_letters = topic(settings.topic_flagged), topic(settings.topic_dlq)
     cache_topic = topic(settings.topic_cache, compacting=True)
 
-    def records(outcome: Outcome, message: Incoming) -> list[Record]:
-        """Where one outcome goes: every verdict to verdicts (and flagged); a dead letter to the dlq, keyed and
-        headed like the record it answers, plus why and whence. Cache entries are not among them: they go
-        out best effort (`CacheFeed`), never holding up an ack."""
-        value = outcome.to_bytes()
-        if isinstance(outcome, DeadLetter):
-            key = message.key if message.key is not None else _encoded(outcome.event_id)
-            return [Record(settings.topic_dlq, key, value, dead_letter_headers(outcome, message.headers))]
-        key = outcome.event_id.encode()
-        out = [Record(settings.topic_verdicts, key, value)]
-        if outcome.action == "flag":
-            out.append(Record(settings.topic_flagged, key, value))
-        return out
-
     @app.agent(uploads, concurrency=1)
     async def moderate_uploads(stream: faust.StreamT[bytes]) -> None:
         try:
@@ -106,21 +95,15 @@ def create_app(settings: Settings) -> faust.App:
             stream.ack, settings.max_inflight_batches, on_failure=lambda exc: crash("outcomes not published", exc)
         )
         acking.append(in_flight)
-        sharing = worker.pipeline.cache is not None  # a worker with the cache off neither reads nor feeds its topic
 
-        async def moderate_and_publish(events: list[EventT]) -> None:
-            messages = [incoming(event) for event in events]
-            outcomes = await worker.pipeline.moderate_batch(messages)
-            if sharing:
-                clients.cache_feed.offer(outcomes)
-            await clients.publisher.publish([r for o, m in zip(outcomes, messages, strict=True) for r in records(o, m)])
-            metrics.record(outcomes)
+        async def handle(events: list[EventT]) -> None:
+            await moderate_and_publish(settings, worker, clients, [incoming(event) for event in events])
 
         try:
             async for events in batches:
                 metrics.EVENTS_IN.inc(len(events))
                 metrics.BATCH_SIZE.observe(len(events))
-                await in_flight.submit(events, functools.partial(moderate_and_publish, events))
+                await in_flight.submit(events, functools.partial(handle, events))
                 record_lag(app, events)
         except asyncio.CancelledError:
             left = await in_flight.drain(transport.shutdown.left())
@@ -159,6 +142,38 @@ def create_app(settings: Settings) -> faust.App:
                 await server.stop()
 
     return app
+
+
+async def moderate_and_publish(settings: Settings, worker: Running, clients: Clients, messages: list[Incoming]) -> None:
+    """One batch: moderate it, offer its verdicts to the cache topic, publish its outcomes (each event traced)."""
+    with tracing.processing(messages) as contexts:
+        traced = [dataclasses.replace(m, trace=c) for m, c in zip(messages, contexts, strict=True)]
+        outcomes = await worker.pipeline.moderate_batch(traced)
+        tracing.record_outcomes(contexts, outcomes)
+        if worker.pipeline.cache is not None:  # a worker with the cache off neither reads nor feeds its topic
+            clients.cache_feed.offer(outcomes)
+        with tracing.publishing(contexts):
+            await clients.publisher.publish(
+                [r for o, m in zip(outcomes, traced, strict=True) for r in records(settings, o, m)]
+            )
+    metrics.record(outcomes)
+
+
+def records(settings: Settings, outcome: Outcome, message: Incoming) -> list[Record]:
+    """Where one outcome goes: every verdict to verdicts (and flagged, by the policy's action); a dead letter
+    to the dlq, keyed and headed like the record it answers, plus why and whence. Each carries its event's
+    `traceparent`. Cache entries are not among them: they go out best effort (`CacheFeed`), never holding up
+    an ack."""
+    value, traced = outcome.to_bytes(), tracing.header_values(message.trace)
+    if isinstance(outcome, DeadLetter):
+        key = message.key if message.key is not None else _encoded(outcome.event_id)
+        headers = dead_letter_headers(outcome, tracing.without_trace_headers(message.headers)) + traced
+        return [Record(settings.topic_dlq, key, value, headers)]
+    key = outcome.event_id.encode()
+    out = [Record(settings.topic_verdicts, key, value, traced)]
+    if outcome.action == "flag":
+        out.append(Record(settings.topic_flagged, key, value, traced))
+    return out
 
 
 @dataclass
@@ -212,7 +227,9 @@ async def start(settings: Settings, clients: Clients) -> Running:
     return worker
 
 
-def dead_letter_headers(letter: DeadLetter, original: Headers) -> list[tuple[str, bytes | None]]:
+def dead_letter_headers(
+    letter: DeadLetter, original: Sequence[tuple[str, bytes | None]]
+) -> list[tuple[str, bytes | None]]:
     """The original record's headers, then the dead letter's own (earlier ones of ours replaced)."""
     ours = {
         "reason": str(letter.reason),

@@ -17,6 +17,9 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass
 from datetime import datetime
+from typing import TYPE_CHECKING
+
+from opentelemetry.trace import SpanKind
 
 from moderation.errors import TRANSIENT, Reason, Rejected
 from moderation.events import (
@@ -32,12 +35,15 @@ from moderation.events import (
 )
 from moderation.model.detectors import Detector
 from moderation.model.imaging import DEFAULT_FORMATS, ModelInput, decode_bytes, prepare_header, read_header
-from moderation.worker import metrics
+from moderation.worker import metrics, tracing
 from moderation.worker.budget import ByteBudget
 from moderation.worker.cache import VerdictCache
 from moderation.worker.dlq import attempts_from
 from moderation.worker.policy import Policy
 from moderation.worker.storage import ImageStore
+
+if TYPE_CHECKING:
+    from opentelemetry.context import Context
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +74,7 @@ class Incoming:
     offset: int
     key: bytes | None = None
     headers: Headers = ()
+    trace: Context | None = None  # the event's own span (`tracing.processing`); None: untraced
 
     @property
     def where(self) -> str:
@@ -154,7 +161,7 @@ class Pipeline:
 
     async def _moderate(self, message: Incoming, event: UploadEvent, first_error: datetime | None) -> Outcome:
         try:
-            return await self._judge(event)
+            return await self._judge(event, message.trace)
         except Exception as exc:
             return self._failed(message, event, exc, first_error)
 
@@ -169,16 +176,18 @@ class Pipeline:
     def _late(self, started: float) -> bool:
         return time.monotonic() - started >= self.backoff.deadline_s
 
-    async def _judge(self, event: UploadEvent) -> Verdict:
+    async def _judge(self, event: UploadEvent, trace: Context | None) -> Verdict:
         started = time.perf_counter()
-        data = await self.store.fetch(event.bucket, event.key)
+        with tracing.span_in(trace, "s3 fetch", SpanKind.CLIENT):
+            data = await self.store.fetch(event.bucket, event.key)
         fetched = time.perf_counter()
         digest = checked_sha256(data, event.sha256)
         if hit := self._cached(digest):
             return self._verdict(event, hit, cached=True, timings=_timings(started, fetched))
-        prepared = await self._prepare(data)
+        with tracing.span_in(trace, "decode"):
+            prepared = await self._prepare(data)
         decoded = time.perf_counter()
-        with metrics.INFLIGHT.track_inprogress():
+        with metrics.INFLIGHT.track_inprogress(), tracing.span_in(trace, "inference", SpanKind.CLIENT):
             detection = await self.detector.detect(prepared.pixels, explain_above=self.policy.explain_above)
         entry = CacheEntry(
             image_sha256=digest,

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable
 from typing import Any, Protocol
 
 from aiobotocore.config import AioConfig
 from aiobotocore.session import get_session
+from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError
 
 from moderation.errors import Reason, Rejected
@@ -30,24 +32,8 @@ class S3Store:
         self._client: Any = None
 
     async def start(self) -> None:
-        s = self._settings
-        secret = s.s3_secret_access_key.get_secret_value() if s.s3_secret_access_key else None
-        config = AioConfig(
-            connect_timeout=s.s3_timeout_s,
-            read_timeout=s.s3_timeout_s,
-            retries={"max_attempts": 3, "mode": "standard"},
-            s3={"addressing_style": "path"} if s.s3_endpoint_url else None,
-        )
-        self._client = await self._exit_stack.enter_async_context(
-            get_session().create_client(
-                "s3",
-                endpoint_url=s.s3_endpoint_url,
-                region_name=s.s3_region,
-                aws_access_key_id=s.s3_access_key_id,
-                aws_secret_access_key=secret,
-                config=config,
-            )
-        )
+        args = s3_client_args(self._settings, AioConfig)
+        self._client = await self._exit_stack.enter_async_context(get_session().create_client("s3", **args))
 
     async def stop(self) -> None:
         await self._exit_stack.aclose()
@@ -100,3 +86,23 @@ async def _read_capped(body: Any, cap: int) -> bytes:
         chunks.append(chunk)
         size += len(chunk)
     return b"".join(chunks)
+
+
+def s3_client_args(settings: Settings, config: Callable[..., Config] = Config) -> dict[str, Any]:
+    """An S3 client's arguments (aiobotocore's with `config=AioConfig`, boto3's by default) from the
+    MODERATION_S3_* settings: the one place that maps them. SigV4, bounded timeouts and retries, and
+    path-style addressing off AWS (a local endpoint has no bucket subdomains)."""
+    secret = settings.s3_secret_access_key.get_secret_value() if settings.s3_secret_access_key else None
+    return {
+        "endpoint_url": settings.s3_endpoint_url,
+        "region_name": settings.s3_region,
+        "aws_access_key_id": settings.s3_access_key_id,
+        "aws_secret_access_key": secret,
+        "config": config(
+            signature_version="s3v4",
+            connect_timeout=settings.s3_timeout_s,
+            read_timeout=settings.s3_timeout_s,
+            retries={"max_attempts": 3, "mode": "standard"},
+            s3={"addressing_style": "path"} if settings.s3_endpoint_url else None,
+        ),
+    }

@@ -13,6 +13,7 @@ from collections.abc import Sequence
 
 import numpy as np
 import tritonclient.grpc.aio as grpcclient
+from opentelemetry import propagate
 from tritonclient.utils import InferenceServerException
 
 from moderation.errors import ModelError, Reason, Rejected
@@ -101,7 +102,7 @@ class TritonDetector:
         outputs = [grpcclient.InferRequestedOutput(n) for n in self._outputs]
         try:
             result = await self._client.infer(
-                self._model_name, [pixels, explain], outputs=outputs, client_timeout=self._timeout_s
+                self._model_name, [pixels, explain], outputs=outputs, client_timeout=self._timeout_s, headers=_traced()
             )
         except InferenceServerException as exc:
             # A (re)starting Triton answers "unknown model" until the model is loaded: that is an
@@ -145,6 +146,13 @@ def _tls_options(settings: Settings) -> dict[str, object]:
         "certificate_chain": settings.triton_ssl_certificate_chain,
     }
     return {"ssl": True} | {name: path.read_bytes() for name, path in files.items() if path is not None}
+
+
+def _traced() -> dict[str, str]:
+    """The caller's trace context as gRPC metadata (W3C `traceparent`), for a Triton that traces too."""
+    carrier: dict[str, str] = {}
+    propagate.inject(carrier)
+    return carrier
 
 
 def _text(array: np.ndarray | None) -> str | None:
