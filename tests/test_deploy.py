@@ -35,7 +35,10 @@ MODEL_DIR = ROOT / "triton_models" / "fakevlm"
 
 # The oldest Kubernetes the README promises and the newest kubernetes-validate knows here.
 K8S_VERSIONS = ("1.30.0", "1.37.0")
-BUILTIN_API_VERSIONS = {"v1", "apps/v1", "batch/v1", "policy/v1", "networking.k8s.io/v1", "autoscaling/v2"}
+BUILTIN_API_VERSIONS = {
+    "v1", "apps/v1", "batch/v1", "policy/v1", "networking.k8s.io/v1", "autoscaling/v2", "storage.k8s.io/v1"
+}  # fmt: skip
+CLUSTER_SCOPED = {"Namespace", "StorageClass"}
 CRDS = {
     ("keda.sh/v1alpha1", "ScaledObject"),
     ("keda.sh/v1alpha1", "TriggerAuthentication"),
@@ -43,6 +46,7 @@ CRDS = {
     ("monitoring.coreos.com/v1", "ServiceMonitor"),
 }
 KUSTOMIZATIONS = sorted(p.parent for p in DEPLOY.rglob("kustomization.yaml"))
+PROD = DEPLOY / "overlays" / "prod"
 OVERLAYS = [p for p in KUSTOMIZATIONS if p.parent.name == "overlays"]  # full stacks: dev, prod
 WORKER, TRITON = "moderation-worker", "moderation-triton"
 
@@ -125,7 +129,7 @@ def pod_templates(docs: tuple[dict[str, Any], ...]) -> Iterator[dict[str, Any]]:
 
 def test_kustomizations_found() -> None:
     assert {_rel(p) for p in OVERLAYS} == {"deploy/overlays/dev", "deploy/overlays/prod"}
-    assert DEPLOY / "overlays" / "prod" / "weights" in KUSTOMIZATIONS
+    assert {PROD / "weights", PROD / "cluster"} <= set(KUSTOMIZATIONS)
 
 
 @pytest.mark.parametrize("directory", KUSTOMIZATIONS, ids=_rel)
@@ -137,9 +141,12 @@ def test_every_kustomization_renders_known_objects(directory: Path) -> None:
         assert doc["apiVersion"] in BUILTIN_API_VERSIONS or key in CRDS, f"unexpected API {key}"
         assert doc["metadata"]["name"]
     if "overlays" in directory.parts:  # a deployable unit: everything lands in one namespace
-        namespaces = {d["metadata"].get("namespace") for d in docs if d["kind"] != "Namespace"}
-        assert len(namespaces) == 1 and None not in namespaces, namespaces
-        assert names(docs, "Namespace") == namespaces
+        namespaced = [d for d in docs if d["kind"] not in CLUSTER_SCOPED]
+        namespaces = {d["metadata"].get("namespace") for d in namespaced}
+        assert not namespaced or (len(namespaces) == 1 and None not in namespaces), namespaces
+        # dev owns its namespace (nothing in it must survive); prod's is only in prod/cluster.
+        owned = {"dev": {"moderation-dev"}, "cluster": {"moderation"}}.get(directory.name, set())
+        assert names(docs, "Namespace") == owned, _rel(directory)
 
 
 @pytest.mark.parametrize("version", K8S_VERSIONS)
@@ -199,6 +206,75 @@ def test_worker_deployment(overlay: Path) -> None:
     # It must outlive a batch that waits on Triton when told to stop.
     assert spec["terminationGracePeriodSeconds"] > Settings.model_fields["triton_timeout_s"].default
     assert deployment["spec"]["strategy"]["rollingUpdate"] == {"maxSurge": 1, "maxUnavailable": 0}
+
+
+MIB = 1024 * 1024
+HEADROOM = 1.25  # allocator fragmentation and what the benches did not exercise
+PIXEL_TENSOR_BYTES = 3 * 336 * 336 * 4  # one preprocessed image, FP32, held until Triton answers
+
+
+def bench_summary(name: str) -> dict[str, Any]:
+    """The JSON summary line (the last line) of a benchmark's committed result."""
+    return dict(json.loads((ROOT / "bench" / "results" / name).read_text().splitlines()[-1]))
+
+
+def quantity_mib(value: str) -> float:
+    units = {"Ki": 1 / 1024, "Mi": 1, "Gi": 1024}
+    number, unit = re.fullmatch(r"(\d+(?:\.\d+)?)(Ki|Mi|Gi)", value).groups()  # type: ignore[union-attr]
+    return float(number) * units[unit]
+
+
+def worker_memory_mib(settings: Settings) -> float:
+    """deploy/README.md "Sizing": the worker's RSS measured on ordinary uploads, plus what the
+    settings let it hold at once (raw bytes and pixel tensors of every image in flight, the decode
+    budget), with headroom."""
+    base = bench_summary("worst_images-cpu.txt")["baseline_peak_rss_mib"]
+    in_flight = settings.batch_size * settings.max_inflight_batches
+    held = in_flight * (settings.s3_max_object_bytes + PIXEL_TENSOR_BYTES) / MIB
+    return (base + held + settings.decode_budget_mib) * HEADROOM
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS, ids=_rel)
+def test_worker_resources_come_from_the_measured_figures(overlay: Path) -> None:
+    """Raising MODERATION_BATCH_SIZE, MODERATION_MAX_INFLIGHT_BATCHES, the byte cap or the decode
+    budget in worker.env without raising the pod's memory fails here."""
+    docs = render(overlay)
+    env = worker_env(docs)
+    settings = Settings.model_validate({k.removeprefix("MODERATION_").lower(): v for k, v in env.items()})
+    resources = container(find(docs, "Deployment", WORKER), "worker")["resources"]
+    needed = worker_memory_mib(settings)
+    limit = quantity_mib(resources["limits"]["memory"])
+    assert limit >= needed, f"worker memory limit {limit:.0f} MiB < {needed:.0f} MiB (deploy/README.md Sizing)"
+    assert quantity_mib(resources["requests"]["memory"]) == limit, "requested in full: never OOM-killed by others"
+    # The worker's worst-images peak (measured) fits with room to spare.
+    assert bench_summary("worst_images-cpu.txt")["worst_peak_rss_mib"] < 0.5 * limit
+    # CPU: one Python thread bound the worker at 0.9 to 1.0 core under backlog (README Performance).
+    assert resources["requests"]["cpu"] in ("1", "1000m") and "cpu" not in resources["limits"]
+
+
+def gpu_memory_mib(config: model_config_pb2.ModelConfig) -> float:
+    """deploy/README.md "Sizing": FakeVLM 7B in bf16 on one GPU, with a full dynamic batch whose every
+    row is explained (the KV cache of prompt + max_new_tokens), plus CUDA context and activations."""
+    header = (ROOT / "bench" / "results" / "gpu_fakevlm-nvidia-h200.txt").read_text()
+    parameters = float(re.search(r"([\d,.]+) M parameters", header)[1].replace(",", "")) * 1e6  # type: ignore[index]
+    prompt = int(re.search(r"prefix: (\d+) tokens", header)[1])  # type: ignore[index]
+    layers, hidden, bf16 = 32, 4096, 2  # FakeVLM's config.json (shared/FAKEVLM.md)
+    tokens = prompt + int(config.parameters["max_new_tokens"].string_value)
+    kv_cache = config.max_batch_size * tokens * 2 * layers * hidden * bf16
+    context_and_activations = 2048 * MIB  # not measured: CUDA context, cuBLAS workspace, prefill activations
+    return (parameters * bf16 + kv_cache + context_and_activations) / MIB * 1.15
+
+
+def test_triton_needs_a_gpu_with_memory_enough_for_the_model() -> None:
+    config = text_format.Parse((MODEL_DIR / "configs" / "gpu.pbtxt").read_text(), model_config_pb2.ModelConfig())
+    spec = pod_spec(find(render(PROD), "Deployment", TRITON))
+    [term] = spec["affinity"]["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]["nodeSelectorTerms"]
+    [memory] = [e for e in term["matchExpressions"] if e["key"] == "nvidia.com/gpu.memory"]
+    assert memory["operator"] == "Gt"
+    floor = int(memory["values"][0]) + 1  # MiB, as GPU feature discovery labels it
+    needed = gpu_memory_mib(config)
+    assert floor >= needed, f"nvidia.com/gpu.memory > {floor - 1} MiB admits GPUs under the {needed:.0f} MiB needed"
+    assert floor <= 23028, "an A10G or L4 (23028 MiB), the smallest GPUs it fits on, must stay eligible"
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS, ids=_rel)
@@ -348,7 +424,27 @@ def test_weights_job_fills_the_volume_triton_mounts() -> None:
     env = {e["name"]: e.get("value") for e in fetch["env"]}
     assert env["FAKEVLM_REPO"] == "lingcco/fakeVLM" and env["HF_HUB_OFFLINE"] == "0"
     assert fetch["image"] == container(find(prod, "Deployment", WORKER))["image"]
-    assert find(weights_docs, "Namespace", "moderation") == find(prod, "Namespace", "moderation")
+    namespace = find(render(PROD / "cluster"), "Namespace", "moderation")["metadata"]["name"]
+    assert {d["metadata"]["namespace"] for d in (*weights_docs, *prod)} == {namespace}
+
+
+def test_the_weights_volume_survives_deleting_the_prod_overlays() -> None:
+    """`kubectl delete -k overlays/prod` (or .../weights) deletes what they render: neither renders
+    the Namespace, the workloads never render the PVC, and the PVC's StorageClass retains its volume
+    even when the PVC itself goes."""
+    prod, weights, cluster = render(PROD), render(PROD / "weights"), render(PROD / "cluster")
+    assert not names(prod, "Namespace") and not names(weights, "Namespace")
+    assert not names(prod, "StorageClass") and not names(weights, "StorageClass")
+    assert not names(prod, "PersistentVolumeClaim"), "the workloads' overlay must not own the weights"
+    pvc = find(weights, "PersistentVolumeClaim", "fakevlm-weights")
+    storage_class = find(cluster, "StorageClass", pvc["spec"]["storageClassName"])
+    assert storage_class["reclaimPolicy"] == "Retain"
+    assert names(cluster, "Namespace") == {pvc["metadata"]["namespace"]}
+    # deploy/README's first deploy applies them in this order (the namespace first).
+    readme = (DEPLOY / "README.md").read_text()
+    steps = [f"kubectl apply -k deploy/overlays/prod/{part}".rstrip("/") for part in ("cluster", "weights", "")]
+    positions = [readme.find(step + "  ") for step in steps]
+    assert -1 not in positions and positions == sorted(positions), steps
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS, ids=_rel)
