@@ -479,6 +479,37 @@ def test_gpu_model_config_differs_from_the_default_only_in_instance_group() -> N
     assert default == gpu
 
 
+def test_triton_queue_is_bounded_so_overload_sheds_before_the_workers_give_up() -> None:
+    """Every request still queued when the queue is full drains before the worker's deadline, even
+    when every row is explained (FakeVLM 7B, H200: generation at batch 1 times the batch size); and
+    the queue takes at least one worker's whole in-flight window."""
+    prod = render(PROD)
+    settings = Settings.model_validate({k.removeprefix("MODERATION_").lower(): v for k, v in worker_env(prod).items()})
+    explain_rate = bench_summary("gpu_fakevlm-nvidia-h200.txt")["explain_img_s"]["1"]  # img/s, one row at a time
+    for path in (MODEL_DIR / "config.pbtxt", MODEL_DIR / "configs" / "gpu.pbtxt"):
+        config = text_format.Parse(path.read_text(), model_config_pb2.ModelConfig())
+        queue = config.dynamic_batching.default_queue_policy.max_queue_size
+        drain_s = queue / (config.max_batch_size * explain_rate)
+        assert 0 < drain_s < settings.triton_timeout_s, f"{_rel(path)}: {queue} queued take {drain_s:.0f} s"
+        assert queue >= settings.batch_size * settings.max_inflight_batches, _rel(path)
+    args = container(find(prod, "Deployment", TRITON), "triton")["args"]
+    assert "--metrics-config=summary_latencies=true" in args, "TritonQueueTimeHigh reads the queue-time summary"
+
+
+RECIPE_ONLY = ("tensorrt_llm", "vision_encoder", "/models/engines", "fakevlm-hf", "triton_models/gpu")
+
+
+@pytest.mark.parametrize("directory", KUSTOMIZATIONS, ids=_rel)
+def test_the_tensorrt_llm_layout_is_a_recipe_no_kustomization_deploys(directory: Path) -> None:
+    """triton_models/gpu/ needs engines built on the serving GPU and volumes no manifest provides:
+    it is documented as a recipe, and nothing under deploy/ (nor the Triton image) refers to it."""
+    text = yaml.safe_dump_all(render(directory))
+    assert not [word for word in RECIPE_ONLY if word in text]
+    assert "triton_models/gpu" not in dockerfile("triton")
+    for config in (ROOT / "triton_models" / "gpu").glob("*/config.pbtxt"):
+        assert config.read_text().startswith("# RECIPE, not deployed"), _rel(config)
+
+
 # -- Services, PDBs, network policies ---------------------------------------------------------------
 
 
