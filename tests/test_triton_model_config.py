@@ -32,6 +32,18 @@ def test_model_identity_and_batching(config: model_config_pb2.ModelConfig) -> No
     assert config.backend == "python"
     assert config.max_batch_size == 8
     assert config.dynamic_batching.max_queue_delay_microseconds == 5000
+    # A bounded queue: past it Triton answers UNAVAILABLE at once, which the worker retries.
+    assert config.dynamic_batching.default_queue_policy.max_queue_size == 256
+
+
+def test_warmup_runs_both_paths_at_one_image_and_a_full_batch(config: model_config_pb2.ModelConfig) -> None:
+    inputs = {i.name: i for i in config.input}
+    assert [w.batch_size for w in config.model_warmup] == [1, config.max_batch_size]
+    for warmup in config.model_warmup:
+        assert set(warmup.inputs) == set(inputs), warmup.name
+        for name, sample in warmup.inputs.items():
+            assert (sample.data_type, list(sample.dims)) == (inputs[name].data_type, list(inputs[name].dims))
+            assert sample.zero_data, "zeros: a valid image, and EXPLAIN_ABOVE 0 explains every row"
     assert [(g.kind, g.count) for g in config.instance_group] == [(model_config_pb2.ModelInstanceGroup.KIND_CPU, 1)]
     assert (MODEL_DIR / "1" / "model.py").is_file()
 
