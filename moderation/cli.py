@@ -53,8 +53,8 @@ def worker(env_file: EnvFile = None) -> None:
     """Run the stream worker (a Faust app) until SIGTERM or Ctrl-C."""
     from moderation.errors import ModerationError
     from moderation.logs import logging_config
-    from moderation.worker.app import create_app
     from moderation.worker import tracing
+    from moderation.worker.app import create_app
     from moderation.worker.crashonly import Worker
 
     settings = load_settings(env_file)

@@ -21,6 +21,12 @@ MAX_ATTRIBUTES = 32
 
 Label = Literal["fake", "real"]
 Action = Literal["allow", "review", "flag"]
+# Who decided a verdict's label: the model's P(fake), the image's own provenance declaring AI generation,
+# a near-duplicate of a banked image, or a reviewer's decision about these very bytes.
+DecidedBy = Literal["model", "provenance", "match", "review"]
+ReviewDecision = Literal["confirm_fake", "overturn_real", "escalate"]
+PDQ_PATTERN = r"^[0-9a-f]{64}$"  # a 256-bit PDQ hash, hex
+SHA256_PATTERN = r"^[0-9a-f]{64}$"
 EventId = Annotated[str, Field(min_length=1, max_length=200, pattern=r"^[A-Za-z0-9._:\-]+$")]
 
 
@@ -72,6 +78,54 @@ class ImageInfo(_Message):
     width: int
     height: int
     format: str
+    pdq: str | None = Field(
+        default=None,
+        pattern=PDQ_PATTERN,
+        description="PDQ perceptual hash (256 bits, hex) for near-duplicate matching.",
+    )
+    pdq_quality: int | None = Field(default=None, ge=0, le=100, description="PDQ's own quality: below 50, unmatched.")
+
+
+class C2paEvidence(_Message):
+    """What the image's C2PA manifest store says, as c2pa-python read and validated it."""
+
+    validation_state: str = Field(description="c2pa's: Valid, Trusted or Invalid (the signature, hashes, chain).")
+    valid: bool = Field(description="Signature and hard bindings check out (Valid or Trusted).")
+    claim_generator: str | None = None
+    signer: str | None = Field(default=None, description="The signing certificate's issuer, as c2pa reports it.")
+    digital_source_types: list[str] = Field(
+        default_factory=list, description="digitalSourceType URIs of the active manifest's c2pa.actions."
+    )
+    errors: list[str] = Field(default_factory=list, description="Validation failures (codes), when invalid.")
+
+
+class Provenance(_Message):
+    """What the file says about its own origin, read before the model runs. Evidence for reviewers: only a
+    declaration of AI generation decides a label (`decided_by: provenance`); a capture claim never does."""
+
+    c2pa: C2paEvidence | None = None
+    iptc_digital_source_type: str | None = Field(
+        default=None, description="XMP Iptc4xmpExt:DigitalSourceType (an IPTC NewsCodes URI)."
+    )
+    exif_software: str | None = None
+    exif_make: str | None = None
+    exif_model: str | None = None
+    declares_ai: bool = Field(
+        default=False, description="A C2PA action or IPTC field declares trainedAlgorithmicMedia or a composite of it."
+    )
+    declares_capture: bool = Field(
+        default=False, description="A VALID C2PA manifest declares digitalCapture: shown to reviewers, never a verdict."
+    )
+
+
+class Match(_Message):
+    """The banked image this upload is a near-duplicate of."""
+
+    event_id: str = Field(description="The banked image's upload event.")
+    image_sha256: str = Field(pattern=SHA256_PATTERN)
+    distance: int = Field(ge=0, le=256, description="Hamming distance between the two PDQ hashes.")
+    label: Label = Field(description="The banked decision.")
+    decided_by: DecidedBy = Field(description="Where the banked decision came from (review first).")
 
 
 class Timings(_Message):
@@ -104,6 +158,43 @@ class Verdict(_Message):
     uploaded_at: AwareDatetime | None = None
     decided_at: AwareDatetime
     attributes: dict[str, str] = Field(default_factory=dict)
+    decided_by: DecidedBy = Field(default="model", description="Who decided the label (model unless stated).")
+    provenance: Provenance | None = Field(default=None, description="The file's own claims about its origin.")
+    match: Match | None = Field(default=None, description="The banked near-duplicate, when one was within range.")
+    policy_version: str | None = Field(default=None, description="The tenant policy's version that decided the action.")
+
+
+class Decision(_Message):
+    """A reviewer's decision about one upload: topic moderation.decisions, keyed by event_id. Decisions feed
+    the near-duplicate bank and override the verdict cache for the image's bytes."""
+
+    schema_version: Literal[1] = SCHEMA_VERSION
+    event_id: EventId
+    image_sha256: str = Field(pattern=SHA256_PATTERN)
+    pdq: str | None = Field(default=None, pattern=PDQ_PATTERN, description="The image's PDQ hash, from its verdict.")
+    tenant: str | None = None
+    decision: ReviewDecision
+    note: str | None = Field(default=None, max_length=2000)
+    reviewer: str = Field(min_length=1, max_length=200, description="Who decided: never anonymous.")
+    decided_at: AwareDatetime
+    model_label: Label = Field(description="The verdict's label when it was reviewed.")
+    model_score: float = Field(ge=0.0, le=1.0, description="The verdict's P(fake) when it was reviewed.")
+    model_action: Action
+    model_decided_by: DecidedBy = "model"
+
+
+class BankEntry(_Message):
+    """One known image in the near-duplicate bank: compacted topic moderation.hash-bank, keyed by image sha256."""
+
+    schema_version: Literal[1] = SCHEMA_VERSION
+    image_sha256: str = Field(pattern=SHA256_PATTERN)
+    pdq: str = Field(pattern=PDQ_PATTERN)
+    pdq_quality: int = Field(ge=0, le=100)
+    event_id: str
+    tenant: str | None = None
+    label: Label
+    decided_by: DecidedBy = Field(description="review (a reviewer's decision) outranks model (a flag).")
+    decided_at: AwareDatetime
 
 
 class DeadLetter(_Message):
@@ -165,6 +256,8 @@ MESSAGES: dict[str, type[BaseModel]] = {
     "verdict": Verdict,
     "dead_letter": DeadLetter,
     "cache_entry": CacheEntry,
+    "decision": Decision,
+    "bank_entry": BankEntry,
 }
 
 

@@ -85,6 +85,15 @@ class Settings(BaseSettings):
     topic_verdicts: str = Field("moderation.verdicts", description="Every verdict out.")
     topic_flagged: str = Field("moderation.flagged", description="Verdicts whose action is flag.")
     topic_dlq: str = Field("moderation.dlq", description="Dead letters with reason and original bytes.")
+    topic_review: str = Field(
+        "moderation.review", description="Verdicts whose action is review or flag: the reviewers' queue."
+    )
+    topic_decisions: str = Field(
+        "moderation.decisions", description="Reviewer decisions (confirm, overturn, escalate)."
+    )
+    topic_bank: str = Field(
+        "moderation.hash-bank", description="Known images by PDQ hash (compacted): what near-duplicates are matched to."
+    )
     topic_cache: str = Field(
         "moderation.verdict-cache", description="Compacted verdict cache keyed by image sha256, shared by workers."
     )

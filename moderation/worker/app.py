@@ -1,4 +1,9 @@
-"""The Faust topology, top to bottom: uploads -> moderate a batch -> verdicts / flagged / dead letters.
+"""The worker, assembled in this one place, and its Faust topology, top to bottom: uploads -> moderate a
+batch -> verdicts / flagged / dead letters.
+
+`create_app` declares the topics and the agent; `start` opens the clients (`moderation.worker.clients`) and
+builds the pipeline with its policy, cache and decode pool; `moderate_and_publish` is one batch's step;
+`records` routes each outcome to its topics.
 
 Offsets: the agent takes batches without acking (`noack_take`) and acks an event only after the
 broker acknowledged every outcome published for it, so a committed offset always means a delivered
