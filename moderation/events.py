@@ -172,6 +172,7 @@ class Decision(_Message):
     event_id: EventId
     image_sha256: str = Field(pattern=SHA256_PATTERN)
     pdq: str | None = Field(default=None, pattern=PDQ_PATTERN, description="The image's PDQ hash, from its verdict.")
+    pdq_quality: int | None = Field(default=None, ge=0, le=100)
     tenant: str | None = None
     decision: ReviewDecision
     note: str | None = Field(default=None, max_length=2000)
@@ -188,8 +189,10 @@ class BankEntry(_Message):
 
     schema_version: Literal[1] = SCHEMA_VERSION
     image_sha256: str = Field(pattern=SHA256_PATTERN)
-    pdq: str = Field(pattern=PDQ_PATTERN)
-    pdq_quality: int = Field(ge=0, le=100)
+    pdq: str | None = Field(
+        default=None, pattern=PDQ_PATTERN, description="Null: matched by its exact bytes only (sha256)."
+    )
+    pdq_quality: int | None = Field(default=None, ge=0, le=100)
     event_id: str
     tenant: str | None = None
     label: Label

@@ -186,8 +186,10 @@ def test_kafka_and_s3_stack(tmp_path: Path) -> None:
 
         # Topics are made with explicit configs: the verdict cache compacted, min.insync.replicas set.
         configs = asyncio.run(topic_configs(info.kafka_bootstrap, list(localstack.DEFAULT_TOPICS)))
-        assert configs["moderation.verdict-cache"]["cleanup.policy"] == "compact"
-        assert all(configs[t].get("cleanup.policy", "delete") == "delete" for t in localstack.DEFAULT_TOPICS[:4])
+        for name in localstack.DEFAULT_TOPICS:
+            expected = "compact" if name in localstack.COMPACTED_TOPICS else "delete"
+            assert configs[name].get("cleanup.policy", "delete") == expected, name
+        assert set(localstack.COMPACTED_TOPICS) == {"moderation.verdict-cache", "moderation.hash-bank"}
         assert {c["min.insync.replicas"] for c in configs.values()} == {"1"}
         # A cluster's replication settings reach the broker (Tansu takes them whatever its broker count).
         replicated = f"r-{uuid.uuid4().hex[:8]}"

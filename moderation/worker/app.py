@@ -43,6 +43,7 @@ from moderation.worker.acks import OrderedAcks
 from moderation.worker.budget import ByteBudget, return_large_frees
 from moderation.worker.clients import Clients
 from moderation.worker.crashonly import crash
+from moderation.worker.decisions import bank_record, parse_decision
 from moderation.worker.dlq import DLQ_HEADER_PREFIX
 from moderation.worker.kafka import faust_credentials, faust_transport
 from moderation.worker.pipeline import Backoff, Incoming, Outcome, Pipeline
@@ -76,7 +77,9 @@ def create_app(settings: Settings) -> faust.App:
 
     uploads, verdicts = topic(settings.topic_uploads), topic(settings.topic_verdicts)
     flagged, dead_letters = topic(settings.topic_flagged), topic(settings.topic_dlq)
-    cache_topic = topic(settings.topic_cache, compacting=True)
+    review, decisions = topic(settings.topic_review), topic(settings.topic_decisions)
+    cache_topic, bank = topic(settings.topic_cache, compacting=True), topic(settings.topic_bank, compacting=True)
+    started = asyncio.Event()  # the clients are open: the uploads agent opens them
 
     @app.agent(uploads, concurrency=1)
     async def moderate_uploads(stream: faust.StreamT[bytes]) -> None:
@@ -92,10 +95,13 @@ def create_app(settings: Settings) -> faust.App:
         batches: AsyncIterator[list[EventT]] = cast(Any, stream).noack_take(
             settings.batch_size, within=settings.batch_wait_s
         )
-        for output in (verdicts, flagged, dead_letters, cache_topic) if settings.kafka_declare_topics else ():
+        for output in (
+            (verdicts, flagged, dead_letters, review, cache_topic, bank) if settings.kafka_declare_topics else ()
+        ):
             await output.maybe_declare()
         worker = await start(settings, clients)
         running.append(worker)
+        started.set()
         in_flight = OrderedAcks(
             stream.ack, settings.max_inflight_batches, on_failure=lambda exc: crash("outcomes not published", exc)
         )
@@ -121,6 +127,23 @@ def create_app(settings: Settings) -> faust.App:
             await worker.stop()
             await clients.stop()
             raise
+
+    @app.agent(decisions, concurrency=1)
+    async def bank_decisions(stream: faust.StreamT[bytes]) -> None:
+        """Each reviewer decision becomes its image's bank entry, published before the decision is acked."""
+        try:
+            await started.wait()
+            async for event in stream.events():
+                where = f"{event.message.topic}[{event.message.partition}]@{event.message.offset}"
+                decision = parse_decision(event.value, where)
+                out = bank_record(settings, decision) if decision is not None else None
+                if decision is not None and out is not None:
+                    await clients.publisher.publish([out])
+                    metrics.DECISIONS_BANKED.labels(decision.decision).inc()
+        except asyncio.CancelledError:
+            raise
+        except BaseException as exc:
+            crash("the decisions agent failed", exc)
 
     @app.on_partitions_revoked.connect  # type: ignore[arg-type]  # faust's signal typing wants a `signal` kwarg
     async def forget_lag(sender: Any, revoked: set[TP], **_: Any) -> None:
@@ -165,7 +188,8 @@ async def moderate_and_publish(settings: Settings, worker: Running, clients: Cli
 
 
 def records(settings: Settings, outcome: Outcome, message: Incoming) -> list[Record]:
-    """Where one outcome goes: every verdict to verdicts (and flagged, by the policy's action); a dead letter
+    """Where one outcome goes: every verdict to verdicts (and flagged, and the review queue, by the policy's
+    action); a dead letter
     to the dlq, keyed and headed like the record it answers, plus why and whence. Each carries its event's
     `traceparent`. Cache entries are not among them: they go out best effort (`CacheFeed`), never holding up
     an ack."""
@@ -178,6 +202,8 @@ def records(settings: Settings, outcome: Outcome, message: Incoming) -> list[Rec
     out = [Record(settings.topic_verdicts, key, value, traced)]
     if outcome.action == "flag":
         out.append(Record(settings.topic_flagged, key, value, traced))
+    if outcome.action in ("review", "flag"):  # the reviewers' queue
+        out.append(Record(settings.topic_review, key, value, traced))
     return out
 
 

@@ -78,6 +78,15 @@ CACHE_REFUSED = Counter(
     ["reason"],
     registry=REGISTRY,
 )
+DECISIONS_BANKED = Counter(
+    "moderation_decisions_banked",
+    "Reviewer decisions turned into bank entries, by decision.",
+    ["decision"],
+    registry=REGISTRY,
+)
+DECISIONS_REFUSED = Counter(
+    "moderation_decisions_refused", "Records on the decisions topic that are not a valid Decision.", registry=REGISTRY
+)
 CACHE_PUBLISH_FAILURES = Counter(
     "moderation_cache_publish_failures",
     "Verdict cache entries not published to the cache topic (best effort: their verdicts went out).",
