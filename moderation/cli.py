@@ -228,8 +228,20 @@ def scan_files(
 
 @app.command("eval")
 def eval_set(
-    data: Annotated[Path, typer.Argument(exists=True, dir_okay=False, help="FakeClue-format json.")],
-    images: Annotated[Path, typer.Option(exists=True, file_okay=False, help="Directory the json's images are in.")],
+    data: Annotated[
+        Path | None, typer.Argument(exists=True, dir_okay=False, help="FakeClue-format json (not with --decisions).")
+    ] = None,
+    images: Annotated[
+        Path | None, typer.Option(exists=True, file_okay=False, help="Directory the json's images are in.")
+    ] = None,
+    decisions: Annotated[
+        str | None,
+        typer.Option(
+            help="Instead: the model's precision per tenant by reviewer decisions, from `topic` "
+            "(MODERATION_TOPIC_DECISIONS) or a JSON-lines file of Decision messages."
+        ),
+    ] = None,
+    env_file: EnvFile = None,
     checkpoint: Checkpoint = None,
     triton: TritonUrl = None,
     embedding_model: EmbeddingModel = None,
@@ -252,7 +264,13 @@ def eval_set(
         float, typer.Option(min=0.0, max=1.0, help="Propose the lowest flag threshold with this precision.")
     ] = 0.95,
 ) -> None:
-    """Acc/F1 (verdict-first and, paper-comparable, free answers), ROUGE-L, CSS, ROC-AUC and thresholds."""
+    """Acc/F1 (verdict-first and, paper-comparable, free answers), ROUGE-L, CSS, ROC-AUC and thresholds; or, with
+    --decisions, the model's precision per tenant against reviewer decisions."""
+    if decisions is not None:
+        _eval_decisions(decisions, env_file, out, markdown)
+        return
+    if data is None or images is None:
+        raise typer.BadParameter("give DATA and --images (or --decisions)")
     from moderation.model.detectors import InProcessDetector, running
     from moderation.offline.evaluate import FreeAnswerer, Report, evaluate
     from moderation.offline.modelcheck import free_answers
@@ -296,6 +314,27 @@ def eval_set(
         html.write_text(report.html())
     print(re.sub(r"<svg.*?</svg>\n", "", table, flags=re.DOTALL))  # the plot is for the files, not the terminal
     console.print(f"Wrote {', '.join(str(p) for p in (out, markdown, html) if p is not None)}")
+
+
+def _eval_decisions(source: str, env_file: Path | None, out: Path, markdown: Path | None) -> None:
+    from moderation.offline import decisions
+
+    if source == "topic":
+        settings = load_settings(env_file)
+        found, bad = _run_or_exit(decisions.read_topic(settings))
+        where = f"topic {settings.topic_decisions}"
+    else:
+        found, bad = decisions.read_file(Path(source))
+        where = source
+    if bad:
+        _warn(f"{bad} records are not Decision messages: skipped")
+    report = decisions.precision_report(found, where)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(report.model_dump_json(indent=2) + "\n")
+    if markdown is not None:
+        markdown.write_text(report.markdown() + "\n")
+    print(report.markdown())
+    console.print(f"Wrote {', '.join(str(p) for p in (out, markdown) if p is not None)}")
 
 
 @app.command()

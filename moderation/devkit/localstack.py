@@ -53,7 +53,10 @@ DEFAULT_TOPICS = (
     "moderation.verdict-cache",
     "moderation.hash-bank",
 )
-COMPACTED_TOPICS = ("moderation.verdict-cache", "moderation.hash-bank")  # keyed tables: the latest record per key is what counts
+COMPACTED_TOPICS = (
+    "moderation.verdict-cache",
+    "moderation.hash-bank",
+)  # keyed tables: the latest record per key is what counts
 KAFKA, S3, TRITON = "kafka", "s3", "triton"
 READY_TIMEOUT_S = {KAFKA: 30.0, S3: 30.0, TRITON: 300.0}
 TANSU_BUCKET = "tansu"
