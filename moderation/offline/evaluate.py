@@ -138,17 +138,9 @@ class Report(_Report):
             "| Scope | n | Acc | F1 | Acc (free, text rule) | F1 (free, text rule) |",
             "| --- | --- | --- | --- | --- | --- |",
         ]
-        free = self.free_generation
-        scopes: list[tuple[str, Scores, Scores | None]] = [
-            ("overall", self.overall, free.overall if free else None),
-            ("real", self.real, free.real if free else None),
-            ("fake", self.fake, free.fake if free else None),
+        lines += [
+            f"| {name} | {s.n} | {_pct(s.accuracy)} | {_pct(s.f1)} | {_free(f)} |" for name, s, f in self.scopes()
         ]
-        scopes += [
-            (f"category: {name}", scores, free.categories.get(name) if free else None)
-            for name, scores in sorted(self.categories.items())
-        ]
-        lines += [f"| {name} | {s.n} | {_pct(s.accuracy)} | {_pct(s.f1)} | {_free(f)} |" for name, s, f in scopes]
         lines += ["", self.comparability()]
         e = self.explanations
         lines += [
@@ -166,6 +158,19 @@ class Report(_Report):
             PAPER_FIGURES,
         ]
         return "\n".join(lines)
+
+    def scopes(self) -> list[tuple[str, Scores, Scores | None]]:
+        """Each scope's verdict-first scores beside its free-generation ones (None: not generated)."""
+        free = self.free_generation
+        scopes: list[tuple[str, Scores, Scores | None]] = [
+            ("overall", self.overall, free.overall if free else None),
+            ("real", self.real, free.real if free else None),
+            ("fake", self.fake, free.fake if free else None),
+        ]
+        return scopes + [
+            (f"category: {name}", scores, free.categories.get(name) if free else None)
+            for name, scores in sorted(self.categories.items())
+        ]
 
     def html(self) -> str:
         """The report as a self-contained page (moderation/offline/templates/evaluation.html.j2)."""

@@ -13,6 +13,7 @@ from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from functools import cache
+from pathlib import Path
 from typing import TYPE_CHECKING, get_args
 
 from jinja2 import Environment, PackageLoader, select_autoescape
@@ -128,16 +129,6 @@ def reviewer_order(results: Sequence[ScanResult]) -> list[int]:
 
 def evaluation_html(report: Report, paper: PaperFigures) -> str:
     """The evaluation report as one page: the tables, the proposed thresholds, the plot, the paper's figures."""
-    free = report.free_generation
-    scopes = [
-        ("overall", report.overall, free.overall if free else None),
-        ("real", report.real, free.real if free else None),
-        ("fake", report.fake, free.fake if free else None),
-        *(
-            (f"category: {name}", scores, free.categories.get(name) if free else None)
-            for name, scores in sorted(report.categories.items())
-        ),
-    ]
     # Markup (no escaping) only for the SVG: thresholds.svg draws it from numbers and escapes its own text.
     plot = Markup(svg(report.thresholds)) if report.thresholds is not None else None  # noqa: S704
     return (
@@ -145,8 +136,7 @@ def evaluation_html(report: Report, paper: PaperFigures) -> str:
         .get_template("evaluation.html.j2")
         .render(
             report=report,
-            name=report.data.replace("\\", "/").rsplit("/", 1)[-1],
-            scopes=scopes,
+            name=Path(report.data).name,
             plot=plot,
             paper=paper,
             caveat=CAVEAT,
