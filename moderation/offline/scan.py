@@ -10,10 +10,8 @@ reason code; nothing about one file stops the scan.
 from __future__ import annotations
 
 import asyncio
-import base64
 import dataclasses
 import hashlib
-import html as html_lib
 import io
 import json
 import os
@@ -23,8 +21,6 @@ from collections.abc import AsyncIterator, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
-from string import Template
-from typing import IO
 
 import numpy as np
 from PIL import Image
@@ -36,6 +32,7 @@ from moderation.errors import Reason, Rejected
 from moderation.events import Action, ImageInfo, Label, ModelInfo, Timings, utcnow
 from moderation.model.detectors import BatchDetector, Detection
 from moderation.model.imaging import ModelInput, prepare
+from moderation.offline.report import ScanPage
 from moderation.worker.policy import Policy
 
 # Reason codes of a scan beyond the stream's dead-letter reasons (moderation.errors.Reason).
@@ -185,11 +182,8 @@ async def scan(
     summary = ScanSummary(files=len(files))
     started = time.perf_counter()
     out.parent.mkdir(parents=True, exist_ok=True)
-    with (
-        out.open("w", encoding="utf-8") as jsonl,
-        _HtmlReport.open(html, detector.model) as report,
-        ProgressBar(progress, console, "scanning", len(files)) as bar,
-    ):
+    report = ScanPage(detector.model, started=utcnow().isoformat(timespec="seconds")) if html is not None else None
+    with out.open("w", encoding="utf-8") as jsonl, ProgressBar(progress, console, "scanning", len(files)) as bar:
         outcomes = detect_files(
             files,
             detector,
@@ -203,12 +197,15 @@ async def scan(
             for outcome in batch:
                 record = to_record(outcome, policy, detector.model)
                 jsonl.write(record.model_dump_json() + "\n")
-                report.add(record, outcome.thumbnail)
+                if report is not None:
+                    _add(report, record, outcome.thumbnail)
                 _count(summary, record)
             jsonl.flush()
             bar.advance(len(batch))
         summary.elapsed_s = time.perf_counter() - started
-        report.finish(summary)
+    if html is not None and report is not None:
+        html.parent.mkdir(parents=True, exist_ok=True)
+        html.write_text(report.render(summary), encoding="utf-8")
     return summary
 
 
@@ -306,6 +303,13 @@ def _thumbnail(data: bytes) -> bytes | None:
     return buffer.getvalue()
 
 
+def _add(report: ScanPage, record: ScanResult | ScanError, thumbnail: bytes | None) -> None:
+    if isinstance(record, ScanError):
+        report.add_error(record)
+    else:
+        report.add_result(record, thumbnail)
+
+
 def _count(summary: ScanSummary, record: ScanResult | ScanError) -> None:
     if isinstance(record, ScanError):
         summary.errors += 1
@@ -354,106 +358,6 @@ class ProgressBar:
     def __exit__(self, *exc: object) -> None:
         if self._progress is not None:
             self._progress.stop()
-
-
-# The HTML report: one self-contained file, written as the scan goes (thumbnails inline as base64).
-_HEAD = Template("""<!doctype html>
-<html lang="en"><head><meta charset="utf-8"><title>FakeVLM scan</title>
-<style>
-body{font:14px system-ui,sans-serif;margin:1.5em}table{border-collapse:collapse;width:100%}
-td,th{border-bottom:1px solid #ddd;padding:6px;vertical-align:top;text-align:left}
-img{max-width:${px}px;max-height:${px}px}.fake{color:#b00}.real{color:#070}
-.flag{background:#fdd}.review{background:#ffe9c6}.error{background:#eee;color:#555}
-.expl{max-width:60em;white-space:pre-wrap}
-</style></head><body>
-<h1>FakeVLM scan</h1>
-<p>Model: ${model}. Started ${started}. Score = P(fake). The summary is at the end.</p>
-<table><thead><tr><th>image</th><th>file</th><th>label</th><th>score</th><th>action</th>
-<th>explanation</th></tr></thead><tbody>
-""")
-_ROW = Template("""<tr class="${action}"><td>${thumb}</td><td>${path}<br><small>${size} ${format}</small></td>
-<td class="${label}">${label}</td><td>${score}</td><td>${action}</td><td class="expl">${explanation}</td></tr>
-""")
-_ERROR = Template("""<tr class="error"><td></td><td>${path}</td>
-<td colspan="4">error <b>${error}</b>: ${detail}</td></tr>
-""")
-_FOOT = Template("""</tbody></table>
-<h2>Summary</h2>
-<p>${files} files: ${images} images scored (${labels}; actions ${actions}), ${errors} errors (${reasons}),
-in ${elapsed} s (${rate} images/s).</p>
-</body></html>
-""")
-
-
-class _HtmlReport:
-    def __init__(self, stream: IO[str] | None, model: ModelInfo) -> None:
-        self._stream = stream
-        self._model = model
-
-    @classmethod
-    def open(cls, path: Path | None, model: ModelInfo) -> _HtmlReport:
-        if path is None:
-            return cls(None, model)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        return cls(path.open("w", encoding="utf-8"), model)
-
-    def __enter__(self) -> _HtmlReport:
-        if self._stream is not None:
-            model = f"{self._model.name} {self._model.version}"
-            self._stream.write(
-                _HEAD.substitute(px=THUMBNAIL_PX, model=_e(model), started=_e(utcnow().isoformat(timespec="seconds")))
-            )
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        if self._stream is not None:
-            self._stream.close()
-
-    def add(self, record: ScanResult | ScanError, thumbnail: bytes | None) -> None:
-        if self._stream is None:
-            return
-        if isinstance(record, ScanError):
-            self._stream.write(
-                _ERROR.substitute(path=_e(record.path), error=_e(record.error), detail=_e(record.detail))
-            )
-            return
-        thumb = f'<img alt="" src="data:image/jpeg;base64,{base64.b64encode(thumbnail).decode()}">' if thumbnail else ""
-        self._stream.write(
-            _ROW.substitute(
-                thumb=thumb,
-                path=_e(record.path),
-                size=f"{record.image.width}x{record.image.height}",
-                format=_e(record.image.format),
-                label=_e(record.label),
-                score=f"{record.score:.3f}",
-                action=_e(record.action),
-                explanation=_e(record.explanation or "(not explained: score below explain_above)"),
-            )
-        )
-
-    def finish(self, summary: ScanSummary) -> None:
-        if self._stream is None:
-            return
-        self._stream.write(
-            _FOOT.substitute(
-                files=summary.files,
-                images=summary.images,
-                labels=_e(_counts(summary.labels)),
-                actions=_e(_counts(summary.actions)),
-                errors=summary.errors,
-                reasons=_e(_counts(summary.reasons)),
-                elapsed=f"{summary.elapsed_s:.1f}",
-                rate=f"{summary.images_per_s:.2f}",
-            )
-        )
-
-
-def _counts(counter: Counter[str]) -> str:
-    return ", ".join(f"{key} {value}" for key, value in sorted(counter.items())) or "none"
-
-
-def _e(text: str) -> str:
-    return html_lib.escape(text, quote=True)
 
 
 def summary_json(summary: ScanSummary) -> str:

@@ -12,6 +12,12 @@ from html import escape
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
+CAVEAT = (
+    "The lowest threshold meeting a target is the most recall that target allows on this set; on a"
+    " small or cleanly separated set it sits at the edge of the real images' scores: use a set like"
+    " your uploads, large enough that the precision is a measurement."
+)
+
 
 class Operating(BaseModel):
     """One threshold and what it does on the evaluation set."""
@@ -55,13 +61,7 @@ class Sweep(BaseModel):
                 else f"- MODERATION_{name}_THRESHOLD={point.threshold:.4f}: the lowest threshold with {target}"
                 f" (precision {point.precision:.3f}, recall {point.recall:.3f}, FPR {point.fpr:.3f})."
             )
-        lines += [
-            "",
-            "The lowest threshold meeting a target is the most recall that target allows on this set; on a"
-            " small or cleanly separated set it sits at the edge of the real images' scores: use a set like"
-            " your uploads, large enough that the precision is a measurement.",
-            "",
-        ]
+        lines += ["", CAVEAT, ""]
         return "\n".join(lines)
 
 
