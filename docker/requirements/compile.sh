@@ -5,8 +5,8 @@ set -euo pipefail
 cd "$(dirname "$0")/../.."
 out=docker/requirements
 # Every wheel's and sdist's hash of each pinned version, for x86-64 Linux (the images' platform).
-compile=(uv pip compile --quiet --generate-hashes --python-platform x86_64-manylinux_2_28 --no-header
-  --custom-compile-command "docker/requirements/compile.sh")
+compile=(uv pip compile --quiet --generate-hashes --python-platform x86_64-manylinux_2_28
+  --custom-compile-command "docker/requirements/compile.sh" "$@")  # e.g. --upgrade: newer pins within the ranges
 extra() { python3 -c 'import sys, tomllib; print("\n".join(tomllib.load(open("pyproject.toml", "rb"))["project"]["optional-dependencies"][sys.argv[1]]))' "$1"; }
 
 # worker.Dockerfile: the core dependencies and `hub` (the weights Job's `hf`); no torch, no transformers.
