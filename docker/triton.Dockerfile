@@ -1,6 +1,6 @@
 # syntax=docker/dockerfile:1
 # Triton Inference Server with the fakevlm model repository, on NVIDIA's Triton TensorRT-LLM image
-# (TensorRT-LLM is there for the engine path of ARCHITECTURE.md; the fakevlm model served today is
+# (TensorRT-LLM is there for the engine path of the architecture; the fakevlm model served today is
 # the Python backend running FakeVLM with transformers on the GPU). The weights are NOT in the
 # image: Kubernetes mounts them at /models/fakevlm/weights (deploy/weights).
 # Build from the repository root:
@@ -13,18 +13,16 @@ ARG TRITON_TAG=25.08
 FROM nvcr.io/nvidia/tritonserver:${TRITON_TAG}-trtllm-python-py3
 
 ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_BREAK_SYSTEM_PACKAGES=1
-WORKDIR /src
-COPY pyproject.toml README.md ./
-COPY moderation ./moderation
-# The model imports moderation.model.fakevlm (torch, transformers, pillow, numpy). Keep the image's own
-# CUDA builds of torch and numpy (constraints) and install the project without its dependency
-# list, which pins a CPU torch range for the worker; then add only what the model needs.
-RUN pip list --format=freeze | grep -iE '^(torch|numpy|tensorrt[-_]llm)==' > /tmp/image-constraints.txt \
- && pip install --no-deps . \
- && pip install --constraint /tmp/image-constraints.txt \
-      "transformers>=5.0,<6" "tokenizers>=0.20" "safetensors>=0.4" "pillow>=10.3" \
- && python3 -c "import moderation.model.fakevlm, torch; print('torch', torch.__version__)" \
- && rm -rf /src /tmp/image-constraints.txt
+# The model's Python dependencies from a hashed lock of the `model` extra (docker/requirements/compile.sh),
+# which leaves out torch and numpy: the image's own CUDA builds of both stay.
+COPY docker/requirements/triton.txt /tmp/triton.txt
+RUN pip install --no-deps --require-hashes -r /tmp/triton.txt && rm /tmp/triton.txt
+# triton_models/fakevlm/1/model.py imports moderation.model (fakevlm, imaging, identity, triton_io): the image
+# carries that sub-package and what it imports (moderation/__init__.py, errors.py), not the worker.
+COPY moderation/__init__.py moderation/errors.py /opt/moderation/moderation/
+COPY moderation/model /opt/moderation/moderation/model
+ENV PYTHONPATH=/opt/moderation
+RUN python3 -c "import moderation.model.fakevlm, moderation.model.triton_io, torch; print('torch', torch.__version__)"
 
 # The model repository: fakevlm with its default (CPU) and gpu configs; weights mount point.
 COPY triton_models/fakevlm /models/fakevlm

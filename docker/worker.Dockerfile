@@ -1,6 +1,6 @@
 # syntax=docker/dockerfile:1
-# The worker image: `moderation worker` (and the other `moderation` commands, e.g. `dlq replay`,
-# `model build-tiny`, and `hf` for the weights Job). CPU only; FakeVLM runs in Triton.
+# The worker image: `moderation worker` (and the other `moderation` commands, e.g. `dlq replay`, and `hf`
+# for the weights Job; `model build-tiny` with LOCK=worker-model). CPU only; FakeVLM runs in Triton.
 # Build from the repository root:
 #   docker build -f docker/worker.Dockerfile -t registry.example.com/moderation/worker:0.1.0 .
 ARG PYTHON_VERSION=3.11
@@ -9,14 +9,20 @@ FROM python:${PYTHON_VERSION}-slim-bookworm AS build
 ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 RUN python -m venv /opt/moderation
 ENV PATH=/opt/moderation/bin:$PATH
-# The project depends on torch (the in-process backend and the tiny-checkpoint builder); take the
-# CPU build, or pip would pull several GB of CUDA wheels that the worker never uses.
-ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
-RUN pip install --index-url "${TORCH_INDEX_URL}" "torch>=2.4,<=2.13.0"
 WORKDIR /src
+# Every dependency from a hashed lock (docker/requirements/, generated from pyproject.toml by its compile.sh).
+# LOCK=worker (the default): the core dependencies and `hf`; no torch, no transformers (FakeVLM runs in
+# Triton). LOCK=worker-model: also the `model` extra, for MODERATION_DETECTOR=inprocess and `moderation model
+# build-tiny` (dev's Triton init container), with PyTorch's CPU build from TORCH_INDEX_URL (PyPI's Linux
+# torch would pull several GB of CUDA wheels): pinned by version, not by hash (docker/README.md).
+ARG LOCK=worker
+ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
+COPY docker/requirements ./docker/requirements
+RUN pip install --no-deps --require-hashes -r "docker/requirements/${LOCK}.txt" \
+ && if [ "${LOCK}" = worker-model ]; then pip install --no-deps --index-url "${TORCH_INDEX_URL}" "torch==2.13.0+cpu"; fi
 COPY pyproject.toml README.md ./
 COPY moderation ./moderation
-RUN pip install . && pip check
+RUN pip install --no-deps . && pip check
 
 FROM python:${PYTHON_VERSION}-slim-bookworm
 RUN groupadd --system --gid 10001 moderation \

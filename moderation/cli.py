@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Annotated, Any, TypeVar
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from moderation.events import json_schemas
 from moderation.settings import Settings, env_table
@@ -67,7 +68,7 @@ def worker(env_file: EnvFile = None) -> None:
         tracing.configure()
         worker_app = create_app(settings)
     except (ModerationError, ValueError) as exc:  # a configuration it cannot run with: nothing to restart into
-        console.print(f"[red]error:[/] {exc}")
+        console.print(f"[red]error:[/] {escape(str(exc))}")  # "[model]" is no markup
         raise typer.Exit(2) from exc
     Worker(
         worker_app,
@@ -179,7 +180,7 @@ def _run_or_exit(work: Coroutine[Any, Any, _T]) -> _T:
     try:
         return asyncio.run(work)
     except ModerationError as exc:
-        console.print(f"[red]error:[/] {exc}")
+        console.print(f"[red]error:[/] {escape(str(exc))}")  # "[model]" is no markup
         raise typer.Exit(1) from exc
 
 

@@ -18,7 +18,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from moderation.errors import Reason, Rejected
-from moderation.model import structure
+from moderation.model import require_model_extra, structure
 
 CROP_SIZE = 336
 SHORTEST_EDGE = 336
@@ -324,6 +324,11 @@ def _png_rgb(data: bytes) -> np.ndarray:
         raise Rejected(Reason.INVALID_IMAGE, f"corrupt or truncated PNG image: {exc}") from exc
 
 
+def require_fast_path() -> None:
+    """The fast path resizes with torch, which a slim install lacks: say so at start, not on the first image."""
+    require_model_extra("MODERATION_FAST_PREPROCESS=true (torch's resize)", ("torch",))
+
+
 def warm_up() -> None:
     """Import torch and run its resize once, so that the first event does not pay for either (seconds)."""
     side = 2 * CROP_SIZE
@@ -335,7 +340,7 @@ def _resize_crop_normalise(rgb: np.ndarray, extent: tuple[float, float], size: t
 
     `extent` is the original image's (width, height) in `rgb`'s pixels: its own size, or a drafted JPEG's
     fractional one, so that every output pixel samples the same spot of the picture as the reference."""
-    import torch  # a dependency of the package; imported here so that `import moderation.model.imaging` stays light
+    import torch  # the `model` extra (require_fast_path): the worker's exact path and a slim install do without
 
     new_width, new_height = size
     if rgb.shape[:2] != (new_height, new_width):

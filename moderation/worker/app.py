@@ -60,6 +60,8 @@ LOOP_LAG_PROBE_S = 0.05  # how often the loop-lag probe wakes: a stall is measur
 def create_app(settings: Settings) -> faust.App:
     app = faust.App(settings.kafka_consumer_group, **faust_options(settings))
     app.transport = transport = faust_transport(settings, app)
+    if settings.fast_preprocess:
+        imaging.require_fast_path()
     clients = Clients(settings)
     running: list[Running] = []  # once the agent started the worker: readiness reads it
     acking: list[OrderedAcks] = []  # the agent's, once it runs: /live reads it

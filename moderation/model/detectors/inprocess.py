@@ -16,6 +16,7 @@ import numpy as np
 
 from moderation.errors import ModelError, Reason, Rejected
 from moderation.events import ModelInfo
+from moderation.model import require_model_extra
 from moderation.model.detectors.base import Detection, detect_each
 from moderation.model.identity import weights_identity
 from moderation.model.imaging import CROP_SIZE
@@ -58,6 +59,7 @@ class InProcessDetector:
     ) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        require_model_extra("the in-process detector (MODERATION_DETECTOR=inprocess)")
         self._checkpoint = checkpoint
         self._device = device
         self._dtype = dtype
