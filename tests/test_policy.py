@@ -58,6 +58,10 @@ def failures() -> float:
     return metrics.REGISTRY.get_sample_value("moderation_policy_reload_failures_total") or 0.0
 
 
+def refused() -> float | None:
+    return metrics.REGISTRY.get_sample_value("moderation_policy_file_refused")
+
+
 def info(version: str) -> float | None:
     return metrics.REGISTRY.get_sample_value("moderation_policy_info", {"version": version})
 
@@ -167,7 +171,7 @@ def test_a_reload_swaps_a_valid_edit_and_keeps_the_policy_on_a_bad_one(
         write(path, POLICY.replace("version: v1", "version: v3").replace("0.3", "0.95"))
         assert not policies.reload()
         assert not policies.reload()  # the same bad content: logged and counted once
-    assert failures() == before + 1
+    assert failures() == before + 1 and refused() == 1
     assert policies.version == "v2" and policies.for_tenant("acme").review_threshold == 0.6
     assert [r.getMessage() for r in caplog.records] == [
         f"policy file {path}: tenants.acme: review_threshold (0.95) must not exceed flag_threshold (0.85) "
@@ -177,6 +181,10 @@ def test_a_reload_swaps_a_valid_edit_and_keeps_the_policy_on_a_bad_one(
     path.unlink()
     assert not policies.reload()
     assert failures() == before + 2 and policies.version == "v2"
+
+    write(path, POLICY.replace("version: v1", "version: v2").replace("review_threshold: 0.3", "review_threshold: 0.6"))
+    assert not policies.reload()  # back to the content in force: nothing to swap, nothing refused
+    assert refused() == 0 and failures() == before + 2
 
 
 async def test_the_watch_task_picks_up_edits_while_it_runs(tmp_path: Path) -> None:
@@ -193,7 +201,7 @@ async def test_the_watch_task_picks_up_edits_while_it_runs(tmp_path: Path) -> No
         write(path, "version: v4\n")
         await wait_for(lambda: policies.version == "v4")
         assert policies.for_tenant("acme") == Policy(0.4, 0.9, 0.7, "v4")
-        assert failures() == before + 1
+        assert failures() == before + 1 and refused() == 0
     finally:
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)

@@ -261,6 +261,7 @@ class Policies:
         self._path, self._base = path, base or compiled.default
         self._failed: str | None = None  # the last refused content (digest or read error): counted once
         self._install(compiled)
+        self._accept()
 
     @classmethod
     def from_settings(cls, settings: Settings) -> Policies:
@@ -314,7 +315,7 @@ class Policies:
             return self._refuse(f"read error {exc.errno}", f"cannot read the policy file {self._path}: {exc}")
         digest = hashlib.sha256(text).hexdigest()
         if digest == self._compiled.digest:
-            self._failed = None  # back to what is in force: the same bad edit again counts again
+            self._accept()  # back to what is in force: the same bad edit again counts again
             return False
         if digest == self._failed:
             return False
@@ -324,7 +325,7 @@ class Policies:
             return self._refuse(digest, f"policy file {self._path}: {exc}")
         previous = self.version
         self._install(compiled)
-        self._failed = None
+        self._accept()
         log.info("policy %s in force (was %s): default and %d tenants", compiled.version, previous, len(self.tenants))
         return True
 
@@ -343,9 +344,14 @@ class Policies:
         metrics.POLICY_INFO.clear()
         metrics.POLICY_INFO.labels(compiled.version).set(1)
 
+    def _accept(self) -> None:
+        self._failed = None
+        metrics.POLICY_FILE_REFUSED.set(0)
+
     def _refuse(self, content: str, problem: str) -> bool:
         if content != self._failed:
             self._failed = content
             metrics.POLICY_RELOAD_FAILURES.inc()
+            metrics.POLICY_FILE_REFUSED.set(1)
             log.error("%s; policy %s stays in force", problem, self.version)
         return False
