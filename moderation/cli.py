@@ -579,3 +579,49 @@ def _yes(flag: bool) -> str:
 def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
     app()
+
+
+policy_app = typer.Typer(help="Per-tenant policy files: check one, print their JSON Schema.", no_args_is_help=True)
+app.add_typer(policy_app, name="policy")
+
+
+@policy_app.command("schema")
+def policy_schema(write: Annotated[Path | None, typer.Option(help="Write the schema to this file.")] = None) -> None:
+    """Print (or write) the JSON Schema of a policy file (schemas/policy.schema.json)."""
+    from moderation.worker.policy import policy_schema
+
+    text = json.dumps(policy_schema(), indent=2, sort_keys=True) + "\n"
+    if write is None:
+        print(text, end="")
+        return
+    write.write_text(text)
+    console.print(f"Wrote {write}")
+
+
+@policy_app.command("check")
+def policy_check(
+    file: Annotated[Path, typer.Argument(exists=True, dir_okay=False, help="The policy YAML.")],
+    env_file: EnvFile = None,
+) -> None:
+    """Validate a policy file as the worker would, over these settings, and show every tenant's rules."""
+    from rich.markup import escape
+    from rich.table import Table
+
+    from moderation.worker.policy import InvalidPolicy, Policies
+
+    try:
+        policies = Policies.from_file(file, load_settings(env_file))
+    except InvalidPolicy as exc:
+        console.print(f"[red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
+        raise typer.Exit(1) from exc
+    table = Table("tenant", "review", "flag", "explain above", "declared AI", "match")
+    for name, p in [("(default)", policies.default), *sorted(policies.tenants.items())]:
+        provenance = p.provenance.declared_ai + (", skip model" if p.provenance.skip_model else "")
+        m = p.match
+        match = "off" if not m.enabled else f"d<={m.max_distance} q>={m.min_quality} {m.apply}"
+        match += (", skip model" if m.skip_model and m.enabled else "") + (", bank flags" if m.bank_model_flags else "")
+        table.add_row(
+            name, f"{p.review_threshold:g}", f"{p.flag_threshold:g}", f"{p.explain_above:g}", provenance, match
+        )
+    console.print(table)
+    console.print(f"policy {policies.version}: valid, {len(policies.tenants)} tenants")

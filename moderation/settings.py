@@ -160,6 +160,17 @@ class Settings(BaseSettings):
         ge=0,
         description="Generate an explanation when P(fake) is at or above this (0: always, >1: never).",
     )
+    policy_file: Path | None = Field(
+        None,
+        description="Per-tenant policy YAML (README: Per-tenant policy); unset: the thresholds above for every "
+        "tenant, policy version `settings`.",
+    )
+    policy_reload_s: float = Field(
+        10.0,
+        gt=0,
+        description="How often the worker re-reads MODERATION_POLICY_FILE; an edit that validates is in force "
+        "without a restart, one that does not is refused and counted.",
+    )
 
     # Verdict cache
     cache_max_entries: int = Field(100_000, ge=0, description="Entries each worker keeps in memory (0: no cache).")

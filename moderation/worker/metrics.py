@@ -97,6 +97,19 @@ EVENT_LOOP_LAG_MAX = Gauge(
     "Longest the event loop was late to wake a timer since the worker's clients started (a stall of every task).",
     registry=REGISTRY,
 )
+POLICY_INFO = Gauge(
+    "moderation_policy_info", "1 for the version of the per-tenant policy in force.", ["version"], registry=REGISTRY
+)
+POLICY_FILE_REFUSED = Gauge(
+    "moderation_policy_file_refused",
+    "1 while the policy file as it now is was refused (unreadable or invalid) and an older policy is in force.",
+    registry=REGISTRY,
+)
+POLICY_RELOAD_FAILURES = Counter(
+    "moderation_policy_reload_failures",
+    "Edits of the policy file refused (unreadable or invalid): the previous policy stayed in force.",
+    registry=REGISTRY,
+)
 
 
 def record(outcomes: Iterable[Verdict | DeadLetter]) -> None:

@@ -1,11 +1,61 @@
-"""Turn a P(fake) score into an action and the topics the verdict goes to."""
+"""What a verdict does, per tenant: thresholds turning P(fake) into an action, the explain band, and the rules
+for provenance declarations and near-duplicate matches.
+
+The rules come from the settings or from a YAML policy file (`PolicyFile`, README: Per-tenant policy). A
+tenant's rules override the file's default field by field, the default overrides the settings, and whatever
+is unset is inherited. `Policies.watch` re-reads the file while the worker runs and swaps a changed file in
+only once all of it validates: a bad edit keeps the policy in force, logged and counted.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import asyncio
+import dataclasses
+import hashlib
+import logging
+from collections.abc import Hashable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Annotated, Any, Literal
 
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from moderation.errors import ModerationError
 from moderation.events import Action
 from moderation.settings import Settings
+from moderation.worker import metrics
+
+log = logging.getLogger(__name__)
+
+DeclaredAi = Literal["label_fake", "evidence_only"]
+MatchApply = Literal["banked_label", "evidence_only"]
+SETTINGS_VERSION = "settings"
+PDQ_BITS = 256
+
+
+class InvalidPolicy(ModerationError):
+    """A policy file that cannot be read or does not validate; the message says where and why."""
+
+
+@dataclass(frozen=True)
+class ProvenanceRule:
+    """What an image that declares itself AI-made (C2PA action or IPTC DigitalSourceType) gets."""
+
+    declared_ai: DeclaredAi = "label_fake"
+    skip_model: bool = False
+
+
+@dataclass(frozen=True)
+class MatchRule:
+    """How uploads are matched against the near-duplicate bank (PDQ) and what a match decides."""
+
+    enabled: bool = True
+    max_distance: int = 31  # HMA's PDQ default
+    min_quality: int = 50  # below it PDQ hashes of flat images collide
+    apply: MatchApply = "banked_label"
+    skip_model: bool = False
+    bank_model_flags: bool = False
 
 
 @dataclass(frozen=True)
@@ -13,6 +63,15 @@ class Policy:
     review_threshold: float = 0.5
     flag_threshold: float = 0.8
     explain_above: float = 0.5
+    version: str = SETTINGS_VERSION
+    provenance: ProvenanceRule = field(default_factory=ProvenanceRule)
+    match: MatchRule = field(default_factory=MatchRule)
+
+    def __post_init__(self) -> None:
+        if self.review_threshold > self.flag_threshold:
+            raise ValueError(
+                f"review_threshold ({self.review_threshold:g}) must not exceed flag_threshold ({self.flag_threshold:g})"
+            )
 
     @classmethod
     def from_settings(cls, settings: Settings) -> Policy:
@@ -24,3 +83,275 @@ class Policy:
         if score >= self.review_threshold:
             return "review"
         return "allow"
+
+
+# -- the file: every field optional, as unset means inherited ------------------------------------------------
+
+
+class _Rules(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ProvenanceOverrides(_Rules):
+    declared_ai: DeclaredAi | None = Field(
+        default=None,
+        description="label_fake: an image whose C2PA manifest or IPTC DigitalSourceType declares it AI-made is "
+        "labelled fake (decided_by provenance); evidence_only: shown to reviewers, the model decides.",
+    )
+    skip_model: bool | None = Field(
+        default=None, description="With label_fake, do not run the model on a declared-AI image."
+    )
+
+
+class MatchOverrides(_Rules):
+    enabled: bool | None = Field(
+        default=None, description="Match uploads against the near-duplicate bank (PDQ hashes)."
+    )
+    max_distance: int | None = Field(
+        default=None, ge=0, le=PDQ_BITS, description="Largest Hamming distance between two PDQ hashes that is a match."
+    )
+    min_quality: int | None = Field(
+        default=None,
+        ge=0,
+        le=100,
+        description="Uploads whose PDQ quality is below this are not matched (flat images collide).",
+    )
+    apply: MatchApply | None = Field(
+        default=None,
+        description="banked_label: a match takes the banked decision's label (decided_by match); "
+        "evidence_only: the match is shown to reviewers, the model decides.",
+    )
+    skip_model: bool | None = Field(
+        default=None, description="With banked_label, do not run the model on a matched image."
+    )
+    bank_model_flags: bool | None = Field(
+        default=None,
+        description="Bank this tenant's own flag verdicts (decided_by model), not only reviewer decisions.",
+    )
+
+
+class TenantRules(_Rules):
+    review_threshold: float | None = Field(
+        default=None, ge=0, le=1, description="P(fake) at or above this goes to review."
+    )
+    flag_threshold: float | None = Field(default=None, ge=0, le=1, description="P(fake) at or above this is flagged.")
+    explain_above: float | None = Field(
+        default=None, ge=0, description="Explain when P(fake) is at or above this (0: always, above 1: never)."
+    )
+    provenance: ProvenanceOverrides = Field(default_factory=ProvenanceOverrides)
+    match: MatchOverrides = Field(default_factory=MatchOverrides)
+
+    @model_validator(mode="after")
+    def _ordered(self) -> TenantRules:
+        review, flag = self.review_threshold, self.flag_threshold
+        if review is not None and flag is not None and review > flag:
+            raise ValueError(f"review_threshold ({review:g}) must not exceed flag_threshold ({flag:g})")
+        return self
+
+
+TenantName = Annotated[str, Field(min_length=1, max_length=200)]  # as UploadEvent.tenant
+
+
+class PolicyFile(_Rules):
+    """A per-tenant policy file (YAML). Unset fields inherit: a tenant's from the default, the default's
+    from the worker's settings."""
+
+    version: str = Field(
+        min_length=1,
+        max_length=128,
+        pattern=r"^\S+$",
+        description="Shown in every verdict as policy_version: change it with every edit.",
+    )
+    default: TenantRules = Field(
+        default_factory=TenantRules, description="The rules of every tenant not listed, and what listed ones inherit."
+    )
+    tenants: dict[TenantName, TenantRules] = Field(
+        default_factory=dict, description="Per tenant (UploadEvent.tenant): only what differs from the default."
+    )
+
+
+def policy_schema() -> dict[str, Any]:
+    return PolicyFile.model_json_schema()
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """PyYAML keeps the last of two equal keys: a tenant listed twice would silently lose its first rules."""
+
+
+def _unique_mapping(loader: _UniqueKeyLoader, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+    seen: set[Hashable] = set()
+    for key_node, _ in node.value:
+        if key_node.tag == "tag:yaml.org,2002:merge":
+            continue
+        key = loader.construct_object(key_node, deep=deep)
+        if isinstance(key, Hashable):
+            if key in seen:
+                raise yaml.constructor.ConstructorError(None, None, f"duplicate key {key!r}", key_node.start_mark)
+            seen.add(key)
+    return loader.construct_mapping(node, deep=deep)
+
+
+_UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _unique_mapping)
+
+
+def parse_policy(text: bytes | str) -> PolicyFile:
+    """The file's rules, or InvalidPolicy naming each problem by its place in the file."""
+    try:
+        raw = yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader
+    except yaml.YAMLError as exc:
+        raise InvalidPolicy(f"not valid YAML: {exc}") from exc
+    if not isinstance(raw, dict):
+        raise InvalidPolicy("the policy file must be a mapping with version, default and tenants")
+    try:
+        return PolicyFile.model_validate(raw)
+    except ValidationError as exc:
+        raise InvalidPolicy("; ".join(_describe(err) for err in exc.errors())) from exc
+
+
+def _describe(err: Any) -> str:
+    parts = [str(part) or '""' for part in err["loc"] if part != "[key]"]
+    where = ".".join(parts) + (" (the name)" if "[key]" in err["loc"] else "") or "(top level)"
+    message = {"extra_forbidden": "unknown field", "missing": "required"}.get(err["type"], err["msg"])
+    message = message.removeprefix("Value error, ")
+    if err["type"] == "string_type":  # YAML reads an unquoted 2026-05-01 as a date, 1.10 as the number 1.1
+        message += " (quote it)"
+    return f"{where}: {message}"
+
+
+def _overridden(base: Any, rules: BaseModel) -> Any:
+    return dataclasses.replace(base, **{k: v for k, v in rules if v is not None and not isinstance(v, BaseModel)})
+
+
+def _resolve(base: Policy, rules: TenantRules, version: str, where: str) -> Policy:
+    try:
+        policy = _overridden(base, rules)
+        return dataclasses.replace(
+            policy,
+            version=version,
+            provenance=_overridden(base.provenance, rules.provenance),
+            match=_overridden(base.match, rules.match),
+        )
+    except ValueError as exc:  # thresholds out of order only once inherited ones are filled in
+        raise InvalidPolicy(f"{where}: {exc} (after inheritance)") from exc
+
+
+@dataclass(frozen=True)
+class _Compiled:
+    default: Policy
+    tenants: Mapping[str, Policy]
+    digest: str = ""  # sha256 of the file's bytes; empty from the settings alone
+
+    @property
+    def version(self) -> str:
+        return self.default.version
+
+
+def _compile(text: bytes, base: Policy) -> _Compiled:
+    rules = parse_policy(text)
+    default = _resolve(base, rules.default, rules.version, "default")
+    tenants = {name: _resolve(default, t, rules.version, f"tenants.{name}") for name, t in rules.tenants.items()}
+    return _Compiled(default, tenants, hashlib.sha256(text).hexdigest())
+
+
+class Policies:
+    """Every tenant's policy. `for_tenant` is what the pipeline asks, once an event; a reload replaces the
+    whole set in one assignment, so an event never sees half of an edit."""
+
+    def __init__(self, compiled: _Compiled, *, path: Path | None = None, base: Policy | None = None) -> None:
+        self._path, self._base = path, base or compiled.default
+        self._failed: str | None = None  # the last refused content (digest or read error): counted once
+        self._install(compiled)
+        self._accept()
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> Policies:
+        """The global thresholds of the settings for every tenant (version `settings`)."""
+        return cls(_Compiled(Policy.from_settings(settings), {}))
+
+    @classmethod
+    def from_file(cls, path: Path, settings: Settings) -> Policies:
+        """The file's policy over the settings' thresholds; InvalidPolicy if it cannot be read or validated."""
+        base = Policy.from_settings(settings)
+        try:
+            compiled = _compile(path.read_bytes(), base)
+        except OSError as exc:
+            raise InvalidPolicy(f"cannot read the policy file {path}: {exc}") from exc
+        except InvalidPolicy as exc:
+            raise InvalidPolicy(f"policy file {path}: {exc}") from exc
+        log.info("policy %s from %s: default and %d tenants", compiled.version, path, len(compiled.tenants))
+        return cls(compiled, path=path, base=base)
+
+    @classmethod
+    def load(cls, settings: Settings) -> Policies:
+        """From MODERATION_POLICY_FILE when set, else from the settings alone."""
+        if settings.policy_file is None:
+            return cls.from_settings(settings)
+        return cls.from_file(settings.policy_file, settings)
+
+    @property
+    def version(self) -> str:
+        return self._compiled.version
+
+    @property
+    def default(self) -> Policy:
+        return self._compiled.default
+
+    @property
+    def tenants(self) -> Mapping[str, Policy]:
+        return self._compiled.tenants
+
+    def for_tenant(self, tenant: str | None) -> Policy:
+        compiled = self._compiled
+        return compiled.default if tenant is None else compiled.tenants.get(tenant, compiled.default)
+
+    def reload(self) -> bool:
+        """Swap in the file when its content changed and all of it validates; True when it did. A file that
+        cannot be read or does not validate leaves the policy in force: logged and counted once per content."""
+        if self._path is None:
+            return False
+        try:
+            text = self._path.read_bytes()
+        except OSError as exc:
+            return self._refuse(f"read error {exc.errno}", f"cannot read the policy file {self._path}: {exc}")
+        digest = hashlib.sha256(text).hexdigest()
+        if digest == self._compiled.digest:
+            self._accept()  # back to what is in force: the same bad edit again counts again
+            return False
+        if digest == self._failed:
+            return False
+        try:
+            compiled = _compile(text, self._base)
+        except InvalidPolicy as exc:
+            return self._refuse(digest, f"policy file {self._path}: {exc}")
+        previous = self.version
+        self._install(compiled)
+        self._accept()
+        log.info("policy %s in force (was %s): default and %d tenants", compiled.version, previous, len(self.tenants))
+        return True
+
+    async def watch(self, interval_s: float) -> None:
+        """Reload every `interval_s` seconds until cancelled. The whole file is read each time and compared by
+        digest (a few KB): an mtime can miss an edit made within its resolution, and a Kubernetes ConfigMap
+        volume swaps a symlink rather than the file."""
+        if self._path is None:
+            return
+        while True:
+            await asyncio.sleep(interval_s)
+            await asyncio.to_thread(self.reload)
+
+    def _install(self, compiled: _Compiled) -> None:
+        self._compiled = compiled
+        metrics.POLICY_INFO.clear()
+        metrics.POLICY_INFO.labels(compiled.version).set(1)
+
+    def _accept(self) -> None:
+        self._failed = None
+        metrics.POLICY_FILE_REFUSED.set(0)
+
+    def _refuse(self, content: str, problem: str) -> bool:
+        if content != self._failed:
+            self._failed = content
+            metrics.POLICY_RELOAD_FAILURES.inc()
+            metrics.POLICY_FILE_REFUSED.set(1)
+            log.error("%s; policy %s stays in force", problem, self.version)
+        return False
