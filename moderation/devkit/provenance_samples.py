@@ -143,9 +143,9 @@ def signed(data: bytes, fmt: str, digital_source_type: str, *, credentials: Sign
     info = c2pa.C2paSignerInfo(c2pa.C2paSigningAlg.ES256, credentials.chain_pem, credentials.key_pem, None)
     context = c2pa.Context.from_dict({"builder": {"thumbnail": {"enabled": False}}})
     output = io.BytesIO()
-    with context, c2pa.Signer.from_info(info) as signer:
-        with c2pa.Builder(manifest_definition(digital_source_type), context) as builder:
-            builder.sign(signer, mime, io.BytesIO(data), output)
+    definition = manifest_definition(digital_source_type)
+    with context, c2pa.Signer.from_info(info) as signer, c2pa.Builder(definition, context) as builder:
+        builder.sign(signer, mime, io.BytesIO(data), output)
     return output.getvalue()
 
 
@@ -154,10 +154,11 @@ def xmp_packet(digital_source_type: str, *, form: str = "attribute") -> bytes:
     the URI as text ("element"), or as an element with rdf:resource ("resource")."""
     ns = 'xmlns:Iptc4xmpExt="http://iptc.org/std/Iptc4xmpExt/2008-02-29/"'
     tag = "Iptc4xmpExt:DigitalSourceType"
+    opening = f'<rdf:Description rdf:about="" {ns}'
     description = {
-        "attribute": f'<rdf:Description rdf:about="" {ns} {tag}="{digital_source_type}"/>',
-        "element": f'<rdf:Description rdf:about="" {ns}><{tag}>{digital_source_type}</{tag}></rdf:Description>',
-        "resource": f'<rdf:Description rdf:about="" {ns}><{tag} rdf:resource="{digital_source_type}"/></rdf:Description>',
+        "attribute": f'{opening} {tag}="{digital_source_type}"/>',
+        "element": f"{opening}><{tag}>{digital_source_type}</{tag}></rdf:Description>",
+        "resource": f'{opening}><{tag} rdf:resource="{digital_source_type}"/></rdf:Description>',
     }[form]
     return (
         '<?xpacket begin="\ufeff" id="W5M0MpCehiHzreSzNTczkc9d"?>\n'
