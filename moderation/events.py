@@ -111,7 +111,8 @@ class Provenance(_Message):
     exif_make: str | None = None
     exif_model: str | None = None
     declares_ai: bool = Field(
-        default=False, description="A C2PA action or IPTC field declares trainedAlgorithmicMedia or a composite of it."
+        default=False,
+        description="C2PA or IPTC declares trainedAlgorithmicMedia, a composite of it, or algorithmicMedia.",
     )
     declares_capture: bool = Field(
         default=False, description="A VALID C2PA manifest declares digitalCapture: shown to reviewers, never a verdict."

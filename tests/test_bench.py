@@ -66,3 +66,10 @@ def test_preprocess_drift_bench_scores_both_paths(tmp_path: Path) -> None:
     )
     assert any(line.startswith("# rule (issue 12.5)") for line in lines)
     assert output.read_text().strip().splitlines()[-1] == lines[-1]
+
+
+def test_provenance_bench_runs_small() -> None:
+    _, summary = _run("provenance.py", "--megapixels", "0.05", "--repeat", "1")
+    results = summary["results"]
+    assert isinstance(results, list) and len(results) == 6
+    assert all(result["declares_ai"] == (result["case"] != "plain") for result in results)
