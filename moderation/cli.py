@@ -355,6 +355,7 @@ def tail(
     """Follow topics and show each record readably (or as JSON lines); never commits, never moves a group."""
     from moderation.offline import tail as tailing
 
+    logging.getLogger("aiokafka").setLevel(logging.WARNING)  # its assignment chatter is not the records
     settings = load_settings(env_file)
     names = [tailing.topic_name(t, settings) for t in topics]
     filters = tailing.Filters(tenant or (), action or (), [str(r) for r in reason or ()])

@@ -276,4 +276,6 @@ def _short(value: bytes | None) -> str:
 
 
 def _clip(text: str, limit: int = _SHOWN_CHARS) -> str:
+    """On one line, control characters escaped, at most `limit` characters."""
+    text = "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
     return text if len(text) <= limit else text[: limit - 1] + "…"
