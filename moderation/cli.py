@@ -15,6 +15,7 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
+from moderation.errors import Reason
 from moderation.events import json_schemas
 from moderation.settings import Settings, env_table
 
@@ -351,6 +352,74 @@ def schema(
     for name, body in schemas.items():
         (write / f"{name}.schema.json").write_text(json.dumps(body, indent=2, sort_keys=True) + "\n")
     console.print(f"Wrote {len(schemas)} schemas to {write}")
+
+
+@app.command()
+def asyncapi(
+    as_json: Annotated[bool, typer.Option("--json", help="JSON instead of YAML.")] = False,
+    write: Annotated[Path | None, typer.Option(help="Write it to this file (e.g. schemas/asyncapi.yaml).")] = None,
+    env_file: Annotated[
+        Path | None,
+        typer.Option("--env-file", help="Describe these settings' topics (default: the settings' defaults)."),
+    ] = None,
+) -> None:
+    """Print the AsyncAPI 3.0 document of every topic: channels, messages, keys, headers, Kafka bindings."""
+    from moderation.asyncapi import default_settings, document, to_yaml
+
+    doc = document(load_settings(env_file) if env_file else default_settings())
+    text = json.dumps(doc, indent=2) + "\n" if as_json else to_yaml(doc)
+    if write is None:
+        print(text, end="")
+        return
+    write.parent.mkdir(parents=True, exist_ok=True)
+    write.write_text(text)
+    console.print(f"Wrote {write}")
+
+
+@app.command()
+def tail(
+    topics: Annotated[
+        list[str],
+        typer.Argument(help="uploads, verdicts, flagged, dlq, cache (the settings' topics) or any topic name."),
+    ],
+    as_json: Annotated[bool, typer.Option("--json", help="One JSON object per record.")] = False,
+    from_beginning: Annotated[
+        bool, typer.Option("--from-beginning", help="From the oldest record kept, not from the end.")
+    ] = False,
+    tenant: Annotated[list[str] | None, typer.Option(help="Only records of this tenant (repeatable).")] = None,
+    action: Annotated[
+        list[str] | None, typer.Option(help="Only verdicts with this action (allow, review, flag).")
+    ] = None,
+    reason: Annotated[list[Reason] | None, typer.Option(help="Only dead letters with this reason code.")] = None,
+    limit: Annotated[int | None, typer.Option(min=1, help="Stop after showing this many records.")] = None,
+    env_file: EnvFile = None,
+) -> None:
+    """Follow topics and show each record readably (or as JSON lines); never commits, never moves a group."""
+    from moderation.offline import tail as tailing
+
+    logging.getLogger("aiokafka").setLevel(logging.WARNING)  # its assignment chatter is not the records
+    settings = load_settings(env_file)
+    names = [tailing.topic_name(t, settings) for t in topics]
+    filters = tailing.Filters(tenant or (), action or (), [str(r) for r in reason or ()])
+    status = Console(stderr=True)
+
+    def emit(record: tailing.Tailed) -> None:
+        if as_json:
+            print(tailing.to_json(record), flush=True)
+        else:
+            console.print(tailing.line(record), soft_wrap=True)
+
+    def ready(partitions: dict[str, int]) -> None:
+        where = ", ".join(f"{topic} ({count} partitions)" for topic, count in partitions.items())
+        status.print(f"Following {where} from the {'beginning' if from_beginning else 'end'}; Ctrl-C stops.")
+
+    work = tailing.tail(
+        settings, names, emit, filters=filters, limit=limit, from_beginning=from_beginning, on_ready=ready
+    )
+    try:
+        _run_or_exit(work)
+    except KeyboardInterrupt:
+        status.print("Stopped.")
 
 
 @app.command("settings")
