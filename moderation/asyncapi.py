@@ -48,6 +48,7 @@ REPLAY = Role("replay", "`moderation dlq replay`: re-publishes retryable dead le
 TRUST_AND_SAFETY = Role("trust-and-safety", "Reviewers and takedown tooling: act on flagged uploads.")
 DOWNSTREAM = Role("downstream", "Any reader of the outcomes: the platform's own state, audit, analytics.")
 OPERATORS = Role("operators", "On-call and tooling: `moderation dlq inspect`, `moderation tail`, alerts.")
+REVIEWERS = Role("reviewers", "The review console (`moderation review serve`): people deciding queued uploads.")
 
 
 @dataclass(frozen=True)
@@ -89,6 +90,14 @@ def _string_header(description: str, **schema: Any) -> Schema:
     return {"type": "string", "description": description, **schema}
 
 
+TRACE_HEADERS: dict[str, Schema] = {
+    "traceparent": _string_header(
+        "W3C Trace Context: on an upload, continued by the worker; on an outcome, the upload's own span.",
+        pattern=r"^[0-9a-f]{2}-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}$",
+    ),
+    "tracestate": _string_header("W3C Trace Context vendor state, passed along with traceparent."),
+}
+
 UPLOAD_HEADERS: Schema = {
     "type": "object",
     "description": "Any headers the producer sets are carried to the upload's dead letter, if it gets one.",
@@ -97,9 +106,17 @@ UPLOAD_HEADERS: Schema = {
             "Deliveries so far, set by `moderation dlq replay` on a replayed upload; absent on a first delivery. "
             "Its dead letter counts one more, and replay stops at --max-attempts.",
             pattern=r"^[0-9]+$",
-        )
+        ),
+        **TRACE_HEADERS,
     },
     "additionalProperties": True,
+}
+
+OUTCOME_HEADERS: Schema = {
+    "type": "object",
+    "description": "The upload's trace context (also with tracing off: the producer's trace id carries on).",
+    "properties": TRACE_HEADERS,
+    "additionalProperties": False,
 }
 
 _DLQ_HEADERS: dict[str, Schema] = {
@@ -117,7 +134,7 @@ DEAD_LETTER_HEADERS: Schema = {
     "type": "object",
     "description": "The failed record's own headers (earlier `moderation.dlq.*` ones replaced), then why and "
     "whence, as Kafka Connect's dead-letter queue does. Every value is a UTF-8 string.",
-    "properties": {DLQ_HEADER_PREFIX + name: schema for name, schema in _DLQ_HEADERS.items()},
+    "properties": {DLQ_HEADER_PREFIX + name: schema for name, schema in _DLQ_HEADERS.items()} | TRACE_HEADERS,
     "required": [DLQ_HEADER_PREFIX + name for name in _DLQ_HEADERS],
     "additionalProperties": True,
 }
@@ -136,8 +153,27 @@ UPLOAD = Message(
 VERDICT = Message(
     "verdict",
     "Verdict",
-    "The model's decision about one upload: label, P(fake), action and explanation.",
+    "The decision about one upload: label, P(fake), action, explanation, who decided (model, provenance, a "
+    "banked match or a review), the evidence and the tenant policy's version.",
     key=_event_id_key("The upload's event_id: every outcome about one upload has the same key."),
+    headers=OUTCOME_HEADERS,
+)
+DECISION = Message(
+    "decision",
+    "Reviewer decision",
+    "A reviewer confirmed a fake, overturned it as real, or escalated it; never anonymous.",
+    key=_event_id_key("The reviewed upload's event_id."),
+)
+BANK_ENTRY = Message(
+    "bank_entry",
+    "Bank entry",
+    "A known image by sha256 and PDQ hash, with its decision: what re-uploads and near-duplicates are matched to.",
+    key={
+        "type": "string",
+        "pattern": r"^[0-9a-f]{64}(:model)?$",
+        "description": "The image's sha256 for a reviewer's decision; `<sha256>:model` for a banked model flag, so "
+        "compaction never replaces a reviewer's entry with a model's.",
+    },
 )
 DEAD_LETTER = Message(
     "dead_letter",
@@ -216,6 +252,41 @@ CHANNELS: tuple[Channel, ...] = (
             Operation(OPERATORS, "receive", "Inspect dead letters and alert on their reasons."),
         ),
         retention_ms=30 * DAY_MS,
+    ),
+    Channel(
+        "review",
+        "topic_review",
+        "The reviewers' queue: verdicts whose action is review or flag, also on the verdicts topic.",
+        (VERDICT,),
+        (
+            Operation(WORKER, "send", "Queue a verdict for review when its action is review or flag."),
+            Operation(REVIEWERS, "receive", "List the items awaiting a decision, newest first, per tenant (no group)."),
+        ),
+        retention_ms=30 * DAY_MS,
+    ),
+    Channel(
+        "decisions",
+        "topic_decisions",
+        "Reviewer decisions, the record of who decided what: they feed the bank of known images.",
+        (DECISION,),
+        (
+            Operation(REVIEWERS, "send", "Publish a decision with the reviewer's identity, once acknowledged."),
+            Operation(WORKER, "receive", "Bank each decision as its image's entry (confirm or overturn).", _worker_group),
+            Operation(OPERATORS, "receive", "`moderation eval --decisions`: the model's precision per tenant."),
+        ),
+        retention_ms=365 * DAY_MS,
+    ),
+    Channel(
+        "hashBank",
+        "topic_bank",
+        "Known images (reviewers' decisions first, by policy the model's flags): a compacted table every worker "
+        "follows to match re-uploads and near-duplicates.",
+        (BANK_ENTRY,),
+        (
+            Operation(WORKER, "send", "Bank a decision (and, by policy, a flag) as its image's entry."),
+            Operation(WORKER, "receive", "Read the bank to its end at start, then follow it (no group)."),
+        ),
+        extra_config={"cleanup.policy": ["compact"]},
     ),
     Channel(
         "verdictCache",

@@ -586,7 +586,7 @@ def test_network_policies(overlay: Path) -> None:
 # -- topics -------------------------------------------------------------------------------------------
 
 
-TOPICS = ("UPLOADS", "VERDICTS", "FLAGGED", "DLQ", "CACHE")  # MODERATION_TOPIC_*, in the order the Job creates them
+TOPICS = ("UPLOADS", "VERDICTS", "FLAGGED", "DLQ", "REVIEW", "DECISIONS", "CACHE", "BANK")  # MODERATION_TOPIC_*, in Job order
 STUB = """#!/bin/sh
 echo "$*" >> "$STUB_LOG"
 case "$*" in *--describe*) echo "Topic: x	PartitionCount: $STUB_PARTITIONS	ReplicationFactor: 3";; esac
@@ -636,7 +636,7 @@ def test_topic_job_creates_every_topic_with_the_worker_partitions_and_replicatio
         assert c[c.index("--partitions") + 1] == partitions
         assert c[c.index("--replication-factor") + 1] == env["MODERATION_KAFKA_REPLICATION_FACTOR"]
         assert f"min.insync.replicas={env['MODERATION_KAFKA_MIN_INSYNC_REPLICAS']}" in configs
-        if name == "CACHE":
+        if name in ("CACHE", "BANK"):
             assert "cleanup.policy=compact" in configs
         else:
             assert f"retention.ms={topics[f'TOPIC_{name}_RETENTION_MS']}" in configs

@@ -1,7 +1,7 @@
 #!/bin/sh
 # Create the moderation topics when they do not exist yet; idempotent, never alters a topic that
 # exists. Reads the worker's own settings (MODERATION_*: names, partitions, replication factor,
-# min.insync.replicas) and the retention settings (TOPIC_*). The verdict cache topic is compacted.
+# min.insync.replicas) and the retention settings (TOPIC_*). The verdict cache and hash bank are compacted.
 # Partition counts of existing topics are only checked: raising them is an operator's decision
 # (it moves keys to other partitions), see deploy/README.md "Scale past the partition count".
 set -eu
@@ -53,5 +53,10 @@ create "$MODERATION_TOPIC_UPLOADS" --config "retention.ms=${TOPIC_UPLOADS_RETENT
 create "$MODERATION_TOPIC_VERDICTS" --config "retention.ms=${TOPIC_VERDICTS_RETENTION_MS}"
 create "$MODERATION_TOPIC_FLAGGED" --config "retention.ms=${TOPIC_FLAGGED_RETENTION_MS}"
 create "$MODERATION_TOPIC_DLQ" --config "retention.ms=${TOPIC_DLQ_RETENTION_MS}"
+create "$MODERATION_TOPIC_REVIEW" --config "retention.ms=${TOPIC_REVIEW_RETENTION_MS}"
+# Who decided what, kept a year: the record reviewers' decisions are audited from.
+create "$MODERATION_TOPIC_DECISIONS" --config "retention.ms=${TOPIC_DECISIONS_RETENTION_MS}"
 # A table keyed by image sha256 and model weights: the latest entry per key is kept, whatever its age.
 create "$MODERATION_TOPIC_CACHE" --config "cleanup.policy=compact"
+# Known images by sha256 (reviewers' decisions; by policy the model's flags): the latest entry per key is kept.
+create "$MODERATION_TOPIC_BANK" --config "cleanup.policy=compact"

@@ -1,0 +1,180 @@
+"""Trust and safety end to end, on the real local stack with the worker as deployed: provenance decides
+before the model, reviewer decisions become bank entries that decide re-uploads of the same bytes and their
+near-duplicates, per-tenant policy sets the thresholds, and review/flag verdicts land on the review queue."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import time
+from pathlib import Path
+
+import pytest
+from aiokafka import AIOKafkaConsumer
+from PIL import Image
+
+from moderation.client import event_message, publish, read_outcomes, upload_images
+from moderation.devkit import localstack, provenance_samples
+from moderation.devkit.demo import stop_worker
+from moderation.devkit.samples import draw_image, encode
+from moderation.events import Decision, UploadEvent, Verdict, utcnow
+from moderation.worker.kafka import aiokafka_options
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+POLICY = """
+version: "2026-11-29.1"
+default:
+  match: {max_distance: 31}
+tenants:
+  strict:
+    review_threshold: 0.0
+    flag_threshold: 0.0
+"""
+
+
+def upload(lane, tmp_path: Path, files: dict[str, bytes], tenant: str | None = None) -> list[UploadEvent]:
+    paths = []
+    for name, data in files.items():
+        (tmp_path / name).write_bytes(data)
+        paths.append(tmp_path / name)
+    bucket = lane.settings.s3_allowed_buckets[0]
+    return asyncio.run(upload_images(lane.settings, paths, bucket=bucket, tenant=tenant))
+
+
+def moderated(lane, events: list[UploadEvent]) -> dict[str, Verdict]:
+    async def go() -> dict[str, Verdict]:
+        await publish(lane.settings, [event_message(e) for e in events])
+        outcomes = await read_outcomes(lane.settings, {e.event_id for e in events}, timeout_s=240)
+        assert not outcomes.dead_letters, outcomes.dead_letters
+        return {event_id: found[-1] for event_id, found in outcomes.verdicts.items()}
+
+    return asyncio.run(go())
+
+
+def review_queue(settings, count: int, timeout_s: float = 60) -> list[Verdict]:
+    async def go() -> list[Verdict]:
+        consumer = AIOKafkaConsumer(
+            settings.topic_review, group_id=None, auto_offset_reset="earliest", **aiokafka_options(settings)
+        )
+        await consumer.start()
+        found: list[Verdict] = []
+        deadline = time.monotonic() + timeout_s
+        try:
+            while len(found) < count and time.monotonic() < deadline:
+                for records in (await consumer.getmany(timeout_ms=1000)).values():
+                    found.extend(Verdict.model_validate_json(r.value) for r in records)
+        finally:
+            await consumer.stop()
+        return found
+
+    return asyncio.run(go())
+
+
+def decide(settings, verdict: Verdict, decision: str) -> None:
+    message = Decision(
+        event_id=verdict.event_id,
+        image_sha256=verdict.image_sha256,
+        pdq=verdict.image.pdq,
+        pdq_quality=verdict.image.pdq_quality,
+        tenant=verdict.tenant,
+        decision=decision,  # type: ignore[arg-type]
+        reviewer="alice@example.com",
+        decided_at=utcnow(),
+        model_label=verdict.label,
+        model_score=verdict.score,
+        model_action=verdict.action,
+        model_decided_by=verdict.decided_by,
+    )
+    asyncio.run(publish(settings, [(message.event_id.encode(), message.to_bytes())], topic=settings.topic_decisions))
+
+
+def variant(data: bytes) -> bytes:
+    """The same picture re-encoded at JPEG quality 70, shrunk to 75% and cropped 4% on every side."""
+    image = Image.open(io.BytesIO(data)).convert("RGB")
+    width, height = image.size
+    cropped = image.crop((width // 25, height // 25, width - width // 25, height - height // 25))
+    small = cropped.resize((cropped.width * 3 // 4, cropped.height * 3 // 4))
+    buffer = io.BytesIO()
+    small.save(buffer, format="JPEG", quality=70)
+    return buffer.getvalue()
+
+
+def test_provenance_decisions_matches_and_tenant_policy(lane, tmp_path: Path) -> None:
+    suffix = lane.settings.topic_uploads
+    topics = {name: f"{name}-{suffix}" for name in ("review", "decisions", "bank")}
+    asyncio.run(
+        localstack.create_topics(
+            lane.info.kafka_bootstrap,
+            list(topics.values()),
+            lane.settings.kafka_topic_partitions,
+            compacted=[topics["bank"]],
+        )
+    )
+    policy_file = tmp_path / "policy.yaml"
+    policy_file.write_text(POLICY)
+    env = {f"MODERATION_TOPIC_{name.upper()}": topic for name, topic in topics.items()}
+    env |= {"MODERATION_POLICY_FILE": str(policy_file), "MODERATION_POLICY_RELOAD_S": "1"}
+    lane.settings = lane.settings.model_copy(
+        update={"topic_review": topics["review"], "topic_decisions": topics["decisions"], "topic_bank": topics["bank"]}
+    )
+    settings = lane.settings
+    plain = encode(draw_image(7, (640, 480)), "JPEG")
+    ai_signed = provenance_samples.signed(
+        provenance_samples.sample_image("JPEG", (400, 300), seed=3), "JPEG", provenance_samples.TRAINED_ALGORITHMIC_MEDIA
+    )
+    camera = provenance_samples.signed(
+        provenance_samples.sample_image("JPEG", (400, 300), seed=4), "JPEG", provenance_samples.DIGITAL_CAPTURE
+    )
+    iptc = provenance_samples.iptc_tagged(
+        provenance_samples.sample_image("PNG", (300, 300), seed=5), "PNG", provenance_samples.TRAINED_ALGORITHMIC_MEDIA
+    )
+    worker = lane.worker(**env)
+    try:
+        first = upload(lane, tmp_path, {"plain.jpg": plain, "ai.jpg": ai_signed, "camera.jpg": camera, "iptc.png": iptc})
+        by_name = dict(zip(("plain", "ai", "camera", "iptc"), first, strict=True))
+        verdicts = moderated(lane, first)
+        v = {name: verdicts[e.event_id] for name, e in by_name.items()}
+
+        # The file's own AI declaration decides, whatever the model says; the model still ran.
+        for name in ("ai", "iptc"):
+            assert (v[name].label, v[name].action, v[name].decided_by) == ("fake", "flag", "provenance"), v[name]
+            assert v[name].provenance is not None and v[name].provenance.declares_ai
+            assert v[name].model.name != "none"
+        assert v["ai"].provenance.c2pa is not None and v["ai"].provenance.c2pa.valid
+        # A valid camera-capture manifest is evidence only.
+        assert v["camera"].decided_by == "model" and v["camera"].provenance.declares_capture
+        assert v["plain"].decided_by == "model" and v["plain"].provenance is None
+        assert v["plain"].image.pdq is not None and v["plain"].policy_version == "2026-11-29.1"
+        assert {x.event_id for x in review_queue(settings, 2)} >= {v["ai"].event_id, v["iptc"].event_id}
+
+        # A reviewer confirms the plain image as fake: its exact bytes and a re-encoded, resized, cropped copy
+        # are decided by that decision from now on (the worker banks the decision, every worker follows the bank).
+        decide(settings, v["plain"], "confirm_fake")
+        deadline = time.monotonic() + 60
+        while lane.counter("moderation_decisions_banked_total") < 1 and time.monotonic() < deadline:
+            time.sleep(0.5)
+        time.sleep(2)  # the bank follower reads the entry the decisions agent published
+        again = upload(lane, tmp_path, {"again.jpg": plain, "copy.jpg": variant(plain)})
+        later = moderated(lane, again)
+        exact, copy = later[again[0].event_id], later[again[1].event_id]
+        assert (exact.label, exact.action, exact.decided_by) == ("fake", "flag", "review"), exact
+        assert exact.match is not None and exact.match.event_id == v["plain"].event_id and exact.match.distance == 0
+        assert (copy.label, copy.decided_by) == ("fake", "match"), copy
+        assert copy.match is not None and copy.match.event_id == v["plain"].event_id
+        assert 0 < copy.match.distance <= 31
+
+        # Per-tenant policy: the strict tenant flags everything; others keep the default thresholds.
+        strict = upload(lane, tmp_path, {"strict.png": encode(draw_image(11, (500, 400)), "PNG")}, tenant="strict")
+        s = moderated(lane, strict)[strict[0].event_id]
+        assert s.action == "flag" and s.decided_by == "model" and s.policy_version == "2026-11-29.1"
+
+        # An edit of the policy file is picked up without a restart.
+        policy_file.write_text(POLICY.replace("2026-11-29.1", "2026-11-29.2"))
+        deadline = time.monotonic() + 30
+        while "2026-11-29.2" not in lane.scrape()[1] and time.monotonic() < deadline:
+            time.sleep(0.5)
+        late = upload(lane, tmp_path, {"late.png": encode(draw_image(12, (500, 400)), "PNG")})
+        assert moderated(lane, late)[late[0].event_id].policy_version == "2026-11-29.2"
+    finally:
+        stop_worker(worker)
