@@ -88,12 +88,31 @@ def _words(pdq: str) -> np.ndarray:
     return np.frombuffer(bytes.fromhex(pdq), dtype=">u8").astype(np.uint64)
 
 
-def _popcount(words: np.ndarray) -> np.ndarray:
-    """Set bits per uint64 (SWAR: numpy<2, which the local Triton needs, has no bitwise_count)."""
-    x = words - ((words >> np.uint64(1)) & np.uint64(0x5555555555555555))
-    x = (x & np.uint64(0x3333333333333333)) + ((x >> np.uint64(2)) & np.uint64(0x3333333333333333))
-    x = (x + (x >> np.uint64(4))) & np.uint64(0x0F0F0F0F0F0F0F0F)
-    return (x * np.uint64(0x0101010101010101)) >> np.uint64(56)
+_M1, _M2, _M4, _H01 = (
+    np.uint64(m) for m in (0x5555555555555555, 0x3333333333333333, 0x0F0F0F0F0F0F0F0F, 0x0101010101010101)
+)
+_CHUNK_ROWS = 8192  # 256 KiB of hashes: the temporaries stay in cache (3-4x faster than whole-array passes)
+
+
+def _distances(hashes: np.ndarray, query: np.ndarray) -> np.ndarray:
+    """Hamming distance of every row to the query, by SWAR popcount in place, a cache-sized chunk at a time
+    (numpy<2, which the local Triton needs, has no bitwise_count)."""
+    out = np.empty(len(hashes), dtype=np.int64)
+    for start in range(0, len(hashes), _CHUNK_ROWS):
+        x = hashes[start : start + _CHUNK_ROWS] ^ query
+        t = x >> np.uint64(1)
+        t &= _M1
+        x -= t
+        t = x >> np.uint64(2)
+        t &= _M2
+        x &= _M2
+        x += t
+        x += x >> np.uint64(4)
+        x &= _M4
+        x *= _H01
+        x >>= np.uint64(56)
+        out[start : start + len(x)] = x.sum(axis=1)
+    return out
 
 
 class HashBank:
@@ -157,7 +176,7 @@ class HashBank:
         if quality < min_quality or not self._held:
             return None
         rows = slice(0, self._rows)
-        distances = _popcount(self._hashes[rows] ^ _words(pdq)).sum(axis=1)
+        distances = _distances(self._hashes[rows], _words(pdq))
         hits = np.flatnonzero(
             (distances <= max_distance) & (self._owner[rows] >= 0) & (self._quality[rows] >= min_quality)
         )
