@@ -271,7 +271,9 @@ CHANNELS: tuple[Channel, ...] = (
         (DECISION,),
         (
             Operation(REVIEWERS, "send", "Publish a decision with the reviewer's identity, once acknowledged."),
-            Operation(WORKER, "receive", "Bank each decision as its image's entry (confirm or overturn).", _worker_group),
+            Operation(
+                WORKER, "receive", "Bank each decision as its image's entry (confirm or overturn).", _worker_group
+            ),
             Operation(OPERATORS, "receive", "`moderation eval --decisions`: the model's precision per tenant."),
         ),
         retention_ms=365 * DAY_MS,

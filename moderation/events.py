@@ -194,6 +194,12 @@ class BankEntry(_Message):
         default=None, pattern=PDQ_PATTERN, description="Null: matched by its exact bytes only (sha256)."
     )
     pdq_quality: int | None = Field(default=None, ge=0, le=100)
+    pdq_crops: list[Annotated[str, Field(pattern=PDQ_PATTERN)]] = Field(
+        default_factory=list,
+        max_length=16,
+        description="PDQ hashes of centred crops of the image (moderation.worker.neardup.crop_hashes): PDQ alone "
+        "loses a copy cropped by a few percent, so the bank matches uploads against these too.",
+    )
     event_id: str
     tenant: str | None = None
     label: Label

@@ -186,6 +186,9 @@ class Settings(BaseSettings):
     cache_load_timeout_s: float = Field(
         60.0, ge=0, description="At start, read the cache topic to its end before consuming, for at most this long."
     )
+    bank_load_timeout_s: float = Field(
+        60.0, ge=0, description="At start, read the hash-bank topic to its end before consuming, for at most this long."
+    )
 
     # Retries
     event_deadline_s: float = Field(

@@ -92,6 +92,13 @@ CACHE_PUBLISH_FAILURES = Counter(
     "Verdict cache entries not published to the cache topic (best effort: their verdicts went out).",
     registry=REGISTRY,
 )
+BANK_REFUSED = Counter(
+    "moderation_bank_records_refused",
+    "Hash-bank records skipped, by reason (unreadable, key_mismatch).",
+    ["reason"],
+    registry=REGISTRY,
+)
+BANK_ENTRIES = Gauge("moderation_bank_entries", "Known images in this worker's near-duplicate bank.", registry=REGISTRY)
 EVENT_LOOP_LAG_MAX = Gauge(
     "moderation_event_loop_lag_max_seconds",
     "Longest the event loop was late to wake a timer since the worker's clients started (a stall of every task).",
