@@ -246,6 +246,7 @@ class CacheEntry(_Message):
     model: ModelInfo
     image: ImageInfo
     decided_at: AwareDatetime
+    provenance: Provenance | None = Field(default=None, description="The bytes' own claims: as these bytes, cached.")
 
     @classmethod
     def of(cls, verdict: Verdict) -> CacheEntry:
@@ -258,6 +259,7 @@ class CacheEntry(_Message):
             model=verdict.model,
             image=verdict.image,
             decided_at=verdict.decided_at,
+            provenance=verdict.provenance,
         )
 
 

@@ -233,19 +233,21 @@ class CountingPool(ThreadPoolExecutor):
 
 async def test_large_objects_are_read_and_decoded_on_the_pools_threads_only() -> None:
     from moderation.worker.pipeline import Pipeline
-    from moderation.worker.policy import Policy
+    from moderation.worker.policy import Policies, Policy
 
     pool = CountingPool()
-    pipeline = Pipeline(None, None, Policy(0.5, 0.8, 0.5), CAP, decode_pool=pool, decode_budget=ByteBudget(2**30))  # type: ignore[arg-type]
+    pipeline = Pipeline(
+        None, None, Policies.of(Policy(0.5, 0.8, 0.5)), CAP, decode_pool=pool, decode_budget=ByteBudget(2**30)
+    )  # type: ignore[arg-type]
     small = encode(draw_image(1, (336, 336)), "JPEG")
     assert len(small) <= INLINE_MAX_BYTES
-    await pipeline._prepare(small)
+    await pipeline._examine(small)
     assert pool.submitted == 0
     bomb = hostile_images.png_with_private_chunks(200_000)  # its header walk never touches the loop
     with pytest.raises(Rejected):
-        await pipeline._prepare(bomb)
+        await pipeline._examine(bomb)
     large = encode(draw_image(1, (1200, 900)), "PNG")
-    prepared = await pipeline._prepare(large)
+    prepared = await pipeline._examine(large)
     assert pool.submitted == 2 and prepared.pixels.shape == (3, 336, 336)
     pool.shutdown()
     await asyncio.sleep(0)

@@ -11,7 +11,7 @@ from moderation.errors import Reason, Rejected
 from moderation.events import DeadLetter, ModelInfo, Verdict
 from moderation.model.detectors import Detection
 from moderation.worker.pipeline import MAX_DEAD_LETTER_PAYLOAD, Backoff, Incoming, Pipeline
-from moderation.worker.policy import Policy
+from moderation.worker.policy import Policies, Policy
 
 NOW = datetime(2026, 11, 27, tzinfo=UTC)
 JPEG = encode(draw_image(0, (64, 48)), "JPEG")
@@ -58,7 +58,7 @@ def event(event_id: str, key: str = "a.jpg", **extra: object) -> dict[str, objec
 
 def pipeline(detector: FixedDetector, backoff: Backoff = FAST) -> Pipeline:
     store = MemoryStore({"a.jpg": JPEG, "text.jpg": b"text"})
-    return Pipeline(store, detector, Policy(0.5, 0.8, 0.5), 10**7, backoff=backoff, clock=lambda: NOW)
+    return Pipeline(store, detector, Policies.of(Policy(0.5, 0.8, 0.5)), 10**7, backoff=backoff, clock=lambda: NOW)
 
 
 async def test_a_fake_image_is_flagged_with_its_explanation() -> None:
@@ -137,7 +137,9 @@ async def test_identical_bytes_are_served_from_the_cache() -> None:
 
     detector = FixedDetector(0.9)
     store = MemoryStore({"a.jpg": JPEG, "copy.jpg": JPEG})
-    cached = Pipeline(store, detector, Policy(0.5, 0.8, 0.5), 10**7, backoff=FAST, cache=VerdictCache(10, 3600))
+    cached = Pipeline(
+        store, detector, Policies.of(Policy(0.5, 0.8, 0.5)), 10**7, backoff=FAST, cache=VerdictCache(10, 3600)
+    )
     [first] = await cached.moderate_batch([message(event("e1"))])
     [second] = await cached.moderate_batch([message(event("e2", key="copy.jpg"))])
     assert isinstance(first, Verdict) and isinstance(second, Verdict)

@@ -250,6 +250,7 @@ class ModelInput:
     width: int  # of the original image, as decoded by `decode`
     height: int
     format: str
+    preview: Image.Image | None = None  # the whole image in RGB, longest side <= `preview` px, when asked for
 
 
 def prepare(
@@ -260,12 +261,33 @@ def prepare(
     return prepare_header(read_header(data, max_pixels=max_pixels, formats=formats), fast=fast)
 
 
-def prepare_header(header: Header, *, fast: bool = False) -> ModelInput:
-    """`prepare` from an image whose header is read."""
+def prepare_header(header: Header, *, fast: bool = False, preview: int = 0) -> ModelInput:
+    """`prepare` from an image whose header is read. `preview` > 0: also a small RGB copy of the whole image
+    (for perceptual hashing), made from the pixels decoded anyway."""
     if fast:
-        return model_input(header)
-    pixels = preprocess(decode_header(header).image)
-    return ModelInput(pixels=pixels, width=header.width, height=header.height, format=header.format)
+        return model_input(header, preview=preview)
+    rgb = decode_header(header).image
+    return ModelInput(
+        pixels=preprocess(rgb),
+        width=header.width,
+        height=header.height,
+        format=header.format,
+        preview=_preview(rgb, preview),
+    )
+
+
+def _preview(rgb: Image.Image, size: int) -> Image.Image | None:
+    if size <= 0:
+        return None
+    if max(rgb.size) <= size:
+        return rgb.copy()
+    # reducing_gap: a box reduction first, then the filter over a few times the target size only
+    return rgb.resize(_within(rgb.size, size), Image.Resampling.BILINEAR, reducing_gap=2.0)
+
+
+def _within(size: tuple[int, int], longest: int) -> tuple[int, int]:
+    scale = longest / max(size)
+    return max(1, round(size[0] * scale)), max(1, round(size[1] * scale))
 
 
 def decode_for_model(
@@ -288,7 +310,7 @@ def decode_for_model(
     return model_input(read_header(data, max_pixels=max_pixels, formats=formats), reducing_gap=reducing_gap)
 
 
-def model_input(header: Header, *, reducing_gap: float = REDUCING_GAP) -> ModelInput:
+def model_input(header: Header, *, reducing_gap: float = REDUCING_GAP, preview: int = 0) -> ModelInput:
     """`decode_for_model` from an image whose header is read."""
     image, width, height, fmt = header.image, header.width, header.height, header.format
     new_width, new_height = resize_size(width, height)
@@ -305,7 +327,8 @@ def model_input(header: Header, *, reducing_gap: float = REDUCING_GAP) -> ModelI
     else:
         rgb = _rgb_array(image, fmt)
     pixels = _resize_crop_normalise(rgb, extent, (new_width, new_height))
-    return ModelInput(pixels=pixels, width=width, height=height, format=fmt)
+    small = _preview(Image.fromarray(rgb), preview) if preview > 0 else None
+    return ModelInput(pixels=pixels, width=width, height=height, format=fmt, preview=small)
 
 
 _SPNG_MODES = frozenset({"RGB", "RGBA", "L", "LA", "P", "1"})  # 8 bits or fewer a sample: same RGB as Pillow

@@ -27,7 +27,7 @@ import dataclasses
 import functools
 import gc
 import logging
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Coroutine, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, cast
@@ -35,10 +35,10 @@ from typing import Any, cast
 import faust
 from faust.types import TP, EventT
 
-from moderation.events import DeadLetter
+from moderation.events import BankEntry, DeadLetter, Verdict
 from moderation.model import imaging
 from moderation.settings import Settings
-from moderation.worker import cache, metrics, tracing
+from moderation.worker import cache, metrics, neardup, tracing
 from moderation.worker.acks import OrderedAcks
 from moderation.worker.budget import ByteBudget, return_large_frees
 from moderation.worker.clients import Clients
@@ -47,7 +47,7 @@ from moderation.worker.decisions import bank_record, parse_decision
 from moderation.worker.dlq import DLQ_HEADER_PREFIX
 from moderation.worker.kafka import faust_credentials, faust_transport
 from moderation.worker.pipeline import Backoff, Incoming, Outcome, Pipeline
-from moderation.worker.policy import Policy
+from moderation.worker.policy import Policies
 from moderation.worker.publisher import Record
 
 log = logging.getLogger(__name__)
@@ -63,6 +63,7 @@ def create_app(settings: Settings) -> faust.App:
     if settings.fast_preprocess:
         imaging.require_fast_path()
     clients = Clients(settings)
+    policies = Policies.load(settings)  # an invalid policy file stops the worker here, before it consumes
     running: list[Running] = []  # once the agent started the worker: readiness reads it
     acking: list[OrderedAcks] = []  # the agent's, once it runs: /live reads it
 
@@ -101,7 +102,7 @@ def create_app(settings: Settings) -> faust.App:
             (verdicts, flagged, dead_letters, review, cache_topic, bank) if settings.kafka_declare_topics else ()
         ):
             await output.maybe_declare()
-        worker = await start(settings, clients)
+        worker = await start(settings, clients, policies)
         running.append(worker)
         started.set()
         in_flight = OrderedAcks(
@@ -184,12 +185,16 @@ async def moderate_and_publish(settings: Settings, worker: Running, clients: Cli
             clients.cache_feed.offer(outcomes)
         with tracing.publishing(contexts):
             await clients.publisher.publish(
-                [r for o, m in zip(outcomes, traced, strict=True) for r in records(settings, o, m)]
+                [
+                    r
+                    for o, m in zip(outcomes, traced, strict=True)
+                    for r in records(settings, o, m, worker.pipeline.policies)
+                ]
             )
     metrics.record(outcomes)
 
 
-def records(settings: Settings, outcome: Outcome, message: Incoming) -> list[Record]:
+def records(settings: Settings, outcome: Outcome, message: Incoming, policies: Policies) -> list[Record]:
     """Where one outcome goes: every verdict to verdicts (and flagged, and the review queue, by the policy's
     action); a dead letter
     to the dlq, keyed and headed like the record it answers, plus why and whence. Each carries its event's
@@ -206,7 +211,27 @@ def records(settings: Settings, outcome: Outcome, message: Incoming) -> list[Rec
         out.append(Record(settings.topic_flagged, key, value, traced))
     if outcome.action in ("review", "flag"):  # the reviewers' queue
         out.append(Record(settings.topic_review, key, value, traced))
+    if outcome.action == "flag" and policies.for_tenant(outcome.tenant).match.bank_model_flags:
+        out.extend(banked_flag(settings, outcome))
     return out
+
+
+def banked_flag(settings: Settings, verdict: Verdict) -> list[Record]:
+    """A flag the model decided, banked so that near-duplicates match it; keyed apart from the reviewers'
+    entry for the same bytes (`<sha256>:model`), which compaction must never replace."""
+    if verdict.decided_by != "model" or verdict.image.pdq is None:
+        return []
+    entry = BankEntry(
+        image_sha256=verdict.image_sha256,
+        pdq=verdict.image.pdq,
+        pdq_quality=verdict.image.pdq_quality,
+        event_id=verdict.event_id,
+        tenant=verdict.tenant,
+        label=verdict.label,
+        decided_by="model",
+        decided_at=verdict.decided_at,
+    )
+    return [Record(settings.topic_bank, f"{verdict.image_sha256}:model".encode(), entry.to_bytes())]
 
 
 @dataclass
@@ -224,8 +249,9 @@ class Running:
         self.decode_pool.shutdown(wait=False, cancel_futures=True)  # idle: every batch is done
 
 
-async def start(settings: Settings, clients: Clients) -> Running:
-    """Open the clients, build the pipeline, warm what needs warming; the verdict cache is read to its end."""
+async def start(settings: Settings, clients: Clients, policies: Policies) -> Running:
+    """Open the clients, build the pipeline, warm what needs warming; the verdict cache and the bank of known
+    images are read to their ends; the policy file is watched for edits."""
     s = settings
     if not return_large_frees():
         log.warning("not glibc: freed pixel buffers may stay resident beyond the decode budget")
@@ -234,10 +260,11 @@ async def start(settings: Settings, clients: Clients) -> Running:
     pipeline = Pipeline(
         clients.store,
         clients.detector,
-        Policy.from_settings(s),
+        policies,
         s.max_image_pixels,
         Backoff(deadline_s=s.event_deadline_s, cap_s=s.retry_backoff_max_s),
         cache=verdicts if s.cache_max_entries else None,
+        bank=neardup.HashBank(),
         trust_event_sha256=s.cache_trust_event_sha256,
         fast_preprocess=s.fast_preprocess,
         image_formats=imaging.readable(s.image_formats),
@@ -250,6 +277,9 @@ async def start(settings: Settings, clients: Clients) -> Running:
         await asyncio.get_running_loop().run_in_executor(decode_pool, imaging.warm_up)
     if pipeline.cache is not None:
         worker.tasks.append(await cache.load(pipeline.cache, s, clients.partitions))
+    assert pipeline.bank is not None
+    worker.tasks.append(await neardup.load(pipeline.bank, s, clients.partitions))
+    worker.tasks.append(_supervised(policies.watch(s.policy_reload_s), "policy-reload"))
     # Start-up's objects (some 240,000, torch's and botocore's) live as long as the worker: out of the
     # collector's reach, a full collection no longer walks them and stalls the loop 130 ms.
     gc.collect()
@@ -258,6 +288,18 @@ async def start(settings: Settings, clients: Clients) -> Running:
     # the GIL in a decode thread) come before the first event and are not counted.
     worker.tasks.append(asyncio.create_task(metrics.watch_loop_lag(LOOP_LAG_PROBE_S), name="loop-lag-probe"))
     return worker
+
+
+def _supervised(work: Coroutine[Any, Any, None], name: str) -> asyncio.Task[None]:
+    """A background task whose unexpected failure ends the worker (crash-only), as a failing agent would."""
+
+    def done(task: asyncio.Task[None]) -> None:
+        if not task.cancelled() and (exc := task.exception()) is not None:
+            crash(f"the {name} task failed", exc)
+
+    task = asyncio.create_task(work, name=name)
+    task.add_done_callback(done)
+    return task
 
 
 def dead_letter_headers(

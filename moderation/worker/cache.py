@@ -157,11 +157,12 @@ class CacheFeed:
                 log.warning("verdict cache: its producer did not flush within %.0f s", grace_s)
 
     def offer(self, outcomes: Iterable[object]) -> None:
-        """Share the fresh verdicts among `outcomes` (cache hits and dead letters are skipped)."""
+        """Share the fresh verdicts among `outcomes` (cache hits and dead letters are skipped, and so are verdicts
+        whose label someone other than the model decided: the cache holds what the model said)."""
         entries = [
             CacheEntry.of(o)
             for o in outcomes
-            if isinstance(o, Verdict) and not o.cached and o.model.weights is not None
+            if isinstance(o, Verdict) and not o.cached and o.model.weights is not None and o.decided_by == "model"
         ]
         if not entries:
             return

@@ -23,9 +23,12 @@ from opentelemetry.trace import SpanKind
 
 from moderation.errors import TRANSIENT, Reason, Rejected
 from moderation.events import (
+    BankEntry,
     CacheEntry,
     DeadLetter,
     ImageInfo,
+    Match,
+    ModelInfo,
     Timings,
     UploadEvent,
     Verdict,
@@ -34,12 +37,14 @@ from moderation.events import (
     utcnow,
 )
 from moderation.model.detectors import Detector
-from moderation.model.imaging import DEFAULT_FORMATS, ModelInput, decode_bytes, prepare_header, read_header
-from moderation.worker import metrics, tracing
+from moderation.model.imaging import DEFAULT_FORMATS, read_header
+from moderation.worker import deciding, metrics, tracing
 from moderation.worker.budget import ByteBudget
 from moderation.worker.cache import VerdictCache
 from moderation.worker.dlq import attempts_from
-from moderation.worker.policy import Policy
+from moderation.worker.examine import Examined, examine, examine_header
+from moderation.worker.neardup import HashBank
+from moderation.worker.policy import Policies, Policy
 from moderation.worker.storage import ImageStore
 
 if TYPE_CHECKING:
@@ -103,10 +108,11 @@ class Backoff:
 class Pipeline:
     store: ImageStore
     detector: Detector
-    policy: Policy
+    policies: Policies
     max_image_pixels: int
     backoff: Backoff = Backoff()
     cache: VerdictCache | None = None
+    bank: HashBank | None = None  # known images: reviewers' decisions (and, by policy, flags) by sha256 and PDQ
     trust_event_sha256: bool = False  # a cache hit on the event's own sha256 skips the S3 GET
     fast_preprocess: bool = False
     clock: Callable[[], datetime] = utcnow
@@ -153,8 +159,9 @@ class Pipeline:
         event: UploadEvent | None = None
         try:
             event = parse_upload(message.value)
-            if self.trust_event_sha256 and event.sha256 and (hit := self._cached(event.sha256)):
-                return self._verdict(event, hit, cached=True, timings=_timings(time.perf_counter()))
+            policy = self.policies.for_tenant(event.tenant)
+            if self.trust_event_sha256 and event.sha256 and (hit := self._cached(event.sha256, policy)):
+                return self._verdict(event, hit, policy, cached=True, timings=_timings(time.perf_counter()))
             return event
         except Exception as exc:
             return self._failed(message, event, exc, first_error)
@@ -177,18 +184,29 @@ class Pipeline:
         return time.monotonic() - started >= self.backoff.deadline_s
 
     async def _judge(self, event: UploadEvent, trace: Context | None) -> Verdict:
+        policy = self.policies.for_tenant(event.tenant)
         started = time.perf_counter()
         with tracing.span_in(trace, "s3 fetch", SpanKind.CLIENT):
             data = await self.store.fetch(event.bucket, event.key)
         fetched = time.perf_counter()
         digest = checked_sha256(data, event.sha256)
-        if hit := self._cached(digest):
-            return self._verdict(event, hit, cached=True, timings=_timings(started, fetched))
+        if hit := self._cached(digest, policy):
+            return self._verdict(event, hit, policy, cached=True, timings=_timings(started, fetched))
         with tracing.span_in(trace, "decode"):
-            prepared = await self._prepare(data)
+            examined = await self._examine(data)
         decoded = time.perf_counter()
+        decided = deciding.without_model(
+            policy, examined.provenance, self._reviewed(digest), self._match(examined.image, policy)
+        )
+        if deciding.skips_model(policy, decided):
+            entry = _unscored(digest, examined, decided, self.clock())
+        else:
+            entry = await self._detect(digest, examined, policy, trace)
+        return self._verdict(event, entry, policy, cached=False, timings=_timings(started, fetched, decoded))
+
+    async def _detect(self, digest: str, examined: Examined, policy: Policy, trace: Context | None) -> CacheEntry:
         with metrics.INFLIGHT.track_inprogress(), tracing.span_in(trace, "inference", SpanKind.CLIENT):
-            detection = await self.detector.detect(prepared.pixels, explain_above=self.policy.explain_above)
+            detection = await self.detector.detect(examined.pixels, explain_above=policy.explain_above)
         entry = CacheEntry(
             image_sha256=digest,
             label=detection.label,
@@ -196,20 +214,21 @@ class Pipeline:
             explanation=detection.explanation,
             answer_label=detection.answer_label,
             model=self.detector.model,
-            image=ImageInfo(width=prepared.width, height=prepared.height, format=prepared.format),
+            image=examined.image,
             decided_at=self.clock(),
+            provenance=examined.provenance,
         )
         if self.cache is not None:
             self.cache.put(entry)
-        return self._verdict(event, entry, cached=False, timings=_timings(started, fetched, decoded))
+        return entry
 
-    async def _prepare(self, data: bytes) -> ModelInput:
+    async def _examine(self, data: bytes) -> Examined:
         if len(data) <= INLINE_MAX_BYTES:
             header = read_header(data, max_pixels=self.max_image_pixels, formats=self.image_formats)
             if header.pixels <= INLINE_MAX_PIXELS:
-                return prepare_header(header, fast=self.fast_preprocess)
+                return examine_header(header, fast=self.fast_preprocess)
         work = functools.partial(
-            prepare,
+            examine,
             data,
             self.max_image_pixels,
             fast=self.fast_preprocess,
@@ -218,21 +237,38 @@ class Pipeline:
         )
         return await asyncio.get_running_loop().run_in_executor(self.decode_pool, work)
 
-    def _cached(self, sha256: str) -> CacheEntry | None:
+    def _cached(self, sha256: str, policy: Policy) -> CacheEntry | None:
         if self.cache is None:
             return None
-        return self.cache.get(sha256, model=self.detector.model, explain_above=self.policy.explain_above)
+        return self.cache.get(sha256, model=self.detector.model, explain_above=policy.explain_above)
 
-    def _verdict(self, event: UploadEvent, entry: CacheEntry, *, cached: bool, timings: Timings) -> Verdict:
+    def _reviewed(self, sha256: str) -> BankEntry | None:
+        return self.bank.by_sha256(sha256) if self.bank is not None else None
+
+    def _match(self, image: ImageInfo, policy: Policy) -> Match | None:
+        """The nearest banked image within the policy's distance, when matching is on and the hash is good."""
+        rule = policy.match
+        if self.bank is None or not rule.enabled or image.pdq is None or (image.pdq_quality or 0) < rule.min_quality:
+            return None
+        found = self.bank.nearest(image.pdq, rule.max_distance, rule.min_quality)
+        return deciding.as_match(*found) if found is not None else None
+
+    def _verdict(
+        self, event: UploadEvent, entry: CacheEntry, policy: Policy, *, cached: bool, timings: Timings
+    ) -> Verdict:
+        match = self._match(entry.image, policy)
+        decided = deciding.without_model(
+            policy, entry.provenance, self._reviewed(entry.image_sha256), match
+        ) or deciding.by_model(policy, entry.score, entry.label, match)
         return Verdict(
             event_id=event.event_id,
             bucket=event.bucket,
             key=event.key,
             tenant=event.tenant,
             image_sha256=entry.image_sha256,
-            label=entry.label,
+            label=decided.label,
             score=entry.score,
-            action=self.policy.action(entry.score),
+            action=decided.action,
             explanation=entry.explanation,
             answer_label=entry.answer_label,
             model=entry.model,
@@ -242,6 +278,10 @@ class Pipeline:
             uploaded_at=event.uploaded_at,
             decided_at=self.clock(),
             attributes=event.attributes,
+            decided_by=decided.decided_by,
+            provenance=entry.provenance,
+            match=decided.match,
+            policy_version=policy.version,
         )
 
     def _dead_letter(
@@ -285,23 +325,20 @@ def checked_sha256(data: bytes, expected: str | None) -> str:
     return digest
 
 
-def prepare(
-    data: bytes,
-    max_pixels: int,
-    *,
-    budget: ByteBudget | None,
-    fast: bool = False,
-    formats: tuple[str, ...] = DEFAULT_FORMATS,
-) -> ModelInput:
-    """`imaging.prepare` in a decode thread, once the image's pixels fit in `budget` (None: unbounded)."""
-    header = read_header(data, max_pixels=max_pixels, formats=formats)
-    if budget is None:
-        return prepare_header(header, fast=fast)
-    with budget.reserve(decode_bytes(header)):
-        try:
-            return prepare_header(header, fast=fast)
-        finally:
-            header.image.close()  # its pixels go before the budget is given back
+def _unscored(digest: str, examined: Examined, decided: deciding.Decided | None, now: datetime) -> CacheEntry:
+    """The entry of an image the policy let be decided without the model: its score is the decision (1 or 0),
+    and the model named is none. Never cached: the cache holds what a model said."""
+    assert decided is not None
+    return CacheEntry(
+        image_sha256=digest,
+        label=decided.label,
+        score=1.0 if decided.label == "fake" else 0.0,
+        explanation=None,
+        model=ModelInfo(name="none", version=f"not run: decided by {decided.decided_by}"),
+        image=examined.image,
+        decided_at=now,
+        provenance=examined.provenance,
+    )
 
 
 def _timings(started: float, fetched: float | None = None, decoded: float | None = None) -> Timings:

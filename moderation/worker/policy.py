@@ -266,7 +266,12 @@ class Policies:
     @classmethod
     def from_settings(cls, settings: Settings) -> Policies:
         """The global thresholds of the settings for every tenant (version `settings`)."""
-        return cls(_Compiled(Policy.from_settings(settings), {}))
+        return cls.of(Policy.from_settings(settings))
+
+    @classmethod
+    def of(cls, policy: Policy) -> Policies:
+        """One policy for every tenant."""
+        return cls(_Compiled(policy, {}))
 
     @classmethod
     def from_file(cls, path: Path, settings: Settings) -> Policies:
