@@ -174,6 +174,8 @@ class Decision(_Message):
     image_sha256: str = Field(pattern=SHA256_PATTERN)
     pdq: str | None = Field(default=None, pattern=PDQ_PATTERN, description="The image's PDQ hash, from its verdict.")
     pdq_quality: int | None = Field(default=None, ge=0, le=100)
+    bucket: str | None = Field(default=None, description="Where the image is: the bank hashes its crops from it.")
+    key: str | None = None
     tenant: str | None = None
     decision: ReviewDecision
     note: str | None = Field(default=None, max_length=2000)

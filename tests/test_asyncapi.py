@@ -126,7 +126,11 @@ def test_the_workers_dead_letter_headers_match_their_schema() -> None:
         source_offset=41,
         payload_base64="",
     )
-    original = [("traceparent", b"00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"), (ATTEMPTS_HEADER, b"1"), (DLQ_HEADER_PREFIX + "reason", b"old")]
+    original = [
+        ("traceparent", b"00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"),
+        (ATTEMPTS_HEADER, b"1"),
+        (DLQ_HEADER_PREFIX + "reason", b"old"),
+    ]
     headers = {name: value.decode() for name, value in dead_letter_headers(letter, original) if value is not None}
     jsonschema.validate(headers, DEAD_LETTER_HEADERS)
     assert headers[DLQ_HEADER_PREFIX + "reason"] == "storage_unavailable"

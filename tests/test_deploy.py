@@ -586,7 +586,16 @@ def test_network_policies(overlay: Path) -> None:
 # -- topics -------------------------------------------------------------------------------------------
 
 
-TOPICS = ("UPLOADS", "VERDICTS", "FLAGGED", "DLQ", "REVIEW", "DECISIONS", "CACHE", "BANK")  # MODERATION_TOPIC_*, in Job order
+TOPICS = (
+    "UPLOADS",
+    "VERDICTS",
+    "FLAGGED",
+    "DLQ",
+    "REVIEW",
+    "DECISIONS",
+    "CACHE",
+    "BANK",
+)  # MODERATION_TOPIC_*, in Job order
 STUB = """#!/bin/sh
 echo "$*" >> "$STUB_LOG"
 case "$*" in *--describe*) echo "Topic: x	PartitionCount: $STUB_PARTITIONS	ReplicationFactor: 3";; esac

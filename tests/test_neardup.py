@@ -219,9 +219,9 @@ def test_forged_and_unreadable_records_are_refused_and_counted() -> None:
     assert neardup.put_record(bank, b"0" * 64, entry.to_bytes()) is Refusal.KEY_MISMATCH
     assert neardup.put_record(bank, entry.image_sha256.encode(), b"{not json") is Refusal.UNREADABLE
     assert (refused(Refusal.KEY_MISMATCH), refused(Refusal.UNREADABLE)) == (before[0] + 1, before[1] + 1)
-    assert neardup.put_record(bank, entry.image_sha256.encode(), entry.to_bytes()) is None
+    assert neardup.put_record(bank, neardup.bank_key(entry), entry.to_bytes()) is None
     assert len(bank) == 1 and metrics.REGISTRY.get_sample_value("moderation_bank_entries") == 1
-    assert neardup.put_record(bank, entry.image_sha256.encode(), None) is None  # a tombstone
+    assert neardup.put_record(bank, neardup.bank_key(entry), None) is None  # a tombstone
     assert len(bank) == 0
 
 
@@ -237,7 +237,7 @@ async def test_load_reads_the_compacted_bank_topic_to_its_end_and_keeps_followin
     await producer.start()
     try:
         for entry in entries:
-            await producer.send_and_wait(settings.topic_bank, entry.to_bytes(), key=entry.image_sha256.encode())
+            await producer.send_and_wait(settings.topic_bank, entry.to_bytes(), key=neardup.bank_key(entry))
         await producer.send_and_wait(settings.topic_bank, b"garbage", key=b"k")
         await producer.send_and_wait(settings.topic_bank, entries[0].to_bytes(), key=b"0" * 64)  # forged key
 
@@ -251,8 +251,8 @@ async def test_load_reads_the_compacted_bank_topic_to_its_end_and_keeps_followin
             pdq, quality = pdq_of(cropped(jpeg70(fakes[1])))
             assert bank.nearest(pdq, DEFAULT_MAX_DISTANCE, quality=quality)[0].event_id == "fake-1"  # type: ignore[index]
             later = banked(fakes[0], "later", image_sha256="f" * 64)
-            await producer.send_and_wait(settings.topic_bank, later.to_bytes(), key=later.image_sha256.encode())
-            await producer.send_and_wait(settings.topic_bank, None, key=entries[2].image_sha256.encode())
+            await producer.send_and_wait(settings.topic_bank, later.to_bytes(), key=neardup.bank_key(later))
+            await producer.send_and_wait(settings.topic_bank, None, key=neardup.bank_key(entries[2]))
             for _ in range(100):
                 if bank.by_sha256("f" * 64) is not None and bank.by_sha256(entries[2].image_sha256) is None:
                     break

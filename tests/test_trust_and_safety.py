@@ -77,6 +77,8 @@ def decide(settings, verdict: Verdict, decision: str) -> None:
         image_sha256=verdict.image_sha256,
         pdq=verdict.image.pdq,
         pdq_quality=verdict.image.pdq_quality,
+        bucket=verdict.bucket,
+        key=verdict.key,
         tenant=verdict.tenant,
         decision=decision,  # type: ignore[arg-type]
         reviewer="alice@example.com",
@@ -121,7 +123,9 @@ def test_provenance_decisions_matches_and_tenant_policy(lane, tmp_path: Path) ->
     settings = lane.settings
     plain = encode(draw_image(7, (640, 480)), "JPEG")
     ai_signed = provenance_samples.signed(
-        provenance_samples.sample_image("JPEG", (400, 300), seed=3), "JPEG", provenance_samples.TRAINED_ALGORITHMIC_MEDIA
+        provenance_samples.sample_image("JPEG", (400, 300), seed=3),
+        "JPEG",
+        provenance_samples.TRAINED_ALGORITHMIC_MEDIA,
     )
     camera = provenance_samples.signed(
         provenance_samples.sample_image("JPEG", (400, 300), seed=4), "JPEG", provenance_samples.DIGITAL_CAPTURE
@@ -131,7 +135,9 @@ def test_provenance_decisions_matches_and_tenant_policy(lane, tmp_path: Path) ->
     )
     worker = lane.worker(**env)
     try:
-        first = upload(lane, tmp_path, {"plain.jpg": plain, "ai.jpg": ai_signed, "camera.jpg": camera, "iptc.png": iptc})
+        first = upload(
+            lane, tmp_path, {"plain.jpg": plain, "ai.jpg": ai_signed, "camera.jpg": camera, "iptc.png": iptc}
+        )
         by_name = dict(zip(("plain", "ai", "camera", "iptc"), first, strict=True))
         verdicts = moderated(lane, first)
         v = {name: verdicts[e.event_id] for name, e in by_name.items()}

@@ -27,13 +27,14 @@ import dataclasses
 import functools
 import gc
 import logging
-from collections.abc import AsyncIterator, Coroutine, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Coroutine, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, cast
 
 import faust
 from faust.types import TP, EventT
+from PIL import Image
 
 from moderation.events import BankEntry, DeadLetter, Verdict
 from moderation.model import imaging
@@ -43,7 +44,7 @@ from moderation.worker.acks import OrderedAcks
 from moderation.worker.budget import ByteBudget, return_large_frees
 from moderation.worker.clients import Clients
 from moderation.worker.crashonly import crash
-from moderation.worker.decisions import bank_record, parse_decision
+from moderation.worker.decisions import bank_record, crops_of, parse_decision
 from moderation.worker.dlq import DLQ_HEADER_PREFIX
 from moderation.worker.kafka import faust_credentials, faust_transport
 from moderation.worker.pipeline import Backoff, Incoming, Outcome, Pipeline
@@ -139,7 +140,8 @@ def create_app(settings: Settings) -> faust.App:
             async for event in stream.events():
                 where = f"{event.message.topic}[{event.message.partition}]@{event.message.offset}"
                 decision = parse_decision(event.value, where)
-                out = bank_record(settings, decision) if decision is not None else None
+                crops = await crops_of(decision, clients.store, _decoded_for(settings)) if decision else []
+                out = bank_record(settings, decision, crops) if decision is not None else None
                 if decision is not None and out is not None:
                     await clients.publisher.publish([out])
                     metrics.DECISIONS_BANKED.labels(decision.decision).inc()
@@ -231,7 +233,7 @@ def banked_flag(settings: Settings, verdict: Verdict) -> list[Record]:
         decided_by="model",
         decided_at=verdict.decided_at,
     )
-    return [Record(settings.topic_bank, f"{verdict.image_sha256}:model".encode(), entry.to_bytes())]
+    return [Record(settings.topic_bank, neardup.bank_key(entry), entry.to_bytes())]
 
 
 @dataclass
@@ -288,6 +290,12 @@ async def start(settings: Settings, clients: Clients, policies: Policies) -> Run
     # the GIL in a decode thread) come before the first event and are not counted.
     worker.tasks.append(asyncio.create_task(metrics.watch_loop_lag(LOOP_LAG_PROBE_S), name="loop-lag-probe"))
     return worker
+
+
+def _decoded_for(settings: Settings) -> Callable[[bytes], Image.Image]:
+    """Decode an image under the worker's own limits (formats, pixel cap, structure budgets)."""
+    formats = imaging.readable(settings.image_formats)
+    return lambda data: imaging.decode(data, max_pixels=settings.max_image_pixels, formats=formats).image
 
 
 def _supervised(work: Coroutine[Any, Any, None], name: str) -> asyncio.Task[None]:

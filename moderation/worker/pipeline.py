@@ -250,7 +250,7 @@ class Pipeline:
         rule = policy.match
         if self.bank is None or not rule.enabled or image.pdq is None or (image.pdq_quality or 0) < rule.min_quality:
             return None
-        found = self.bank.nearest(image.pdq, rule.max_distance, rule.min_quality)
+        found = self.bank.nearest(image.pdq, rule.max_distance, rule.min_quality, quality=image.pdq_quality or 0)
         return deciding.as_match(*found) if found is not None else None
 
     def _verdict(
