@@ -121,7 +121,7 @@ def test_provenance_decisions_matches_and_tenant_policy(lane, tmp_path: Path) ->
         update={"topic_review": topics["review"], "topic_decisions": topics["decisions"], "topic_bank": topics["bank"]}
     )
     settings = lane.settings
-    plain = encode(draw_image(7, (640, 480)), "JPEG")
+    plain = encode(draw_image(5, (640, 480)), "JPEG")  # PDQ quality 66: textured enough to be matched
     ai_signed = provenance_samples.signed(
         provenance_samples.sample_image("JPEG", (400, 300), seed=3),
         "JPEG",
