@@ -3,24 +3,30 @@
 from __future__ import annotations
 
 import asyncio
+import io
 import os
 import signal
 import subprocess
 import sys
+import time
 import uuid
 from collections.abc import Callable
 from pathlib import Path
 
 import boto3
+from aiokafka import AIOKafkaConsumer
+from PIL import Image
 from rich.console import Console
 from rich.table import Table
 
 from moderation.client import Outcomes, event_message, publish, read_outcomes, upload_images
-from moderation.devkit import localstack
+from moderation.devkit import localstack, provenance_samples
 from moderation.devkit.checkpoints import default_checkpoint
 from moderation.devkit.samples import bad_uploads
 from moderation.devkit.synthetic import write_images
+from moderation.events import Decision, Verdict, utcnow
 from moderation.settings import Settings
+from moderation.worker.kafka import aiokafka_options
 from moderation.worker.storage import s3_client_args
 
 TRAINED_MODEL_NOTE = (
@@ -71,7 +77,9 @@ def put_objects(settings: Settings, bucket: str, objects: dict[str, bytes]) -> N
         s3.put_object(Bucket=bucket, Key=key, Body=data)
 
 
-def run_demo(workdir: Path, checkpoint: str | Path | None, console: Console, images: int = 12) -> bool:
+def run_demo(
+    workdir: Path, checkpoint: str | Path | None, console: Console, images: int = 12, *, keep_stack: bool = False
+) -> bool:
     workdir.mkdir(parents=True, exist_ok=True)
     given = checkpoint is not None
     if checkpoint is None:
@@ -86,7 +94,7 @@ def run_demo(workdir: Path, checkpoint: str | Path | None, console: Console, ima
     worker = None
     try:
         settings = settings_for(info, kafka_consumer_group=f"demo-{uuid.uuid4().hex[:8]}")
-        samples = write_images(workdir / "samples", images, DEMO_SEED)
+        samples = [*write_images(workdir / "samples", images, DEMO_SEED), ai_signed_sample(workdir / "samples")]
         events = asyncio.run(upload_images(settings, samples, bucket=info.bucket, tenant="demo"))
         bad = bad_uploads(info.bucket)
         for case in bad:
@@ -109,13 +117,98 @@ def run_demo(workdir: Path, checkpoint: str | Path | None, console: Console, ima
         if missing:
             console.print(f"[red]{len(missing)} events got no outcome[/]; worker log: {workdir / 'worker.log'}")
         console.print(truth_line(outcomes))
+        copied = review_round(settings, info.bucket, outcomes, workdir / "samples", console)
         console.print(f"[yellow]Note:[/] {note}")
-        return not missing
+        return not missing and copied
     finally:
         if worker is not None:
             stop_worker(worker)
-        localstack.down(workdir / "stack")
-        console.print("Local stack stopped.")
+        console_line = f"moderation review serve --env-file {workdir / 'stack' / 'stack.env'}"
+        if keep_stack:
+            console.print(f"The stack stays up. Review the queue in a browser: [bold]{console_line}[/]")
+            console.print(f"Stop it with: moderation dev down --run-dir {workdir / 'stack'}")
+        else:
+            localstack.down(workdir / "stack")
+            console.print(
+                "Local stack stopped. To open the review console on it, rerun with --keep-stack, then: " + console_line
+            )
+
+
+def ai_signed_sample(directory: Path) -> Path:
+    """A JPEG whose C2PA manifest declares it AI-generated (signed with a test certificate made here)."""
+    data = provenance_samples.sample_image("JPEG", (480, 360), seed=DEMO_SEED % 1000)
+    path = directory / "c2pa-ai-generated.jpg"
+    path.write_bytes(provenance_samples.signed(data, "JPEG", provenance_samples.TRAINED_ALGORITHMIC_MEDIA))
+    return path
+
+
+def review_round(settings: Settings, bucket: str, outcomes: Outcomes, samples: Path, console: Console) -> bool:
+    """A reviewer confirms one flagged fake; a re-encoded, shrunk copy of it is then uploaded and matched."""
+    fakes = [
+        v[-1]
+        for v in outcomes.verdicts.values()
+        if v[-1].attributes.get("filename", "").startswith("fake-") and (v[-1].image.pdq_quality or 0) >= 60
+    ]
+    if not fakes:
+        console.print("No fake sample with a PDQ hash good enough to bank: the near-duplicate step is skipped.")
+        return True
+    banked = max(fakes, key=lambda v: v.image.pdq_quality or 0)
+    decision = Decision(
+        event_id=banked.event_id,
+        image_sha256=banked.image_sha256,
+        pdq=banked.image.pdq,
+        pdq_quality=banked.image.pdq_quality,
+        bucket=banked.bucket,
+        key=banked.key,
+        tenant=banked.tenant,
+        decision="confirm_fake",
+        reviewer="demo-reviewer",
+        decided_at=utcnow(),
+        model_label=banked.label,
+        model_score=banked.score,
+        model_action=banked.action,
+        model_decided_by=banked.decided_by,
+    )
+    asyncio.run(publish(settings, [(decision.event_id.encode(), decision.to_bytes())], topic=settings.topic_decisions))
+    name = banked.attributes.get("filename", banked.event_id)
+    console.print(f"A reviewer (demo-reviewer) confirmed {name} as fake; the worker banks the decision.")
+    if not asyncio.run(_banked(settings, banked.image_sha256)):
+        console.print("[red]The decision was not banked within 60 s[/]")
+        return False
+    copy = samples / f"copy-of-{Path(name).stem}.jpg"
+    copy.write_bytes(_reencoded((samples / name).read_bytes()))
+    [event] = asyncio.run(upload_images(settings, [copy], bucket=bucket, tenant="demo"))
+    asyncio.run(publish(settings, [event_message(event)]))
+    again = asyncio.run(read_outcomes(settings, {event.event_id}, timeout_s=120))
+    console.print(outcome_table(again, {}))
+    verdict = again.verdicts[event.event_id][-1] if event.event_id in again.verdicts else None
+    return verdict is not None and verdict.decided_by == "match"
+
+
+def _reencoded(data: bytes) -> bytes:
+    """JPEG quality 70 at 75% of the size: what a re-upload after a platform's own processing looks like."""
+    image = Image.open(io.BytesIO(data)).convert("RGB")
+    small = image.resize((image.width * 3 // 4, image.height * 3 // 4))
+    out = io.BytesIO()
+    small.save(out, format="JPEG", quality=70)
+    return out.getvalue()
+
+
+async def _banked(settings: Settings, sha256: str, timeout_s: float = 60.0) -> bool:
+    consumer = AIOKafkaConsumer(
+        settings.topic_bank, group_id=None, auto_offset_reset="earliest", **aiokafka_options(settings)
+    )
+    await consumer.start()
+    deadline = time.monotonic() + timeout_s
+    try:
+        while time.monotonic() < deadline:
+            for records in (await consumer.getmany(timeout_ms=1000)).values():
+                if any(r.key == sha256.encode() for r in records):
+                    await asyncio.sleep(2)  # the worker's own bank follower reads it too
+                    return True
+    finally:
+        await consumer.stop()
+    return False
 
 
 def truth_line(outcomes: Outcomes) -> str:
@@ -129,17 +222,26 @@ def truth_line(outcomes: Outcomes) -> str:
 
 def outcome_table(outcomes: Outcomes, names: dict[str, str]) -> Table:
     table = Table(title="Outcomes, one per upload event")
-    for column in ("event", "label", "P(fake)", "action", "explanation / dead-letter reason"):
+    for column in ("event", "label", "P(fake)", "action", "decided by", "explanation / dead-letter reason"):
         table.add_column(column)
     for event_id, verdicts in sorted(outcomes.verdicts.items()):
         v = verdicts[-1]
         text = (v.explanation or "(no explanation: below MODERATION_EXPLAIN_ABOVE)")[:70]
-        table.add_row(v.attributes.get("filename") or event_id, v.label, f"{v.score:.3f}", v.action, text)
+        name = v.attributes.get("filename") or event_id
+        table.add_row(name, v.label, f"{v.score:.3f}", v.action, _decided_by(v), text)
     for letter_id, letters in sorted(outcomes.dead_letters.items(), key=lambda item: str(item[0])):
         for letter in letters[-1:] if letter_id else letters:
             name = names.get(letter_id or "") or letter_id or "(unparseable)"
-            table.add_row(name, "-", "-", "dead letter", f"[red]{letter.reason}[/]: {letter.detail[:60]}")
+            table.add_row(name, "-", "-", "dead letter", "-", f"[red]{letter.reason}[/]: {letter.detail[:60]}")
     return table
+
+
+def _decided_by(verdict: Verdict) -> str:
+    if verdict.decided_by == "provenance" and verdict.provenance is not None:
+        return "provenance (C2PA)" if verdict.provenance.c2pa is not None else "provenance (IPTC)"
+    if verdict.match is not None and verdict.decided_by in ("match", "review"):
+        return f"{verdict.decided_by} (PDQ distance {verdict.match.distance})"
+    return verdict.decided_by
 
 
 def _progress(update: Callable[[str], object]) -> Callable[[int, int], None]:
