@@ -93,17 +93,16 @@ def create_app(settings: Settings) -> Starlette:
 
     @contextlib.asynccontextmanager
     async def lifespan(_: Starlette) -> AsyncIterator[None]:
-        producer = AIOKafkaProducer(acks="all", enable_idempotence=True, **aiokafka_options(settings))
-        await console.store.start()
-        await producer.start()
-        console.producer = producer
-        console.reader.start()
-        try:
+        async with contextlib.AsyncExitStack() as opened:  # closes what did open when a later start fails
+            opened.push_async_callback(console.store.stop)
+            await console.store.start()
+            producer = AIOKafkaProducer(acks="all", **aiokafka_options(settings))
+            opened.push_async_callback(producer.stop)
+            await producer.start()
+            console.producer = producer
+            opened.push_async_callback(console.reader.stop)
+            console.reader.start()
             yield
-        finally:
-            await console.reader.stop()
-            await producer.stop()
-            await console.store.stop()
 
     routes = [
         Route("/", _page(queue_page), methods=["GET"]),
