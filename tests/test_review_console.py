@@ -4,6 +4,8 @@ local stack, driven by a real headless Chromium (Debian's chromium + chromedrive
 from __future__ import annotations
 
 import asyncio
+import io
+import os
 import threading
 import time
 import urllib.error
@@ -281,6 +283,13 @@ def read_decisions(settings: Settings, want: int, timeout_s: float = 60) -> list
     return asyncio.run(run())
 
 
+def save_screenshot(browser: Any, path: Path) -> None:
+    """The page as a small PNG (a 256-colour palette is plenty for a form-like page); the README's, in docs/,
+    only with UPDATE_SCREENSHOTS=1, so that a test run leaves the checkout as it found it."""
+    with Image.open(io.BytesIO(browser.get_screenshot_as_png())) as shot:
+        shot.convert("RGB").quantize(256).save(path, optimize=True)
+
+
 def verdict_of(event: UploadEvent, path: Path, **values: Any) -> Verdict:
     with Image.open(path) as image:
         info = ImageInfo(width=image.width, height=image.height, format=image.format or "", pdq="c3" * 32)
@@ -354,6 +363,7 @@ def test_console_shows_a_flagged_upload_and_records_a_keyboard_decision(
     with ConsoleServer(settings) as console:
         # Anonymous: neither the queue, nor an image, nor a decision.
         assert console.get("/")[0] == 401
+        assert console.get("/", {"X-Forwarded-User": "mallory"})[0] == 401  # no proxy header is configured
         assert console.get(f"/image/{flagged.event_id}")[0] == 401
         anonymous = {"event_id": flagged.event_id, "decision": "overturn_real", "note": ""}
         status, _, body = console.post("/decide", anonymous, {"Origin": console.url})
@@ -393,14 +403,13 @@ def test_console_shows_a_flagged_upload_and_records_a_keyboard_decision(
         assert "alice" in browser.find_element(By.CSS_SELECTOR, "header .who").text
         assert "trainedAlgorithmicMedia" in item.text
         assert "0.930" in item.text
-        DOCS.mkdir(exist_ok=True)
         browser.get(console.url + "/?tenant=t1")
         WebDriverWait(browser, 20).until(
             lambda d: all(
                 d.execute_script("return arguments[0].naturalWidth", i) > 0 for i in d.find_elements(By.TAG_NAME, "img")
             )
         )
-        browser.save_screenshot(str(DOCS / "review-console.png"))
+        save_screenshot(browser, (DOCS if os.environ.get("UPDATE_SCREENSHOTS") else tmp_path) / "review-console.png")
 
         # Focus the flagged item and press f.
         item = browser.find_element(By.CSS_SELECTOR, f'article.item[data-event-id="{flagged.event_id}"]')
