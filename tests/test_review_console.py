@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 import uvicorn
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord
 from PIL import Image
 from pydantic import SecretStr
 
@@ -40,6 +40,7 @@ from moderation.events import (
 from moderation.review import auth
 from moderation.review.app import create_app
 from moderation.review.queue import ReviewQueue
+from moderation.review.reader import QueueReader
 from moderation.settings import Settings
 from moderation.worker.kafka import aiokafka_options
 from tests.conftest import Lane, free_port
@@ -134,6 +135,31 @@ def test_history_spans_events_of_the_same_bytes_and_the_cap_drops_the_oldest() -
     queue.add_verdict(verdict("third", minutes=20, sha="c" * 64))
     assert len(queue) == 2
     assert queue.item("first") is None
+
+
+def test_the_reader_skips_what_is_not_a_verdict_or_a_decision(caplog: pytest.LogCaptureFixture) -> None:
+    settings = Settings(topic_review="review", topic_decisions="decisions")  # type: ignore[call-arg]
+    queue = ReviewQueue()
+    reader = QueueReader(settings, queue)
+    flagged = verdict("v1")
+
+    def record(topic: str, offset: int, value: bytes | None) -> ConsumerRecord[bytes, bytes]:
+        return ConsumerRecord(topic, 0, offset, 0, 0, b"k", value, None, 1, len(value or b""), ())  # type: ignore[arg-type]
+
+    for offset, (topic, value) in enumerate(
+        [
+            ("review", b"not json"),
+            ("review", None),
+            ("decisions", flagged.to_bytes()),  # a verdict where a decision belongs
+            ("review", flagged.to_bytes()),
+            ("decisions", decision_about(flagged, "escalate").to_bytes()),
+        ]
+    ):
+        reader.apply(record(topic, offset, value))
+    assert [i.event_id for i in queue.awaiting()] == ["v1"]
+    assert queue.awaiting()[0].escalated
+    wheres = [r.where for r in caplog.records if hasattr(r, "where")]
+    assert wheres == ["review[0]@0", "decisions[0]@2"]
 
 
 # Who decides

@@ -13,7 +13,7 @@ import contextlib
 import hashlib
 import logging
 import secrets
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar, get_args
 from urllib.parse import urlencode
@@ -182,7 +182,7 @@ class _Context:
         return form
 
 
-def _page(handler: Any) -> Any:
+def _page(handler: Callable[[_Context], Awaitable[Response]]) -> Callable[[Request], Awaitable[Response]]:
     async def endpoint(request: Request) -> Response:
         return await handler(_Context(request, request.app.state.console))
 
