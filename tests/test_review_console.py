@@ -332,6 +332,7 @@ def test_console_shows_a_flagged_upload_and_records_a_keyboard_decision(
 ) -> None:
     from selenium.webdriver.common.action_chains import ActionChains
     from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
     from selenium.webdriver.support.ui import WebDriverWait
 
     suffix = uuid.uuid4().hex[:10]
@@ -446,9 +447,21 @@ def test_console_shows_a_flagged_upload_and_records_a_keyboard_decision(
         assert f'data-event-id="{flagged.event_id}"' not in browser.page_source
         assert f'data-event-id="{review.event_id}"' in browser.page_source
 
-    decisions = read_decisions(settings, want=2)
-    ours = [(key, d) for key, d in decisions if d.event_id != earlier.event_id]
-    assert len(decisions) == 2, decisions  # the refused posts published nothing
+        # The next item has the focus: write a note with n, leave it with Esc, escalate with e; it stays listed.
+        ActionChains(browser).send_keys("j", "k", "n").perform()
+        assert browser.switch_to.active_element.tag_name == "textarea"
+        ActionChains(browser).send_keys("lighting as in the banked fake", Keys.ESCAPE, "e").perform()
+        WebDriverWait(browser, 20).until(lambda d: f"Decision recorded for {review.event_id}" in d.page_source)
+        escalated = browser.find_element(By.CSS_SELECTOR, f'article.item[data-event-id="{review.event_id}"]')
+        assert "escalated" in escalated.get_attribute("class")
+        assert "alice: escalate" in escalated.text
+
+    decisions = read_decisions(settings, want=3)
+    ours = sorted(((k, d) for k, d in decisions if d.event_id != earlier.event_id), key=lambda kd: kd[1].decided_at)
+    assert len(decisions) == 3, decisions  # the refused posts published nothing
+    assert [(d.event_id, d.decision, d.note) for _, d in ours[1:]] == [
+        (review.event_id, "escalate", "lighting as in the banked fake")
+    ]
     key, decision = ours[0]
     assert key == flagged.event_id.encode()
     assert decision.reviewer == "alice"
