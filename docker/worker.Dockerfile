@@ -7,6 +7,9 @@ ARG PYTHON_VERSION=3.11
 
 FROM python:${PYTHON_VERSION}-slim-bookworm AS build
 ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
+# pdqhash (PDQ, the near-duplicate hashes) ships only as an sdist: its C++ extension is built here, in the
+# build stage; the runtime stage gets the built venv without the compiler.
+RUN apt-get update && apt-get install -y --no-install-recommends g++ && rm -rf /var/lib/apt/lists/*
 RUN python -m venv /opt/moderation
 ENV PATH=/opt/moderation/bin:$PATH
 WORKDIR /src

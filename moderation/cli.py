@@ -31,6 +31,8 @@ dlq = typer.Typer(help="The dead-letter topic: inspect and replay.", no_args_is_
 app.add_typer(dev, name="dev")
 app.add_typer(dlq, name="dlq")
 app.add_typer(model, name="model")
+review = typer.Typer(help="The review console for trust-and-safety reviewers.", no_args_is_help=True)
+app.add_typer(review, name="review")
 console = Console()
 
 DEFAULT_HOME = Path(".moderation")
@@ -645,6 +647,28 @@ def check_model(
 
 def _yes(flag: bool) -> str:
     return "[green]yes[/]" if flag else "[red]no[/]"
+
+
+@review.command("serve")
+def review_serve(
+    env_file: EnvFile = None,
+    host: Annotated[str, typer.Option(help="Interface to listen on (behind the signing-in proxy).")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(min=1, max=65535, help="Port to listen on.")] = 8090,
+) -> None:
+    """Serve the review console: the queue awaiting review, its images, and decisions with the keyboard."""
+    import uvicorn
+
+    from moderation.logs import logging_config
+    from moderation.review.app import create_app
+
+    settings = load_settings(env_file)
+    try:
+        console_app = create_app(settings)
+    except ValueError as exc:  # e.g. malformed MODERATION_REVIEW_TOKENS
+        console.print(f"[red]error:[/] {exc}")
+        raise typer.Exit(2) from exc
+    console.print(f"Review console on http://{host}:{port}/ (queue: {settings.topic_review})")
+    uvicorn.run(console_app, host=host, port=port, log_config=logging_config(settings.log_level), proxy_headers=True)
 
 
 def main() -> None:

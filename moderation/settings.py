@@ -236,6 +236,26 @@ class Settings(BaseSettings):
         "uvloop", description="The worker's event loop: uvloop (libuv; less CPU per message) or asyncio's own."
     )
 
+    # Review console
+    review_identity_header: str | None = Field(
+        None,
+        description="Request header a trusted proxy sets to the signed-in reviewer (e.g. X-Forwarded-User); "
+        "honoured only when set, so the proxy must drop it from what clients send.",
+    )
+    review_tokens: SecretStr | None = Field(
+        None,
+        description="Comma-separated reviewer:token pairs (tokens of 16+ characters): a bearer token, or typed "
+        "once into the console's login form; never logged.",
+    )
+    review_session_secret: SecretStr | None = Field(
+        None,
+        description="Key of the console's session cookies and CSRF tokens; unset: a random one per process "
+        "(sessions end on restart; set one shared key when several replicas serve one host name).",
+    )
+    review_max_items: int = Field(
+        100_000, ge=1, description="Review verdicts the console keeps in memory; the oldest read are dropped first."
+    )
+
     @field_validator("s3_allowed_buckets", "image_formats", mode="before")
     @classmethod
     def _split(cls, value: Any) -> Any:

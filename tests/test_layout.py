@@ -18,11 +18,13 @@ SUB_PACKAGES = {
     "model": "FakeVLM: scoring, imaging, Triton I/O, detector backends (what the Triton image installs)",
     "offline": "tools run by hand or in a Job: scan, evaluate, thresholds, model checks",
     "devkit": "the local stack, demo, samples, synthetic images, tiny models, training",
+    "review": "the review console: its queue reader, reviewer identity, the ASGI app and its templates",
 }
 TOP_LEVEL = {
     "__init__.py": "the package",
     "__main__.py": "`python -m moderation`",
     "events.py": "contract: the messages",
+    "asyncapi.py": "contract: the topics, as an AsyncAPI document",
     "errors.py": "contract: the exception root and reason codes",
     "settings.py": "contract: every setting",
     "cli.py": "the `moderation` command",

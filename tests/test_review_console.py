@@ -1,0 +1,470 @@
+"""The review console: its queue and identity logic on their own, then the whole console against the real
+local stack, driven by a real headless Chromium (Debian's chromium + chromedriver through selenium)."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import os
+import threading
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+import uuid
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+import uvicorn
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord
+from PIL import Image
+from pydantic import SecretStr
+
+from moderation.client import upload_images
+from moderation.devkit import localstack
+from moderation.devkit.samples import write_samples
+from moderation.events import (
+    C2paEvidence,
+    Decision,
+    ImageInfo,
+    Match,
+    ModelInfo,
+    Provenance,
+    Timings,
+    UploadEvent,
+    Verdict,
+)
+from moderation.review import auth
+from moderation.review.app import create_app
+from moderation.review.queue import ReviewQueue
+from moderation.review.reader import QueueReader
+from moderation.settings import Settings
+from moderation.worker.kafka import aiokafka_options
+from tests.conftest import Lane, free_port
+
+DOCS = Path(__file__).resolve().parents[1] / "docs"
+ALICE_TOKEN = "alice-" + "a1" * 12
+T0 = datetime(2026, 11, 1, 12, 0, tzinfo=UTC)
+AI_SOURCE = "http://cv.iptc.org/newscodes/digitalsourcetype/trainedAlgorithmicMedia"
+
+
+def verdict(
+    event_id: str,
+    *,
+    action: str = "flag",
+    tenant: str | None = "t1",
+    minutes: int = 0,
+    sha: str = "a" * 64,
+    **more: Any,
+) -> Verdict:
+    values: dict[str, Any] = {
+        "event_id": event_id,
+        "bucket": "bucket-x",
+        "key": f"uploads/{event_id}.png",
+        "tenant": tenant,
+        "image_sha256": sha,
+        "label": "fake" if action == "flag" else "real",
+        "score": 0.93 if action == "flag" else 0.61,
+        "action": action,
+        "explanation": "This is a fake image: the skin texture is waxy and the background text is garbled.",
+        "model": ModelInfo(name="fakevlm", version="1 (tiny)"),
+        "image": ImageInfo(width=64, height=48, format="PNG", pdq="ab" * 32, pdq_quality=90),
+        "timings": Timings(fetch_ms=1, decode_ms=1, inference_ms=1, total_ms=3),
+        "decided_at": T0 + timedelta(minutes=minutes),
+    }
+    return Verdict(**(values | more))
+
+
+def decision_about(item: Verdict, choice: str, *, reviewer: str = "bob", minutes: int = 1) -> Decision:
+    return Decision(
+        event_id=item.event_id,
+        image_sha256=item.image_sha256,
+        tenant=item.tenant,
+        decision=choice,  # type: ignore[arg-type]
+        reviewer=reviewer,
+        decided_at=item.decided_at + timedelta(minutes=minutes),
+        model_label=item.label,
+        model_score=item.score,
+        model_action=item.action,
+    )
+
+
+# The queue on its own
+
+
+def test_queue_lists_review_and_flag_newest_first_and_filters() -> None:
+    queue = ReviewQueue()
+    assert queue.add_verdict(verdict("old", minutes=0))
+    assert queue.add_verdict(verdict("new", minutes=5, action="review", tenant="t2"))
+    assert not queue.add_verdict(verdict("fine", minutes=9, action="allow"))
+    assert [i.event_id for i in queue.awaiting()] == ["new", "old"]
+    assert [i.event_id for i in queue.awaiting(tenant="t2")] == ["new"]
+    assert [i.event_id for i in queue.awaiting(action="flag")] == ["old"]
+    assert queue.tenants() == ["t1", "t2"]
+    assert queue.item("fine") is None
+
+
+def test_final_decisions_take_an_item_off_escalate_keeps_it_marked() -> None:
+    queue = ReviewQueue()
+    confirmed, escalated = verdict("c", minutes=1), verdict("e", minutes=2, sha="b" * 64)
+    queue.add_decision(decision_about(confirmed, "confirm_fake"))  # read before its verdict: any order works
+    queue.add_verdict(confirmed)
+    queue.add_verdict(escalated)
+    assert queue.add_decision(decision_about(escalated, "escalate"))
+    assert not queue.add_decision(decision_about(escalated, "escalate"))  # read back from the topic: once
+    listed = queue.awaiting()
+    assert [i.event_id for i in listed] == ["e"]
+    assert listed[0].escalated
+    queue.add_decision(decision_about(escalated, "overturn_real", minutes=3))
+    assert queue.awaiting() == []
+
+
+def test_history_spans_events_of_the_same_bytes_and_the_cap_drops_the_oldest() -> None:
+    queue = ReviewQueue(max_items=2)
+    first = verdict("first")
+    queue.add_verdict(first)
+    queue.add_decision(decision_about(first, "confirm_fake"))
+    again = verdict("again", minutes=10)  # the same bytes uploaded once more
+    queue.add_verdict(again)
+    item = queue.item("again")
+    assert item is not None
+    assert [(d.event_id, d.decision) for d in queue.history(item)] == [("first", "confirm_fake")]
+    queue.add_verdict(verdict("third", minutes=20, sha="c" * 64))
+    assert len(queue) == 2
+    assert queue.item("first") is None
+
+
+def test_the_reader_skips_what_is_not_a_verdict_or_a_decision(caplog: pytest.LogCaptureFixture) -> None:
+    settings = Settings(topic_review="review", topic_decisions="decisions")  # type: ignore[call-arg]
+    queue = ReviewQueue()
+    reader = QueueReader(settings, queue)
+    flagged = verdict("v1")
+
+    def record(topic: str, offset: int, value: bytes | None) -> ConsumerRecord[bytes, bytes]:
+        return ConsumerRecord(topic, 0, offset, 0, 0, b"k", value, None, 1, len(value or b""), ())  # type: ignore[arg-type]
+
+    for offset, (topic, value) in enumerate(
+        [
+            ("review", b"not json"),
+            ("review", None),
+            ("decisions", flagged.to_bytes()),  # a verdict where a decision belongs
+            ("review", flagged.to_bytes()),
+            ("decisions", decision_about(flagged, "escalate").to_bytes()),
+        ]
+    ):
+        reader.apply(record(topic, offset, value))
+    assert [i.event_id for i in queue.awaiting()] == ["v1"]
+    assert queue.awaiting()[0].escalated
+    wheres = [r.where for r in caplog.records if hasattr(r, "where")]
+    assert wheres == ["review[0]@0", "decisions[0]@2"]
+
+
+# Who decides
+
+
+def test_tokens_are_pairs_of_reviewer_and_a_long_token() -> None:
+    assert auth.parse_tokens(f"alice:{ALICE_TOKEN}, bob:{'b' * 16}") == {ALICE_TOKEN: "alice", "b" * 16: "bob"}
+    assert auth.parse_tokens("") == {}
+    for bad, said in [
+        ("alice", "reviewer:token"),
+        (f":{ALICE_TOKEN}", "reviewer:token"),
+        ("alice:short", "under 16"),
+        (f"alice:{ALICE_TOKEN},bob:{ALICE_TOKEN}", "share"),
+    ]:
+        with pytest.raises(ValueError, match=said):
+            auth.parse_tokens(bad)
+
+
+def test_identity_from_the_proxy_header_only_when_configured_then_bearer_then_session() -> None:
+    tokens = auth.parse_tokens(f"alice:{ALICE_TOKEN}")
+    plain, proxied = auth.Reviewers(tokens), auth.Reviewers(tokens, header="X-Forwarded-User")
+    assert plain.identify({"X-Forwarded-User": "mallory"}, None) is None
+    assert proxied.identify({"X-Forwarded-User": "carol"}, None) == auth.Identity("carol", "header")
+    assert plain.identify({"authorization": f"Bearer {ALICE_TOKEN}"}, None) == auth.Identity("alice", "bearer")
+    assert plain.identify({"authorization": "Bearer wrong-token-wrong-token"}, "alice") is None
+    assert plain.identify({}, "alice") == auth.Identity("alice", "session")
+    assert plain.identify({}, "revoked") is None
+    assert not auth.Identity("alice", "bearer").ambient
+    assert auth.Identity("alice", "session").ambient
+
+
+def test_sessions_are_signed_expire_and_carry_their_own_csrf_token() -> None:
+    sessions = auth.Sessions(b"k" * 32)
+    session = sessions.new("alice")
+    cookie = sessions.dump(session)
+    assert sessions.load(cookie) == session
+    nonce, issued, _reviewer, signature = cookie.split(".")
+    assert sessions.load(f"{nonce}.{issued}.{auth._b64('mallory')}.{signature}") is None
+    assert sessions.load("garbage") is None
+    assert auth.Sessions(b"other" * 8).load(cookie) is None
+    stale = auth.Session(nonce, int(time.time()) - auth.SESSION_TTL_S - 1, "alice")
+    assert sessions.load(sessions.dump(stale)) is None
+    assert sessions.check_csrf(session, sessions.csrf_token(session))
+    assert not sessions.check_csrf(session, sessions.csrf_token(sessions.new("alice")))
+
+
+def test_same_origin_wants_our_host_in_origin_or_referer() -> None:
+    assert auth.same_origin({"host": "review:8090", "origin": "http://review:8090"})
+    assert auth.same_origin({"host": "review:8090", "referer": "https://review:8090/?tenant=t1"})
+    assert not auth.same_origin({"host": "review:8090", "origin": "https://evil.example"})
+    assert not auth.same_origin({"host": "review:8090", "origin": "null"})
+    assert not auth.same_origin({"host": "review:8090"})
+
+
+# The console against the real stack, in a real browser
+
+
+class ConsoleServer:
+    """The console app served by uvicorn on a free port, in a thread of this process."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.app = create_app(settings)
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self._server = uvicorn.Server(uvicorn.Config(self.app, host="127.0.0.1", port=self.port, log_level="warning"))
+        self._thread = threading.Thread(target=self._server.run, daemon=True)
+
+    def __enter__(self) -> ConsoleServer:
+        self._thread.start()
+        deadline = time.monotonic() + 60
+        while self.get("/readyz")[0] != 200:
+            assert time.monotonic() < deadline, "the console never caught up with its topics"
+            time.sleep(0.2)
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self._server.should_exit = True
+        self._thread.join(30)
+
+    def get(self, path: str, headers: dict[str, str] | None = None) -> tuple[int, dict[str, str], bytes]:
+        return self.call(urllib.request.Request(self.url + path, headers=headers or {}))
+
+    def post(self, path: str, form: dict[str, str], headers: dict[str, str]) -> tuple[int, dict[str, str], bytes]:
+        body = urllib.parse.urlencode(form).encode()
+        return self.call(urllib.request.Request(self.url + path, data=body, headers=headers, method="POST"))
+
+    @staticmethod
+    def call(request: urllib.request.Request) -> tuple[int, dict[str, str], bytes]:
+        try:
+            with urllib.request.urlopen(request, timeout=30) as response:
+                return response.status, {k.lower(): v for k, v in response.headers.items()}, response.read()
+        except urllib.error.HTTPError as exc:
+            return exc.code, {k.lower(): v for k, v in exc.headers.items()}, exc.read()
+        except OSError:
+            return 0, {}, b""
+
+
+@pytest.fixture
+def browser() -> Iterator[Any]:
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    for argument in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage"):
+        options.add_argument(argument)
+    options.add_argument("--window-size=1280,1000")
+    options.binary_location = "/usr/bin/chromium"
+    driver = webdriver.Chrome(service=Service("/usr/bin/chromedriver"), options=options)
+    try:
+        yield driver
+    finally:
+        driver.quit()
+
+
+def produce(settings: Settings, topic: str, messages: list[Verdict | Decision]) -> None:
+    async def run() -> None:
+        producer = AIOKafkaProducer(acks="all", **aiokafka_options(settings))
+        await producer.start()
+        try:
+            for message in messages:
+                await producer.send_and_wait(topic, message.to_bytes(), key=message.event_id.encode())
+        finally:
+            await producer.stop()
+
+    asyncio.run(run())
+
+
+def read_decisions(settings: Settings, want: int, timeout_s: float = 60) -> list[tuple[bytes, Decision]]:
+    async def run() -> list[tuple[bytes, Decision]]:
+        consumer = AIOKafkaConsumer(
+            settings.topic_decisions, group_id=None, auto_offset_reset="earliest", **aiokafka_options(settings)
+        )
+        await consumer.start()
+        found: list[tuple[bytes, Decision]] = []
+        try:
+            deadline = time.monotonic() + timeout_s
+            while len(found) < want and time.monotonic() < deadline:
+                for records in (await consumer.getmany(timeout_ms=500)).values():
+                    found += [(r.key, Decision.model_validate_json(r.value)) for r in records]
+            await asyncio.sleep(2)  # anything more than wanted would be a decision that must not exist
+            for records in (await consumer.getmany(timeout_ms=1000)).values():
+                found += [(r.key, Decision.model_validate_json(r.value)) for r in records]
+        finally:
+            await consumer.stop()
+        return found
+
+    return asyncio.run(run())
+
+
+def save_screenshot(browser: Any, path: Path) -> None:
+    """The page as a small PNG (a 256-colour palette is plenty for a form-like page); the README's, in docs/,
+    only with UPDATE_SCREENSHOTS=1, so that a test run leaves the checkout as it found it."""
+    with Image.open(io.BytesIO(browser.get_screenshot_as_png())) as shot:
+        shot.convert("RGB").quantize(256).save(path, optimize=True)
+
+
+def verdict_of(event: UploadEvent, path: Path, **values: Any) -> Verdict:
+    with Image.open(path) as image:
+        info = ImageInfo(width=image.width, height=image.height, format=image.format or "", pdq="c3" * 32)
+    assert event.sha256 is not None
+    return verdict(
+        event.event_id, sha=event.sha256, bucket=event.bucket, key=event.key, tenant=event.tenant, image=info, **values
+    )
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_console_shows_a_flagged_upload_and_records_a_keyboard_decision(
+    lane: Lane, stack: localstack.StackInfo, browser: Any, tmp_path: Path
+) -> None:
+    from selenium.webdriver.common.action_chains import ActionChains
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    suffix = uuid.uuid4().hex[:10]
+    settings = lane.settings.model_copy(
+        update={
+            "topic_review": f"review-{suffix}",
+            "topic_decisions": f"decisions-{suffix}",
+            "review_tokens": SecretStr(f"alice:{ALICE_TOKEN}"),
+        }
+    )
+    topics = [settings.topic_review, settings.topic_decisions]
+    asyncio.run(localstack.create_topics(stack.kafka_bootstrap, topics, settings.kafka_topic_partitions))
+    outside = f"outside-{suffix}"
+    localstack.create_bucket(stack, outside)
+    flagged_file, review_file, outside_file = write_samples(tmp_path / "images", 3, seed=7)
+    allowed = settings.s3_allowed_buckets[0]
+    flagged_event, review_event = asyncio.run(
+        upload_images(settings, [flagged_file, review_file], bucket=allowed, tenant="t1")
+    )
+    (outside_event,) = asyncio.run(upload_images(settings, [outside_file], bucket=outside, tenant="t2"))
+
+    now = datetime.now(UTC).replace(second=0, microsecond=0)
+    flagged = verdict_of(
+        flagged_event,
+        flagged_file,
+        action="flag",
+        decided_at=now,
+        policy_version="2026-11-01",
+        provenance=Provenance(
+            c2pa=C2paEvidence(
+                validation_state="Valid",
+                valid=True,
+                claim_generator="Example Image Generator/2.1",
+                digital_source_types=[AI_SOURCE],
+            ),
+            iptc_digital_source_type=AI_SOURCE,
+            declares_ai=True,
+        ),
+    )
+    review = verdict_of(
+        review_event,
+        review_file,
+        action="review",
+        label="fake",
+        score=0.64,
+        decided_at=now - timedelta(minutes=3),
+        explanation="This is a fake image: the lighting on the left edge does not match the shadows.",
+        match=Match(event_id="e-banked", image_sha256="d" * 64, distance=12, label="fake", decided_by="review"),
+    )
+    beyond = verdict_of(outside_event, outside_file, action="review", decided_at=now - timedelta(minutes=9))
+    earlier = decision_about(review.model_copy(update={"event_id": "e-earlier"}), "escalate", minutes=-60)
+    produce(settings, settings.topic_review, [beyond, review, flagged])
+    produce(settings, settings.topic_decisions, [earlier])
+
+    with ConsoleServer(settings) as console:
+        # Anonymous: neither the queue, nor an image, nor a decision.
+        assert console.get("/")[0] == 401
+        assert console.get("/", {"X-Forwarded-User": "mallory"})[0] == 401  # no proxy header is configured
+        assert console.get(f"/image/{flagged.event_id}")[0] == 401
+        anonymous = {"event_id": flagged.event_id, "decision": "overturn_real", "note": ""}
+        status, _, body = console.post("/decide", anonymous, {"Origin": console.url})
+        assert status == 401
+        assert b"Sign in first" in body
+
+        # A signed-in session posting from another site, or without the form's token: refused.
+        sessions = console.app.state.console.sessions
+        session = sessions.new("alice")
+        cookie = {"Cookie": f"moderation_review={sessions.dump(session)}"}
+        form = anonymous | {"csrf": sessions.csrf_token(session)}
+        assert console.post("/decide", form, cookie | {"Origin": "https://evil.example"})[0] == 403
+        assert console.post("/decide", anonymous | {"csrf": "forged"}, cookie | {"Origin": console.url})[0] == 403
+
+        # The image: through the allowlist, with the verdict's type, never cached; other buckets never served.
+        bearer = {"Authorization": f"Bearer {ALICE_TOKEN}"}
+        status, headers, body = console.get(f"/image/{flagged.event_id}", bearer)
+        assert status == 200
+        assert body == flagged_file.read_bytes()
+        assert headers["content-type"] == f"image/{flagged.image.format.lower()}"
+        assert headers["cache-control"] == "private, no-store"
+        assert headers["x-content-type-options"] == "nosniff"
+        status, headers, body = console.get(f"/image/{beyond.event_id}", bearer)
+        assert status == 403
+        assert body != outside_file.read_bytes()
+        assert b"MODERATION_S3_ALLOWED_BUCKETS" in body
+        assert not headers["content-type"].startswith("image/")
+
+        # A reviewer signs in with her token and sees the flagged upload, its image loaded.
+        browser.get(console.url + "/login")
+        browser.find_element(By.ID, "token").send_keys(ALICE_TOKEN + "\n")
+        WebDriverWait(browser, 20).until(lambda d: d.find_elements(By.CSS_SELECTOR, "article.item"))
+        item = browser.find_element(By.CSS_SELECTOR, f'article.item[data-event-id="{flagged.event_id}"]')
+        image = item.find_element(By.TAG_NAME, "img")
+        WebDriverWait(browser, 20).until(lambda _: browser.execute_script("return arguments[0].complete", image))
+        assert browser.execute_script("return arguments[0].naturalWidth", image) == flagged.image.width
+        assert "alice" in browser.find_element(By.CSS_SELECTOR, "header .who").text
+        assert "trainedAlgorithmicMedia" in item.text
+        assert "0.930" in item.text
+        browser.get(console.url + "/?tenant=t1")
+        WebDriverWait(browser, 20).until(
+            lambda d: all(
+                d.execute_script("return arguments[0].naturalWidth", i) > 0 for i in d.find_elements(By.TAG_NAME, "img")
+            )
+        )
+        save_screenshot(browser, (DOCS if os.environ.get("UPDATE_SCREENSHOTS") else tmp_path) / "review-console.png")
+
+        # Focus the flagged item and press f.
+        item = browser.find_element(By.CSS_SELECTOR, f'article.item[data-event-id="{flagged.event_id}"]')
+        item.find_element(By.TAG_NAME, "h2").click()
+        assert browser.switch_to.active_element == item
+        ActionChains(browser).send_keys("f").perform()
+        WebDriverWait(browser, 20).until(lambda d: "Decision recorded" in d.page_source)
+        assert f'data-event-id="{flagged.event_id}"' not in browser.page_source
+        assert f'data-event-id="{review.event_id}"' in browser.page_source
+
+        # The next item has the focus: write a note with n, leave it with Esc, escalate with e; it stays listed.
+        ActionChains(browser).send_keys("j", "k", "n").perform()
+        assert browser.switch_to.active_element.tag_name == "textarea"
+        ActionChains(browser).send_keys("lighting as in the banked fake", Keys.ESCAPE, "e").perform()
+        WebDriverWait(browser, 20).until(lambda d: f"Decision recorded for {review.event_id}" in d.page_source)
+        escalated = browser.find_element(By.CSS_SELECTOR, f'article.item[data-event-id="{review.event_id}"]')
+        assert "escalated" in escalated.get_attribute("class")
+        assert "alice: escalate" in escalated.text
+
+    decisions = read_decisions(settings, want=3)
+    ours = sorted(((k, d) for k, d in decisions if d.event_id != earlier.event_id), key=lambda kd: kd[1].decided_at)
+    assert len(decisions) == 3, decisions  # the refused posts published nothing
+    assert [(d.event_id, d.decision, d.note) for _, d in ours[1:]] == [
+        (review.event_id, "escalate", "lighting as in the banked fake")
+    ]
+    key, decision = ours[0]
+    assert key == flagged.event_id.encode()
+    assert decision.reviewer == "alice"
+    assert decision.decision == "confirm_fake"
+    assert (decision.image_sha256, decision.pdq, decision.tenant) == (flagged.image_sha256, flagged.image.pdq, "t1")
+    assert (decision.model_label, decision.model_score, decision.model_action) == ("fake", 0.93, "flag")
