@@ -15,36 +15,34 @@ import asyncio
 import json
 import tempfile
 import time
-import uuid
 from pathlib import Path
 
 from moderation.client import event_message, publish, read_outcomes, upload_images
 from moderation.devkit import localstack
-from moderation.devkit.demo import settings_for, start_worker, stop_worker
+from moderation.devkit.demo import stop_worker
+from moderation.devkit.lanes import open_lane
 from moderation.devkit.samples import draw_image
 
 TARGET = 5000.0
 
 
 def run_round(info, workdir: Path, image: Path, count: int, *, cache: bool) -> float:  # type: ignore[no-untyped-def]
-    suffix = uuid.uuid4().hex[:8]
-    overrides = {
-        "topic_uploads": f"bench-uploads-{suffix}",
-        "kafka_consumer_group": f"bench-{suffix}",
-        "detector": "null",
-        "batch_size": "256",
-        "batch_wait_s": "0.05",
-        "cache_max_entries": "1000" if cache else "0",
-        "cache_trust_event_sha256": "true",
-        "metrics_port": "0",
-        "data_dir": str(workdir / suffix),
-    }
-    settings = settings_for(info, **overrides)
-    asyncio.run(localstack.create_topics(info.kafka_bootstrap, [settings.topic_uploads], 4))
+    lane = open_lane(
+        info,
+        workdir / ("cache-on" if cache else "cache-off"),
+        prefix="bench-",
+        own_bucket=False,
+        detector="null",
+        batch_size="256",
+        batch_wait_s="0.05",
+        cache_max_entries="1000" if cache else "0",
+        cache_trust_event_sha256="true",
+        metrics_port="0",
+    )
+    settings = lane.settings
     [warm] = asyncio.run(upload_images(settings, [image], bucket=info.bucket))
-    events = [warm.model_copy(update={"event_id": f"{suffix}-{i}"}) for i in range(count)]
-    env = info.env() | {f"MODERATION_{k.upper()}": v for k, v in overrides.items()}
-    worker = start_worker(env, workdir / f"worker-{suffix}.log")
+    events = [warm.model_copy(update={"event_id": f"{settings.kafka_consumer_group}-{i}"}) for i in range(count)]
+    worker = lane.worker("first")
     try:  # the first worker puts the verdict on the cache topic (when on) and commits past its event
         asyncio.run(publish(settings, [event_message(warm)]))
         asyncio.run(read_outcomes(settings, {warm.event_id}, timeout_s=120))
@@ -53,7 +51,7 @@ def run_round(info, workdir: Path, image: Path, count: int, *, cache: bool) -> f
     # The backlog is published while no worker runs, so that the publisher does not share the CPU with it;
     # the second worker reads the cache topic before it consumes.
     asyncio.run(publish(settings, [event_message(e) for e in events]))
-    worker = start_worker(env, workdir / f"worker-{suffix}.log")
+    worker = lane.worker("second")
     try:
         outcomes = asyncio.run(read_outcomes(settings, {e.event_id for e in events}, timeout_s=600))
     finally:

@@ -38,6 +38,7 @@ from torch.utils import dlpack
 
 from moderation.devkit.synthetic import samples
 from moderation.devkit.tinymodel import build_tiny_checkpoint
+from moderation.devkit.training import TRAINED_CHECKPOINT
 from moderation.model.fakevlm import FakeVLM
 from moderation.model.imaging import preprocess
 from moderation.offline.modelcheck import check
@@ -45,7 +46,6 @@ from moderation.offline.modelcheck import check
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
 GPU_MODEL = ROOT / "triton_models" / "gpu" / "fakevlm" / "1" / "model.py"
-CHECKPOINT = ROOT / "models" / "fakevlm-tiny-trained"
 SEED = 20_251_129  # neither the training stream nor the held-out one
 
 
@@ -243,7 +243,7 @@ def _log_odds(p: np.ndarray) -> np.ndarray:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--checkpoint", type=Path, default=CHECKPOINT)
+    parser.add_argument("--checkpoint", type=Path, default=TRAINED_CHECKPOINT)
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     parser.add_argument("--images", type=int, default=48)

@@ -31,7 +31,6 @@ import tempfile
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -41,7 +40,8 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
 from moderation.client import event_message, publish, upload_images
 from moderation.devkit import localstack
-from moderation.devkit.demo import settings_for, start_worker, stop_worker
+from moderation.devkit.demo import settings_for, stop_worker
+from moderation.devkit.lanes import Lane, open_lane
 from moderation.devkit.samples import draw_image, encode
 from moderation.events import UploadEvent
 from moderation.model.imaging import prepare
@@ -51,30 +51,6 @@ from moderation.worker.storage import s3_client_args
 
 TARGET_RATIO = 0.7
 DISTINCT_IMAGES = 64
-
-
-@dataclass(frozen=True)
-class Lane:
-    """Fresh topics and consumer group for one run of one system."""
-
-    settings: Settings
-    env: dict[str, str]
-
-
-def lane(info: localstack.StackInfo, workdir: Path, **extra: str) -> Lane:
-    suffix = uuid.uuid4().hex[:8]
-    overrides = {
-        "topic_uploads": f"bench-uploads-{suffix}",
-        "topic_verdicts": f"bench-verdicts-{suffix}",
-        "topic_flagged": f"bench-flagged-{suffix}",
-        "topic_dlq": f"bench-dlq-{suffix}",
-        "kafka_consumer_group": f"bench-{suffix}",
-        "data_dir": str(workdir / suffix),
-    } | extra
-    settings = settings_for(info, **overrides)
-    topics = [settings.topic_uploads, settings.topic_verdicts, settings.topic_flagged, settings.topic_dlq]
-    asyncio.run(localstack.create_topics(info.kafka_bootstrap, topics, settings.kafka_topic_partitions))
-    return Lane(settings, info.env() | {f"MODERATION_{k.upper()}": v for k, v in overrides.items()})
 
 
 # The baseline: the least a consume -> fetch -> produce service must do, with the worker's batching.
@@ -197,8 +173,9 @@ class System:
         self.name, self.info, self.workdir, self.images = name, info, workdir, images
 
     def run(self, backlog: int, paced: int, rate: float | None, timeout_s: float) -> dict[str, float]:
+        workdir = Path(tempfile.mkdtemp(prefix=f"{self.name}-", dir=self.workdir))
         extra = {"detector": "null", "cache_max_entries": "0", "metrics_port": "0"}
-        current = lane(self.info, self.workdir, **extra)
+        current = open_lane(self.info, workdir, prefix="bench-", own_bucket=False, **extra)
         settings, result = current.settings, {}
         warm = events_for(self.images, 1, f"{self.name}-warm-{uuid.uuid4().hex[:6]}")
         stop = self._start(current)
@@ -229,7 +206,7 @@ class System:
 
     def _start(self, current: Lane) -> Callable[[], None]:
         if self.name == "worker":
-            process = start_worker(current.env, self.workdir / f"worker-{uuid.uuid4().hex[:6]}.log")
+            process = current.worker()
 
             def halt_worker() -> None:
                 stop_worker(process)

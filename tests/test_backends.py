@@ -18,7 +18,6 @@ from moderation import cli
 from moderation.devkit import checkpoints, localstack
 from moderation.devkit.demo import settings_for
 from moderation.devkit.samples import draw_image
-from moderation.devkit.tinymodel import build_tiny_checkpoint
 from moderation.errors import ModelError, Reason, Rejected
 from moderation.model.detectors import InProcessDetector, TritonDetector, running
 from moderation.model.fakevlm import FakeVLM
@@ -28,19 +27,16 @@ from moderation.worker.clients import detector_from_settings
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return build_tiny_checkpoint(tmp_path_factory.mktemp("backends") / "tiny")
-
-
-@pytest.fixture(scope="module")
 def pixels() -> np.ndarray:
     sizes = [(640, 480), (480, 720), (336, 336), (1000, 400), (400, 1000), (800, 600), (350, 340)]
     return np.stack([preprocess(draw_image(seed, size)) for seed, size in enumerate(sizes)])
 
 
 @pytest.fixture
-async def detector(checkpoint: Path) -> AsyncIterator[InProcessDetector]:
-    async with running(InProcessDetector(checkpoint, batch_size=3, batch_wait_s=0.05, max_new_tokens=8)) as started:
+async def detector(tiny_checkpoint: Path) -> AsyncIterator[InProcessDetector]:
+    async with running(
+        InProcessDetector(tiny_checkpoint, batch_size=3, batch_wait_s=0.05, max_new_tokens=8)
+    ) as started:
         yield started
 
 
@@ -61,16 +57,16 @@ def spy_on_score(detector: InProcessDetector, fail: bool = False) -> list[int]:
 
 
 async def test_in_process_scores_are_fakevlm_scores(
-    detector: InProcessDetector, checkpoint: Path, pixels: np.ndarray
+    detector: InProcessDetector, tiny_checkpoint: Path, pixels: np.ndarray
 ) -> None:
     limits = [0.0, 2.0] * 3 + [0.0]
     detections = await detector.detect_batch(pixels, explain_above=limits)
-    reference = FakeVLM.load(checkpoint).score(pixels, limits, max_new_tokens=8)
+    reference = FakeVLM.load(tiny_checkpoint).score(pixels, limits, max_new_tokens=8)
     assert [d.score for d in detections] == pytest.approx([r.score for r in reference], abs=1e-5)
     assert [d.label for d in detections] == [r.label for r in reference]
     assert [d.explanation is None for d in detections] == [limit > 1 for limit in limits]
     assert detector.model.name == "fakevlm-in-process"
-    assert str(checkpoint.resolve()) in detector.model.version
+    assert str(tiny_checkpoint.resolve()) in detector.model.version
 
 
 async def test_concurrent_detects_are_micro_batched(detector: InProcessDetector, pixels: np.ndarray) -> None:
@@ -102,8 +98,8 @@ async def test_a_failed_pass_fails_its_batch_not_the_detector(detector: InProces
     assert 0.0 <= (await detector.detect(pixels[0], explain_above=2.0)).score <= 1.0
 
 
-async def test_lifecycle(checkpoint: Path, pixels: np.ndarray) -> None:
-    detector = InProcessDetector(checkpoint)
+async def test_lifecycle(tiny_checkpoint: Path, pixels: np.ndarray) -> None:
+    detector = InProcessDetector(tiny_checkpoint)
     assert not await detector.ready()
     with pytest.raises(ModelError, match="start"):
         await detector.detect(pixels[0], explain_above=2.0)
@@ -114,13 +110,15 @@ async def test_lifecycle(checkpoint: Path, pixels: np.ndarray) -> None:
     with pytest.raises(ModelError):
         await detector.detect(pixels[0], explain_above=2.0)
     with pytest.raises(ModelError, match="does not exist"):
-        await InProcessDetector(checkpoint.parent / "nowhere").start()
+        await InProcessDetector(tiny_checkpoint.parent / "nowhere").start()
 
 
-def test_the_worker_refuses_to_serve_without_weights(checkpoint: Path) -> None:
+def test_the_worker_refuses_to_serve_without_weights(tiny_checkpoint: Path) -> None:
     with pytest.raises(ModelError, match="MODERATION_CHECKPOINT"):
         detector_from_settings(Settings.model_validate({"detector": "inprocess"}))
-    chosen = detector_from_settings(Settings.model_validate({"detector": "inprocess", "checkpoint": str(checkpoint)}))
+    chosen = detector_from_settings(
+        Settings.model_validate({"detector": "inprocess", "checkpoint": str(tiny_checkpoint)})
+    )
     assert isinstance(chosen, InProcessDetector)
     assert isinstance(detector_from_settings(Settings()), TritonDetector)
 
@@ -137,13 +135,15 @@ def test_offline_tools_want_named_weights(tmp_path: Path) -> None:
     assert result.exit_code == 2 and "--model" in result.output
 
 
-def test_only_the_devkit_picks_a_tiny_model(checkpoint: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_only_the_devkit_picks_a_tiny_model(
+    tiny_checkpoint: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     # No checkpoint: the trained tiny model when there is one, else the random one.
-    shutil.copytree(checkpoint, tmp_path / "models" / "fakevlm-tiny")  # complete: reused, not rebuilt
+    shutil.copytree(tiny_checkpoint, tmp_path / "models" / "fakevlm-tiny")  # complete: reused, not rebuilt
     monkeypatch.setattr(checkpoints, "_trained_checkpoint", lambda: None)
     assert checkpoints.default_checkpoint(tmp_path) == (tmp_path / "models" / "fakevlm-tiny", False)
-    monkeypatch.setattr(checkpoints, "_trained_checkpoint", lambda: checkpoint)
-    assert checkpoints.default_checkpoint(tmp_path) == (checkpoint, True)
+    monkeypatch.setattr(checkpoints, "_trained_checkpoint", lambda: tiny_checkpoint)
+    assert checkpoints.default_checkpoint(tmp_path) == (tiny_checkpoint, True)
 
 
 @pytest.mark.integration

@@ -12,10 +12,10 @@ from pathlib import Path
 import pytest
 from aiokafka import AIOKafkaConsumer
 from prometheus_client.parser import text_string_to_metric_families
-from support import committed_offsets
 
 from moderation.client import event_message, publish, read_outcomes, upload_images
 from moderation.devkit.demo import stop_worker
+from moderation.devkit.lanes import committed_offsets
 from moderation.events import CacheEntry, ImageInfo, ModelInfo
 from moderation.model.identity import combined_identity, directory_digest, weights_identity
 from moderation.worker.cache import Refusal, VerdictCache, cache_key
@@ -159,17 +159,14 @@ def test_a_hub_cache_snapshot_is_named_by_its_commit(tmp_path: Path, monkeypatch
     assert combined_identity([snapshot, snapshot]) != combined_identity([snapshot])
 
 
-def test_the_in_process_detector_names_its_weights_by_their_digest(tmp_path: Path) -> None:
-    from moderation.devkit.tinymodel import build_tiny_checkpoint
+def test_the_in_process_detector_names_its_weights_by_their_digest(tiny_checkpoint: Path) -> None:
     from moderation.model.detectors import InProcessDetector, running
 
-    checkpoint = build_tiny_checkpoint(tmp_path / "tiny")
-
     async def model() -> ModelInfo:
-        async with running(InProcessDetector(checkpoint)) as detector:
+        async with running(InProcessDetector(tiny_checkpoint)) as detector:
             return detector.model
 
-    assert asyncio.run(model()).weights == weights_identity(checkpoint) == directory_digest(checkpoint)
+    assert asyncio.run(model()).weights == weights_identity(tiny_checkpoint) == directory_digest(tiny_checkpoint)
 
 
 async def cache_records(settings, timeout_s: float = 10.0) -> list[tuple[bytes | None, bytes | None]]:  # type: ignore[no-untyped-def]
@@ -191,7 +188,9 @@ async def cache_records(settings, timeout_s: float = 10.0) -> list[tuple[bytes |
 
 
 @pytest.mark.integration
-def test_identical_bytes_reach_the_model_once_across_worker_restarts(lane, tmp_path: Path) -> None:
+def test_identical_bytes_reach_the_model_once_across_worker_restarts(
+    lane, tiny_checkpoint: Path, tmp_path: Path
+) -> None:
     settings = lane.settings
     image = tmp_path / "same.png"
     from moderation.devkit.samples import draw_image
@@ -218,8 +217,7 @@ def test_identical_bytes_reach_the_model_once_across_worker_restarts(lane, tmp_p
     assert list(first.values()) == [False]
     # The model's identity is the digest of the weights Triton loaded, learnt from Triton itself.
     [model] = models
-    tiny = lane.info.run_dir.parent / "tiny-checkpoint"
-    assert model.weights == weights_identity(tiny) if tiny.is_dir() else model.weights.startswith("sha256:")  # type: ignore[union-attr]
+    assert model.weights == weights_identity(tiny_checkpoint)  # the session's stack serves the tiny checkpoint
     [(key, value)] = asyncio.run(cache_records(settings))
     stored = CacheEntry.model_validate_json(value or b"")
     assert key == cache_key(stored.image_sha256, model).encode() and stored.model == model
@@ -242,18 +240,15 @@ def scrape_metric(lane, name: str, **labels: str) -> float:  # type: ignore[no-u
 
 
 @pytest.mark.integration
-def test_a_worker_refuses_poisoned_cache_records(lane, tmp_path: Path) -> None:
+def test_a_worker_refuses_poisoned_cache_records(lane, tiny_checkpoint: Path, tmp_path: Path) -> None:
     """Records that anyone with write access could put on the cache topic, claiming "real" for an image:
     dated in the future, keyed for other bytes, or made by other weights. None of them is served."""
     from moderation.devkit.samples import draw_image
 
     settings = lane.settings
-    tiny = lane.info.run_dir.parent / "tiny-checkpoint"
-    if not tiny.is_dir():
-        pytest.skip("the session's stack does not serve the tiny checkpoint")
     draw_image(7, (96, 64)).save(image := tmp_path / "target.png")
     sha = hashlib.sha256(image.read_bytes()).hexdigest()
-    model = ModelInfo(name=settings.triton_model, version="1 (forged)", weights=weights_identity(tiny))
+    model = ModelInfo(name=settings.triton_model, version="1 (forged)", weights=weights_identity(tiny_checkpoint))
     lie = CacheEntry(
         image_sha256=sha,
         label="real",

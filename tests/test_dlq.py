@@ -14,12 +14,11 @@ import time
 
 import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
-from conftest import free_port
-from support import wait_for_commits
 
 from moderation.cli import dlq_replay
 from moderation.client import event_message, publish, read_outcomes, upload_images
 from moderation.devkit.demo import stop_worker
+from moderation.devkit.lanes import free_port, wait_for_commits
 from moderation.devkit.samples import write_samples
 from moderation.errors import Reason
 from moderation.events import DeadLetter, Verdict, utcnow

@@ -16,7 +16,6 @@ from typer.testing import CliRunner
 from moderation.cli import app
 from moderation.devkit import localstack
 from moderation.devkit.samples import write_samples
-from moderation.devkit.tinymodel import build_tiny_checkpoint
 from moderation.events import ModelInfo
 from moderation.model.detectors import Detection
 from moderation.model.fakevlm import label_from_answer
@@ -286,8 +285,7 @@ def test_fakeclue_labels_and_reference_are_read_as_the_paper_defines_them(tmp_pa
 
 
 @pytest.mark.slow
-def test_eval_command_end_to_end_with_the_in_process_detector(tmp_path: Path) -> None:
-    checkpoint = build_tiny_checkpoint(tmp_path / "tiny")
+def test_eval_command_end_to_end_with_the_in_process_detector(tiny_checkpoint: Path, tmp_path: Path) -> None:
     images = tmp_path / "images"
     paths = write_samples(images, 4)
     rows = [
@@ -306,7 +304,7 @@ def test_eval_command_end_to_end_with_the_in_process_detector(tmp_path: Path) ->
             "--images",
             str(images),
             "--checkpoint",
-            str(checkpoint),
+            str(tiny_checkpoint),
             "--out",
             str(out),
             "--markdown",
@@ -322,7 +320,9 @@ def test_eval_command_end_to_end_with_the_in_process_detector(tmp_path: Path) ->
     assert result.exit_code == 0, result.output
     report = json.loads(out.read_text())
     assert report["n"] == 4 and report["failed"] == 0
-    assert report["model"]["name"] == "fakevlm-in-process" and str(checkpoint.resolve()) in report["model"]["version"]
+    assert (
+        report["model"]["name"] == "fakevlm-in-process" and str(tiny_checkpoint.resolve()) in report["model"]["version"]
+    )
     assert set(report["categories"]) == {"animal", "object"}
     assert report["explanations"]["embedding_model"].startswith(DEFAULT_EMBEDDING_MODEL)
     assert report["explanations"]["n"] == 4  # every image explained

@@ -24,13 +24,8 @@ from moderation.model.imaging import CLIP_MEAN, CLIP_STD, preprocess
 
 
 @pytest.fixture(scope="session")
-def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return build_tiny_checkpoint(tmp_path_factory.mktemp("fakevlm") / "tiny-fakevlm")
-
-
-@pytest.fixture(scope="session")
-def fakevlm(checkpoint: Path) -> FakeVLM:
-    return FakeVLM.load(checkpoint)
+def fakevlm(tiny_checkpoint: Path) -> FakeVLM:
+    return FakeVLM.load(tiny_checkpoint)
 
 
 @pytest.fixture(scope="session")
@@ -67,10 +62,10 @@ def test_label_from_answer_follows_the_eval_rule(text: str, expected: str | None
     assert label_from_answer(text) == expected
 
 
-def test_tiny_checkpoint_loads_with_the_real_loader(fakevlm: FakeVLM, checkpoint: Path) -> None:
+def test_tiny_checkpoint_loads_with_the_real_loader(fakevlm: FakeVLM, tiny_checkpoint: Path) -> None:
     config = fakevlm.model.config
     assert type(fakevlm.model).__name__ == "LlavaForConditionalGeneration"
-    assert fakevlm.model_id == checkpoint.name
+    assert fakevlm.model_id == tiny_checkpoint.name
     assert (config.vision_feature_layer, config.vision_feature_select_strategy) == (-2, "default")
     assert (config.vision_config.image_size, config.vision_config.patch_size) == (336, 14)
     assert config.image_seq_length == 576
@@ -180,14 +175,14 @@ def test_load_fails_clearly(tmp_path: Path) -> None:
         FakeVLM.load(tmp_path / "partial")
 
 
-def test_tiny_checkpoint_is_small_deterministic_and_idempotent(checkpoint: Path, tmp_path: Path) -> None:
-    assert sum(f.stat().st_size for f in checkpoint.iterdir()) < 5_000_000
-    marker_mtime = (checkpoint / MARKER).stat().st_mtime_ns
-    assert build_tiny_checkpoint(checkpoint) == checkpoint
-    assert (checkpoint / MARKER).stat().st_mtime_ns == marker_mtime
+def test_tiny_checkpoint_is_small_deterministic_and_idempotent(tiny_checkpoint: Path, tmp_path: Path) -> None:
+    assert sum(f.stat().st_size for f in tiny_checkpoint.iterdir()) < 5_000_000
+    marker_mtime = (tiny_checkpoint / MARKER).stat().st_mtime_ns
+    assert build_tiny_checkpoint(tiny_checkpoint) == tiny_checkpoint
+    assert (tiny_checkpoint / MARKER).stat().st_mtime_ns == marker_mtime
     again = build_tiny_checkpoint(tmp_path / "again")
     for name in ("model.safetensors", "tokenizer.json", "config.json"):
-        assert (again / name).read_bytes() == (checkpoint / name).read_bytes()
+        assert (again / name).read_bytes() == (tiny_checkpoint / name).read_bytes()
 
 
 def test_checkpoint_setting_resolves_against_the_model_directory(tmp_path: Path) -> None:

@@ -8,15 +8,17 @@ import re
 import signal
 import subprocess
 import time
-from collections.abc import Callable, Iterator
+from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from support import disagreements, duplicates, outcomes_for, publish_uploads, wait_for_commits
 
 from moderation.client import Outcomes
 from moderation.devkit import localstack
 from moderation.devkit.demo import stop_worker
+from moderation.devkit.lanes import outcomes_for, publish_uploads, wait_for_commits
+from moderation.events import DeadLetter, Verdict
 from moderation.worker.crashonly import EXIT_CRASHED, SHUTDOWN_MARGIN_S
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -121,6 +123,29 @@ def wait_for_retries(lane, name: str, reason: str, timeout_s: float = 120) -> fl
     return retried
 
 
+def disagreements(outcomes: Outcomes) -> dict[str, list[str]]:
+    """event_ids whose outcomes (after de-duplication by event_id) do not all say the same thing."""
+    seen: dict[str, set[str]] = {}
+    for event_id, verdicts in outcomes.verdicts.items():
+        seen.setdefault(event_id, set()).update(_gist(v) for v in verdicts)
+    for letter_id, letters in outcomes.dead_letters.items():
+        if letter_id is not None:
+            seen.setdefault(letter_id, set()).update(_gist(d) for d in letters)
+    return {k: sorted(v) for k, v in seen.items() if len(v) > 1}
+
+
+def duplicates(outcomes: Outcomes) -> int:
+    counts = Counter({k: len(v) for k, v in outcomes.verdicts.items()})
+    counts.update({k: len(v) for k, v in outcomes.dead_letters.items() if k is not None})
+    return sum(n - 1 for n in counts.values())
+
+
+def _gist(outcome: Verdict | DeadLetter) -> str:
+    if isinstance(outcome, DeadLetter):
+        return f"dead letter {outcome.reason}"
+    return f"{outcome.label} {outcome.score:.4f} {outcome.action}"
+
+
 def check_nothing_lost(published, outcomes: Outcomes, committed: dict[int, int]) -> None:  # type: ignore[no-untyped-def]
     assert not disagreements(outcomes), disagreements(outcomes)
     good_ids = {e.event_id for e in published.events}
@@ -155,40 +180,11 @@ def test_s3_stopped_briefly(lane, tmp_path: Path) -> None:
     run_with_fault(lane, tmp_path, fault)
 
 
-@pytest.fixture(scope="session")
-def durable_broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[localstack.StackInfo]:
-    run_dir = tmp_path_factory.mktemp("durable") / "stack"
-    info = localstack.up(run_dir, with_triton=False, durable_kafka=True)
-    try:
-        yield info
-    finally:
-        localstack.down(run_dir)
-
-
-@pytest.fixture
-def durable_lane(lane, durable_broker):  # type: ignore[no-untyped-def]
-    """The lane, its Kafka moved to the durable broker (Tansu keeping its log in S3), so topics, messages
-    and committed offsets survive a broker restart."""
-    import asyncio
-
-    from moderation.devkit.demo import settings_for
-
-    s = lane.settings
-    lane.env["MODERATION_KAFKA_BOOTSTRAP_SERVERS"] = durable_broker.kafka_bootstrap
-    lane.settings = settings_for(
-        lane.info, **{**_overrides(s), "kafka_bootstrap_servers": durable_broker.kafka_bootstrap}
-    )
-    topics = [s.topic_uploads, s.topic_verdicts, s.topic_flagged, s.topic_dlq, s.topic_cache]
-    asyncio.run(localstack.create_topics(durable_broker.kafka_bootstrap, topics, s.kafka_topic_partitions))
-    lane.broker_run_dir = durable_broker.run_dir
-    return lane
-
-
 def test_broker_restarted_with_durable_storage(durable_lane, tmp_path: Path) -> None:
     def fault(_: Supervisor, __: More) -> None:
-        assert localstack.stop_server(durable_lane.broker_run_dir, "kafka")
+        assert localstack.stop_server(durable_lane.broker.run_dir, "kafka")
         time.sleep(3)
-        localstack.start_server(durable_lane.broker_run_dir, "kafka")
+        localstack.start_server(durable_lane.broker.run_dir, "kafka")
 
     run_with_fault(durable_lane, tmp_path, fault)
 
@@ -206,12 +202,12 @@ def test_broker_away_longer_than_the_publish_window_ends_the_worker_and_a_restar
         assert localstack.stop_server(triton, "triton")
         more(6)
         assert wait_for_retries(durable_lane, supervisor.name, "inference_unavailable") > 0
-        assert localstack.stop_server(durable_lane.broker_run_dir, "kafka")
+        assert localstack.stop_server(durable_lane.broker.run_dir, "kafka")
         localstack.start_server(triton, "triton")
         try:
             code = supervisor.process.wait(timeout=180)
         finally:
-            localstack.start_server(durable_lane.broker_run_dir, "kafka")
+            localstack.start_server(durable_lane.broker.run_dir, "kafka")
         log = durable_lane.log(supervisor.name)
         assert code == EXIT_CRASHED, (code, log[-3000:])
         assert "worker crashed: outcomes not published" in log, log[-3000:]
@@ -264,19 +260,6 @@ def caught_with_events_in_flight(lane, published, tmp_path: Path) -> tuple[str, 
                     return name, pending
             time.sleep(0.02)
     raise AssertionError("no worker was ever caught with events in flight")
-
-
-def _overrides(s) -> dict[str, str]:  # type: ignore[no-untyped-def]
-    return {
-        "topic_uploads": s.topic_uploads,
-        "topic_verdicts": s.topic_verdicts,
-        "topic_flagged": s.topic_flagged,
-        "topic_dlq": s.topic_dlq,
-        "topic_cache": s.topic_cache,
-        "kafka_consumer_group": s.kafka_consumer_group,
-        "s3_allowed_buckets": ",".join(s.s3_allowed_buckets),
-        "data_dir": str(s.data_dir),
-    }
 
 
 def test_a_stuck_worker_is_not_live_and_still_stops_on_sigterm_within_its_grace(lane, tmp_path: Path) -> None:

@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 from confluent_kafka import Consumer, Producer
-from support import wait_for_commits
 
 from moderation.client import upload_images
+from moderation.devkit.lanes import wait_for_commits
 from moderation.devkit.samples import write_samples
 from moderation.events import DeadLetter, Verdict
 from moderation.worker.dlq import ATTEMPTS_HEADER

@@ -20,7 +20,6 @@ from typer.testing import CliRunner
 
 from moderation.cli import app
 from moderation.devkit.samples import draw_image, encode, write_samples
-from moderation.devkit.tinymodel import build_tiny_checkpoint
 from moderation.errors import Reason, Rejected
 from moderation.events import ModelInfo, Verdict
 from moderation.model.detectors import Detection, InProcessDetector
@@ -31,13 +30,8 @@ GOOD = ["sample-000.jpg", "sample-001.png", "sample-002.webp", "sample-003.gif",
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return build_tiny_checkpoint(tmp_path_factory.mktemp("scan") / "tiny")
-
-
-@pytest.fixture(scope="module")
-async def detector(checkpoint: Path) -> AsyncIterator[InProcessDetector]:
-    detector = InProcessDetector(checkpoint, batch_size=4, max_new_tokens=12)
+async def detector(tiny_checkpoint: Path) -> AsyncIterator[InProcessDetector]:
+    detector = InProcessDetector(tiny_checkpoint, batch_size=4, max_new_tokens=12)
     await detector.start()
     yield detector
     await detector.stop()
@@ -195,7 +189,7 @@ def test_unreadable_and_oversized_files_are_reported(tmp_path: Path) -> None:
     assert found[str(tmp_path / "nope.gif")]["error"] == NOT_FOUND
 
 
-def test_scan_command(tree: Path, checkpoint: Path, tmp_path: Path) -> None:
+def test_scan_command(tree: Path, tiny_checkpoint: Path, tmp_path: Path) -> None:
     out, html = tmp_path / "cli.jsonl", tmp_path / "cli.html"
     result = CliRunner().invoke(
         app,
@@ -208,7 +202,7 @@ def test_scan_command(tree: Path, checkpoint: Path, tmp_path: Path) -> None:
             "--html",
             str(html),
             "--checkpoint",
-            str(checkpoint),
+            str(tiny_checkpoint),
             "--batch-size",
             "4",
             "--explain-above",

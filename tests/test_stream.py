@@ -10,9 +10,9 @@ from pathlib import Path
 import jsonschema
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
-from support import outcomes_for, publish_uploads, raw_messages, wait_for_commits
 
 from moderation.devkit.demo import stop_worker
+from moderation.devkit.lanes import outcomes_for, publish_uploads, raw_messages, wait_for_commits
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 SCHEMAS = {

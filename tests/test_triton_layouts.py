@@ -21,7 +21,7 @@ from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2
 
 from moderation.devkit import localstack
-from moderation.devkit.tinymodel import IMAGE_SEQ_LENGTH, build_tiny_checkpoint
+from moderation.devkit.tinymodel import IMAGE_SEQ_LENGTH
 
 ROOT = Path(__file__).resolve().parents[1] / "triton_models"
 GPU = ROOT / "gpu"
@@ -219,11 +219,10 @@ def _pb_utils(engines: _Engines) -> types.ModuleType:
 
 
 @pytest.fixture(scope="module")
-def bls(tmp_path_factory: pytest.TempPathFactory) -> Any:
-    checkpoint = build_tiny_checkpoint(tmp_path_factory.mktemp("gpu-bls") / "tiny-fakevlm")
+def bls(tiny_checkpoint: Path) -> Any:
     from transformers import AutoProcessor
 
-    tokenizer = AutoProcessor.from_pretrained(checkpoint).tokenizer
+    tokenizer = AutoProcessor.from_pretrained(tiny_checkpoint).tokenizer
     vocab = 2048  # past the tiny tokenizer's ids, as 32064 is for FakeVLM's
     fake_id = tokenizer.encode("This is a fake", add_special_tokens=False)[-1]
     real_id = tokenizer.encode("This is a real", add_special_tokens=False)[-1]
@@ -237,7 +236,12 @@ def bls(tmp_path_factory: pytest.TempPathFactory) -> Any:
         mp.setitem(sys.modules, spec.name, module)  # dataclasses look their module up while it loads
         spec.loader.exec_module(module)
         model = module.TritonPythonModel()
-        params = {"tokenizer": str(checkpoint), "vocab_size": str(vocab), "max_new_tokens": "6", "threshold": "0.5"}
+        params = {
+            "tokenizer": str(tiny_checkpoint),
+            "vocab_size": str(vocab),
+            "max_new_tokens": "6",
+            "threshold": "0.5",
+        }
         config = {"parameters": {k: {"string_value": v} for k, v in params.items()}}
         model.initialize({"model_config": json.dumps(config), "model_repository": str(GPU / "fakevlm")})
         yield model, engines

@@ -15,8 +15,6 @@ import pytest
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2
 
-from moderation.devkit.tinymodel import build_tiny_checkpoint
-
 MODEL_DIR = Path(__file__).resolve().parents[1] / "triton_models" / "fakevlm"
 CONFIG = MODEL_DIR / "config.pbtxt"
 DataType = model_config_pb2.DataType
@@ -114,8 +112,7 @@ def _fake_pb_utils() -> types.ModuleType:
 
 
 @pytest.fixture(scope="module")
-def triton_model(tmp_path_factory: pytest.TempPathFactory) -> Any:
-    checkpoint = build_tiny_checkpoint(tmp_path_factory.mktemp("triton") / "tiny-fakevlm")
+def triton_model(tiny_checkpoint: Path) -> Any:
     with pytest.MonkeyPatch.context() as mp:
         mp.setitem(sys.modules, "triton_python_backend_utils", _fake_pb_utils())
         spec = importlib.util.spec_from_file_location("fakevlm_triton_model", MODEL_DIR / "1" / "model.py")
@@ -126,7 +123,7 @@ def triton_model(tmp_path_factory: pytest.TempPathFactory) -> Any:
     config = json.dumps(
         {
             "parameters": {
-                "checkpoint": {"string_value": str(checkpoint)},
+                "checkpoint": {"string_value": str(tiny_checkpoint)},
                 "threshold": {"string_value": "0.5"},
                 "max_new_tokens": {"string_value": "8"},
             }
