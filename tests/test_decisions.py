@@ -14,7 +14,6 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from typer.testing import CliRunner
 
 from moderation import cli
-from moderation.devkit import localstack
 from moderation.devkit.demo import stop_worker
 from moderation.events import BankEntry, Decision, utcnow
 from moderation.offline.decisions import ALL, precision_report
@@ -72,19 +71,6 @@ def test_precision_counts_the_latest_decision_per_event_and_only_the_models_fake
 @pytest.mark.slow
 def test_a_decision_becomes_the_images_bank_entry_and_eval_reads_the_topic(lane, tmp_path: Path) -> None:
     settings = lane.settings
-    topics = {name: f"{name}-{lane.settings.topic_uploads}" for name in ("review", "decisions", "bank")}
-    asyncio.run(
-        localstack.create_topics(
-            lane.info.kafka_bootstrap,
-            list(topics.values()),
-            settings.kafka_topic_partitions,
-            compacted=[topics["bank"]],
-        )
-    )
-    env = {f"MODERATION_TOPIC_{name.upper()}": topic for name, topic in topics.items()}
-    settings = settings.model_copy(
-        update={"topic_review": topics["review"], "topic_decisions": topics["decisions"], "topic_bank": topics["bank"]}
-    )
     sent = [
         decision("e1", "confirm_fake"),
         decision("e2", "escalate", image_sha256="cd" * 32),
@@ -116,7 +102,7 @@ def test_a_decision_becomes_the_images_bank_entry_and_eval_reads_the_topic(lane,
             await consumer.stop()
         return entries
 
-    worker = lane.worker(**env)
+    worker = lane.worker()
     try:
         asyncio.run(produce())
         entries = asyncio.run(bank(2))
@@ -133,7 +119,7 @@ def test_a_decision_becomes_the_images_bank_entry_and_eval_reads_the_topic(lane,
     assert "decision refused" in lane.log()
 
     env_file = tmp_path / "stack.env"
-    env_file.write_text("\n".join(f"{k}={v}" for k, v in (lane.env | env).items()) + "\n")
+    env_file.write_text("\n".join(f"{k}={v}" for k, v in lane.env.items()) + "\n")
     out = tmp_path / "decisions.json"
     result = CliRunner().invoke(
         cli.app, ["eval", "--decisions", "topic", "--env-file", str(env_file), "--out", str(out)]

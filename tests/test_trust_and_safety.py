@@ -14,7 +14,7 @@ from aiokafka import AIOKafkaConsumer
 from PIL import Image
 
 from moderation.client import event_message, publish, read_outcomes, upload_images
-from moderation.devkit import localstack, provenance_samples
+from moderation.devkit import provenance_samples
 from moderation.devkit.demo import stop_worker
 from moderation.devkit.samples import draw_image, encode
 from moderation.events import Decision, UploadEvent, Verdict, utcnow
@@ -103,23 +103,9 @@ def variant(data: bytes) -> bytes:
 
 
 def test_provenance_decisions_matches_and_tenant_policy(lane, tmp_path: Path) -> None:
-    suffix = lane.settings.topic_uploads
-    topics = {name: f"{name}-{suffix}" for name in ("review", "decisions", "bank")}
-    asyncio.run(
-        localstack.create_topics(
-            lane.info.kafka_bootstrap,
-            list(topics.values()),
-            lane.settings.kafka_topic_partitions,
-            compacted=[topics["bank"]],
-        )
-    )
     policy_file = tmp_path / "policy.yaml"
     policy_file.write_text(POLICY)
-    env = {f"MODERATION_TOPIC_{name.upper()}": topic for name, topic in topics.items()}
-    env |= {"MODERATION_POLICY_FILE": str(policy_file), "MODERATION_POLICY_RELOAD_S": "1"}
-    lane.settings = lane.settings.model_copy(
-        update={"topic_review": topics["review"], "topic_decisions": topics["decisions"], "topic_bank": topics["bank"]}
-    )
+    env = {"MODERATION_POLICY_FILE": str(policy_file), "MODERATION_POLICY_RELOAD_S": "1"}
     settings = lane.settings
     plain = encode(draw_image(5, (640, 480)), "JPEG")  # PDQ quality 66: textured enough to be matched
     ai_signed = provenance_samples.signed(

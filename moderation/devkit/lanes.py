@@ -104,6 +104,9 @@ def open_lane(
         "topic_flagged": f"{prefix}flagged-{suffix}",
         "topic_dlq": f"{prefix}dlq-{suffix}",
         "topic_cache": f"{prefix}cache-{suffix}",
+        "topic_review": f"{prefix}review-{suffix}",
+        "topic_decisions": f"{prefix}decisions-{suffix}",
+        "topic_bank": f"{prefix}bank-{suffix}",
         "kafka_consumer_group": f"{prefix}group-{suffix}",
         "data_dir": str(workdir / "faust"),
     }
@@ -116,7 +119,10 @@ def open_lane(
     topics = [getattr(lane_settings, name) for name in overrides if name.startswith("topic_")]
     asyncio.run(
         localstack.create_topics(
-            broker.kafka_bootstrap, topics, lane_settings.kafka_topic_partitions, compacted=[lane_settings.topic_cache]
+            broker.kafka_bootstrap,
+            topics,
+            lane_settings.kafka_topic_partitions,
+            compacted=[lane_settings.topic_cache, lane_settings.topic_bank],
         )
     )
     env = info.env() | {f"MODERATION_{k.upper()}": v for k, v in overrides.items()}
