@@ -25,6 +25,7 @@ from pydantic import SecretStr
 
 from moderation.client import upload_images
 from moderation.devkit import localstack
+from moderation.devkit.lanes import Lane, free_port
 from moderation.devkit.samples import write_samples
 from moderation.events import (
     C2paEvidence,
@@ -43,7 +44,6 @@ from moderation.review.queue import ReviewQueue
 from moderation.review.reader import QueueReader
 from moderation.settings import Settings
 from moderation.worker.kafka import aiokafka_options
-from tests.conftest import Lane, free_port
 
 DOCS = Path(__file__).resolve().parents[1] / "docs"
 ALICE_TOKEN = "alice-" + "a1" * 12
