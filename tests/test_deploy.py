@@ -48,7 +48,7 @@ CRDS = {
 KUSTOMIZATIONS = sorted(p.parent for p in DEPLOY.rglob("kustomization.yaml"))
 PROD = DEPLOY / "overlays" / "prod"
 OVERLAYS = [p for p in KUSTOMIZATIONS if p.parent.name == "overlays"]  # full stacks: dev, prod
-WORKER, TRITON = "moderation-worker", "moderation-triton"
+WORKER, TRITON, REVIEW = "moderation-worker", "moderation-triton", "moderation-review"
 
 
 def _rel(path: Path) -> str:
@@ -174,7 +174,12 @@ def test_worker_configmap_holds_only_valid_non_secret_settings(overlay: Path) ->
     fields = {f"MODERATION_{name.upper()}": name for name in Settings.model_fields}
     assert set(env) <= set(fields), f"not settings: {set(env) - set(fields)}"
     secret = {key for key, name in fields.items() if SecretStr in _union_args(Settings.model_fields[name].annotation)}
-    assert secret == {"MODERATION_KAFKA_SASL_PASSWORD", "MODERATION_S3_SECRET_ACCESS_KEY"}
+    assert secret == {
+        "MODERATION_KAFKA_SASL_PASSWORD",
+        "MODERATION_S3_SECRET_ACCESS_KEY",
+        "MODERATION_REVIEW_TOKENS",
+        "MODERATION_REVIEW_SESSION_SECRET",
+    }
     assert not set(env) & secret, "credentials belong in the Secret"
     settings = Settings.model_validate({fields[key]: value for key, value in env.items()})  # values parse
     assert settings.metrics_port == 8080
@@ -357,6 +362,124 @@ def test_secrets_and_workload_identity(overlay: Path) -> None:
         assert "MODERATION_S3_ACCESS_KEY_ID" in env
 
 
+# -- the review console and the per-tenant policy file ---------------------------------------------
+
+# Measured (deploy/README.md "The review console"): the console's RSS after its imports and app, and the
+# RSS one queued verdict adds (pydantic objects, FakeVLM explanation of 200-500 characters).
+REVIEW_BASE_MIB = 73
+REVIEW_VERDICT_BYTES = 8 * 1024
+REVIEW_KAFKA_FETCH_MIB = 24  # aiokafka's 1 MiB per partition, review and decisions topics at 12 each
+REVIEW_IMAGES_IN_FLIGHT = 8  # each held twice (S3 body, response) at most at the S3 byte cap
+
+
+def review_env(docs: tuple[dict[str, Any], ...]) -> dict[str, str]:
+    """The console's environment: the worker's ConfigMap overridden by its own `env`."""
+    explicit = {e["name"]: e["value"] for e in container(find(docs, "Deployment", REVIEW), "review").get("env", [])}
+    return worker_env(docs) | explicit
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS, ids=_rel)
+def test_review_console_deployment(overlay: Path) -> None:
+    docs = render(overlay)
+    deployment, worker = find(docs, "Deployment", REVIEW), find(docs, "Deployment", WORKER)
+    spec, review = pod_spec(deployment), container(deployment, "review")
+    assert review["image"] == container(worker, "worker")["image"], "the worker image runs the console"
+    assert review["args"] == ["review", "serve", "--host", "0.0.0.0", "--port", "8090"]
+    assert {p["name"]: p["containerPort"] for p in review["ports"]} == {"http": 8090}
+    for probe, path in (("startupProbe", "/healthz"), ("livenessProbe", "/healthz"), ("readinessProbe", "/readyz")):
+        assert review[probe]["httpGet"] == {"path": path, "port": "http"}, probe
+    # The worker's hardening: same user, read-only root, /tmp an emptyDir, no API token.
+    assert spec["securityContext"] == pod_spec(worker)["securityContext"]
+    assert review["securityContext"] == container(worker, "worker")["securityContext"]
+    [tmp] = [m for m in review["volumeMounts"] if m["mountPath"] == "/tmp"]
+    assert "emptyDir" in next(v for v in spec["volumes"] if v["name"] == tmp["name"])
+    assert spec["serviceAccountName"] == REVIEW and spec["automountServiceAccountToken"] is False
+    assert find(docs, "ServiceAccount", REVIEW)["automountServiceAccountToken"] is False
+    # Env: the worker's ConfigMap (topics, Kafka, S3) and the console's Secret, which no overlay generates.
+    refs = [(kind, ref["name"]) for r in review["envFrom"] for kind, ref in r.items()]
+    assert refs == [
+        ("configMapRef", find(docs, "ConfigMap", WORKER)["metadata"]["name"]),
+        ("secretRef", "moderation-review-secrets"),
+    ]
+    assert "moderation-review-secrets" not in names(docs, "Secret"), "reviewer tokens are never committed"
+    env = review_env(docs)
+    assert not {"MODERATION_REVIEW_TOKENS", "MODERATION_REVIEW_SESSION_SECRET"} & set(env)
+    fields = {f"MODERATION_{name.upper()}": name for name in Settings.model_fields}
+    Settings.model_validate({fields[k]: v for k, v in env.items()})  # the console's settings parse
+    # Two replicas that share nothing but the session key; a PDB keeps one through drains.
+    assert deployment["spec"]["replicas"] == 2
+    service = find(docs, "Service", REVIEW)
+    assert service["spec"]["type"] == "ClusterIP"
+    assert service["spec"]["ports"] == [{"name": "http", "port": 8090, "targetPort": "http", "protocol": "TCP"}]
+    if overlay.name == "prod":
+        # Reviewers come through the proxy's header; Kafka as the console's own principal, S3 by IRSA.
+        assert env["MODERATION_REVIEW_IDENTITY_HEADER"] == "X-Auth-Request-Email"
+        assert (
+            env["MODERATION_KAFKA_SASL_USERNAME"]
+            == "moderation-review"
+            != worker_env(docs)["MODERATION_KAFKA_SASL_USERNAME"]
+        )
+        role = find(docs, "ServiceAccount", REVIEW)["metadata"]["annotations"]["eks.amazonaws.com/role-arn"]
+        assert role.startswith("arn:aws:iam::")
+        users = {
+            u["metadata"]["name"]
+            for u in yaml.safe_load_all((DEPLOY / "topics" / "strimzi-kafkausers.yaml").read_text())
+        }
+        assert "moderation-review" in users
+
+
+def test_review_console_memory_comes_from_the_measured_figures() -> None:
+    docs = render(PROD)
+    env = review_env(docs)
+    fields = {f"MODERATION_{name.upper()}": name for name in Settings.model_fields}
+    settings = Settings.model_validate({fields[k]: v for k, v in env.items()})
+    images = REVIEW_IMAGES_IN_FLIGHT * 2 * settings.s3_max_object_bytes / MIB
+    verdicts = settings.review_max_items * REVIEW_VERDICT_BYTES / MIB
+    needed = (REVIEW_BASE_MIB + verdicts + REVIEW_KAFKA_FETCH_MIB + images) * HEADROOM
+    resources = container(find(docs, "Deployment", REVIEW), "review")["resources"]
+    request, limit = quantity_mib(resources["requests"]["memory"]), quantity_mib(resources["limits"]["memory"])
+    assert request == limit, "requested in full"
+    assert needed <= limit <= needed * 1.1, f"memory {limit:.0f} MiB, the arithmetic says {needed:.0f} MiB"
+
+
+POLICY_MOUNT = "/etc/moderation/policy"
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS, ids=_rel)
+def test_policy_configmap_is_mounted_as_a_directory_the_setting_points_into(overlay: Path) -> None:
+    docs = render(overlay)
+    [policy] = [d for d in docs if d["kind"] == "ConfigMap" and d["metadata"]["name"] == "moderation-policy"]
+    deployment = find(docs, "Deployment", WORKER)
+    [volume] = [v for v in pod_spec(deployment)["volumes"] if "configMap" in v]
+    assert volume["configMap"]["name"] == "moderation-policy", "no hash suffix: an edit reloads, never rolls out"
+    [mount] = [m for m in container(deployment, "worker")["volumeMounts"] if m["name"] == volume["name"]]
+    assert "subPath" not in mount, "a subPath mount never sees an edit of the ConfigMap"
+    assert mount["mountPath"] == POLICY_MOUNT and mount["readOnly"] is True
+    path = Path(worker_env(docs)["MODERATION_POLICY_FILE"])
+    assert path.parent == Path(POLICY_MOUNT) and path.name in policy["data"]
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS, ids=_rel)
+def test_the_deployed_policy_passes_policy_check(overlay: Path, tmp_path: Path) -> None:
+    """The file as rendered, over the worker's own settings, through `moderation policy check`."""
+    docs = render(overlay)
+    env = worker_env(docs)
+    policy = tmp_path / "policy.yaml"
+    policy.write_text(find(docs, "ConfigMap", "moderation-policy")["data"][Path(env["MODERATION_POLICY_FILE"]).name])
+    settings = tmp_path / "worker.env"
+    settings.write_text("".join(f"{k}={v}\n" for k, v in env.items() if k != "MODERATION_POLICY_FILE"))
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("MODERATION_")}
+    result = subprocess.run(
+        [sys.executable, "-m", "moderation", "policy", "check", str(policy), "--env-file", str(settings)],
+        capture_output=True,
+        text=True,
+        env=clean | {"COLUMNS": "200"},
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert re.search(r"valid, \d+ tenants", result.stdout), result.stdout
+
+
 # -- Triton -----------------------------------------------------------------------------------------
 
 
@@ -516,7 +639,7 @@ def test_the_tensorrt_llm_layout_is_a_recipe_no_kustomization_deploys(directory:
 @pytest.mark.parametrize("overlay", OVERLAYS, ids=_rel)
 def test_services_and_pdbs_select_the_deployments(overlay: Path) -> None:
     docs = render(overlay)
-    for name in (WORKER, TRITON):
+    for name in (WORKER, TRITON, REVIEW):
         deployment = find(docs, "Deployment", name)
         labels = deployment["spec"]["template"]["metadata"]["labels"]
         assert selects(deployment["spec"]["selector"], labels)
@@ -574,6 +697,19 @@ def test_network_policies(overlay: Path) -> None:
     assert [selects(peer["podSelector"], labels(WORKER)) for peer in grpc_in["from"]] == [True]
     assert grpc_in["ports"] == [{"protocol": "TCP", "port": 8001}]
     assert metrics["ports"] == [{"protocol": "TCP", "port": 8002}]
+    # The review console: reached only from the proxy's pods in the proxy's namespace (one peer, both
+    # selectors: the header it trusts comes from nowhere else); reaches Kafka, S3 and DNS only.
+    assert applying(REVIEW) == {
+        "default-deny",
+        "allow-dns",
+        "moderation-review-ingress",
+        "moderation-egress-kafka",
+        "moderation-worker-egress-s3",
+    }
+    [proxy_in] = policies["moderation-review-ingress"]["ingress"]
+    [peer] = proxy_in["from"]
+    assert peer["namespaceSelector"]["matchLabels"] and peer["podSelector"]["matchLabels"]
+    assert proxy_in["ports"] == [{"protocol": "TCP", "port": 8090}]
     # The topic Job reaches Kafka (and DNS) only.
     job = find(docs, "Job", "moderation-create-topics")["spec"]["template"]["metadata"]["labels"]
     assert {n for n, spec in policies.items() if selects(spec["podSelector"], job)} == {
