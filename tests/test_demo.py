@@ -14,7 +14,8 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 
 def test_the_demo_runs_start_to_finish(tmp_path: Path) -> None:
-    result = CliRunner().invoke(cli.app, ["demo", "--workdir", str(tmp_path / "demo"), "--images", "8"])
+    args = ["demo", "--workdir", str(tmp_path / "demo"), "--images", "8"]
+    result = CliRunner().invoke(cli.app, args, env={"COLUMNS": "250"})  # rich wraps its table to the width
     assert result.exit_code == 0, result.output[-4000:]
     out = result.output
     assert "provenance (C2PA)" in out  # the signed AI-declared upload
