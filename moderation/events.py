@@ -186,6 +186,36 @@ class Decision(_Message):
     model_action: Action
     model_decided_by: DecidedBy = "model"
 
+    @classmethod
+    def about(
+        cls,
+        verdict: Verdict,
+        decision: ReviewDecision,
+        reviewer: str,
+        *,
+        note: str | None = None,
+        at: datetime | None = None,
+    ) -> Decision:
+        """A reviewer's decision about a verdict, carrying what the bank needs of it (hash, location) and what
+        the verdict said, for `moderation eval --decisions`."""
+        return cls(
+            event_id=verdict.event_id,
+            image_sha256=verdict.image_sha256,
+            pdq=verdict.image.pdq,
+            pdq_quality=verdict.image.pdq_quality,
+            bucket=verdict.bucket,
+            key=verdict.key,
+            tenant=verdict.tenant,
+            decision=decision,
+            note=note,
+            reviewer=reviewer,
+            decided_at=at or utcnow(),
+            model_label=verdict.label,
+            model_score=verdict.score,
+            model_action=verdict.action,
+            model_decided_by=verdict.decided_by,
+        )
+
 
 class BankEntry(_Message):
     """One known image in the near-duplicate bank: compacted topic moderation.hash-bank, keyed by image sha256."""

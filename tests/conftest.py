@@ -5,4 +5,5 @@ pytest_plugins = [
     "fixtures.models",
     "fixtures.stack",
     "fixtures.lanes",
+    "fixtures.console",
 ]

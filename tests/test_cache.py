@@ -281,7 +281,7 @@ def test_a_worker_refuses_poisoned_cache_records(lane, tiny_checkpoint: Path, tm
         assert refused == {"future": 1, "key_mismatch": 2}
     finally:
         stop_worker(worker)
-    assert "entry refused (future)" in lane.log("poisoned")
+    assert "record refused (future)" in lane.log("poisoned")
 
 
 @pytest.mark.integration

@@ -6,26 +6,21 @@ from __future__ import annotations
 import asyncio
 import io
 import os
-import threading
 import time
-import urllib.error
-import urllib.parse
-import urllib.request
 import uuid
-from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import pytest
-import uvicorn
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord
+from fixtures.console import ConsoleServer
 from PIL import Image
 from pydantic import SecretStr
 
 from moderation.client import upload_images
 from moderation.devkit import localstack
-from moderation.devkit.lanes import Lane, free_port
+from moderation.devkit.lanes import Lane
 from moderation.devkit.samples import write_samples
 from moderation.events import (
     C2paEvidence,
@@ -39,7 +34,6 @@ from moderation.events import (
     Verdict,
 )
 from moderation.review import auth
-from moderation.review.app import create_app
 from moderation.review.queue import ReviewQueue
 from moderation.review.reader import QueueReader
 from moderation.settings import Settings
@@ -215,63 +209,6 @@ def test_same_origin_wants_our_host_in_origin_or_referer() -> None:
 
 
 # The console against the real stack, in a real browser
-
-
-class ConsoleServer:
-    """The console app served by uvicorn on a free port, in a thread of this process."""
-
-    def __init__(self, settings: Settings) -> None:
-        self.app = create_app(settings)
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self._server = uvicorn.Server(uvicorn.Config(self.app, host="127.0.0.1", port=self.port, log_level="warning"))
-        self._thread = threading.Thread(target=self._server.run, daemon=True)
-
-    def __enter__(self) -> ConsoleServer:
-        self._thread.start()
-        deadline = time.monotonic() + 60
-        while self.get("/readyz")[0] != 200:
-            assert time.monotonic() < deadline, "the console never caught up with its topics"
-            time.sleep(0.2)
-        return self
-
-    def __exit__(self, *_: object) -> None:
-        self._server.should_exit = True
-        self._thread.join(30)
-
-    def get(self, path: str, headers: dict[str, str] | None = None) -> tuple[int, dict[str, str], bytes]:
-        return self.call(urllib.request.Request(self.url + path, headers=headers or {}))
-
-    def post(self, path: str, form: dict[str, str], headers: dict[str, str]) -> tuple[int, dict[str, str], bytes]:
-        body = urllib.parse.urlencode(form).encode()
-        return self.call(urllib.request.Request(self.url + path, data=body, headers=headers, method="POST"))
-
-    @staticmethod
-    def call(request: urllib.request.Request) -> tuple[int, dict[str, str], bytes]:
-        try:
-            with urllib.request.urlopen(request, timeout=30) as response:
-                return response.status, {k.lower(): v for k, v in response.headers.items()}, response.read()
-        except urllib.error.HTTPError as exc:
-            return exc.code, {k.lower(): v for k, v in exc.headers.items()}, exc.read()
-        except OSError:
-            return 0, {}, b""
-
-
-@pytest.fixture
-def browser() -> Iterator[Any]:
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
-
-    options = webdriver.ChromeOptions()
-    for argument in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage"):
-        options.add_argument(argument)
-    options.add_argument("--window-size=1280,1000")
-    options.binary_location = "/usr/bin/chromium"
-    driver = webdriver.Chrome(service=Service("/usr/bin/chromedriver"), options=options)
-    try:
-        yield driver
-    finally:
-        driver.quit()
 
 
 def produce(settings: Settings, topic: str, messages: list[Verdict | Decision]) -> None:

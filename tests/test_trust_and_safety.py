@@ -17,7 +17,7 @@ from moderation.client import event_message, publish, read_outcomes, upload_imag
 from moderation.devkit import provenance_samples
 from moderation.devkit.demo import stop_worker
 from moderation.devkit.samples import draw_image, encode
-from moderation.events import Decision, UploadEvent, Verdict, utcnow
+from moderation.events import Decision, UploadEvent, Verdict
 from moderation.worker.kafka import aiokafka_options
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -72,22 +72,7 @@ def review_queue(settings, count: int, timeout_s: float = 60) -> list[Verdict]:
 
 
 def decide(settings, verdict: Verdict, decision: str) -> None:
-    message = Decision(
-        event_id=verdict.event_id,
-        image_sha256=verdict.image_sha256,
-        pdq=verdict.image.pdq,
-        pdq_quality=verdict.image.pdq_quality,
-        bucket=verdict.bucket,
-        key=verdict.key,
-        tenant=verdict.tenant,
-        decision=decision,  # type: ignore[arg-type]
-        reviewer="alice@example.com",
-        decided_at=utcnow(),
-        model_label=verdict.label,
-        model_score=verdict.score,
-        model_action=verdict.action,
-        model_decided_by=verdict.decided_by,
-    )
+    message = Decision.about(verdict, decision, "alice@example.com")  # type: ignore[arg-type]
     asyncio.run(publish(settings, [(message.event_id.encode(), message.to_bytes())], topic=settings.topic_decisions))
 
 

@@ -24,7 +24,7 @@ from moderation.devkit import localstack, provenance_samples
 from moderation.devkit.checkpoints import default_checkpoint
 from moderation.devkit.samples import bad_uploads
 from moderation.devkit.synthetic import write_images
-from moderation.events import Decision, Verdict, utcnow
+from moderation.events import Decision, Verdict
 from moderation.settings import Settings
 from moderation.worker.kafka import aiokafka_options
 from moderation.worker.storage import s3_client_args
@@ -153,22 +153,7 @@ def review_round(settings: Settings, bucket: str, outcomes: Outcomes, samples: P
         console.print("No fake sample with a PDQ hash good enough to bank: the near-duplicate step is skipped.")
         return True
     banked = max(fakes, key=lambda v: v.image.pdq_quality or 0)
-    decision = Decision(
-        event_id=banked.event_id,
-        image_sha256=banked.image_sha256,
-        pdq=banked.image.pdq,
-        pdq_quality=banked.image.pdq_quality,
-        bucket=banked.bucket,
-        key=banked.key,
-        tenant=banked.tenant,
-        decision="confirm_fake",
-        reviewer="demo-reviewer",
-        decided_at=utcnow(),
-        model_label=banked.label,
-        model_score=banked.score,
-        model_action=banked.action,
-        model_decided_by=banked.decided_by,
-    )
+    decision = Decision.about(banked, "confirm_fake", "demo-reviewer")
     asyncio.run(publish(settings, [(decision.event_id.encode(), decision.to_bytes())], topic=settings.topic_decisions))
     name = banked.attributes.get("filename", banked.event_id)
     console.print(f"A reviewer (demo-reviewer) confirmed {name} as fake; the worker banks the decision.")

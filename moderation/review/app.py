@@ -27,7 +27,7 @@ from starlette.responses import HTMLResponse, JSONResponse, RedirectResponse, Re
 from starlette.routing import Route
 
 from moderation.errors import Reason, Rejected
-from moderation.events import Decision, ReviewDecision, utcnow
+from moderation.events import Decision, ReviewDecision
 from moderation.review.auth import Identity, Reviewers, Session, Sessions, same_origin
 from moderation.review.queue import Item, ReviewQueue
 from moderation.review.reader import QueueReader
@@ -263,21 +263,7 @@ async def decide(ctx: _Context) -> Response:
 
 
 def decision_for(item: Item, choice: str, note: str | None, reviewer: str) -> Decision:
-    verdict = item.verdict
-    return Decision(
-        event_id=verdict.event_id,
-        image_sha256=verdict.image_sha256,
-        pdq=verdict.image.pdq,
-        tenant=verdict.tenant,
-        decision=choice,  # type: ignore[arg-type]  # checked against DECISIONS
-        note=note,
-        reviewer=reviewer,
-        decided_at=utcnow(),
-        model_label=verdict.label,
-        model_score=verdict.score,
-        model_action=verdict.action,
-        model_decided_by=verdict.decided_by,
-    )
+    return Decision.about(item.verdict, choice, reviewer, note=note)  # type: ignore[arg-type]  # checked against DECISIONS
 
 
 async def publish_decision(console: Console, decision: Decision) -> None:

@@ -21,15 +21,15 @@ import contextlib
 import logging
 import time
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Callable, Iterable
 from enum import StrEnum
 
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka import AIOKafkaProducer
 from pydantic import ValidationError
 
 from moderation.events import CacheEntry, ModelInfo, Verdict
 from moderation.settings import Settings
-from moderation.worker import metrics
+from moderation.worker import metrics, tables
 
 log = logging.getLogger(__name__)
 
@@ -204,58 +204,9 @@ class CacheFeed:
         self._failing += count
 
 
-async def load(
-    cache: VerdictCache, settings: Settings, partitions: Callable[[str], Awaitable[set[int]]]
-) -> asyncio.Task[None]:
-    """Follow the cache topic in a task; return it once the topic is read to its end (or after
-    MODERATION_CACHE_LOAD_TIMEOUT_S), so a restarted worker starts warm."""
-    loaded = asyncio.Event()
-    reader = asyncio.create_task(_follow(cache, settings, partitions, loaded), name="verdict-cache")
-    started = time.monotonic()
-    try:
-        await asyncio.wait_for(loaded.wait(), settings.cache_load_timeout_s)
-    except TimeoutError:
-        log.warning(
-            "verdict cache: %d entries after %.0f s, consuming before the rest",
-            len(cache),
-            settings.cache_load_timeout_s,
-        )
-    else:
-        log.info("verdict cache: %d entries loaded in %.1f s", len(cache), time.monotonic() - started)
-    return reader
-
-
-async def _follow(
-    cache: VerdictCache,
-    settings: Settings,
-    partitions: Callable[[str], Awaitable[set[int]]],
-    loaded: asyncio.Event,
-) -> None:
-    """Read the cache topic from its start for as long as the worker runs: every worker's verdicts."""
-    from moderation.worker.kafka import aiokafka_options
-
-    topic = settings.topic_cache
-    consumer = AIOKafkaConsumer(group_id=None, auto_offset_reset="earliest", **aiokafka_options(settings))
-    await consumer.start()
-    try:
-        assigned = [TopicPartition(topic, p) for p in sorted(await partitions(topic))]
-        if not assigned:
-            log.warning("verdict cache: topic %s has no partitions, so this worker's cache is its own", topic)
-        consumer.assign(assigned)
-        ends = await consumer.end_offsets(assigned)
-        while True:
-            if not loaded.is_set() and all([await consumer.position(tp) >= end for tp, end in ends.items()]):
-                loaded.set()
-            for records in (await consumer.getmany(timeout_ms=1000)).values():
-                for record in records:
-                    if refusal := cache.put_record(record.key, record.value):
-                        where = f"{record.topic}[{record.partition}]@{record.offset}"
-                        level = logging.WARNING if refusal.suspicious else logging.DEBUG
-                        log.log(level, "verdict cache: entry refused (%s) at %s", refusal, where)
-    except asyncio.CancelledError:
-        raise
-    except Exception:  # the cache is an optimisation: losing its feed must not stop the worker
-        log.exception("verdict cache feed stopped")
-    finally:
-        loaded.set()
-        await consumer.stop()
+async def load(cache: VerdictCache, settings: Settings, partitions: tables.Partitions) -> asyncio.Task[None]:
+    """Follow the verdict cache topic, read to its end first: a restarted worker starts warm."""
+    table = tables.Table(
+        "verdict cache", settings.topic_cache, settings.cache_load_timeout_s, cache.put_record, cache.__len__
+    )
+    return await tables.load(table, settings, partitions)

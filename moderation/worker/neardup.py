@@ -17,21 +17,19 @@ with no index structure to keep in step with the topic.
 from __future__ import annotations
 
 import asyncio
+import functools
 import itertools
 import logging
-import time
-from collections.abc import Awaitable, Callable
 from enum import StrEnum
 
 import numpy as np
 import pdqhash
-from aiokafka import AIOKafkaConsumer, TopicPartition
 from PIL import Image
 from pydantic import ValidationError
 
 from moderation.events import BankEntry
 from moderation.settings import Settings
-from moderation.worker import metrics
+from moderation.worker import metrics, tables
 
 log = logging.getLogger(__name__)
 
@@ -274,56 +272,13 @@ def put_record(bank: HashBank, key: bytes | None, value: bytes | None) -> Refusa
     return refusal
 
 
-async def load(
-    bank: HashBank, settings: Settings, partitions: Callable[[str], Awaitable[set[int]]]
-) -> asyncio.Task[None]:
-    """Follow the bank topic in a task; return it once the topic is read to its end (or after
-    MODERATION_BANK_LOAD_TIMEOUT_S), so a restarted worker matches against the whole bank."""
-    loaded = asyncio.Event()
-    reader = asyncio.create_task(_follow(bank, settings, partitions, loaded), name="hash-bank")
-    started = time.monotonic()
-    try:
-        await asyncio.wait_for(loaded.wait(), settings.bank_load_timeout_s)
-    except TimeoutError:
-        log.warning(
-            "hash bank: %d entries after %.0f s, consuming before the rest", len(bank), settings.bank_load_timeout_s
-        )
-    else:
-        log.info("hash bank: %d entries loaded in %.1f s", len(bank), time.monotonic() - started)
-    return reader
-
-
-async def _follow(
-    bank: HashBank,
-    settings: Settings,
-    partitions: Callable[[str], Awaitable[set[int]]],
-    loaded: asyncio.Event,
-) -> None:
-    """Read the bank topic from its start for as long as the worker runs, with no consumer group: every
-    worker holds the whole bank."""
-    from moderation.worker.kafka import aiokafka_options  # Faust with it: only where the worker runs
-
-    topic = settings.topic_bank
-    consumer = AIOKafkaConsumer(group_id=None, auto_offset_reset="earliest", **aiokafka_options(settings))
-    await consumer.start()
-    try:
-        assigned = [TopicPartition(topic, p) for p in sorted(await partitions(topic))]
-        if not assigned:
-            log.warning("hash bank: topic %s has no partitions, so nothing is matched", topic)
-        consumer.assign(assigned)
-        ends = await consumer.end_offsets(assigned)
-        while True:
-            if not loaded.is_set() and all([await consumer.position(tp) >= end for tp, end in ends.items()]):
-                loaded.set()
-            for records in (await consumer.getmany(timeout_ms=1000)).values():
-                for record in records:
-                    if refusal := put_record(bank, record.key, record.value):
-                        where = f"{record.topic}[{record.partition}]@{record.offset}"
-                        log.warning("hash bank: record refused (%s) at %s", refusal, where)
-    except asyncio.CancelledError:
-        raise
-    except Exception:  # matching is an extra signal: losing its feed must not stop the worker
-        log.exception("hash bank feed stopped")
-    finally:
-        loaded.set()
-        await consumer.stop()
+async def load(bank: HashBank, settings: Settings, partitions: tables.Partitions) -> asyncio.Task[None]:
+    """Follow the hash bank topic, read to its end first: a restarted worker matches against the whole bank."""
+    table = tables.Table(
+        "hash bank",
+        settings.topic_bank,
+        settings.bank_load_timeout_s,
+        functools.partial(put_record, bank),
+        bank.__len__,
+    )
+    return await tables.load(table, settings, partitions)
