@@ -29,6 +29,7 @@ from moderation.events import UploadEvent, Verdict
 from moderation.worker import app, tracing
 from moderation.worker.clients import Clients
 from moderation.worker.pipeline import Incoming
+from moderation.worker.policy import Policies
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -112,7 +113,7 @@ def test_one_trace_per_event_from_the_producer_to_the_outcome(
 
     async def moderate() -> None:
         clients = Clients(settings)
-        worker = await app.start(settings, clients)
+        worker = await app.start(settings, clients, Policies.from_settings(settings))
         try:
             await app.moderate_and_publish(settings, worker, clients, consumed)  # the agent's own batch step
         finally:
