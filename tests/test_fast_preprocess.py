@@ -5,13 +5,13 @@ import io
 
 import numpy as np
 import pytest
+from fixtures.models import LLAVA_PREPROCESSOR
 from PIL import Image
 from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 
 from moderation.devkit.samples import draw_image, encode
 from moderation.errors import Reason, Rejected
 from moderation.model.imaging import (
-    CLIP_MEAN,
     CLIP_STD,
     CROP_SIZE,
     FAST_MAX_ABS_DIFF,
@@ -27,19 +27,7 @@ ONE_LEVEL = 1 / 255 / min(CLIP_STD) + 1e-6  # one 8-bit level, in normalised uni
 
 @pytest.fixture(scope="module")
 def reference() -> CLIPImageProcessorPil:
-    # llava-hf/llava-1.5-7b-hf's preprocessor_config.json (FakeVLM's), on the backend transformers uses here.
-    return CLIPImageProcessorPil(
-        size={"shortest_edge": 336},
-        crop_size={"height": 336, "width": 336},
-        resample=3,
-        do_center_crop=True,
-        do_rescale=True,
-        rescale_factor=1 / 255,
-        do_normalize=True,
-        image_mean=list(CLIP_MEAN),
-        image_std=list(CLIP_STD),
-        do_convert_rgb=True,
-    )
+    return CLIPImageProcessorPil(**LLAVA_PREPROCESSOR)
 
 
 @functools.cache

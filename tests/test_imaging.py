@@ -2,29 +2,18 @@ import io
 
 import numpy as np
 import pytest
+from fixtures.models import LLAVA_PREPROCESSOR
 from PIL import Image
 from transformers import CLIPImageProcessor
 
 from moderation.devkit.samples import draw_image, encode
 from moderation.errors import Reason, Rejected
-from moderation.model.imaging import CLIP_MEAN, CLIP_STD, CROP_SIZE, decode, preprocess
+from moderation.model.imaging import CROP_SIZE, decode, preprocess
 
 
 @pytest.fixture(scope="module")
 def reference() -> CLIPImageProcessor:
-    # llava-hf/llava-1.5-7b-hf's preprocessor_config.json, which FakeVLM ships unchanged.
-    return CLIPImageProcessor(
-        size={"shortest_edge": 336},
-        crop_size={"height": 336, "width": 336},
-        resample=3,
-        do_center_crop=True,
-        do_rescale=True,
-        rescale_factor=1 / 255,
-        do_normalize=True,
-        image_mean=list(CLIP_MEAN),
-        image_std=list(CLIP_STD),
-        do_convert_rgb=True,
-    )
+    return CLIPImageProcessor(**LLAVA_PREPROCESSOR)
 
 
 @pytest.mark.parametrize("size", [(640, 480), (480, 640), (336, 336), (1000, 337), (120, 90), (2048, 1536)])
