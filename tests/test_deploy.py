@@ -853,7 +853,7 @@ def test_only_the_worker_principal_writes_the_cache_topic() -> None:
 # -- observability: scrape targets, dashboard, alerts, metric names ---------------------------------
 
 
-LABELLED_LISTS = {"worker-metrics.txt", "keda-metrics.txt"}  # the third column names the labels
+LABELLED_LISTS = {"worker-metrics.txt", "keda-metrics.txt", "review-metrics.txt"}  # the third column names the labels
 
 
 def metric_list(name: str) -> dict[str, set[str]]:
@@ -877,6 +877,7 @@ def metric_list(name: str) -> dict[str, set[str]]:
 
 WORKER_METRICS, TRITON_METRICS = metric_list("worker-metrics.txt"), metric_list("triton-metrics.txt")
 TRITON_SUMMARIES, KEDA_METRICS = metric_list("triton-summary-metrics.txt"), metric_list("keda-metrics.txt")
+REVIEW_METRICS = metric_list("review-metrics.txt")
 PROMETHEUS_OWN = {"up"}  # Prometheus' own per-target series for the worker and Triton scrapes
 TARGET_LABELS = {"namespace", "job", "pod", "instance", "service", "container", "endpoint"}
 PROMQL_WORDS = {
@@ -967,6 +968,7 @@ def test_metric_name_extraction() -> None:
 
 def test_every_expression_names_only_exported_metrics() -> None:
     known = set(WORKER_METRICS) | set(TRITON_METRICS) | set(TRITON_SUMMARIES) | set(KEDA_METRICS) | PROMETHEUS_OWN
+    known |= set(REVIEW_METRICS)
     known |= set(recording_rules())
     used: set[str] = set()
     for where, expr in expressions().items():
@@ -993,7 +995,7 @@ def test_label_matchers_use_labels_and_values_that_exist() -> None:
             if label == "reason" and metric == "moderation_outcomes_total":
                 assert set(value.split("|")) <= reasons, where
             if label == "job":
-                assert value in {WORKER, TRITON}, where
+                assert value in {WORKER, TRITON, REVIEW}, where
             if label == "model":
                 assert value == "fakevlm", where
 
@@ -1068,7 +1070,7 @@ def test_alerts_cover_lag_dead_letters_and_triton_and_link_their_runbook() -> No
 def test_service_monitors_scrape_the_services(overlay: Path) -> None:
     docs = render(overlay)
     monitors = {d["metadata"]["name"]: d for d in docs if d["kind"] == "ServiceMonitor"}
-    assert set(monitors) == {WORKER, TRITON}
+    assert set(monitors) == {WORKER, TRITON, REVIEW}
     rule = find(docs, "PrometheusRule", "moderation")
     for name, monitor in monitors.items():
         service = find(docs, "Service", name)

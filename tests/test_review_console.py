@@ -16,6 +16,7 @@ import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord
 from fixtures.console import ConsoleServer
 from PIL import Image
+from prometheus_client.parser import text_string_to_metric_families
 from pydantic import SecretStr
 
 from moderation.client import upload_images
@@ -392,6 +393,23 @@ def test_console_shows_a_flagged_upload_and_records_a_keyboard_decision(
         escalated = browser.find_element(By.CSS_SELECTOR, f'article.item[data-event-id="{review.event_id}"]')
         assert "escalated" in escalated.get_attribute("class")
         assert "alice: escalate" in escalated.text
+
+        # What an SRE scrapes: counts only, no item and no reviewer.
+        status, _, body = console.get("/metrics")
+        samples = {
+            (s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in text_string_to_metric_families(body.decode())
+            for s in family.samples
+        }
+        assert status == 200
+        assert samples[("moderation_review_decisions_total", (("decision", "confirm_fake"),))] >= 1
+        assert samples[("moderation_review_refusals_total", (("status", "401"),))] >= 4
+        assert samples[("moderation_review_reader_up", ())] == 1
+        assert samples[("moderation_review_items_awaiting", ())] == 2  # the escalated one and the other bucket's
+        assert b"alice" not in body
+        listed = DOCS.parent / "deploy" / "observability" / "review-metrics.txt"
+        names = {line.split()[0] for line in listed.read_text().splitlines() if line and not line.startswith("#")}
+        assert names == {name for name, _ in samples if not name.endswith("_created")}  # what alerts may use
 
     decisions = read_decisions(settings, want=3)
     ours = sorted(((k, d) for k, d in decisions if d.event_id != earlier.event_id), key=lambda kd: kd[1].decided_at)

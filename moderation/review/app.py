@@ -21,6 +21,7 @@ from urllib.parse import urlencode
 from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaError
 from jinja2 import Environment, PackageLoader, select_autoescape
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
@@ -28,6 +29,7 @@ from starlette.routing import Route
 
 from moderation.errors import Reason, Rejected
 from moderation.events import Decision, ReviewDecision
+from moderation.review import metrics
 from moderation.review.auth import Identity, Reviewers, Session, Sessions, same_origin
 from moderation.review.queue import Item, ReviewQueue
 from moderation.review.reader import QueueReader
@@ -113,6 +115,7 @@ def create_app(settings: Settings) -> Starlette:
         Route("/image/{event_id}", _page(image), methods=["GET"]),
         Route("/healthz", _page(healthz), methods=["GET"]),
         Route("/readyz", _page(readyz), methods=["GET"]),
+        Route("/metrics", _page(prometheus), methods=["GET"]),
     ]
     app = Starlette(routes=routes, lifespan=lifespan)
     app.state.console = console
@@ -159,6 +162,7 @@ class _Context:
         return response
 
     def refuse(self, status: int, title: str, detail: str) -> HTMLResponse:
+        metrics.REFUSED.labels(str(status)).inc()
         return self.render("refused.html", status, title=title, detail=detail)
 
     def unknown(self) -> HTMLResponse:
@@ -257,6 +261,7 @@ async def decide(ctx: _Context) -> Response:
         log.warning("decision not published: %s", exc, extra={"event_id": decision.event_id})
         return ctx.refuse(503, "Not recorded", "The broker did not acknowledge the decision: try again.")
     ctx.console.queue.add_decision(decision)
+    metrics.DECISIONS.labels(decision.decision).inc()
     log.info("%s decided %s", decision.reviewer, decision.decision, extra={"event_id": decision.event_id})
     back = {k: v for k in ("tenant", "action") if (v := form.get(k))} | {"done": decision.event_id}
     return ctx.with_cookie(RedirectResponse("/?" + urlencode(back), status_code=303))
@@ -299,6 +304,13 @@ async def healthz(ctx: _Context) -> Response:
     alive = ctx.console.reader.failure is None
     body = {"status": "ok" if alive else "reader stopped", "items": len(ctx.console.queue)}
     return JSONResponse(body, status_code=200 if alive else 503)
+
+
+async def prometheus(ctx: _Context) -> Response:
+    """Unauthenticated, as probes are: counts only, never an item or a reviewer."""
+    metrics.AWAITING.set(len(ctx.console.queue.awaiting(limit=ctx.console.settings.review_max_items)))
+    metrics.READER_UP.set(1 if ctx.console.reader.failure is None and ctx.console.reader.alive else 0)
+    return Response(generate_latest(metrics.REGISTRY), media_type=CONTENT_TYPE_LATEST)
 
 
 async def readyz(ctx: _Context) -> Response:
