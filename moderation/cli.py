@@ -70,7 +70,7 @@ def worker(env_file: EnvFile = None) -> None:
     try:
         tracing.configure()
         worker_app = create_app(settings)
-    except (ModerationError, ValueError) as exc:  # a configuration it cannot run with: nothing to restart into
+    except ModerationError as exc:  # a configuration it cannot run with: nothing to restart into
         console.print(f"[red]error:[/] {escape(str(exc))}")  # "[model]" is no markup
         raise typer.Exit(2) from exc
     Worker(

@@ -30,6 +30,7 @@ from pydantic import ValidationError
 from moderation.events import CacheEntry, ModelInfo, Verdict
 from moderation.settings import Settings
 from moderation.worker import metrics, tables
+from moderation.worker.kafka import aiokafka_options
 
 log = logging.getLogger(__name__)
 
@@ -133,8 +134,6 @@ class CacheFeed:
         self._failing = 0  # failures in a row: logged when they start and when they stop
 
     async def start(self) -> None:
-        from moderation.worker.kafka import aiokafka_options  # Faust with it: only where the worker runs
-
         timeout_ms = int(self._timeout_s * 1000)
         options = aiokafka_options(self._settings) | {"request_timeout_ms": timeout_ms}
         self._producer = AIOKafkaProducer(acks="all", **options)

@@ -67,8 +67,7 @@ async def crops_of(decision: Decision, store: ImageStore, examine: Callable[[byt
         data = await store.fetch(decision.bucket, decision.key)
         if hashlib.sha256(data).hexdigest() != decision.image_sha256:
             raise Rejected(Reason.CHECKSUM_MISMATCH, "the object changed since it was reviewed")
-        image = await asyncio.to_thread(examine, data)
-        return await asyncio.to_thread(crop_hashes, image)
+        return await asyncio.to_thread(lambda: crop_hashes(examine(data)))
     except Rejected as exc:
         log.warning("decision %s banked without crop hashes: %s", decision.event_id, exc.detail)
         return []

@@ -23,12 +23,12 @@ from opentelemetry.trace import SpanKind
 
 from moderation.errors import TRANSIENT, Reason, Rejected
 from moderation.events import (
-    BankEntry,
     CacheEntry,
     DeadLetter,
     ImageInfo,
     Match,
     ModelInfo,
+    Provenance,
     Timings,
     UploadEvent,
     Verdict,
@@ -161,7 +161,7 @@ class Pipeline:
             event = parse_upload(message.value)
             policy = self.policies.for_tenant(event.tenant)
             if self.trust_event_sha256 and event.sha256 and (hit := self._cached(event.sha256, policy)):
-                return self._verdict(event, hit, policy, cached=True, timings=_timings(time.perf_counter()))
+                return self._from_cache(event, hit, policy, _timings(time.perf_counter()))
             return event
         except Exception as exc:
             return self._failed(message, event, exc, first_error)
@@ -191,18 +191,17 @@ class Pipeline:
         fetched = time.perf_counter()
         digest = checked_sha256(data, event.sha256)
         if hit := self._cached(digest, policy):
-            return self._verdict(event, hit, policy, cached=True, timings=_timings(started, fetched))
+            return self._from_cache(event, hit, policy, _timings(started, fetched))
         with tracing.span_in(trace, "decode"):
             examined = await self._examine(data)
         decoded = time.perf_counter()
-        decided = deciding.without_model(
-            policy, examined.provenance, self._reviewed(digest), self._match(examined.image, policy)
-        )
+        decided, match = self._evidence(digest, examined.image, examined.provenance, policy)
         if deciding.skips_model(policy, decided):
             entry = _unscored(digest, examined, decided, self.clock())
         else:
             entry = await self._detect(digest, examined, policy, trace)
-        return self._verdict(event, entry, policy, cached=False, timings=_timings(started, fetched, decoded))
+        decided = decided or deciding.by_model(policy, entry.score, entry.label, match)
+        return self._verdict(event, entry, policy, decided, cached=False, timings=_timings(started, fetched, decoded))
 
     async def _detect(self, digest: str, examined: Examined, policy: Policy, trace: Context | None) -> CacheEntry:
         with metrics.INFLIGHT.track_inprogress(), tracing.span_in(trace, "inference", SpanKind.CLIENT):
@@ -242,8 +241,18 @@ class Pipeline:
             return None
         return self.cache.get(sha256, model=self.detector.model, explain_above=policy.explain_above)
 
-    def _reviewed(self, sha256: str) -> BankEntry | None:
-        return self.bank.by_sha256(sha256) if self.bank is not None else None
+    def _evidence(
+        self, sha256: str, image: ImageInfo, provenance: Provenance | None, policy: Policy
+    ) -> tuple[deciding.Decided | None, Match | None]:
+        """What decides without the model, if anything, and the nearest banked image: one bank lookup each."""
+        match = self._match(image, policy)
+        reviewed = self.bank.by_sha256(sha256) if self.bank is not None else None
+        return deciding.without_model(policy, provenance, reviewed, match), match
+
+    def _from_cache(self, event: UploadEvent, hit: CacheEntry, policy: Policy, timings: Timings) -> Verdict:
+        decided, match = self._evidence(hit.image_sha256, hit.image, hit.provenance, policy)
+        decided = decided or deciding.by_model(policy, hit.score, hit.label, match)
+        return self._verdict(event, hit, policy, decided, cached=True, timings=timings)
 
     def _match(self, image: ImageInfo, policy: Policy) -> Match | None:
         """The nearest banked image within the policy's distance, when matching is on and the hash is good."""
@@ -254,12 +263,15 @@ class Pipeline:
         return deciding.as_match(*found) if found is not None else None
 
     def _verdict(
-        self, event: UploadEvent, entry: CacheEntry, policy: Policy, *, cached: bool, timings: Timings
+        self,
+        event: UploadEvent,
+        entry: CacheEntry,
+        policy: Policy,
+        decided: deciding.Decided,
+        *,
+        cached: bool,
+        timings: Timings,
     ) -> Verdict:
-        match = self._match(entry.image, policy)
-        decided = deciding.without_model(
-            policy, entry.provenance, self._reviewed(entry.image_sha256), match
-        ) or deciding.by_model(policy, entry.score, entry.label, match)
         return Verdict(
             event_id=event.event_id,
             bucket=event.bucket,

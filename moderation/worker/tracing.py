@@ -25,6 +25,7 @@ from opentelemetry import context as otel_context
 from opentelemetry import propagate, trace
 from opentelemetry.propagators.textmap import Getter
 
+from moderation.errors import ModerationError
 from moderation.events import DeadLetter, Verdict
 
 if TYPE_CHECKING:
@@ -42,7 +43,7 @@ Headers = Sequence[tuple[str, bytes | None]]
 
 def configure() -> bool:
     """Install the SDK's tracer provider with the exporters OTEL_TRACES_EXPORTER names; False when tracing
-    stays off. An unknown exporter name is a configuration error (ValueError), not a silent no-op."""
+    stays off. An unknown exporter name is a configuration error (ModerationError), not a silent no-op."""
     names = [n.strip() for n in os.environ.get("OTEL_TRACES_EXPORTER", "").split(",") if n.strip()]
     if os.environ.get("OTEL_SDK_DISABLED", "").lower() == "true" or not names or names == ["none"]:
         return False
@@ -62,7 +63,7 @@ def configure() -> bool:
 def _exporter(name: str) -> Any:
     found = entry_points(group="opentelemetry_traces_exporter", name=name)
     if not found:
-        raise ValueError(
+        raise ModerationError(
             f"OTEL_TRACES_EXPORTER={name}: no such span exporter installed "
             "(`otlp` needs pip install 'moderation[tracing]')"
         )
