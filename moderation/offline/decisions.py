@@ -9,12 +9,14 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from pathlib import Path
+from typing import Any
 
-from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
 from pydantic import BaseModel, ValidationError, computed_field
 
 from moderation.events import Decision
 from moderation.settings import Settings
+from moderation.worker.kafka import aiokafka_options, high_watermarks, read_range
 
 ALL = "(all tenants)"
 NO_TENANT = "(none)"
@@ -107,29 +109,23 @@ def read_file(path: Path) -> tuple[list[Decision], int]:
 
 async def read_topic(settings: Settings) -> tuple[list[Decision], int]:
     """Every decision on MODERATION_TOPIC_DECISIONS up to its end now (no consumer group, nothing committed)."""
-    from moderation.worker.kafka import aiokafka_options
-
-    consumer = AIOKafkaConsumer(group_id=None, auto_offset_reset="earliest", **aiokafka_options(settings))
+    consumer = AIOKafkaConsumer(group_id=None, enable_auto_commit=False, **aiokafka_options(settings))
     await consumer.start()
-    decisions: list[Decision] = []
-    bad = 0
+    records: list[ConsumerRecord[Any, Any]] = []
     try:
         topic = settings.topic_decisions
         await consumer.topics()  # the cluster's metadata, this topic's partitions with it
         partitions = [TopicPartition(topic, p) for p in sorted(consumer.partitions_for_topic(topic) or ())]
-        if not partitions:
-            return [], 0
-        consumer.assign(partitions)
-        ends = await consumer.end_offsets(partitions)
-        records = []
-        while any([await consumer.position(tp) < end for tp, end in ends.items()]):
-            for batch in (await consumer.getmany(timeout_ms=1000)).values():
-                records.extend(batch)
-        for record in sorted(records, key=lambda r: r.timestamp):
-            try:
-                decisions.append(Decision.model_validate_json(record.value or b""))
-            except ValidationError:
-                bad += 1
+        if partitions:
+            start = await consumer.beginning_offsets(partitions)
+            stop = await high_watermarks(consumer, partitions)
+            records = [r async for batch in read_range(consumer, start, stop) for r in batch]
     finally:
         await consumer.stop()
+    decisions, bad = [], 0
+    for record in sorted(records, key=lambda r: r.timestamp):  # a later decision about an event replaces it
+        try:
+            decisions.append(Decision.model_validate_json(record.value or b""))
+        except ValidationError:
+            bad += 1
     return decisions, bad

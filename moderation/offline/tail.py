@@ -22,9 +22,8 @@ from rich.text import Text
 from moderation.errors import ModerationError
 from moderation.events import MESSAGES
 from moderation.settings import Settings
-from moderation.worker.kafka import aiokafka_options
+from moderation.worker.kafka import aiokafka_options, high_watermarks
 
-_IDLE_FETCHES = 10  # fetches without a high watermark before the end is taken as ListOffsets says
 _SHOWN_CHARS = 160  # of a detail, an explanation or a raw value, on a readable line
 
 
@@ -172,18 +171,10 @@ async def _partitions(consumer: AIOKafkaConsumer, topics: list[str]) -> list[Top
 
 
 async def _seek_to_end(consumer: AIOKafkaConsumer, partitions: list[TopicPartition]) -> None:
-    """Each partition's end is its high watermark, from a fetch: Tansu's ListOffsets answers with the last record
-    batch's base offset + 1, short of the end when that batch holds several records (the records a first
-    fetch returns meanwhile are dropped by the seek)."""
-    listed = await consumer.end_offsets(partitions)
+    """To each partition's high watermark (the records a first fetch returns meanwhile are dropped by the seek)."""
+    ends = await high_watermarks(consumer, partitions)
     for tp in partitions:
-        consumer.seek(tp, listed[tp])
-    for _ in range(_IDLE_FETCHES):
-        if all(consumer.highwater(tp) is not None for tp in partitions):
-            break
-        await consumer.getmany(timeout_ms=500)
-    for tp in partitions:
-        consumer.seek(tp, max(listed[tp], consumer.highwater(tp) or 0))
+        consumer.seek(tp, ends[tp])
 
 
 def to_json(record: Tailed) -> str:

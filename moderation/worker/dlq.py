@@ -25,7 +25,7 @@ from __future__ import annotations
 import binascii
 import logging
 import re
-from collections.abc import AsyncIterator, Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -35,7 +35,7 @@ from pydantic import ValidationError
 from moderation.errors import RETRYABLE, ModerationError, Reason
 from moderation.events import DeadLetter
 from moderation.settings import Settings
-from moderation.worker.kafka import aiokafka_options
+from moderation.worker.kafka import aiokafka_options, high_watermarks, read_range
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +43,6 @@ ATTEMPTS_HEADER = "moderation-attempts"
 DLQ_HEADER_PREFIX = "moderation.dlq."  # the dead letter's own headers: why and whence (Kafka Connect's way)
 REPLAY_GROUP_SUFFIX = "-dlq-replay"
 _COUNT = re.compile(rb"\s*\+?(\d{1,18})\s*")  # at most 18 digits: an int64 a Kafka client may have written
-_IDLE_FETCHES = 10  # empty fetches in a row before a read gives up on reaching the end offsets
 
 
 def attempts_from(headers: Mapping[Any, Any] | Iterable[Any] | None) -> int:
@@ -124,10 +123,10 @@ async def read_dead_letters(settings: Settings, *, limit: int = 100, newest_firs
     await consumer.start()
     try:
         partitions = await _partitions(consumer, settings.topic_dlq)
-        first, end = await consumer.beginning_offsets(partitions), await _ends(consumer, partitions)
+        first, end = await consumer.beginning_offsets(partitions), await high_watermarks(consumer, partitions)
         start = {tp: max(first[tp], end[tp] - limit) if newest_first else first[tp] for tp in partitions}
         stop = {tp: min(end[tp], start[tp] + limit) for tp in partitions}
-        stored = [parse(r) async for batch in _read(consumer, start, stop) for r in batch]
+        stored = [parse(r) async for batch in read_range(consumer, start, stop) for r in batch]
     finally:
         await consumer.stop()
     stored.sort(key=lambda s: (s.timestamp_ms, s.partition, s.offset), reverse=newest_first)
@@ -166,10 +165,10 @@ async def replay(
         await client.start()
     try:
         partitions = await _partitions(reader, settings.topic_dlq)
-        first, end = await reader.beginning_offsets(partitions), await _ends(reader, partitions)
+        first, end = await reader.beginning_offsets(partitions), await high_watermarks(reader, partitions)
         done = {reason: await _committed(group, partitions, first) for reason, group in groups.items()}
         start = {tp: min(done[reason][tp] for reason in chosen) for tp in partitions}
-        async for batch in _read(reader, start, end):
+        async for batch in read_range(reader, start, end):
             for record in batch:
                 stored = parse(record)
                 verdict = _decide(stored, max_attempts, done, chosen)
@@ -233,42 +232,6 @@ async def _partitions(consumer: AIOKafkaConsumer, topic: str) -> list[TopicParti
     if not ids:
         raise TopicMissing(f"topic {topic} does not exist")
     return [TopicPartition(topic, p) for p in sorted(ids)]
-
-
-async def _ends(consumer: AIOKafkaConsumer, partitions: list[TopicPartition]) -> dict[TopicPartition, int]:
-    """Each partition's end offset (its high watermark), from a fetch: Tansu's ListOffsets answers with the
-    last record batch's base offset + 1, short of the end when that batch holds several records."""
-    listed = await consumer.end_offsets(partitions)
-    consumer.assign(partitions)
-    for tp in partitions:
-        consumer.seek(tp, listed[tp])
-    for _ in range(_IDLE_FETCHES):
-        if all(consumer.highwater(tp) is not None for tp in partitions):
-            break
-        await consumer.getmany(timeout_ms=500)  # records or not, the answer carries the high watermark
-    return {tp: max(listed[tp], consumer.highwater(tp) or 0) for tp in partitions}
-
-
-async def _read(
-    consumer: AIOKafkaConsumer, start: dict[TopicPartition, int], stop: dict[TopicPartition, int]
-) -> AsyncIterator[list[ConsumerRecord[Any, Any]]]:
-    """Records in [start, stop) of each partition, a partition's run at a time, in offset order."""
-    pending = [tp for tp in start if start[tp] < stop[tp]]
-    if not pending:
-        return  # and assign() no empty list: aiokafka's consumer then never stops
-    consumer.assign(pending)
-    for tp in pending:
-        consumer.seek(tp, start[tp])
-    idle = 0
-    while pending:
-        batch = await consumer.getmany(*pending, timeout_ms=1000)
-        idle = 0 if batch else idle + 1
-        if idle >= _IDLE_FETCHES:
-            raise TimeoutError(f"no records from {pending} before their end offsets {[stop[tp] for tp in pending]}")
-        for tp, records in batch.items():
-            yield [r for r in records if r.offset < stop[tp]]
-        pending = [tp for tp in pending if await consumer.position(tp) < stop[tp]]
-        consumer.pause(*(tp for tp in consumer.assignment() if tp not in pending))
 
 
 async def _republish(producer: AIOKafkaProducer, settings: Settings, stored: Stored) -> None:

@@ -6,10 +6,12 @@ from __future__ import annotations
 import asyncio
 import ssl
 import time
+from collections.abc import AsyncIterator
 from typing import Any, cast
 
 import aiokafka
 import faust
+from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
 from faust.transport.consumer import CONSUMER_FETCHING
 from faust.transport.drivers import aiokafka as faust_aiokafka
 from faust.types import TP, Message
@@ -181,3 +183,43 @@ def faust_transport(settings: Settings, app: faust.App) -> FaustTransport:
         fetch_max_wait_ms=settings.kafka_fetch_max_wait_ms,
         shutdown_grace_s=settings.shutdown_grace_s,
     )
+
+
+# Reading a topic to its end without a consumer group (dead letters, decisions, `moderation tail`).
+IDLE_FETCHES = 10  # empty fetches in a row before a read gives up on reaching the end offsets
+
+
+async def high_watermarks(consumer: AIOKafkaConsumer, partitions: list[TopicPartition]) -> dict[TopicPartition, int]:
+    """Each partition's end offset (its high watermark), from a fetch: Tansu's ListOffsets answers with the
+    last record batch's base offset + 1, short of the end when that batch holds several records."""
+    listed = await consumer.end_offsets(partitions)
+    consumer.assign(partitions)
+    for tp in partitions:
+        consumer.seek(tp, listed[tp])
+    for _ in range(IDLE_FETCHES):
+        if all(consumer.highwater(tp) is not None for tp in partitions):
+            break
+        await consumer.getmany(timeout_ms=500)  # records or not, the answer carries the high watermark
+    return {tp: max(listed[tp], consumer.highwater(tp) or 0) for tp in partitions}
+
+
+async def read_range(
+    consumer: AIOKafkaConsumer, start: dict[TopicPartition, int], stop: dict[TopicPartition, int]
+) -> AsyncIterator[list[ConsumerRecord[Any, Any]]]:
+    """Records in [start, stop) of each partition, a partition's run at a time, in offset order."""
+    pending = [tp for tp in start if start[tp] < stop[tp]]
+    if not pending:
+        return  # and assign() no empty list: aiokafka's consumer then never stops
+    consumer.assign(pending)
+    for tp in pending:
+        consumer.seek(tp, start[tp])
+    idle = 0
+    while pending:
+        batch = await consumer.getmany(*pending, timeout_ms=1000)
+        idle = 0 if batch else idle + 1
+        if idle >= IDLE_FETCHES:
+            raise TimeoutError(f"no records from {pending} before their end offsets {[stop[tp] for tp in pending]}")
+        for tp, records in batch.items():
+            yield [r for r in records if r.offset < stop[tp]]
+        pending = [tp for tp in pending if await consumer.position(tp) < stop[tp]]
+        consumer.pause(*(tp for tp in consumer.assignment() if tp not in pending))
