@@ -150,6 +150,10 @@ class Settings(BaseSettings):
         300.0, ge=0, description="How long a starting worker waits for the model to be ready."
     )
     triton_timeout_s: float = Field(120.0, gt=0, description="Deadline of one inference request.")
+    triton_explain_model: str = Field(
+        "fakevlm_explain", description="Triton's model that explains an image (a verdict never waits for it)."
+    )
+    triton_explain_timeout_s: float = Field(300.0, gt=0, description="Deadline of one explanation request.")
 
     # Policy
     label_threshold: float = Field(0.5, ge=0, le=1, description="P(fake) at or above this is labelled fake.")

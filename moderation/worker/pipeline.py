@@ -205,7 +205,7 @@ class Pipeline:
 
     async def _detect(self, digest: str, examined: Examined, policy: Policy, trace: Context | None) -> CacheEntry:
         with metrics.INFLIGHT.track_inprogress(), tracing.span_in(trace, "inference", SpanKind.CLIENT):
-            detection = await self.detector.detect(examined.pixels, explain_above=policy.explain_above)
+            detection = await self.detector.detect(examined.pixels)
         entry = CacheEntry(
             image_sha256=digest,
             label=detection.label,
