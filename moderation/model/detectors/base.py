@@ -100,14 +100,14 @@ async def running(detector: _D) -> AsyncIterator[_D]:
 
 async def detect_each(detector: Detector, crops: np.ndarray, explain_above: float | Sequence[float]) -> list[Detection]:
     """Every image through `detector.detect` at once; then the rows whose score reaches their (or the shared)
-    limit through `detector.explain`, whose answer replaces the verdict."""
+    limit through `detector.explain`, whose answer (the same verdict, and its explanation) replaces it. A row
+    whose limit is <= 0 is explained whatever its score: it goes to `explain` alone, without a verdict pass."""
     limits = _per_row(explain_above, len(crops))
-    verdicts = list(await asyncio.gather(*(detector.detect(crop) for crop in crops)))
-    wanted = [i for i, (verdict, limit) in enumerate(zip(verdicts, limits, strict=True)) if verdict.score >= limit]
-    explained = await asyncio.gather(*(detector.explain(crops[i]) for i in wanted))
-    for i, detection in zip(wanted, explained, strict=True):
-        verdicts[i] = detection
-    return verdicts
+    asked = [i for i, limit in enumerate(limits) if limit > 0]
+    verdicts = dict(zip(asked, await asyncio.gather(*(detector.detect(crops[i]) for i in asked)), strict=True))
+    wanted = [i for i, limit in enumerate(limits) if i not in verdicts or verdicts[i].score >= limit]
+    explained = dict(zip(wanted, await asyncio.gather(*(detector.explain(crops[i]) for i in wanted)), strict=True))
+    return [explained.get(i) or verdicts[i] for i in range(len(crops))]
 
 
 def _per_row(explain_above: float | Sequence[float], rows: int) -> list[float]:
