@@ -78,8 +78,6 @@ class FakeVLM:
         self._answer_ids = self.prompt.answer
         self._fake_id, self._real_id = self.prompt.fake, self.prompt.real
         self._eos_ids = _eos_ids(model)
-        self._mean = torch.tensor(CLIP_MEAN, dtype=torch.float32, device=self.device).view(1, 3, 1, 1)
-        self._std = torch.tensor(CLIP_STD, dtype=torch.float32, device=self.device).view(1, 3, 1, 1)
 
     @classmethod
     def load(
@@ -189,20 +187,27 @@ class FakeVLM:
     def pixel_values(self, crops: np.ndarray | torch.Tensor) -> torch.Tensor:
         """uint8 crops (N, 336, 336, 3) -> the model's pixel_values (N, 3, 336, 336) in its dtype, on its device.
 
-        The one place the model side normalises: the same float32 operations in the same order as
-        `imaging.normalise` (x * (1/255), minus the mean, over the std), so the scores match the numpy path's;
-        only the uint8 crop crosses to the device (a quarter of the float32 bytes)."""
-        pixels = torch.as_tensor(crops)
-        if pixels.dtype != torch.uint8 or pixels.ndim != 4 or tuple(pixels.shape[1:]) != (CROP_SIZE, CROP_SIZE, 3):
-            expected = f"uint8 (N, {CROP_SIZE}, {CROP_SIZE}, 3)"
-            raise ValueError(f"crops must be {expected}, got {pixels.dtype} {tuple(pixels.shape)}")
-        chw = pixels.to(self.device).permute(0, 3, 1, 2).to(torch.float32)
-        scaled = chw * torch.tensor(RESCALE_FACTOR, dtype=torch.float32, device=self.device)
-        return ((scaled - self._mean) / self._std).to(self.model.dtype)
+        Normalised by `normalise_crops` (as `imaging.normalise` does, in float32), then cast."""
+        return normalise_crops(crops, self.device).to(self.model.dtype)
 
     def _pad_id(self) -> int | None:
         pad = self.tokenizer.pad_token_id
         return pad if pad is not None else self.tokenizer.eos_token_id
+
+
+def normalise_crops(crops: np.ndarray | torch.Tensor, device: torch.device | str) -> torch.Tensor:
+    """uint8 crops (N, 336, 336, 3) -> float32 pixel_values (N, 3, 336, 336) on `device`, for every model that
+    takes Triton's IMAGE (in-process, Triton CPU, the GPU BLS): `imaging.normalise`'s float32 operations in its
+    order (x * (1/255), minus CLIP's mean, over its std), so the scores match the numpy path's. Only the uint8
+    crop crosses to the device; a ValueError for anything else."""
+    pixels = torch.as_tensor(crops)
+    if pixels.dtype != torch.uint8 or pixels.ndim != 4 or tuple(pixels.shape[1:]) != (CROP_SIZE, CROP_SIZE, 3):
+        expected = f"uint8 (N, {CROP_SIZE}, {CROP_SIZE}, 3)"
+        raise ValueError(f"crops must be {expected}, got {pixels.dtype} {tuple(pixels.shape)}")
+    chw = pixels.to(device).permute(0, 3, 1, 2).to(torch.float32)
+    mean = torch.tensor(CLIP_MEAN, dtype=torch.float32, device=chw.device).view(1, 3, 1, 1)
+    std = torch.tensor(CLIP_STD, dtype=torch.float32, device=chw.device).view(1, 3, 1, 1)
+    return (chw * torch.tensor(RESCALE_FACTOR, dtype=torch.float32, device=chw.device) - mean) / std
 
 
 @dataclass(frozen=True)
