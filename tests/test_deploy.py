@@ -32,6 +32,8 @@ ROOT = Path(__file__).resolve().parents[1]
 DEPLOY = ROOT / "deploy"
 OBSERVABILITY = DEPLOY / "observability"
 MODEL_DIR = ROOT / "triton_models" / "fakevlm"
+EXPLAIN_DIR = ROOT / "triton_models" / "fakevlm_explain"  # the same weights, another Triton model (issue 19)
+MODEL_DIRS = (MODEL_DIR, EXPLAIN_DIR)
 
 # The oldest Kubernetes the README promises and the newest kubernetes-validate knows here.
 K8S_VERSIONS = ("1.30.0", "1.37.0")
@@ -215,7 +217,7 @@ def test_worker_deployment(overlay: Path) -> None:
 
 MIB = 1024 * 1024
 HEADROOM = 1.25  # allocator fragmentation and what the benches did not exercise
-PIXEL_TENSOR_BYTES = 3 * 336 * 336 * 4  # one preprocessed image, FP32, held until Triton answers
+IMAGE_BYTES = 336 * 336 * 3  # one image's uint8 crop (Triton's IMAGE), held until Triton answers
 
 
 def bench_summary(name: str) -> dict[str, Any]:
@@ -235,7 +237,7 @@ def worker_memory_mib(settings: Settings) -> float:
     budget), with headroom."""
     base = bench_summary("worst_images-cpu.txt")["baseline_peak_rss_mib"]
     in_flight = settings.batch_size * settings.max_inflight_batches
-    held = in_flight * (settings.s3_max_object_bytes + PIXEL_TENSOR_BYTES) / MIB
+    held = in_flight * (settings.s3_max_object_bytes + IMAGE_BYTES) / MIB
     return (base + held + settings.decode_budget_mib) * HEADROOM
 
 
@@ -258,28 +260,32 @@ def test_worker_resources_come_from_the_measured_figures(overlay: Path) -> None:
 
 
 def gpu_memory_mib(config: model_config_pb2.ModelConfig) -> float:
-    """deploy/README.md "Sizing": FakeVLM 7B in bf16 on one GPU, with a full dynamic batch whose every
-    row is explained (the KV cache of prompt + max_new_tokens), plus CUDA context and activations."""
+    """deploy/README.md "Sizing": one model's FakeVLM 7B in bf16 on the GPU, with a full dynamic batch (the
+    explain model's rows with the KV cache of prompt + max_new_tokens), plus CUDA context and activations."""
     header = (ROOT / "bench" / "results" / "gpu_fakevlm-nvidia-h200.txt").read_text()
     parameters = float(re.search(r"([\d,.]+) M parameters", header)[1].replace(",", "")) * 1e6  # type: ignore[index]
     prompt = int(re.search(r"prefix: (\d+) tokens", header)[1])  # type: ignore[index]
     layers, hidden, bf16 = 32, 4096, 2  # FakeVLM's config.json (shared/FAKEVLM.md)
-    tokens = prompt + int(config.parameters["max_new_tokens"].string_value)
+    explained = config.parameters["role"].string_value == "explain"
+    tokens = prompt + (int(config.parameters["max_new_tokens"].string_value) if explained else 0)
     kv_cache = config.max_batch_size * tokens * 2 * layers * hidden * bf16
     context_and_activations = 2048 * MIB  # not measured: CUDA context, cuBLAS workspace, prefill activations
     return (parameters * bf16 + kv_cache + context_and_activations) / MIB * 1.15
 
 
-def test_triton_needs_a_gpu_with_memory_enough_for_the_model() -> None:
-    config = text_format.Parse((MODEL_DIR / "configs" / "gpu.pbtxt").read_text(), model_config_pb2.ModelConfig())
+def test_triton_needs_a_gpu_with_memory_enough_for_both_models() -> None:
+    """The verdict and the explain model share the pod's one GPU, each with its own copy of the weights."""
+    configs = [
+        text_format.Parse((d / "configs" / "gpu.pbtxt").read_text(), model_config_pb2.ModelConfig()) for d in MODEL_DIRS
+    ]
     spec = pod_spec(find(render(PROD), "Deployment", TRITON))
     [term] = spec["affinity"]["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]["nodeSelectorTerms"]
     [memory] = [e for e in term["matchExpressions"] if e["key"] == "nvidia.com/gpu.memory"]
     assert memory["operator"] == "Gt"
     floor = int(memory["values"][0]) + 1  # MiB, as GPU feature discovery labels it
-    needed = gpu_memory_mib(config)
+    needed = sum(gpu_memory_mib(config) for config in configs)
     assert floor >= needed, f"nvidia.com/gpu.memory > {floor - 1} MiB admits GPUs under the {needed:.0f} MiB needed"
-    assert floor <= 23028, "an A10G or L4 (23028 MiB), the smallest GPUs it fits on, must stay eligible"
+    assert floor <= 46068, "an L40S (46068 MiB), the smallest GPU both models fit on, must stay eligible"
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS, ids=_rel)
@@ -504,6 +510,13 @@ def test_triton_deployment(overlay: Path) -> None:
     [weights] = [m for m in triton["volumeMounts"] if m["name"] == "weights"]
     assert (weights["mountPath"], weights.get("readOnly")) == ("/models/fakevlm/weights", True)
     assert 'key: "checkpoint"\n  value: { string_value: "weights" }' in (MODEL_DIR / "config.pbtxt").read_text()
+    # fakevlm_explain reads the same mount: its checkpoint is relative to its own directory.
+    explain_checkpoint = 'key: "checkpoint"\n  value: { string_value: "../fakevlm/weights" }'
+    assert all(explain_checkpoint in (EXPLAIN_DIR / name).read_text() for name in ("config.pbtxt", "configs/gpu.pbtxt"))
+    # Both models load: every model of the repository (no explicit model list), ready only when both are.
+    assert "--model-control-mode=none" in triton["args"] and not any(
+        a.startswith("--load-model") for a in triton["args"]
+    )
     [shm] = [m for m in triton["volumeMounts"] if m["mountPath"] == "/dev/shm"]
     assert next(v for v in spec["volumes"] if v["name"] == shm["name"])["emptyDir"]["medium"] == "Memory"
     volume = next(v for v in spec["volumes"] if v["name"] == "weights")
@@ -591,11 +604,12 @@ def test_triton_scales_on_queue_time(overlay: Path) -> None:
         assert selectors and all(f'namespace="{namespace}"' in s for s in selectors), meta["query"]
 
 
-def test_gpu_model_config_differs_from_the_default_only_in_instance_group() -> None:
+@pytest.mark.parametrize("model_dir", MODEL_DIRS, ids=lambda d: d.name)
+def test_gpu_model_config_differs_from_the_default_only_in_instance_group(model_dir: Path) -> None:
     def parse(path: Path) -> model_config_pb2.ModelConfig:
         return text_format.Parse(path.read_text(), model_config_pb2.ModelConfig())
 
-    default, gpu = parse(MODEL_DIR / "config.pbtxt"), parse(MODEL_DIR / "configs" / "gpu.pbtxt")
+    default, gpu = parse(model_dir / "config.pbtxt"), parse(model_dir / "configs" / "gpu.pbtxt")
     assert [(g.kind, g.count) for g in gpu.instance_group] == [(model_config_pb2.ModelInstanceGroup.KIND_GPU, 1)]
     del default.instance_group[:]
     del gpu.instance_group[:]
@@ -615,6 +629,16 @@ def test_triton_queue_is_bounded_so_overload_sheds_before_the_workers_give_up() 
         drain_s = queue / (config.max_batch_size * explain_rate)
         assert 0 < drain_s < settings.triton_timeout_s, f"{_rel(path)}: {queue} queued take {drain_s:.0f} s"
         assert queue >= settings.batch_size * settings.max_inflight_batches, _rel(path)
+    for path in (EXPLAIN_DIR / "config.pbtxt", EXPLAIN_DIR / "configs" / "gpu.pbtxt"):
+        config = text_format.Parse(path.read_text(), model_config_pb2.ModelConfig())
+        policy = config.dynamic_batching.default_queue_policy
+        batch_s = 1 / explain_rate  # one full batch, generated together
+        drain_s = policy.max_queue_size / (config.max_batch_size * explain_rate)
+        assert 0 < drain_s < settings.triton_explain_timeout_s, f"{_rel(path)}: takes {drain_s:.0f} s"
+        # Refused once it waited too long: what is still computed finishes before the worker gives up.
+        assert policy.timeout_action == model_config_pb2.ModelQueuePolicy.REJECT, _rel(path)
+        waited_s = policy.default_timeout_microseconds / 1e6
+        assert 0 < waited_s + batch_s < settings.triton_explain_timeout_s, _rel(path)
     args = container(find(prod, "Deployment", TRITON), "triton")["args"]
     assert "--metrics-config=summary_latencies=true" in args, "TritonQueueTimeHigh reads the queue-time summary"
 
@@ -1105,6 +1129,7 @@ def test_dockerfiles_match_the_manifests() -> None:
     assert tag and (int(tag[1]), int(tag[2])) >= (25, 1), "24.xx Triton images have Python 3.10"
     assert f"USER {triton_pod['securityContext']['runAsUser']}:" in triton
     assert "COPY triton_models/fakevlm /models/fakevlm" in triton
+    assert "COPY triton_models/fakevlm_explain /models/fakevlm_explain" in triton
     assert "mkdir -p /models/fakevlm/weights" in triton
     assert "--model-config-name=gpu" in triton
     ignore = (ROOT / ".dockerignore").read_text().splitlines()
