@@ -205,6 +205,7 @@ def test_without_a_kept_cache_explained_rows_are_prefilled_again_to_the_same_ans
     """The compiled verdict pass keeps no KV cache; its explanations must equal the cache path's."""
     from moderation.devkit.synthetic import samples
     from moderation.devkit.training import trained_checkpoint
+
     vlm = FakeVLM.load(trained_checkpoint())
     pixels = np.stack([crop(s.image) for s in samples(4, 5)])
     limits = [0.0, 2.0, 0.0, 0.0]

@@ -92,9 +92,7 @@ def test_lossless_formats_are_within_a_level_or_two(size, levels) -> None:
 def test_a_larger_reducing_gap_is_closer_to_the_reference(reference) -> None:
     data = encode(draw_image(21, (2400, 1800)), "JPEG")
     theirs = _theirs(reference, data)
-    errors = [
-        np.abs(_fast(data, reducing_gap=gap) - theirs).mean() for gap in (1.0, 3.0)
-    ]
+    errors = [np.abs(_fast(data, reducing_gap=gap) - theirs).mean() for gap in (1.0, 3.0)]
     assert errors[1] < errors[0]
 
 
