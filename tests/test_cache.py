@@ -188,6 +188,11 @@ async def cache_records(settings, timeout_s: float = 10.0) -> list[tuple[bytes |
 
 
 @pytest.mark.integration
+@pytest.mark.xfail(
+    strict=True,
+    reason="issue 19: detector.detect answers verdicts only; pipeline.py does not call detector.explain yet "
+    "(the lead's rework), so an entry without the explanation policy wants is a miss",
+)
 def test_identical_bytes_reach_the_model_once_across_worker_restarts(
     lane, tiny_checkpoint: Path, tmp_path: Path
 ) -> None:

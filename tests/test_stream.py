@@ -30,6 +30,11 @@ def parse_metrics(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], fl
     }
 
 
+@pytest.mark.xfail(
+    strict=True,
+    reason="issue 19: detector.detect answers verdicts only; pipeline.py does not call detector.explain yet "
+    "(the lead's rework), so no verdict carries an explanation",
+)
 def test_every_upload_gets_exactly_one_outcome_and_offsets_are_committed(lane, tmp_path: Path) -> None:
     settings = lane.settings
     published = publish_uploads(settings, tmp_path / "images", 50)
