@@ -187,3 +187,27 @@ async def test_triton_and_in_process_give_the_same_scores(stack: localstack.Stac
     assert [d.explanation is None for d in over_triton] == [d.explanation is None for d in here]
     assert [d.explanation is None for d in here] == [limit > 1 for limit in limits]
     assert len({round(d.score, 6) for d in here}) > 1  # different images, different scores
+
+
+def test_triton_says_when_explanations_come_from_other_weights(caplog: pytest.LogCaptureFixture) -> None:
+    triton = TritonDetector(Settings())
+    assert (triton.model.name, triton.explain_model.name) == ("fakevlm", "fakevlm_explain")
+    triton._answered_by(triton._verdict, "sha256:aaa")
+    with caplog.at_level("ERROR"):
+        triton._answered_by(triton._explainer, "sha256:aaa")
+        assert not caplog.records
+        triton._answered_by(triton._explainer, "sha256:bbb")
+    assert triton.explain_model.weights == "sha256:bbb" and triton.model.weights == "sha256:aaa"
+    assert "explanations come from other weights than verdicts" in caplog.text
+
+
+async def test_verdicts_and_explanations_at_once_score_as_one_at_a_time(
+    detector: InProcessDetector, pixels: np.ndarray
+) -> None:
+    # The two lanes call the one loaded model from two threads at once.
+    together = await asyncio.gather(*(detector.detect(p) for p in pixels), *(detector.explain(p) for p in pixels))
+    alone = [await detector.detect(p) for p in pixels]
+    scores = [d.score for d in alone]
+    assert [d.score for d in together[: len(pixels)]] == pytest.approx(scores, abs=1e-5)
+    assert [d.score for d in together[len(pixels) :]] == pytest.approx(scores, abs=1e-5)
+    assert all(d.explanation for d in together[len(pixels) :])
