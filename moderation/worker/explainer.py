@@ -128,7 +128,9 @@ class Explainer:
     ) -> DeadLetter:
         why = failure if failure.reason == Reason.INVALID_EVENT else _explanation_failed(failure)
         event_id = request.event_id if request is not None else None
-        return dead_letter(message, event_id, why, first, self.clock())
+        letter = dead_letter(message, event_id, why, first, self.clock())
+        # Replayed only when its own fault may pass (an outage, a bug): never a missing or replaced object.
+        return letter if failure.retryable or not letter.retryable else letter.model_copy(update={"retryable": False})
 
     def records(self, outcome: Explanation | DeadLetter, message: Incoming) -> list[Record]:
         """An explanation to its topic, keyed by event_id; a dead letter as the worker's are (original key and
