@@ -73,7 +73,9 @@ def verdict(key: str = "a.jpg", data: bytes = JPEG, score: float = 0.9) -> Verdi
 
 def request_message(v: Verdict, offset: int = 7) -> Incoming:
     request = ExplainRequest(event_id=v.event_id, verdict=v, requested_at=NOW)
-    return Incoming(value=request.to_bytes(), topic=SETTINGS.topic_explain_requests, partition=2, offset=offset, key=b"e1")
+    return Incoming(
+        value=request.to_bytes(), topic=SETTINGS.topic_explain_requests, partition=2, offset=offset, key=b"e1"
+    )
 
 
 def explainer(detector: Explaining, objects: dict[str, bytes] | None = None) -> Explainer:
@@ -98,14 +100,22 @@ async def test_transient_faults_are_retried_with_backoff_until_the_explanation_c
 async def test_an_outage_past_the_deadline_is_a_retryable_explanation_failed_letter() -> None:
     detector = Explaining(fail=Rejected(Reason.INFERENCE_UNAVAILABLE, "down"), failures=10**9)
     slow = Explainer(
-        Settings(explain_deadline_s=0.05), MemoryStore({"a.jpg": JPEG}), detector, FAST, clock=lambda: NOW  # type: ignore[arg-type]
+        Settings(explain_deadline_s=0.05),
+        MemoryStore({"a.jpg": JPEG}),
+        detector,
+        FAST,
+        clock=lambda: NOW,  # type: ignore[arg-type]
     )
     message = request_message(verdict())
     letter = await slow.answer(message)
     assert isinstance(letter, DeadLetter)
     assert (letter.reason, letter.retryable, letter.event_id) == (Reason.EXPLANATION_FAILED, True, "e1")
     assert letter.detail.startswith("inference_unavailable:") and letter.payload() == message.value
-    assert (letter.source_topic, letter.source_partition, letter.source_offset) == (SETTINGS.topic_explain_requests, 2, 7)
+    assert (letter.source_topic, letter.source_partition, letter.source_offset) == (
+        SETTINGS.topic_explain_requests,
+        2,
+        7,
+    )
 
 
 async def test_a_replaced_or_missing_object_is_a_final_letter_and_the_model_is_not_asked() -> None:

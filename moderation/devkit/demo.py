@@ -48,11 +48,11 @@ def settings_for(info: localstack.StackInfo, **overrides: str) -> Settings:
     return Settings(**(values | overrides))  # type: ignore[arg-type]
 
 
-def start_worker(env: dict[str, str], log_file: Path) -> subprocess.Popen[bytes]:
-    """`moderation worker` in its own process, as production runs it."""
+def start_worker(env: dict[str, str], log_file: Path, role: str = "worker") -> subprocess.Popen[bytes]:
+    """`moderation worker` (or another role: `explainer`) in its own process, as production runs it."""
     with log_file.open("ab") as log:
         return subprocess.Popen(
-            [sys.executable, "-m", "moderation", "worker"],
+            [sys.executable, "-m", "moderation", role],
             env=os.environ | env,
             stdout=log,
             stderr=subprocess.STDOUT,

@@ -47,12 +47,16 @@ class Lane:
     metrics_port: int = 0  # the last started worker's
     ports: dict[str, int] = field(default_factory=dict)  # every worker's, by name
 
-    def worker(self, name: str = "worker", **env: str) -> subprocess.Popen[bytes]:
-        """`moderation worker` in its own process, with /metrics, /live and /ready on a free port unless `env`
-        or the lane sets MODERATION_METRICS_PORT (0: off); its log is `workdir`/`name`.log."""
+    def worker(self, name: str = "worker", *, role: str = "worker", **env: str) -> subprocess.Popen[bytes]:
+        """`moderation worker` (or `role`) in its own process, with /metrics, /live and /ready on a free port
+        unless `env` or the lane sets MODERATION_METRICS_PORT (0: off); its log is `workdir`/`name`.log."""
         env = {"MODERATION_METRICS_PORT": self.env.get("MODERATION_METRICS_PORT") or str(free_port())} | env
         self.metrics_port = self.ports[name] = int(env["MODERATION_METRICS_PORT"])
-        return start_worker(self.env | env, self.workdir / f"{name}.log")
+        return start_worker(self.env | env, self.workdir / f"{name}.log", role)
+
+    def explainer(self, name: str = "explainer", **env: str) -> subprocess.Popen[bytes]:
+        """`moderation explainer` in its own process, as `worker` starts a worker."""
+        return self.worker(name, role="explainer", **env)
 
     def scrape(self, path: str = "/metrics", name: str | None = None) -> tuple[int, str]:
         port = self.ports[name] if name else self.metrics_port

@@ -41,7 +41,8 @@ def topic_name(name: str, settings: Settings) -> str:
 @dataclass(frozen=True)
 class Tailed:
     """One record, and what it holds: `kind` is the message it is (upload_event, verdict, dead_letter,
-    cache_entry, explain_request, explanation...), else json (a JSON object of no known message), null (a tombstone) or raw."""
+    cache_entry, explain_request, explanation...), else json (a JSON object of no known message), null (a
+    tombstone) or raw."""
 
     topic: str
     partition: int
