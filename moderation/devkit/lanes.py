@@ -111,6 +111,8 @@ def open_lane(
         "topic_review": f"{prefix}review-{suffix}",
         "topic_decisions": f"{prefix}decisions-{suffix}",
         "topic_bank": f"{prefix}bank-{suffix}",
+        "topic_explain_requests": f"{prefix}explain-requests-{suffix}",
+        "topic_explanations": f"{prefix}explanations-{suffix}",
         "kafka_consumer_group": f"{prefix}group-{suffix}",
         "data_dir": str(workdir / "faust"),
     }
