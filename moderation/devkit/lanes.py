@@ -207,16 +207,19 @@ async def raw_messages(settings: Settings, topic: str) -> list[bytes]:
         await consumer.stop()
 
 
-async def committed_offsets(settings: Settings) -> dict[int, int]:
-    """The worker group's committed offsets on the uploads topic, read without joining the group."""
+async def committed_offsets(
+    settings: Settings, *, group: str | None = None, topic: str | None = None
+) -> dict[int, int]:
+    """A group's committed offsets (the worker's on the uploads topic by default), read without joining it."""
+    topic = topic or settings.topic_uploads
     consumer = AIOKafkaConsumer(
-        group_id=settings.kafka_consumer_group, enable_auto_commit=False, **aiokafka_options(settings)
+        group_id=group or settings.kafka_consumer_group, enable_auto_commit=False, **aiokafka_options(settings)
     )
     await consumer.start()
     try:
         await consumer.topics()
-        partitions = sorted(consumer.partitions_for_topic(settings.topic_uploads) or ())
-        committed = {p: await consumer.committed(TopicPartition(settings.topic_uploads, p)) for p in partitions}
+        partitions = sorted(consumer.partitions_for_topic(topic) or ())
+        committed = {p: await consumer.committed(TopicPartition(topic, p)) for p in partitions}
         return {p: offset for p, offset in committed.items() if offset is not None}
     finally:
         await consumer.stop()
