@@ -379,8 +379,8 @@ def test_secrets_and_workload_identity(overlay: Path) -> None:
 
 def explainer_env(docs: tuple[dict[str, Any], ...]) -> dict[str, str]:
     """The explainer's environment: the worker's ConfigMap overridden by its own `env`."""
-    explicit = {e["name"]: e["value"] for e in container(find(docs, "Deployment", EXPLAINER), "explainer").get("env", [])}
-    return worker_env(docs) | explicit
+    explainer = container(find(docs, "Deployment", EXPLAINER), "explainer")
+    return worker_env(docs) | {e["name"]: e["value"] for e in explainer.get("env", [])}
 
 
 def settings_of(env: dict[str, str]) -> Settings:
@@ -428,10 +428,11 @@ def test_explainer_deployment(overlay: Path) -> None:
     if overlay.name == "prod":
         # Its own Kafka principal (ACLs in strimzi-kafkausers.yaml) and its own IRSA role; no Secret generated.
         assert env["MODERATION_KAFKA_SASL_USERNAME"] == EXPLAINER != worker_env(docs)["MODERATION_KAFKA_SASL_USERNAME"]
-        role = find(docs, "ServiceAccount", EXPLAINER)["metadata"]["annotations"]["eks.amazonaws.com/role-arn"]
-        assert role.startswith("arn:aws:iam::") and role != find(docs, "ServiceAccount", WORKER)["metadata"][
-            "annotations"
-        ]["eks.amazonaws.com/role-arn"]
+        role, worker_role = (
+            find(docs, "ServiceAccount", name)["metadata"]["annotations"]["eks.amazonaws.com/role-arn"]
+            for name in (EXPLAINER, WORKER)
+        )
+        assert role.startswith("arn:aws:iam::") and role != worker_role
         assert not any(n.startswith("moderation-explainer-secrets") for n in generated)
         assert "MODERATION_S3_ACCESS_KEY_ID" not in env
     else:
@@ -1005,9 +1006,9 @@ def test_only_the_worker_and_explainer_principals_write_the_cache_topic() -> Non
         return {u["metadata"]["name"] for u in users if allowed(u, "Write", topic) or allowed(u, "All", topic)}
 
     def group_readable(user: dict[str, Any], group: str) -> bool:
+        literal = {"type": "group", "name": group, "patternType": "literal"}
         return any(
-            acl["resource"] == {"type": "group", "name": group, "patternType": "literal"} and "Read" in acl["operations"]
-            for acl in user["spec"]["authorization"]["acls"]
+            acl["resource"] == literal and "Read" in acl["operations"] for acl in user["spec"]["authorization"]["acls"]
         )
 
     # The explainer writes back to the cache the verdicts it reads from explain requests: the chain holds
@@ -1207,9 +1208,8 @@ def test_dashboard_covers_the_stream_and_triton() -> None:
     assert {topic for topic, metric in required.items() if metric not in used} == set()
     assert any('outcome="dead_letter"' in t["expr"] for p in panels for t in p["targets"])
     # The explainer's own lag, apart from the workers'.
-    assert any(
-        "moderation_consumer_lag" in t["expr"] and f'job="{EXPLAINER}"' in t["expr"] for p in panels for t in p["targets"]
-    )
+    targets = [t["expr"] for p in panels for t in p["targets"]]
+    assert any("moderation_consumer_lag" in expr and f'job="{EXPLAINER}"' in expr for expr in targets)
 
 
 def test_dashboard_ships_as_a_configmap() -> None:
