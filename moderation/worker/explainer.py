@@ -252,7 +252,7 @@ class Running:
 def _count(outcomes: Sequence[Explanation | DeadLetter]) -> None:
     for outcome in outcomes:
         if isinstance(outcome, DeadLetter):
-            metrics.EXPLANATIONS.labels("dead_letter", outcome.detail.split(":", 1)[0]).inc()
+            metrics.EXPLANATIONS.labels("dead_letter", _fault(outcome)).inc()
             log.warning(
                 "explanation dead letter %s: %s", outcome.reason, outcome.detail, extra={"event_id": outcome.event_id}
             )
@@ -260,6 +260,12 @@ def _count(outcomes: Sequence[Explanation | DeadLetter]) -> None:
         metrics.EXPLANATIONS.labels("explained", "").inc()
         waited = (outcome.explained_at - outcome.verdict_decided_at).total_seconds()
         metrics.EXPLANATION_LATENCY.observe(max(0.0, waited))
+
+
+def _fault(letter: DeadLetter) -> str:
+    """The fault's own reason code (the letter's detail starts with it), never free text in a metric label."""
+    code = letter.detail.split(":", 1)[0] if letter.reason == Reason.EXPLANATION_FAILED else str(letter.reason)
+    return code if code in Reason.__members__.values() else str(letter.reason)
 
 
 def explain_consumer(settings: Settings) -> AIOKafkaConsumer:

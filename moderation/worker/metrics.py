@@ -123,7 +123,7 @@ EXPLANATIONS_PENDING = Gauge(
 EXPLANATION_LATENCY = Histogram(
     "moderation_explanation_seconds",
     "From the verdict's decision to its explanation's publication (explainer).",
-    buckets=LATENCY_BUCKETS,
+    buckets=(*LATENCY_BUCKETS, 600, 1200, 1800, 3600),  # a backlog of explanations is minutes, not a verdict's seconds
     registry=REGISTRY,
 )
 POLICY_INFO = Gauge(
