@@ -32,8 +32,8 @@ def parse_metrics(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], fl
 
 @pytest.mark.xfail(
     strict=True,
-    reason="issue 19: detector.detect answers verdicts only; pipeline.py does not call detector.explain yet "
-    "(the lead's rework), so no verdict carries an explanation",
+    reason="issue 19: verdicts no longer carry explanations (the explainer publishes them apart); everything "
+    "before the explanation assert passes, which is to be rewritten with the pipeline",
 )
 def test_every_upload_gets_exactly_one_outcome_and_offsets_are_committed(lane, tmp_path: Path) -> None:
     settings = lane.settings
