@@ -5,7 +5,6 @@ import json
 from datetime import UTC, datetime
 
 import numpy as np
-import pytest
 
 from moderation.devkit.samples import draw_image, encode
 from moderation.errors import Reason, Rejected
@@ -29,11 +28,6 @@ class MemoryStore:
         if key not in self.objects:
             raise Rejected(Reason.OBJECT_MISSING, key)
         return self.objects[key]
-
-
-# issue 19: `detect` answers verdicts only and the explainer, not the pipeline, explains; this test still
-# expects the explanation on the verdict and is to be rewritten with the pipeline (the lead's part).
-EXPLAIN_PENDING = pytest.mark.xfail(strict=True, reason="issue 19: explanations no longer come with the verdict")
 
 
 class FixedDetector:
@@ -69,17 +63,13 @@ def pipeline(detector: FixedDetector, backoff: Backoff = FAST) -> Pipeline:
     return Pipeline(store, detector, Policies.of(Policy(0.5, 0.8, 0.5)), 10**7, backoff=backoff, clock=lambda: NOW)
 
 
-@EXPLAIN_PENDING
-async def test_a_fake_image_is_flagged_with_its_explanation() -> None:
-    [outcome] = await pipeline(FixedDetector(0.93)).moderate_batch([message(event("e1", attributes={"a": "b"}))])
+async def test_a_fake_image_is_flagged_at_once_and_its_explanation_asked_for() -> None:
+    detector = FixedDetector(0.93)
+    [outcome] = await pipeline(detector).moderate_batch([message(event("e1", attributes={"a": "b"}))])
     assert isinstance(outcome, Verdict)
-    assert (outcome.event_id, outcome.label, outcome.action, outcome.answer_label) == (
-        "e1",
-        "fake",
-        "flag",
-        "fake",
-    )
-    assert outcome.explanation.startswith("This is a fake image.")
+    assert (outcome.event_id, outcome.label, outcome.action) == ("e1", "fake", "flag")
+    assert (outcome.explanation, outcome.answer_label, outcome.explanation_requested) == (None, None, True)
+    assert detector.calls == 1, "one verdict pass; the explainer, not the worker, asks for the text"
     assert (outcome.image.width, outcome.image.height, outcome.image.format) == (64, 48, "JPEG")
     assert outcome.attributes == {"a": "b"} and outcome.decided_at == NOW and outcome.model.name == "fixed"
 

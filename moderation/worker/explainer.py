@@ -321,7 +321,7 @@ async def _start(settings: Settings) -> Running:
     await clients.start()
     await running.consumer.start()
     if settings.metrics_port:
-        server = metrics.HealthServer(settings.metrics_port, clients.readiness, live=running.liveness)
+        server = metrics.HealthServer(settings.metrics_port, clients.explainer_readiness, live=running.liveness)
         await server.start()
         running.tasks.append(asyncio.create_task(_serve_until_cancelled(server), name="health"))
     log.info("explainer: group %s on %s", explainer_group(settings), settings.topic_explain_requests)

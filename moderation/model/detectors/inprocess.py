@@ -134,6 +134,9 @@ class InProcessDetector:
     async def ready(self) -> bool:
         return self._vlm is not None and len(self._lanes) == 2 and all(lane.running() for lane in self._lanes.values())
 
+    async def explain_ready(self) -> bool:
+        return await self.ready()  # one model in this process answers both
+
     async def detect(self, crop: np.ndarray) -> Detection:
         return await self._ask("verdict", crop)
 

@@ -21,6 +21,9 @@ class NullDetector:
     async def ready(self) -> bool:
         return True
 
+    async def explain_ready(self) -> bool:
+        return True
+
     async def detect(self, crop: np.ndarray) -> Detection:
         return Detection(score=0.0, label="real", explanation=None, answer_label=None)
 

@@ -160,6 +160,10 @@ class TritonDetector:
         except InferenceServerException:
             return False
 
+    async def explain_ready(self) -> bool:
+        """Whether the explain model is ready (the explainer's readiness)."""
+        return await self._model_ready(self._explainer.name)
+
     async def detect(self, crop: np.ndarray) -> Detection:
         return await self._infer(self._verdict, crop)
 
