@@ -98,13 +98,18 @@ def test_outputs(model_dir: Path, names: set[str]) -> None:
 
 
 @pytest.mark.parametrize(
-    ("model_dir", "checkpoint", "role"),
-    [(MODEL_DIR, "weights", "verdict"), (EXPLAIN_DIR, "../fakevlm/weights", "explain")],
+    ("model_dir", "checkpoint", "role", "yielding"),
+    [
+        (MODEL_DIR, "weights", "verdict", {}),
+        (EXPLAIN_DIR, "../fakevlm/weights", "explain", {"nice": "10", "threads": "1"}),
+    ],
 )
-def test_parameters(model_dir: Path, checkpoint: str, role: str) -> None:
+def test_parameters(model_dir: Path, checkpoint: str, role: str, yielding: dict[str, str]) -> None:
+    """The explain model yields the CPU to the verdict model (nice, one torch thread): its lower priority."""
     config = parse(model_dir / "config.pbtxt")
     params = {key: value.string_value for key, value in config.parameters.items()}
-    assert params == {"checkpoint": checkpoint, "role": role, "threshold": "0.5", "max_new_tokens": "128"}
+    expected = {"checkpoint": checkpoint, "role": role, "threshold": "0.5", "max_new_tokens": "128"} | yielding
+    assert params == expected
     # The local stack rewrites the checkpoint by regex over this exact layout.
     assert f'key: "checkpoint"\n  value: {{ string_value: "{checkpoint}" }}' in (model_dir / "config.pbtxt").read_text()
 

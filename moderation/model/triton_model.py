@@ -11,6 +11,7 @@ from __future__ import annotations
 import gc
 import json
 import math
+import os
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +35,7 @@ class FakeVLMTritonModel:
         config = json.loads(args["model_config"])
         params = {key: value["string_value"] for key, value in config.get("parameters", {}).items()}
         self._role = triton_io.role_of(params)
+        _lower_cpu_priority(int(params.get("nice", "0")), int(params.get("threads", "0")))
         self._threshold = float(params.get("threshold", "0.5"))
         self._max_new_tokens = int(params.get("max_new_tokens", "128"))
         checkpoint = checkpoint_relative_to(params.get("checkpoint", "weights"), Path(args["model_repository"]))
@@ -89,6 +91,18 @@ class FakeVLMTritonModel:
         except ModelError as exc:
             self._pb.Logger.log_warn(f"fakevlm ({self._role}): {exc}")
             return ""
+
+
+def _lower_cpu_priority(increment: int, threads: int) -> None:
+    """This instance's process yields the CPU to the others (`nice`, and at most `threads` torch threads, whose
+    idle OpenMP workers would otherwise spin on every core): the explain model's generation must not starve the
+    verdict model's forward passes where both share cores (the CPU here; the GPU's Python side)."""
+    if increment > 0:
+        os.nice(increment)
+    if threads > 0:
+        import torch
+
+        torch.set_num_threads(threads)
 
 
 def _device(args: dict[str, str]) -> str:
