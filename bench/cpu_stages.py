@@ -21,14 +21,16 @@ SAMPLE_RATE_HZ = 200
 _TICKS = os.sysconf("SC_CLK_TCK")
 
 # Stage -> substrings of a py-spy frame ("function (path:line)"). A sample belongs to the first tier whose
-# rules match any of its frames, and within a tier to the frame nearest the leaf: a pydantic call inside the
-# producer is pydantic, while aiokafka's connection code counts as consume only when no producer frame is
-# above it.
-_SPECIFIC = {
-    "PDQ": ("pdq_of", "pdqhash", "(_preview ", "worker/neardup.py"),
-    "provenance": ("worker/provenance.py", "c2pa/", "defusedxml/", "xml/etree"),
-    "decode + preprocess": ("model/imaging.py", "PIL/", "torch/", "worker/examine.py", "worker/budget.py"),
+# rules match any of its frames, and within a tier to the frame nearest the leaf. Our own work comes first, so
+# that Pillow under pdq_of is PDQ, not decoding; then libraries: a pydantic call inside the producer is
+# pydantic, while aiokafka's connection code counts as consume only when no producer frame is above it.
+_OURS_FIRST = {
+    "PDQ": ("pdq_of", "crop_hashes", "(_preview ", "worker/neardup.py"),
+    "provenance": ("worker/provenance.py",),
     "sha256": ("checked_sha256",),
+}
+_SPECIFIC = {
+    "decode + preprocess": ("model/imaging.py", "model/structure.py", "PIL/", "worker/examine.py", "budget.py"),
     "pydantic (events)": ("pydantic", "moderation/events.py"),
     "tracing": ("worker/tracing.py", "opentelemetry/"),
     "metrics": ("worker/metrics.py", "prometheus_client/"),
@@ -39,7 +41,9 @@ _SPECIFIC = {
 _CONSUME = {"Kafka consume (Faust, aiokafka)": ("faust/", "mode/", "aiokafka/", "worker/kafka.py", "worker/acks.py")}
 _OURS = {"pipeline (policy, deciding, verdicts)": ("moderation/",)}
 _LOOP = {"event loop": ("asyncio/", "uvloop", "selectors.py", "concurrent/futures", "threading.py")}
-TIERS = (_SPECIFIC, _CONSUME, _OURS, _LOOP)
+# The innermost Python frame while uvloop runs its loop in C (`run_forever` below the worker's entry point).
+_LOOP_LEAVES = ("Worker.execute_from_commandline", "run_until_complete", "run_forever", "uvloop")
+TIERS = (_OURS_FIRST, _SPECIFIC, _CONSUME, _OURS, _LOOP)
 OTHER = "other"
 
 
@@ -59,14 +63,17 @@ def thread_cpu_seconds(pid: int) -> Counter[str]:
             stat = (task / "stat").read_text()
         except OSError:  # the thread ended meanwhile
             continue
-        name = stat[stat.index("(") + 1 : stat.rindex(")")].rstrip("0123456789_-")
+        comm = stat[stat.index("(") + 1 : stat.rindex(")")].rstrip("0123456789_-")
+        name = "main (event loop)" if task.name == str(pid) else f"{comm or '?'} (others)"
         fields = stat[stat.rindex(")") + 2 :].split()
-        out[name or "?"] += (int(fields[11]) + int(fields[12])) / _TICKS
+        out[name] += (int(fields[11]) + int(fields[12])) / _TICKS
     return out
 
 
 def stage_of(frames: list[str]) -> str:
     """The stage of one sample, its frames root first."""
+    if frames and any(loop in frames[-1] for loop in _LOOP_LEAVES):
+        return "event loop"  # uvloop's own C code: polling, socket reads and writes, scheduling
     for tier in TIERS:
         for frame in reversed(frames):
             for stage, needles in tier.items():
@@ -125,6 +132,7 @@ class Recording:
         self._output.unlink(missing_ok=True)
         self.samples = stages_of(raw)
         if self.keep is not None:
+            self.keep.parent.mkdir(parents=True, exist_ok=True)
             self.keep.write_text(raw)
 
     def per_event_ms(self, events: int) -> dict[str, float]:
