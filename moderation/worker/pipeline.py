@@ -54,12 +54,14 @@ log = logging.getLogger(__name__)
 
 Outcome = Verdict | DeadLetter
 
-# Images up to this size (about 1 ms to decode and preprocess) are prepared on the event loop: a hand-off to a
-# thread costs more than that on a busy core (the GIL ping-pong), larger ones must not stall the loop. Only
-# objects up to INLINE_MAX_BYTES have their header read on the loop, as reading it costs at most a walk of
-# that many bytes within imaging's structure budget (a FakeVLM-sized 336x336 JPEG or WebP is under 20 KiB);
-# every other object, header included, goes to the decode threads.
-INLINE_MAX_PIXELS = 200_000
+# Images up to this size (thumbnails: a small fraction of a millisecond to decode, hash and preprocess) are
+# prepared on the event loop, where a hand-off to a thread would cost about as much as the work; larger ones go
+# to the decode threads, where Pillow and numpy run without the GIL beside the loop. A 336x336 JPEG costs about
+# 2 ms with PDQ and provenance: in the threads bench/pipeline.py gave 264 and 187 events/s, on the loop 155
+# (2026-12-07). Only objects up to INLINE_MAX_BYTES have their header read on the loop, as reading it costs at
+# most a walk of that many bytes within imaging's structure budget; every other object, header included, goes
+# to the decode threads.
+INLINE_MAX_PIXELS = 16_384
 INLINE_MAX_BYTES = 64 * 1024
 # base64 makes this 683 KiB: with the other fields a dead letter stays under Kafka's default 1 MB message cap.
 MAX_DEAD_LETTER_PAYLOAD = 512 * 1024
