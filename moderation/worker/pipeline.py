@@ -37,7 +37,7 @@ from moderation.events import (
     utcnow,
 )
 from moderation.model.detectors import Detector
-from moderation.model.imaging import DEFAULT_FORMATS, read_header
+from moderation.model.imaging import DEFAULT_FORMATS, Header, read_header
 from moderation.worker import deciding, metrics, tracing
 from moderation.worker.budget import ByteBudget
 from moderation.worker.cache import VerdictCache
@@ -224,13 +224,14 @@ class Pipeline:
         return entry
 
     async def _examine(self, data: bytes) -> Examined:
+        read: bytes | Header = data
         if len(data) <= INLINE_MAX_BYTES:
-            header = read_header(data, max_pixels=self.max_image_pixels, formats=self.image_formats)
-            if header.pixels <= INLINE_MAX_PIXELS:
-                return examine_header(header, fast=self.fast_preprocess)
+            read = read_header(data, max_pixels=self.max_image_pixels, formats=self.image_formats)
+            if read.pixels <= INLINE_MAX_PIXELS:
+                return examine_header(read, fast=self.fast_preprocess)
         work = functools.partial(
             examine,
-            data,
+            read,
             self.max_image_pixels,
             fast=self.fast_preprocess,
             formats=self.image_formats,
