@@ -1,8 +1,9 @@
 """The GPU Python model's scores against the in-process CPU scores, on the trained tiny FakeVLM.
 
 A device lent here has a GPU but no tritonserver and no TensorRT-LLM, so this drives the GPU model's own
-code (triton_models/gpu/fakevlm/1/model.py: its prompt ids, prompt-table ids, DLPack hand-offs, verdict
-from the logits, explanation decoding) with a stand-in for triton_python_backend_utils whose two engines
+code (triton_models/gpu/fakevlm/1/model.py, as both gpu/fakevlm (role verdict) and gpu/fakevlm_explain
+(role explain): the uint8 crops normalised on the GPU, its prompt ids, prompt-table ids, DLPack hand-offs,
+verdict from the logits, explanation decoding) with a stand-in for triton_python_backend_utils whose two engines
 are the checkpoint's own PyTorch modules on the GPU:
 - vision_encoder: `get_image_features` in fp16 (the TensorRT plan is built --fp16), output left on the GPU;
 - tensorrt_llm: the language model in --dtype, image tokens (ids >= vocab_size) looked up in the
@@ -12,7 +13,8 @@ What this cannot show: TensorRT-LLM's own kernels, paged KV reuse and in-flight 
 
 Checks, each printed with PASS or FAIL, then a JSON summary (also written to bench/results/):
 1. the in-process model on the GPU (the `configs/gpu.pbtxt` path) scores as on the CPU (fp32);
-2. the GPU BLS model scores as the in-process CPU model, within --tolerance, with the same labels;
+2. the GPU BLS model scores as the in-process CPU model, within --tolerance, with the same labels, in both
+   roles (the verdict model never generates; the explain model's explanations are compared too);
 3. an engine whose generation_logits start one step late (TensorRT-LLM before #3205) is refused, not
    scored: the GPU model checks that generation_logits[0] chose the first generated token;
 4. `moderation.offline.modelcheck`: verdict-first against free generation (eval.py's settings) on the GPU.
@@ -40,7 +42,7 @@ from moderation.devkit.synthetic import samples
 from moderation.devkit.tinymodel import build_tiny_checkpoint
 from moderation.devkit.training import TRAINED_CHECKPOINT
 from moderation.model.fakevlm import FakeVLM
-from moderation.model.imaging import preprocess
+from moderation.model.imaging import crop
 from moderation.offline.modelcheck import check
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -182,11 +184,11 @@ def stand_in_pb_utils(engines: Engines) -> types.ModuleType:
     module.InferenceRequest = InferenceRequest  # type: ignore[attr-defined]
     module.get_input_tensor_by_name = lambda request, name: request.get(name)  # type: ignore[attr-defined]
     module.get_output_tensor_by_name = lambda response, name: response.outputs.get(name)  # type: ignore[attr-defined]
-    module.Logger = types.SimpleNamespace(log_info=print, log_error=print)  # type: ignore[attr-defined]
+    module.Logger = types.SimpleNamespace(log_info=print, log_warn=print, log_error=print)  # type: ignore[attr-defined]
     return module
 
 
-def load_gpu_model(engines: Engines, checkpoint: Path, max_new_tokens: int) -> Any:
+def load_gpu_model(engines: Engines, checkpoint: Path, max_new_tokens: int, role: str = "verdict") -> Any:
     sys.modules["triton_python_backend_utils"] = stand_in_pb_utils(engines)
     spec = importlib.util.spec_from_file_location(f"fakevlm_gpu_bls_{id(engines)}", GPU_MODEL)
     assert spec is not None and spec.loader is not None
@@ -195,25 +197,30 @@ def load_gpu_model(engines: Engines, checkpoint: Path, max_new_tokens: int) -> A
     spec.loader.exec_module(module)
     model = module.TritonPythonModel()
     params = {
+        "role": role,
         "tokenizer": str(checkpoint),
         "vocab_size": str(engines.vocab),
         "max_new_tokens": str(max_new_tokens),
         "threshold": "0.5",
     }
     config = {"parameters": {k: {"string_value": v} for k, v in params.items()}}
-    model.initialize({"model_config": json.dumps(config), "model_repository": str(GPU_MODEL.parent.parent)})
+    device = engines.device
+    model.initialize(
+        {
+            "model_config": json.dumps(config),
+            "model_repository": str(GPU_MODEL.parent.parent),
+            "model_instance_kind": "GPU" if device.type == "cuda" else "CPU",
+            "model_instance_device_id": str(device.index or 0),
+        }
+    )
     return model
 
 
-def bls_score(model: Any, pixels: np.ndarray, explain_above: float, per_request: int) -> list[dict[str, Any]]:
-    """One Triton batch of requests of `per_request` rows each; rows back in order, or the error."""
-    requests = []
-    for start in range(0, len(pixels), per_request):
-        chunk = pixels[start : start + per_request]
-        above = np.full((len(chunk), 1), explain_above, dtype=np.float32)
-        requests.append(
-            {"PIXEL_VALUES": Tensor("PIXEL_VALUES", chunk), "EXPLAIN_ABOVE": Tensor("EXPLAIN_ABOVE", above)}
-        )
+def bls_score(model: Any, crops: np.ndarray, per_request: int) -> list[dict[str, Any]]:
+    """One Triton batch of requests of `per_request` uint8 crops each; rows back in order, or the error."""
+    requests = [
+        {"IMAGE": Tensor("IMAGE", crops[start : start + per_request])} for start in range(0, len(crops), per_request)
+    ]
     rows: list[dict[str, Any]] = []
     for response in asyncio.run(model.execute(requests)):
         if response.has_error():
@@ -221,7 +228,8 @@ def bls_score(model: Any, pixels: np.ndarray, explain_above: float, per_request:
             continue
         out = {name: t.as_numpy()[:, 0] for name, t in response.outputs.items()}
         for i in range(len(out["SCORE"])):
-            rows.append({"score": float(out["SCORE"][i]), "explanation": out["EXPLANATION"][i].decode()})
+            explanation = out["EXPLANATION"][i].decode() if "EXPLANATION" in out else None
+            rows.append({"score": float(out["SCORE"][i]), "explanation": explanation})
     return rows
 
 
@@ -272,7 +280,7 @@ def main(argv: list[str] | None = None) -> int:
     say(f"# gpu_bls_check: {card}, torch {torch.__version__}, {args.checkpoint.name}, {args.dtype} on the GPU")
     say("# no tritonserver / TensorRT-LLM here: the GPU model's code runs against PyTorch stand-ins (see docstring)")
     batch = list(samples(args.images, SEED))
-    pixels = np.stack([preprocess(s.image) for s in batch])
+    pixels = np.stack([crop(s.image) for s in batch])
     truth = [s.label for s in batch]
 
     def compare(checkpoint: Path, name: str) -> FakeVLM:
@@ -286,18 +294,22 @@ def main(argv: list[str] | None = None) -> int:
         gpu = FakeVLM.load(checkpoint, device=args.device, dtype=args.dtype)
         inproc = np.array([r.score for r in gpu.score(pixels, [float("inf")] * len(pixels))])
         verdict(f"{name}: in-process on GPU vs CPU", *_agreement(inproc, ref, args.tolerance))
-        engines = Engines(gpu)
-        bls = load_gpu_model(engines, checkpoint, args.new_tokens)
-        rows = bls_score(bls, pixels, 0.0, per_request=5)
-        bls.finalize()
-        errors = [r["error"] for r in rows if "error" in r]
-        if errors:
-            verdict(f"{name}: GPU BLS model vs CPU", False, f"{len(errors)} requests failed: {errors[0]}")
-            return gpu
-        ok, detail = _agreement(np.array([r["score"] for r in rows]), ref, args.tolerance)
-        one_pass = engines.vision_batches == [len(pixels)]
-        detail += f"; vision passes {engines.vision_batches}, {engines.llm_requests} LLM requests"
-        verdict(f"{name}: GPU BLS model vs CPU", ok and one_pass, detail)
+        for role in ("verdict", "explain"):
+            engines = Engines(gpu)
+            bls = load_gpu_model(engines, checkpoint, args.new_tokens, role)
+            rows = bls_score(bls, pixels, per_request=5)
+            bls.finalize()
+            errors = [r["error"] for r in rows if "error" in r]
+            if errors:
+                verdict(f"{name}: GPU BLS {role} model vs CPU", False, f"{len(errors)} requests failed: {errors[0]}")
+                return gpu
+            ok, detail = _agreement(np.array([r["score"] for r in rows]), ref, args.tolerance)
+            one_pass = engines.vision_batches == [len(pixels)]
+            requests = len(pixels) * (2 if role == "explain" else 1)  # a verdict request, then a generation
+            detail += f"; vision passes {engines.vision_batches}, {engines.llm_requests} LLM requests"
+            verdict(
+                f"{name}: GPU BLS {role} model vs CPU", ok and one_pass and engines.llm_requests == requests, detail
+            )
         same = sum(r["explanation"] == c.explanation for r, c in zip(rows, reference, strict=True))
         say(f"# {name}: explanations ({args.new_tokens} tokens, greedy) identical to the CPU's: {same}/{len(rows)}")
         say(f"#   GPU: {rows[0]['explanation'][:100]!r}")
@@ -311,7 +323,7 @@ def main(argv: list[str] | None = None) -> int:
 
     late = Engines(gpu, late_logits=True)
     stale = load_gpu_model(late, args.checkpoint, args.new_tokens)
-    rows = bls_score(stale, pixels[:8], float("inf"), per_request=4)
+    rows = bls_score(stale, pixels[:8], per_request=4)
     refused = [r for r in rows if "error" in r and "did not choose" in r["error"]]
     verdict(
         "late generation_logits refused",

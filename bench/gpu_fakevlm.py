@@ -93,7 +93,8 @@ def _sync(device: str) -> None:
 
 def pixels(batch: int, seed: int = 0) -> torch.Tensor:
     generator = torch.Generator().manual_seed(seed)
-    return torch.randn((batch, 3, CROP_SIZE, CROP_SIZE), generator=generator)  # float32, as Triton receives them
+    # uint8 crops, as Triton receives them: FakeVLM.score normalises them on its device
+    return torch.randint(0, 256, (batch, CROP_SIZE, CROP_SIZE, 3), generator=generator, dtype=torch.uint8)
 
 
 def naive_generate(vlm: FakeVLM, images: torch.Tensor, new_tokens: int) -> Any:
@@ -102,7 +103,7 @@ def naive_generate(vlm: FakeVLM, images: torch.Tensor, new_tokens: int) -> Any:
     return vlm.model.generate(
         input_ids=prompt,
         attention_mask=torch.ones_like(prompt),
-        pixel_values=images.to(device=vlm.device, dtype=vlm.model.dtype),
+        pixel_values=vlm.pixel_values(images),
         max_new_tokens=new_tokens,
         do_sample=False,
     )

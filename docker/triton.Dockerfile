@@ -1,8 +1,9 @@
 # syntax=docker/dockerfile:1
 # Triton Inference Server with the fakevlm model repository, on NVIDIA's Triton TensorRT-LLM image
-# (TensorRT-LLM is there for the engine path of the architecture; the fakevlm model served today is
-# the Python backend running FakeVLM with transformers on the GPU). The weights are NOT in the
-# image: Kubernetes mounts them at /models/fakevlm/weights (deploy/weights).
+# (TensorRT-LLM is there for the engine path of the architecture; the fakevlm (verdicts) and
+# fakevlm_explain (explanations) models served today are the Python backend running FakeVLM with
+# transformers on the GPU). The weights are NOT in the image: Kubernetes mounts them at
+# /models/fakevlm/weights (deploy/weights); fakevlm_explain reads them there too (../fakevlm/weights).
 # Build from the repository root:
 #   docker build -f docker/triton.Dockerfile -t registry.example.com/moderation/triton:0.1.0 .
 #
@@ -17,15 +18,16 @@ ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_BREAK_SYSTEM_PACKAGES
 # which leaves out torch and numpy: the image's own CUDA builds of both stay.
 COPY docker/requirements/triton.txt /tmp/triton.txt
 RUN pip install --no-deps --require-hashes -r /tmp/triton.txt && rm /tmp/triton.txt
-# triton_models/fakevlm/1/model.py imports moderation.model (fakevlm, imaging, identity, triton_io): the image
+# triton_models/*/1/model.py import moderation.model (triton_model, fakevlm, imaging, identity, triton_io): the image
 # carries that sub-package and what it imports (moderation/__init__.py, errors.py), not the worker.
 COPY moderation/__init__.py moderation/errors.py /opt/moderation/moderation/
 COPY moderation/model /opt/moderation/moderation/model
 ENV PYTHONPATH=/opt/moderation
-RUN python3 -c "import moderation.model.fakevlm, moderation.model.triton_io, torch; print('torch', torch.__version__)"
+RUN python3 -c "import moderation.model.triton_model, moderation.model.triton_io, torch; print('torch', torch.__version__)"
 
-# The model repository: fakevlm with its default (CPU) and gpu configs; weights mount point.
+# The model repository: fakevlm and fakevlm_explain with their default (CPU) and gpu configs; weights mount point.
 COPY triton_models/fakevlm /models/fakevlm
+COPY triton_models/fakevlm_explain /models/fakevlm_explain
 RUN rm -rf /models/fakevlm/weights && mkdir -p /models/fakevlm/weights \
  && find /models -name __pycache__ -prune -exec rm -rf {} +
 

@@ -49,6 +49,9 @@ TRUST_AND_SAFETY = Role("trust-and-safety", "Reviewers and takedown tooling: act
 DOWNSTREAM = Role("downstream", "Any reader of the outcomes: the platform's own state, audit, analytics.")
 OPERATORS = Role("operators", "On-call and tooling: `moderation dlq inspect`, `moderation tail`, alerts.")
 REVIEWERS = Role("reviewers", "The review console (`moderation review serve`): people deciding queued uploads.")
+EXPLAINER = Role(
+    "explainer", "The explainer (`moderation explainer`): FakeVLM's explanations, apart from the verdicts they explain."
+)
 
 
 @dataclass(frozen=True)
@@ -196,10 +199,28 @@ CACHE_ENTRY = Message(
         "description": "`<image sha256>/<model name>/<model weights>`: an entry whose key is not its own is refused.",
     },
 )
+EXPLAIN_REQUEST = Message(
+    "explain_request",
+    "Explain request",
+    "A verdict whose P(fake) is in the tenant's explain band, published with it: the explainer's work.",
+    key=_event_id_key("The upload's event_id."),
+    headers=OUTCOME_HEADERS,
+)
+EXPLANATION = Message(
+    "explanation",
+    "Explanation",
+    "FakeVLM's answer text about one upload, after its verdict (which it names and never changes); at least once.",
+    key=_event_id_key("The upload's event_id, as its verdict's."),
+    headers=OUTCOME_HEADERS,
+)
 
 
 def _worker_group(settings: Settings) -> str:
     return settings.kafka_consumer_group
+
+
+def _explainer_group(settings: Settings) -> str:
+    return f"{settings.kafka_consumer_group}-explainer"  # moderation.worker.explainer.explainer_group
 
 
 CHANNELS: tuple[Channel, ...] = (
@@ -246,6 +267,7 @@ CHANNELS: tuple[Channel, ...] = (
         (DEAD_LETTER,),
         (
             Operation(WORKER, "send", "Dead-letter an upload it cannot moderate, with a stable reason code."),
+            Operation(EXPLAINER, "send", "Dead-letter an explain request no explanation came of (explanation_failed)."),
             Operation(
                 REPLAY, "receive", "Read retryable letters; progress per reason: group `<group>-dlq-replay.<reason>`."
             ),
@@ -297,9 +319,39 @@ CHANNELS: tuple[Channel, ...] = (
         (CACHE_ENTRY,),
         (
             Operation(WORKER, "send", "Share each fresh verdict, best effort (never holding up an ack)."),
+            Operation(EXPLAINER, "send", "Share a verdict again with its explanation, when its own weights wrote it."),
             Operation(WORKER, "receive", "Read the table to its end at start, then follow it (no group)."),
         ),
         extra_config={"cleanup.policy": ["compact"]},
+    ),
+    Channel(
+        "explainRequests",
+        "topic_explain_requests",
+        "Verdicts to explain, each published with its verdict before the upload's offset is committed.",
+        (EXPLAIN_REQUEST,),
+        (
+            Operation(WORKER, "send", "Ask for an explanation of a verdict in the tenant's explain band."),
+            Operation(REPLAY, "send", "Re-publish an explanation_failed dead letter's original request."),
+            Operation(
+                EXPLAINER,
+                "receive",
+                "Explain a batch; commit it once its explanations (or dead letters) are out.",
+                _explainer_group,
+            ),
+        ),
+        retention_ms=7 * DAY_MS,
+    ),
+    Channel(
+        "explanations",
+        "topic_explanations",
+        "FakeVLM's explanations, keyed by event_id, each after the verdict it names; at least once.",
+        (EXPLANATION,),
+        (
+            Operation(EXPLAINER, "send", "Publish an explanation before its request's offset is committed."),
+            Operation(REVIEWERS, "receive", "Show each queued item's explanation once it arrives (no group)."),
+            Operation(TRUST_AND_SAFETY, "receive", "Attach the artifacts named to a flag's statement of reasons."),
+        ),
+        retention_ms=7 * DAY_MS,
     ),
 )
 

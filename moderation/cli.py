@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import logging.config
 import re
 from collections.abc import Coroutine
 from enum import StrEnum
@@ -80,6 +81,27 @@ def worker(env_file: EnvFile = None) -> None:
         quiet=True,
         shutdown_grace_s=settings.shutdown_grace_s,
     ).execute_from_commandline()
+
+
+@app.command()
+def explainer(env_file: EnvFile = None) -> None:
+    """Run the explainer until SIGTERM or Ctrl-C: explanations for the verdicts that asked for one."""
+    from moderation.errors import ModerationError
+    from moderation.logs import logging_config
+    from moderation.worker.explainer import serve
+
+    settings = load_settings(env_file)
+    logging.config.dictConfig(logging_config(settings.log_level))
+    try:
+        if settings.event_loop == "uvloop":
+            import uvloop
+
+            uvloop.run(serve(settings))
+        else:
+            asyncio.run(serve(settings))
+    except ModerationError as exc:  # a configuration it cannot run with: nothing to restart into
+        console.print(f"[red]error:[/] {escape(str(exc))}")
+        raise typer.Exit(2) from exc
 
 
 @app.command()

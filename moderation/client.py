@@ -21,7 +21,8 @@ from aiobotocore.session import get_session
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.structs import RecordMetadata
 
-from moderation.events import DeadLetter, UploadEvent, Verdict, utcnow
+from moderation.errors import Reason
+from moderation.events import DeadLetter, Explanation, UploadEvent, Verdict, utcnow
 from moderation.settings import Settings
 from moderation.worker.kafka import aiokafka_options
 from moderation.worker.storage import s3_client_args
@@ -134,6 +135,37 @@ async def read_outcomes(
     finally:
         await consumer.stop()
     return outcomes
+
+
+async def read_explanations(
+    settings: Settings, expected: set[str], *, timeout_s: float = 300.0
+) -> tuple[dict[str, Explanation], dict[str, DeadLetter]]:
+    """Read the explanations topic (and the explanation_failed dead letters) from the start until every expected
+    event_id has one or the other, or the timeout passes."""
+    consumer = AIOKafkaConsumer(
+        settings.topic_explanations,
+        settings.topic_dlq,
+        group_id=None,
+        auto_offset_reset="earliest",
+        enable_auto_commit=False,
+        **aiokafka_options(settings),
+    )
+    explained: dict[str, Explanation] = {}
+    failed: dict[str, DeadLetter] = {}
+    await consumer.start()
+    try:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline and not expected <= set(explained) | set(failed):
+            for records in (await consumer.getmany(timeout_ms=500)).values():
+                for record in records:
+                    if record.topic == settings.topic_explanations:
+                        explanation = Explanation.model_validate_json(record.value)
+                        explained[explanation.event_id] = explanation
+                    elif (letter := DeadLetter.model_validate_json(record.value)).reason == Reason.EXPLANATION_FAILED:
+                        failed[letter.event_id or ""] = letter
+    finally:
+        await consumer.stop()
+    return explained, failed
 
 
 def _complete(outcomes: Outcomes, expected: set[str], anonymous: int) -> bool:

@@ -23,10 +23,18 @@ class Reason(StrEnum):
     INFERENCE_UNAVAILABLE = "inference_unavailable"
     INTERNAL_ERROR = "internal_error"
     UNSUPPORTED_FORMAT = "unsupported_format"
+    # An explanation request (not an upload) that no explanation came of: its verdict stands as published.
+    EXPLANATION_FAILED = "explanation_failed"
 
 
 RETRYABLE = frozenset(
-    {Reason.STORAGE_UNAVAILABLE, Reason.INFERENCE_UNAVAILABLE, Reason.INFERENCE_FAILED, Reason.INTERNAL_ERROR}
+    {
+        Reason.STORAGE_UNAVAILABLE,
+        Reason.INFERENCE_UNAVAILABLE,
+        Reason.INFERENCE_FAILED,
+        Reason.INTERNAL_ERROR,
+        Reason.EXPLANATION_FAILED,
+    }
 )
 
 # Faults of the system around an event, not of the event: retried with backoff before any dead letter.

@@ -148,9 +148,17 @@ class Verdict(_Message):
     label: Label
     score: float = Field(ge=0.0, le=1.0, description="P(fake) from the verdict token's logits.")
     action: Action
-    explanation: str | None = Field(description="FakeVLM's answer text; null when policy skipped it.")
+    explanation: str | None = Field(
+        description="FakeVLM's answer text when it was already known for these bytes (a cache hit); otherwise null, "
+        "and `explanation_requested` says whether an Explanation record follows."
+    )
     answer_label: Label | None = Field(
         default=None, description="The label the explanation's first sentence states (official eval rule)."
+    )
+    explanation_requested: bool = Field(
+        default=False,
+        description="An explanation was asked for (policy: P(fake) at or above the tenant's explain_above): an "
+        "Explanation with this event_id follows on the explanations topic. The verdict never waits for it.",
     )
     model: ModelInfo
     cached: bool = False
@@ -265,6 +273,39 @@ class DeadLetter(_Message):
         return base64.b64decode(self.payload_base64)
 
 
+class ExplainRequest(_Message):
+    """Work for the explainer: topic moderation.explain-requests, keyed by event_id, published with the verdict it
+    asks about (so it is never lost: the upload's offset is committed only once both are acknowledged)."""
+
+    schema_version: Literal[1] = SCHEMA_VERSION
+    event_id: EventId
+    verdict: Verdict = Field(description="The verdict to explain, as published: where the image is and what was said.")
+    requested_at: AwareDatetime
+
+
+class Explanation(_Message):
+    """FakeVLM's answer text about one upload: topic moderation.explanations, keyed by event_id. Published after
+    the verdict it explains (at least once: a restarted explainer may explain the same event again); it never
+    changes that verdict's label, score or action."""
+
+    schema_version: Literal[1] = SCHEMA_VERSION
+    event_id: EventId
+    image_sha256: str = Field(pattern=SHA256_PATTERN)
+    tenant: str | None = None
+    verdict_label: Label = Field(description="The explained verdict's label, as published.")
+    verdict_score: float = Field(ge=0.0, le=1.0, description="The explained verdict's P(fake), as published.")
+    verdict_action: Action
+    verdict_decided_at: AwareDatetime = Field(description="With event_id, names the verdict this explains.")
+    explanation: str = Field(description="FakeVLM's answer, greedy, from 'This is a ...'.")
+    answer_label: Label | None = Field(
+        default=None, description="The label the explanation's first sentence states (official eval rule)."
+    )
+    model: ModelInfo = Field(description="The weights that generated the text (the verdict's, unless rolled since).")
+    requested_at: AwareDatetime
+    explained_at: AwareDatetime
+    explain_ms: float = Field(ge=0, description="Fetch, decode and generation for this explanation.")
+
+
 class CacheEntry(_Message):
     """What one model (its weights) said about one image's bytes: the verdict cache topic, compacted, keyed by
     image sha256 and model identity (`moderation.worker.cache.cache_key`)."""
@@ -300,6 +341,8 @@ MESSAGES: dict[str, type[BaseModel]] = {
     "verdict": Verdict,
     "dead_letter": DeadLetter,
     "cache_entry": CacheEntry,
+    "explain_request": ExplainRequest,
+    "explanation": Explanation,
     "decision": Decision,
     "bank_entry": BankEntry,
 }
@@ -327,6 +370,16 @@ def parse_upload(payload: bytes | None) -> UploadEvent:
         )
     try:
         return UploadEvent.model_validate(data)
+    except ValidationError as exc:
+        raise Rejected(Reason.INVALID_EVENT, _summarise(exc)) from exc
+
+
+def parse_explain_request(payload: bytes | None) -> ExplainRequest:
+    """A record's value from the explain-requests topic -> ExplainRequest, or `Rejected` (invalid_event)."""
+    if not payload:
+        raise Rejected(Reason.INVALID_EVENT, "null value (a tombstone)" if payload is None else "empty value")
+    try:
+        return ExplainRequest.model_validate_json(payload)
     except ValidationError as exc:
         raise Rejected(Reason.INVALID_EVENT, _summarise(exc)) from exc
 

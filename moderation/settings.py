@@ -97,6 +97,13 @@ class Settings(BaseSettings):
     topic_cache: str = Field(
         "moderation.verdict-cache", description="Compacted verdict cache keyed by image sha256, shared by workers."
     )
+    topic_explain_requests: str = Field(
+        "moderation.explain-requests",
+        description="Verdicts to explain, published with them by the worker; the explainer's work queue.",
+    )
+    topic_explanations: str = Field(
+        "moderation.explanations", description="FakeVLM's explanations, keyed by event_id, after their verdicts."
+    )
 
     # S3
     s3_endpoint_url: str | None = Field(None, description="Unset for AWS itself.")
@@ -150,6 +157,10 @@ class Settings(BaseSettings):
         300.0, ge=0, description="How long a starting worker waits for the model to be ready."
     )
     triton_timeout_s: float = Field(120.0, gt=0, description="Deadline of one inference request.")
+    triton_explain_model: str = Field(
+        "fakevlm_explain", description="The explanation model in Triton's repository (its own queue and batching)."
+    )
+    triton_explain_timeout_s: float = Field(300.0, gt=0, description="Deadline of one explanation request.")
 
     # Policy
     label_threshold: float = Field(0.5, ge=0, le=1, description="P(fake) at or above this is labelled fake.")
@@ -204,6 +215,20 @@ class Settings(BaseSettings):
         ge=1,
         description="Batches moderated and published at once (acks stay in stream order); "
         "images in flight to the detector are at most this times the batch size.",
+    )
+
+    # Explainer (`moderation explainer`)
+    explain_batch_size: int = Field(
+        8,
+        ge=1,
+        description="Explain requests an explainer takes at once (each its own Triton request, merged by the explain "
+        "model's dynamic batcher); their offsets are committed once their explanations are acknowledged.",
+    )
+    explain_deadline_s: float = Field(
+        600.0,
+        gt=0,
+        description="Transient faults of an explanation (S3 or the explain model unavailable) are retried this "
+        "long, then it is an explanation_failed dead letter (its verdict stands).",
     )
 
     publish_timeout_s: float = Field(
@@ -286,6 +311,13 @@ class Settings(BaseSettings):
         one_try = S3_TRIES * 2 * self.s3_timeout_s + S3_BACKOFF_S + self.triton_timeout_s
         return self.event_deadline_s + self.retry_backoff_max_s + one_try + self.publish_timeout_s
 
+    @property
+    def worst_explain_batch_s(self) -> float:
+        """The longest an explainer's batch stays uncommitted while it lives (as `worst_batch_s`, with the
+        explanation's deadlines); its consumer fetches nothing meanwhile."""
+        one_try = S3_TRIES * 2 * self.s3_timeout_s + S3_BACKOFF_S + self.triton_explain_timeout_s
+        return self.explain_deadline_s + self.retry_backoff_max_s + one_try + self.publish_timeout_s
+
     @model_validator(mode="after")
     def _timeouts_agree(self) -> Settings:
         """Refuse timeouts that let the group hand a worker's partitions to another worker while the first
@@ -309,6 +341,13 @@ class Settings(BaseSettings):
                 "in a rebalance Faust finishes and acks the batches in flight before it rejoins, and the group "
                 "drops a member that has not rejoined by then (MODERATION_KAFKA_ACCEPT_REBALANCE_OVERLAP=true "
                 "accepts the duplicates, for Tansu)"
+            )
+        if self.kafka_max_poll_interval_s <= self.worst_explain_batch_s:
+            problems.append(
+                f"MODERATION_KAFKA_MAX_POLL_INTERVAL_S ({self.kafka_max_poll_interval_s:g} s) must exceed the "
+                f"explainer's worst batch time ({self.worst_explain_batch_s:.0f} s = MODERATION_EXPLAIN_DEADLINE_S + "
+                "MODERATION_RETRY_BACKOFF_MAX_S + one try with MODERATION_TRITON_EXPLAIN_TIMEOUT_S + "
+                "MODERATION_PUBLISH_TIMEOUT_S): its consumer fetches nothing while it explains a batch"
             )
         drain_limits = [("MODERATION_KAFKA_MAX_POLL_INTERVAL_S", self.kafka_max_poll_interval_s)]
         if not self.kafka_accept_rebalance_overlap:

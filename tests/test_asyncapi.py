@@ -27,8 +27,8 @@ from moderation.errors import Reason
 from moderation.events import CacheEntry, DeadLetter, ImageInfo, ModelInfo, Timings, Verdict, utcnow
 from moderation.settings import Settings
 from moderation.worker import dlq
-from moderation.worker.app import dead_letter_headers
 from moderation.worker.cache import cache_key
+from moderation.worker.dlq import dead_letter_headers
 
 ROOT = Path(__file__).parent.parent
 COMMITTED = ROOT / "schemas" / "asyncapi.yaml"

@@ -47,12 +47,12 @@ def record(e: CacheEntry) -> tuple[bytes, bytes]:
 def test_a_stored_entry_is_served_for_the_same_weights_only() -> None:
     c = cache()
     c.put(entry("a"))
-    assert c.get("a" * 64, model=MODEL, explain_above=0.5) == entry("a")
+    assert c.get("a" * 64, model=MODEL) == entry("a")
     # Another version label or checkpoint path with the same weights: the same model.
-    assert c.get("a" * 64, model=MODEL.model_copy(update={"version": "2 (/other/path)"}), explain_above=0.5)
+    assert c.get("a" * 64, model=MODEL.model_copy(update={"version": "2 (/other/path)"}))
     other = MODEL.model_copy(update={"weights": "sha256:" + "2" * 64})
-    assert c.get("a" * 64, model=other, explain_above=0.5) is None
-    assert c.get("b" * 64, model=MODEL, explain_above=0.5) is None
+    assert c.get("a" * 64, model=other) is None
+    assert c.get("b" * 64, model=MODEL) is None
 
 
 def test_two_weights_keep_their_own_entries_for_the_same_image() -> None:
@@ -60,8 +60,8 @@ def test_two_weights_keep_their_own_entries_for_the_same_image() -> None:
     other = MODEL.model_copy(update={"weights": "hf:lingcco/fakeVLM@" + "a" * 40})
     c.put(entry("a", score=0.9))
     c.put(entry("a", score=0.1, model=other))
-    assert c.get("a" * 64, model=MODEL, explain_above=0.5).score == 0.9  # type: ignore[union-attr]
-    assert c.get("a" * 64, model=other, explain_above=0.5).score == 0.1  # type: ignore[union-attr]
+    assert c.get("a" * 64, model=MODEL).score == 0.9  # type: ignore[union-attr]
+    assert c.get("a" * 64, model=other).score == 0.1  # type: ignore[union-attr]
 
 
 def test_weights_of_unknown_identity_never_hit() -> None:
@@ -69,13 +69,13 @@ def test_weights_of_unknown_identity_never_hit() -> None:
     unknown = MODEL.model_copy(update={"weights": None})
     assert c.put(entry("a", model=unknown)) is Refusal.UNKNOWN_WEIGHTS and len(c) == 0
     c.put(entry("a"))
-    assert c.get("a" * 64, model=unknown, explain_above=0.5) is None
+    assert c.get("a" * 64, model=unknown) is None
 
 
 def test_a_future_dated_entry_is_refused_beyond_the_clock_skew_allowance() -> None:
     c = cache(now=NOW.timestamp())
     assert c.put(entry("a", decided_at=NOW + timedelta(days=365))) is Refusal.FUTURE
-    assert c.get("a" * 64, model=MODEL, explain_above=0.5) is None
+    assert c.get("a" * 64, model=MODEL) is None
     assert c.put(entry("b", decided_at=NOW + timedelta(seconds=29))) is None  # within the allowance
 
 
@@ -89,23 +89,23 @@ def test_a_record_keyed_for_another_image_or_model_is_refused() -> None:
     assert c.put_record(None, value) is Refusal.KEY_MISMATCH
     assert len(c) == 0
     assert c.put_record(b"x", b"{not json") is Refusal.UNREADABLE
-    assert c.put_record(key, value) is None and c.get("a" * 64, model=MODEL, explain_above=0.5) == entry("a")
+    assert c.put_record(key, value) is None and c.get("a" * 64, model=MODEL) == entry("a")
 
 
-def test_an_entry_without_the_explanation_policy_now_wants_is_a_miss() -> None:
+def test_an_entry_without_an_explanation_is_still_a_hit() -> None:
+    """A verdict never waits for an explanation: the hit is served and the explanation asked for apart."""
     c = cache()
     c.put(entry("a", score=0.9, explanation=None))
-    assert c.get("a" * 64, model=MODEL, explain_above=0.5) is None
-    assert c.get("a" * 64, model=MODEL, explain_above=2.0) is not None
+    assert c.get("a" * 64, model=MODEL) == entry("a", score=0.9, explanation=None)
 
 
 def test_the_least_recently_used_entry_goes_first() -> None:
     c = cache(max_entries=2)
     c.put(entry("a"))
     c.put(entry("b"))
-    c.get("a" * 64, model=MODEL, explain_above=0.5)
+    c.get("a" * 64, model=MODEL)
     c.put(entry("c"))
-    assert len(c) == 2 and c.get("b" * 64, model=MODEL, explain_above=0.5) is None
+    assert len(c) == 2 and c.get("b" * 64, model=MODEL) is None
 
 
 def test_old_entries_are_not_served() -> None:
@@ -114,7 +114,7 @@ def test_old_entries_are_not_served() -> None:
     later = cache(ttl_s=60, now=NOW.timestamp() + 1)
     later.put(entry("a"))
     later._clock = lambda: NOW.timestamp() + 61
-    assert later.get("a" * 64, model=MODEL, explain_above=0.5) is None and len(later) == 0
+    assert later.get("a" * 64, model=MODEL) is None and len(later) == 0
 
 
 # -- the weights' identity ---------------------------------------------------------------------------

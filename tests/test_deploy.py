@@ -1,7 +1,7 @@
 """deploy/, docker/ and the GPU model config: every kustomization renders with a real kustomize,
 every built-in object validates against the Kubernetes API schemas (kubernetes-validate, strict),
-the KEDA and Prometheus Operator objects hang together, pods are hardened, the worker reaches only
-Kafka, S3 and Triton, and the dashboard, alert rules and autoscaling queries name only metrics the
+the KEDA and Prometheus Operator objects hang together, pods are hardened, the worker and the
+explainer reach only Kafka, S3 and Triton, and the dashboard, alert rules and autoscaling queries name only metrics the
 worker or Triton export. Fast: no cluster and no servers, only `kubectl kustomize`."""
 
 from __future__ import annotations
@@ -27,11 +27,14 @@ from tritonclient.grpc import model_config_pb2
 
 from moderation.errors import RETRYABLE, Reason
 from moderation.settings import Settings
+from moderation.worker.explainer import explainer_group
 
 ROOT = Path(__file__).resolve().parents[1]
 DEPLOY = ROOT / "deploy"
 OBSERVABILITY = DEPLOY / "observability"
 MODEL_DIR = ROOT / "triton_models" / "fakevlm"
+EXPLAIN_DIR = ROOT / "triton_models" / "fakevlm_explain"  # the same weights, another Triton model (issue 19)
+MODEL_DIRS = (MODEL_DIR, EXPLAIN_DIR)
 
 # The oldest Kubernetes the README promises and the newest kubernetes-validate knows here.
 K8S_VERSIONS = ("1.30.0", "1.37.0")
@@ -49,6 +52,7 @@ KUSTOMIZATIONS = sorted(p.parent for p in DEPLOY.rglob("kustomization.yaml"))
 PROD = DEPLOY / "overlays" / "prod"
 OVERLAYS = [p for p in KUSTOMIZATIONS if p.parent.name == "overlays"]  # full stacks: dev, prod
 WORKER, TRITON, REVIEW = "moderation-worker", "moderation-triton", "moderation-review"
+EXPLAINER = "moderation-explainer"
 
 
 def _rel(path: Path) -> str:
@@ -215,7 +219,7 @@ def test_worker_deployment(overlay: Path) -> None:
 
 MIB = 1024 * 1024
 HEADROOM = 1.25  # allocator fragmentation and what the benches did not exercise
-PIXEL_TENSOR_BYTES = 3 * 336 * 336 * 4  # one preprocessed image, FP32, held until Triton answers
+IMAGE_BYTES = 336 * 336 * 3  # one image's uint8 crop (Triton's IMAGE), held until Triton answers
 
 
 def bench_summary(name: str) -> dict[str, Any]:
@@ -235,7 +239,7 @@ def worker_memory_mib(settings: Settings) -> float:
     budget), with headroom."""
     base = bench_summary("worst_images-cpu.txt")["baseline_peak_rss_mib"]
     in_flight = settings.batch_size * settings.max_inflight_batches
-    held = in_flight * (settings.s3_max_object_bytes + PIXEL_TENSOR_BYTES) / MIB
+    held = in_flight * (settings.s3_max_object_bytes + IMAGE_BYTES) / MIB
     return (base + held + settings.decode_budget_mib) * HEADROOM
 
 
@@ -258,28 +262,32 @@ def test_worker_resources_come_from_the_measured_figures(overlay: Path) -> None:
 
 
 def gpu_memory_mib(config: model_config_pb2.ModelConfig) -> float:
-    """deploy/README.md "Sizing": FakeVLM 7B in bf16 on one GPU, with a full dynamic batch whose every
-    row is explained (the KV cache of prompt + max_new_tokens), plus CUDA context and activations."""
+    """deploy/README.md "Sizing": one model's FakeVLM 7B in bf16 on the GPU, with a full dynamic batch (the
+    explain model's rows with the KV cache of prompt + max_new_tokens), plus CUDA context and activations."""
     header = (ROOT / "bench" / "results" / "gpu_fakevlm-nvidia-h200.txt").read_text()
     parameters = float(re.search(r"([\d,.]+) M parameters", header)[1].replace(",", "")) * 1e6  # type: ignore[index]
     prompt = int(re.search(r"prefix: (\d+) tokens", header)[1])  # type: ignore[index]
     layers, hidden, bf16 = 32, 4096, 2  # FakeVLM's config.json (shared/FAKEVLM.md)
-    tokens = prompt + int(config.parameters["max_new_tokens"].string_value)
+    explained = config.parameters["role"].string_value == "explain"
+    tokens = prompt + (int(config.parameters["max_new_tokens"].string_value) if explained else 0)
     kv_cache = config.max_batch_size * tokens * 2 * layers * hidden * bf16
     context_and_activations = 2048 * MIB  # not measured: CUDA context, cuBLAS workspace, prefill activations
     return (parameters * bf16 + kv_cache + context_and_activations) / MIB * 1.15
 
 
-def test_triton_needs_a_gpu_with_memory_enough_for_the_model() -> None:
-    config = text_format.Parse((MODEL_DIR / "configs" / "gpu.pbtxt").read_text(), model_config_pb2.ModelConfig())
+def test_triton_needs_a_gpu_with_memory_enough_for_both_models() -> None:
+    """The verdict and the explain model share the pod's one GPU, each with its own copy of the weights."""
+    configs = [
+        text_format.Parse((d / "configs" / "gpu.pbtxt").read_text(), model_config_pb2.ModelConfig()) for d in MODEL_DIRS
+    ]
     spec = pod_spec(find(render(PROD), "Deployment", TRITON))
     [term] = spec["affinity"]["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]["nodeSelectorTerms"]
     [memory] = [e for e in term["matchExpressions"] if e["key"] == "nvidia.com/gpu.memory"]
     assert memory["operator"] == "Gt"
     floor = int(memory["values"][0]) + 1  # MiB, as GPU feature discovery labels it
-    needed = gpu_memory_mib(config)
+    needed = sum(gpu_memory_mib(config) for config in configs)
     assert floor >= needed, f"nvidia.com/gpu.memory > {floor - 1} MiB admits GPUs under the {needed:.0f} MiB needed"
-    assert floor <= 23028, "an A10G or L4 (23028 MiB), the smallest GPUs it fits on, must stay eligible"
+    assert floor <= 46068, "an L40S (46068 MiB), the smallest GPU both models fit on, must stay eligible"
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS, ids=_rel)
@@ -331,6 +339,15 @@ def test_worker_scales_on_lag_up_to_the_partition_count(overlay: Path) -> None:
         assert meta[key] in env
     assert env["MODERATION_TOPIC_UPLOADS"] == "moderation.uploads"
     assert env["MODERATION_KAFKA_CONSUMER_GROUP"] == "moderation"
+    assert_kafka_trigger_credentials(docs, trigger, env, "worker")
+
+
+def assert_kafka_trigger_credentials(
+    docs: tuple[dict[str, Any], ...], trigger: dict[str, Any], env: dict[str, str], container_name: str
+) -> None:
+    """KEDA reads the lag as the scaled container's own Kafka principal: SASL and TLS as its settings say,
+    username and password from that container's environment (its ConfigMap or `env`, and its Secret)."""
+    meta = trigger["metadata"]
     protocol = env.get("MODERATION_KAFKA_SECURITY_PROTOCOL", "PLAINTEXT")
     if protocol.startswith("SASL"):
         mechanism = {"PLAIN": "plaintext", "SCRAM-SHA-256": "scram_sha256", "SCRAM-SHA-512": "scram_sha512"}
@@ -339,7 +356,7 @@ def test_worker_scales_on_lag_up_to_the_partition_count(overlay: Path) -> None:
         params = {e["parameter"]: e for e in auth["spec"]["env"]}
         assert params["username"]["name"] == "MODERATION_KAFKA_SASL_USERNAME" in env
         assert params["password"]["name"] == "MODERATION_KAFKA_SASL_PASSWORD"  # from the Secret
-        assert {e["containerName"] for e in params.values()} == {"worker"}
+        assert {e["containerName"] for e in params.values()} == {container_name}
     else:
         assert "sasl" not in meta and "authenticationRef" not in trigger
     assert (meta.get("tls") == "enable") == protocol.endswith("SSL")
@@ -356,10 +373,128 @@ def test_secrets_and_workload_identity(overlay: Path) -> None:
         assert "MODERATION_S3_ACCESS_KEY_ID" not in env
         assert generated == []
         assert env["MODERATION_KAFKA_SECURITY_PROTOCOL"] == "SASL_SSL"
-    else:
-        [secret] = generated
+    else:  # the worker's and the explainer's (dev-only MinIO key, the same for both)
+        assert len(generated) == 2
+        secret = find(docs, "Secret", "moderation-worker-secrets")
         assert set(secret["data"]) == {"MODERATION_S3_SECRET_ACCESS_KEY"}
         assert "MODERATION_S3_ACCESS_KEY_ID" in env
+
+
+# -- the explainer ------------------------------------------------------------------------------------
+
+
+def explainer_env(docs: tuple[dict[str, Any], ...]) -> dict[str, str]:
+    """The explainer's environment: the worker's ConfigMap overridden by its own `env`."""
+    explainer = container(find(docs, "Deployment", EXPLAINER), "explainer")
+    return worker_env(docs) | {e["name"]: e["value"] for e in explainer.get("env", [])}
+
+
+def settings_of(env: dict[str, str]) -> Settings:
+    fields = {f"MODERATION_{name.upper()}": name for name in Settings.model_fields}
+    assert set(env) <= set(fields), f"not settings: {set(env) - set(fields)}"
+    return Settings.model_validate({fields[key]: value for key, value in env.items()})
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS, ids=_rel)
+def test_explainer_deployment(overlay: Path) -> None:
+    docs = render(overlay)
+    deployment, worker = find(docs, "Deployment", EXPLAINER), find(docs, "Deployment", WORKER)
+    spec, explainer = pod_spec(deployment), container(deployment, "explainer")
+    assert "replicas" not in deployment["spec"], "KEDA owns the replica count"
+    assert explainer["image"] == container(worker, "worker")["image"], "the worker image runs the explainer"
+    assert explainer["args"] == ["explainer"]
+    assert deployment["spec"]["strategy"]["rollingUpdate"] == {"maxSurge": 1, "maxUnavailable": 0}
+    # The worker's hardening: same user, read-only root, /tmp an emptyDir, no API token.
+    assert spec["securityContext"] == pod_spec(worker)["securityContext"]
+    assert explainer["securityContext"] == container(worker, "worker")["securityContext"]
+    [tmp] = [m for m in explainer["volumeMounts"] if m["mountPath"] == "/tmp"]
+    assert "emptyDir" in next(v for v in spec["volumes"] if v["name"] == tmp["name"])
+    assert spec["serviceAccountName"] == EXPLAINER and spec["automountServiceAccountToken"] is False
+    assert find(docs, "ServiceAccount", EXPLAINER)["automountServiceAccountToken"] is False
+    # Env: the worker's ConfigMap (topics, Kafka, S3, Triton, decoding) and the explainer's own Secret.
+    refs = [(kind, ref["name"]) for r in explainer["envFrom"] for kind, ref in r.items()]
+    assert refs[0] == ("configMapRef", find(docs, "ConfigMap", WORKER)["metadata"]["name"])
+    assert refs[1][0] == "secretRef" and re.fullmatch(r"moderation-explainer-secrets(-[a-z0-9]{10})?", refs[1][1])
+    env = explainer_env(docs)
+    settings = settings_of(env)  # the explainer's settings parse, its timeouts agree
+    assert env["MODERATION_TOPIC_EXPLAIN_REQUESTS"] == "moderation.explain-requests"
+    assert env["MODERATION_TOPIC_EXPLANATIONS"] == "moderation.explanations"
+    assert settings.triton_explain_model == "fakevlm_explain" != settings.triton_model
+    # Probes on the metrics port: /live for liveness and start-up, /ready for readiness.
+    assert {p["name"]: p["containerPort"] for p in explainer["ports"]} == {"http": settings.metrics_port}
+    for probe, path in (("startupProbe", "/live"), ("livenessProbe", "/live"), ("readinessProbe", "/ready")):
+        assert explainer[probe]["httpGet"] == {"path": path, "port": "http"}, probe
+    # /live is served once the clients are open, which waits for the model: start-up outlasts that wait.
+    startup = explainer["startupProbe"]
+    assert startup["periodSeconds"] * startup["failureThreshold"] > settings.triton_startup_timeout_s
+    # /live turns red past MODERATION_ACK_STALL_S with a batch in hand: never while a batch may still
+    # legitimately wait out an outage, and the group would have dropped it by the poll interval anyway.
+    assert settings.worst_explain_batch_s < settings.ack_stall_s < settings.kafka_max_poll_interval_s
+    generated = names(docs, "Secret")
+    if overlay.name == "prod":
+        # Its own Kafka principal (ACLs in strimzi-kafkausers.yaml) and its own IRSA role; no Secret generated.
+        assert env["MODERATION_KAFKA_SASL_USERNAME"] == EXPLAINER != worker_env(docs)["MODERATION_KAFKA_SASL_USERNAME"]
+        role, worker_role = (
+            find(docs, "ServiceAccount", name)["metadata"]["annotations"]["eks.amazonaws.com/role-arn"]
+            for name in (EXPLAINER, WORKER)
+        )
+        assert role.startswith("arn:aws:iam::") and role != worker_role
+        assert not any(n.startswith("moderation-explainer-secrets") for n in generated)
+        assert "MODERATION_S3_ACCESS_KEY_ID" not in env
+    else:
+        secret = find(docs, "Secret", "moderation-explainer-secrets")
+        assert set(secret["data"]) == {"MODERATION_S3_SECRET_ACCESS_KEY"} and "MODERATION_S3_ACCESS_KEY_ID" in env
+
+
+def explainer_memory_mib(settings: Settings) -> float:
+    """deploy/README.md "Sizing": the worker's measured base RSS (same image and imports, no Faust app: an
+    upper bound), plus what one batch of explain requests holds at once (the raw bytes and pixel tensor of
+    each request's image, the decode budget), with the worker's headroom."""
+    base = bench_summary("worst_images-cpu.txt")["baseline_peak_rss_mib"]
+    held = settings.explain_batch_size * (settings.s3_max_object_bytes + IMAGE_BYTES) / MIB
+    return (base + held + settings.decode_budget_mib) * HEADROOM
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS, ids=_rel)
+def test_explainer_resources_come_from_the_settings(overlay: Path) -> None:
+    """Raising MODERATION_EXPLAIN_BATCH_SIZE, the byte cap or the decode budget without raising the
+    explainer's memory fails here; so does a limit far above the arithmetic."""
+    docs = render(overlay)
+    settings = settings_of(explainer_env(docs))
+    resources = container(find(docs, "Deployment", EXPLAINER), "explainer")["resources"]
+    needed = explainer_memory_mib(settings)
+    limit = quantity_mib(resources["limits"]["memory"])
+    assert needed <= limit <= needed * 1.1, f"explainer memory {limit:.0f} MiB, the arithmetic says {needed:.0f} MiB"
+    assert quantity_mib(resources["requests"]["memory"]) == limit, "requested in full: never OOM-killed by others"
+    # CPU: bound by Triton's generation, a few explanations a second at ~4.3 ms of CPU each; no limit.
+    assert resources["requests"]["cpu"] == "100m" and "cpu" not in resources["limits"]
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS, ids=_rel)
+def test_explainer_scales_on_its_groups_lag_up_to_the_partition_count(overlay: Path) -> None:
+    docs = render(overlay)
+    env = explainer_env(docs)
+    settings = settings_of(env)
+    spec = find(docs, "ScaledObject", EXPLAINER)["spec"]
+    assert spec["scaleTargetRef"] == {"name": EXPLAINER, "envSourceContainerName": "explainer"}
+    partitions = settings.kafka_topic_partitions
+    assert spec["maxReplicaCount"] == partitions, "one explainer per partition at most"
+    assert 1 <= spec["minReplicaCount"] <= partitions
+    assert 1 <= spec["fallback"]["replicas"] <= partitions
+    [trigger] = spec["triggers"]
+    meta = trigger["metadata"]
+    assert trigger["type"] == "kafka"
+    assert all(isinstance(v, str) for v in meta.values()), "KEDA trigger metadata is a map of strings"
+    assert meta["allowIdleConsumers"] == "false"
+    assert int(meta["lagThreshold"]) > 0
+    # The group the explainer really joins, derived from this overlay's settings as the explainer derives it;
+    # and the defaults' (what the README and the ACLs name).
+    assert meta["consumerGroup"] == explainer_group(settings) == explainer_group(Settings()) == EXPLAINER
+    assert "consumerGroupFromEnv" not in meta
+    assert meta["bootstrapServersFromEnv"] == "MODERATION_KAFKA_BOOTSTRAP_SERVERS" in env
+    assert meta["topicFromEnv"] == "MODERATION_TOPIC_EXPLAIN_REQUESTS" in env
+    assert env[meta["topicFromEnv"]] == settings.topic_explain_requests == Settings().topic_explain_requests
+    assert_kafka_trigger_credentials(docs, trigger, env, "explainer")
 
 
 # -- the review console and the per-tenant policy file ---------------------------------------------
@@ -504,6 +639,13 @@ def test_triton_deployment(overlay: Path) -> None:
     [weights] = [m for m in triton["volumeMounts"] if m["name"] == "weights"]
     assert (weights["mountPath"], weights.get("readOnly")) == ("/models/fakevlm/weights", True)
     assert 'key: "checkpoint"\n  value: { string_value: "weights" }' in (MODEL_DIR / "config.pbtxt").read_text()
+    # fakevlm_explain reads the same mount: its checkpoint is relative to its own directory.
+    explain_checkpoint = 'key: "checkpoint"\n  value: { string_value: "../fakevlm/weights" }'
+    assert all(explain_checkpoint in (EXPLAIN_DIR / name).read_text() for name in ("config.pbtxt", "configs/gpu.pbtxt"))
+    # Both models load: every model of the repository (no explicit model list), ready only when both are.
+    assert "--model-control-mode=none" in triton["args"] and not any(
+        a.startswith("--load-model") for a in triton["args"]
+    )
     [shm] = [m for m in triton["volumeMounts"] if m["mountPath"] == "/dev/shm"]
     assert next(v for v in spec["volumes"] if v["name"] == shm["name"])["emptyDir"]["medium"] == "Memory"
     volume = next(v for v in spec["volumes"] if v["name"] == "weights")
@@ -591,11 +733,12 @@ def test_triton_scales_on_queue_time(overlay: Path) -> None:
         assert selectors and all(f'namespace="{namespace}"' in s for s in selectors), meta["query"]
 
 
-def test_gpu_model_config_differs_from_the_default_only_in_instance_group() -> None:
+@pytest.mark.parametrize("model_dir", MODEL_DIRS, ids=lambda d: d.name)
+def test_gpu_model_config_differs_from_the_default_only_in_instance_group(model_dir: Path) -> None:
     def parse(path: Path) -> model_config_pb2.ModelConfig:
         return text_format.Parse(path.read_text(), model_config_pb2.ModelConfig())
 
-    default, gpu = parse(MODEL_DIR / "config.pbtxt"), parse(MODEL_DIR / "configs" / "gpu.pbtxt")
+    default, gpu = parse(model_dir / "config.pbtxt"), parse(model_dir / "configs" / "gpu.pbtxt")
     assert [(g.kind, g.count) for g in gpu.instance_group] == [(model_config_pb2.ModelInstanceGroup.KIND_GPU, 1)]
     del default.instance_group[:]
     del gpu.instance_group[:]
@@ -615,6 +758,16 @@ def test_triton_queue_is_bounded_so_overload_sheds_before_the_workers_give_up() 
         drain_s = queue / (config.max_batch_size * explain_rate)
         assert 0 < drain_s < settings.triton_timeout_s, f"{_rel(path)}: {queue} queued take {drain_s:.0f} s"
         assert queue >= settings.batch_size * settings.max_inflight_batches, _rel(path)
+    for path in (EXPLAIN_DIR / "config.pbtxt", EXPLAIN_DIR / "configs" / "gpu.pbtxt"):
+        config = text_format.Parse(path.read_text(), model_config_pb2.ModelConfig())
+        policy = config.dynamic_batching.default_queue_policy
+        batch_s = 1 / explain_rate  # one full batch, generated together
+        drain_s = policy.max_queue_size / (config.max_batch_size * explain_rate)
+        assert 0 < drain_s < settings.triton_explain_timeout_s, f"{_rel(path)}: takes {drain_s:.0f} s"
+        # Refused once it waited too long: what is still computed finishes before the worker gives up.
+        assert policy.timeout_action == model_config_pb2.ModelQueuePolicy.REJECT, _rel(path)
+        waited_s = policy.default_timeout_microseconds / 1e6
+        assert 0 < waited_s + batch_s < settings.triton_explain_timeout_s, _rel(path)
     args = container(find(prod, "Deployment", TRITON), "triton")["args"]
     assert "--metrics-config=summary_latencies=true" in args, "TritonQueueTimeHigh reads the queue-time summary"
 
@@ -639,7 +792,7 @@ def test_the_tensorrt_llm_layout_is_a_recipe_no_kustomization_deploys(directory:
 @pytest.mark.parametrize("overlay", OVERLAYS, ids=_rel)
 def test_services_and_pdbs_select_the_deployments(overlay: Path) -> None:
     docs = render(overlay)
-    for name in (WORKER, TRITON, REVIEW):
+    for name in (WORKER, EXPLAINER, TRITON, REVIEW):
         deployment = find(docs, "Deployment", name)
         labels = deployment["spec"]["template"]["metadata"]["labels"]
         assert selects(deployment["spec"]["selector"], labels)
@@ -683,6 +836,23 @@ def test_network_policies(overlay: Path) -> None:
     assert to_triton["ports"] == [{"protocol": "TCP", "port": 8001}]
     [metrics_in] = policies["moderation-worker-ingress-metrics"]["ingress"]
     assert metrics_in["ports"] == [{"protocol": "TCP", "port": int(worker_env(docs)["MODERATION_METRICS_PORT"])}]
+    # The explainer likewise: DNS, Triton's gRPC port, and the Kafka and S3 policies it shares with the worker.
+    assert applying(EXPLAINER) == {
+        "default-deny",
+        "allow-dns",
+        "moderation-explainer-ingress-metrics",
+        "moderation-explainer-egress-triton",
+        "moderation-egress-kafka",
+        "moderation-worker-egress-s3",
+    }
+    [to_triton] = policies["moderation-explainer-egress-triton"]["egress"]
+    assert [selects(peer["podSelector"], labels(TRITON)) for peer in to_triton["to"]] == [True]
+    assert to_triton["ports"] == [{"protocol": "TCP", "port": 8001}]
+    [metrics_in] = policies["moderation-explainer-ingress-metrics"]["ingress"]
+    assert metrics_in["ports"] == [{"protocol": "TCP", "port": int(explainer_env(docs)["MODERATION_METRICS_PORT"])}]
+    assert [peer["namespaceSelector"]["matchLabels"] for peer in metrics_in["from"]] == [
+        {"kubernetes.io/metadata.name": "monitoring"}
+    ]
     kafka_ports = {p["port"] for rule in policies["moderation-egress-kafka"]["egress"] for p in rule["ports"]}
     brokers = worker_env(docs)["MODERATION_KAFKA_BOOTSTRAP_SERVERS"].split(",")
     assert {int(b.rpartition(":")[2]) for b in brokers} <= kafka_ports
@@ -691,12 +861,21 @@ def test_network_policies(overlay: Path) -> None:
         for peer in rule["to"]:
             if "ipBlock" in peer and peer["ipBlock"]["cidr"] == "0.0.0.0/0":
                 assert "169.254.0.0/16" in peer["ipBlock"]["except"]
-    # Triton takes gRPC from the workers and scrapes from monitoring, nothing else.
-    assert applying(TRITON) == {"default-deny", "allow-dns", "moderation-triton-ingress"}
+    # Triton takes gRPC from the workers and the explainers and scrapes from monitoring, nothing else.
+    assert applying(TRITON) == {
+        "default-deny",
+        "allow-dns",
+        "moderation-triton-ingress",
+        "moderation-triton-ingress-explainer",
+    }
     grpc_in, metrics = policies["moderation-triton-ingress"]["ingress"]
     assert [selects(peer["podSelector"], labels(WORKER)) for peer in grpc_in["from"]] == [True]
     assert grpc_in["ports"] == [{"protocol": "TCP", "port": 8001}]
     assert metrics["ports"] == [{"protocol": "TCP", "port": 8002}]
+    [from_explainer] = policies["moderation-triton-ingress-explainer"]["ingress"]
+    assert [selects(peer["podSelector"], labels(EXPLAINER)) for peer in from_explainer["from"]] == [True]
+    assert [selects(peer["podSelector"], labels(WORKER)) for peer in from_explainer["from"]] == [False]
+    assert from_explainer["ports"] == [{"protocol": "TCP", "port": 8001}]
     # The review console: reached only from the proxy's pods in the proxy's namespace (one peer, both
     # selectors: the header it trusts comes from nowhere else); reaches Kafka, S3 and DNS only.
     assert applying(REVIEW) == {
@@ -731,6 +910,8 @@ TOPICS = (
     "DECISIONS",
     "CACHE",
     "BANK",
+    "EXPLAIN_REQUESTS",
+    "EXPLANATIONS",
 )  # MODERATION_TOPIC_*, in Job order
 STUB = """#!/bin/sh
 echo "$*" >> "$STUB_LOG"
@@ -776,6 +957,9 @@ def test_topic_job_creates_every_topic_with_the_worker_partitions_and_replicatio
     assert "WARNING" not in result.stderr
     creates = [line.split() for line in log.read_text().splitlines() if "--create" in line]
     assert [c[c.index("--topic") + 1] for c in creates] == [env[f"MODERATION_TOPIC_{t}"] for t in TOPICS]
+    assert {name for name in Settings.model_fields if name.startswith("topic_")} == {
+        f"topic_{t.lower()}" for t in TOPICS
+    }, "every topic setting is created"
     for name, c in zip(TOPICS, creates, strict=True):
         configs = {c[i + 1] for i, word in enumerate(c) if word == "--config"}
         assert c[c.index("--partitions") + 1] == partitions
@@ -824,8 +1008,9 @@ def test_strimzi_topics_match_prod() -> None:
     assert cache["spec"]["config"]["cleanup.policy"] == "compact"
 
 
-def test_only_the_worker_principal_writes_the_cache_topic() -> None:
-    env = worker_env(render(DEPLOY / "overlays" / "prod"))
+def test_only_the_worker_and_explainer_principals_write_the_cache_topic() -> None:
+    docs = render(DEPLOY / "overlays" / "prod")
+    env, explainer_user = worker_env(docs), explainer_env(docs)["MODERATION_KAFKA_SASL_USERNAME"]
     users = list(yaml.safe_load_all((DEPLOY / "topics" / "strimzi-kafkausers.yaml").read_text()))
     assert all((u["apiVersion"], u["kind"]) == ("kafka.strimzi.io/v1beta2", "KafkaUser") for u in users)
 
@@ -841,13 +1026,33 @@ def test_only_the_worker_principal_writes_the_cache_topic() -> None:
             for acl in user["spec"]["authorization"]["acls"]
         )
 
+    def writers(topic: str) -> set[str]:
+        return {u["metadata"]["name"] for u in users if allowed(u, "Write", topic) or allowed(u, "All", topic)}
+
+    def group_readable(user: dict[str, Any], group: str) -> bool:
+        literal = {"type": "group", "name": group, "patternType": "literal"}
+        return any(
+            acl["resource"] == literal and "Read" in acl["operations"] for acl in user["spec"]["authorization"]["acls"]
+        )
+
+    # The explainer writes back to the cache the verdicts it reads from explain requests: the chain holds
+    # only while those requests (and the dead letters a replay copies back to them) come from our principals.
+    worker_user = env["MODERATION_KAFKA_SASL_USERNAME"]
     cache = env["MODERATION_TOPIC_CACHE"]
-    writers = {u["metadata"]["name"] for u in users if allowed(u, "Write", cache) or allowed(u, "All", cache)}
-    assert writers == {env["MODERATION_KAFKA_SASL_USERNAME"]}
-    [worker] = [u for u in users if u["metadata"]["name"] == env["MODERATION_KAFKA_SASL_USERNAME"]]
+    assert writers(cache) == {worker_user, explainer_user}
+    assert writers(env["MODERATION_TOPIC_EXPLAIN_REQUESTS"]) == {worker_user}
+    assert writers(env["MODERATION_TOPIC_DLQ"]) == {worker_user, explainer_user}
+    [worker] = [u for u in users if u["metadata"]["name"] == worker_user]
     assert allowed(worker, "Read", cache) and allowed(worker, "Read", env["MODERATION_TOPIC_UPLOADS"])
     assert all(allowed(worker, "Write", env[f"MODERATION_TOPIC_{t}"]) for t in ("VERDICTS", "FLAGGED", "DLQ"))
     assert not any(allowed(worker, "Create", env[f"MODERATION_TOPIC_{t}"]) for t in TOPICS)
+    [explainer] = [u for u in users if u["metadata"]["name"] == explainer_user]
+    settings = settings_of(explainer_env(docs))
+    assert allowed(explainer, "Read", settings.topic_explain_requests)
+    assert group_readable(explainer, explainer_group(settings))
+    assert allowed(explainer, "Write", settings.topic_explanations)
+    assert not any(allowed(explainer, "Create", env[f"MODERATION_TOPIC_{t}"]) for t in TOPICS)
+    assert not allowed(explainer, "Read", env["MODERATION_TOPIC_UPLOADS"])
 
 
 # -- observability: scrape targets, dashboard, alerts, metric names ---------------------------------
@@ -981,7 +1186,9 @@ def test_every_expression_names_only_exported_metrics() -> None:
 
 
 def test_label_matchers_use_labels_and_values_that_exist() -> None:
-    outcomes, reasons = {"verdict", "dead_letter"}, {r.value for r in Reason}
+    reasons = {r.value for r in Reason}
+    outcomes = {"moderation_outcomes_total": {"verdict", "dead_letter"}}
+    outcomes["moderation_explanations_total"] = {"explained", "dead_letter"}  # moderation/worker/explainer.py
     for where, expr in expressions().items():
         for metric, label, _op, value in matchers(expr):
             if metric in WORKER_METRICS:
@@ -989,13 +1196,13 @@ def test_label_matchers_use_labels_and_values_that_exist() -> None:
             if metric in KEDA_METRICS:
                 assert label in KEDA_METRICS[metric], f"{where}: {metric} has no label {label}"
             if label == "scaledObject":
-                assert set(value.split("|")) == {WORKER, TRITON}, where
+                assert set(value.split("|")) == {WORKER, EXPLAINER, TRITON}, where
             if label == "outcome":
-                assert value in outcomes, where
-            if label == "reason" and metric == "moderation_outcomes_total":
+                assert value in outcomes[metric], where
+            if label == "reason" and metric in outcomes:
                 assert set(value.split("|")) <= reasons, where
             if label == "job":
-                assert value in {WORKER, TRITON, REVIEW}, where
+                assert value in {WORKER, EXPLAINER, TRITON, REVIEW}, where
             if label == "model":
                 assert value == "fakevlm", where
 
@@ -1018,9 +1225,15 @@ def test_dashboard_covers_the_stream_and_triton() -> None:
         "verdict mix": "moderation_verdicts_total",
         "dead letters": "moderation_outcomes_total",
         "Triton queue time": "nv_inference_queue_duration_us",
+        "explanations by outcome": "moderation_explanations_total",
+        "explanation latency": "moderation_explanation_seconds_bucket",
+        "explanations pending": "moderation_explanations_pending",
     }
     assert {topic for topic, metric in required.items() if metric not in used} == set()
     assert any('outcome="dead_letter"' in t["expr"] for p in panels for t in p["targets"])
+    # The explainer's own lag, apart from the workers'.
+    targets = [t["expr"] for p in panels for t in p["targets"]]
+    assert any("moderation_consumer_lag" in expr and f'job="{EXPLAINER}"' in expr for expr in targets)
 
 
 def test_dashboard_ships_as_a_configmap() -> None:
@@ -1048,6 +1261,7 @@ def test_alerts_cover_lag_dead_letters_and_triton_and_link_their_runbook() -> No
         "TritonQueueTimeHigh",
     } <= alerts
     assert {"ModerationConsumerLagGrowing", "ModerationDeadLetterRateHigh", "TritonDown"} <= alerts
+    assert {"ModerationExplanationsFailing", "ModerationExplanationsBacklog"} <= alerts
     assert len(alerts) == len(rules)
     for rule in rules:
         assert rule["labels"]["severity"] in {"page", "ticket"}, rule["alert"]
@@ -1061,7 +1275,15 @@ def test_alerts_cover_lag_dead_letters_and_triton_and_link_their_runbook() -> No
     retryable = [r["expr"] for r in rules if r["alert"] == "ModerationRetryableDeadLetters"]
     retryable += [expr for record, expr in recording_rules().items() if "retryable" in record]
     codes = [m[3] for expr in retryable for m in matchers(expr) if m[1] == "reason"]
-    assert len(codes) >= 3 and {frozenset(c.split("|")) for c in codes} == {frozenset(r.value for r in RETRYABLE)}
+    # explanation_failed is retryable too, but only the explainer writes it and counts it apart
+    # (moderation_explanations_total): it never leaves an upload without its verdict.
+    worker_retryable = frozenset(r.value for r in RETRYABLE - {Reason.EXPLANATION_FAILED})
+    assert len(codes) >= 3 and {frozenset(c.split("|")) for c in codes} == {worker_retryable}
+    # The explanation dead letters' transient causes: the same codes, as the explainer labels its letters.
+    failing = next(r for r in rules if r["alert"] == "ModerationExplanationsFailing")["expr"]
+    causes = {m[3] for m in matchers(failing) if m[1] == "reason"}
+    assert {frozenset(c.split("|")) for c in causes} == {worker_retryable}
+    assert all(r["labels"]["severity"] == "ticket" for r in rules if r["alert"].startswith("ModerationExplanations"))
     # One retryable dead letter is a ticket; only the burn-rate alerts page for them.
     assert next(r for r in rules if r["alert"] == "ModerationRetryableDeadLetters")["labels"]["severity"] == "ticket"
 
@@ -1070,7 +1292,7 @@ def test_alerts_cover_lag_dead_letters_and_triton_and_link_their_runbook() -> No
 def test_service_monitors_scrape_the_services(overlay: Path) -> None:
     docs = render(overlay)
     monitors = {d["metadata"]["name"]: d for d in docs if d["kind"] == "ServiceMonitor"}
-    assert set(monitors) == {WORKER, TRITON, REVIEW}
+    assert set(monitors) == {WORKER, EXPLAINER, TRITON, REVIEW}
     rule = find(docs, "PrometheusRule", "moderation")
     for name, monitor in monitors.items():
         service = find(docs, "Service", name)
@@ -1105,6 +1327,7 @@ def test_dockerfiles_match_the_manifests() -> None:
     assert tag and (int(tag[1]), int(tag[2])) >= (25, 1), "24.xx Triton images have Python 3.10"
     assert f"USER {triton_pod['securityContext']['runAsUser']}:" in triton
     assert "COPY triton_models/fakevlm /models/fakevlm" in triton
+    assert "COPY triton_models/fakevlm_explain /models/fakevlm_explain" in triton
     assert "mkdir -p /models/fakevlm/weights" in triton
     assert "--model-config-name=gpu" in triton
     ignore = (ROOT / ".dockerignore").read_text().splitlines()
@@ -1140,14 +1363,15 @@ def test_promtool_parses_every_expression(tmp_path: Path) -> None:
 SHUTDOWN_MARGIN_S = 30
 
 
+@pytest.mark.parametrize("deployment", [WORKER, EXPLAINER])
 @pytest.mark.parametrize("overlay", OVERLAYS, ids=_rel)
-def test_the_worker_drains_within_the_pods_termination_grace_period(overlay: Path) -> None:
+def test_consumers_drain_within_the_pods_termination_grace_period(overlay: Path, deployment: str) -> None:
+    """The worker drains its batches in flight, the explainer its batch in hand, for at most the grace."""
     docs = render(overlay)
-    env = worker_env(docs)
-    fields = {f"MODERATION_{name.upper()}": name for name in Settings.model_fields}
-    settings = Settings.model_validate({fields[key]: value for key, value in env.items()})
+    env = explainer_env(docs) if deployment == EXPLAINER else worker_env(docs)
+    settings = settings_of(env)
     assert "MODERATION_SHUTDOWN_GRACE_S" in env, "the drain grace sits next to the pod that must outlast it"
-    period = pod_spec(find(docs, "Deployment", WORKER))["terminationGracePeriodSeconds"]
+    period = pod_spec(find(docs, "Deployment", deployment))["terminationGracePeriodSeconds"]
     assert settings.shutdown_grace_s + SHUTDOWN_MARGIN_S <= period, (
         f"MODERATION_SHUTDOWN_GRACE_S {settings.shutdown_grace_s:g} s + {SHUTDOWN_MARGIN_S} s to commit, leave the "
         f"group and close must fit in terminationGracePeriodSeconds {period}, or the kubelet SIGKILLs the drain"

@@ -18,6 +18,7 @@ from moderation.devkit import localstack
 from moderation.devkit.samples import write_samples
 from moderation.events import ModelInfo
 from moderation.model.detectors import Detection
+from moderation.model.detectors.base import detect_each
 from moderation.model.fakevlm import label_from_answer
 from moderation.offline.evaluate import (
     DEFAULT_EMBEDDING_MODEL,
@@ -39,23 +40,26 @@ class ColourDetector:
     """Red-dominant images are fake (0.9), the rest real (0.1); explains each with a fixed text."""
 
     model = ModelInfo(name="colour", version="test")
+    explain_model = model
 
     def __init__(self) -> None:
         self.explain_above: list[float] = []
 
-    async def detect(self, pixel_values: np.ndarray, *, explain_above: float) -> Detection:
-        fake = pixel_values[0].mean() > pixel_values[2].mean()
-        score = 0.9 if fake else 0.1
-        text = (FAKE_TEXT if fake else REAL_TEXT) if score >= explain_above else None
-        answer = label_from_answer(text) if text else None
-        return Detection(score=score, label="fake" if fake else "real", explanation=text, answer_label=answer)
+    async def detect(self, crop: np.ndarray) -> Detection:
+        fake = crop[..., 0].mean() > crop[..., 2].mean()
+        return Detection(
+            score=0.9 if fake else 0.1, label="fake" if fake else "real", explanation=None, answer_label=None
+        )
 
-    async def detect_batch(
-        self, pixel_values: np.ndarray, *, explain_above: float | Sequence[float]
-    ) -> list[Detection]:
+    async def explain(self, crop: np.ndarray) -> Detection:
+        verdict = await self.detect(crop)
+        text = FAKE_TEXT if verdict.label == "fake" else REAL_TEXT
+        return Detection(verdict.score, verdict.label, text, label_from_answer(text))
+
+    async def detect_batch(self, pixels: np.ndarray, *, explain_above: float | Sequence[float]) -> list[Detection]:
         assert isinstance(explain_above, float)
         self.explain_above.append(explain_above)
-        return [await self.detect(p, explain_above=explain_above) for p in pixel_values]
+        return await detect_each(self, pixels, explain_above)
 
 
 def bag_of_labels(texts: Sequence[str]) -> np.ndarray:
@@ -171,7 +175,7 @@ async def test_metrics_match_hand_computed_values(dataset: tuple[Path, Path], tm
 
 def colour_answerer(pixels: np.ndarray) -> list[str]:
     """Free answers: red-dominant images are called fake, the rest get an answer with no verdict word."""
-    return [FAKE_TEXT if p[0].mean() > p[2].mean() else "A dog sits on the grass." for p in pixels]
+    return [FAKE_TEXT if p[..., 0].mean() > p[..., 2].mean() else "A dog sits on the grass." for p in pixels]
 
 
 async def test_free_answers_give_the_text_rule_figures_and_the_sweep(

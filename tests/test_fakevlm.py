@@ -20,7 +20,7 @@ from moderation.model.fakevlm import (
     checkpoint_relative_to,
     label_from_answer,
 )
-from moderation.model.imaging import CLIP_MEAN, CLIP_STD, preprocess
+from moderation.model.imaging import CLIP_MEAN, CLIP_STD, crop, normalise, preprocess
 
 
 @pytest.fixture(scope="session")
@@ -33,7 +33,7 @@ def pixels() -> np.ndarray:
     rng = np.random.default_rng(7)
     sizes = [(400, 336), (336, 500), (640, 480)]
     images = [Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)) for w, h in sizes]
-    return np.stack([preprocess(image) for image in images])
+    return np.stack([crop(image) for image in images])
 
 
 def test_prompt_and_answer_prefix_are_fakevlms() -> None:
@@ -122,6 +122,12 @@ def test_threshold_decides_the_label(fakevlm: FakeVLM, pixels: np.ndarray) -> No
     assert {r.label for r in fakevlm.score(pixels, [math.inf] * 3, threshold=1.01)} == {"real"}
 
 
+def test_the_model_normalises_crops_as_imaging_does(fakevlm: FakeVLM, pixels: np.ndarray) -> None:
+    # The same float32 operations in the same order as the numpy path: the pinned preprocessing carries over.
+    expected = np.stack([normalise(c) for c in pixels])
+    np.testing.assert_array_equal(fakevlm.pixel_values(pixels).numpy(), expected)
+
+
 def test_batched_scores_equal_one_at_a_time(fakevlm: FakeVLM, pixels: np.ndarray) -> None:
     batched = [r.score for r in fakevlm.score(pixels, [math.inf] * 3)]
     single = [fakevlm.score(pixels[i : i + 1], [math.inf])[0].score for i in range(3)]
@@ -151,7 +157,7 @@ def test_explanation_reusing_the_prefill_equals_plain_generate(fakevlm: FakeVLM,
         out = fakevlm.model.generate(
             input_ids=prefix,
             attention_mask=torch.ones_like(prefix),
-            pixel_values=torch.from_numpy(pixels),
+            pixel_values=torch.from_numpy(np.stack([normalise(c) for c in pixels])),
             max_new_tokens=10,
             do_sample=False,
         )
@@ -159,11 +165,13 @@ def test_explanation_reusing_the_prefill_equals_plain_generate(fakevlm: FakeVLM,
 
 
 def test_score_rejects_bad_input(fakevlm: FakeVLM, pixels: np.ndarray) -> None:
-    with pytest.raises(ValueError, match="pixel_values"):
-        fakevlm.score(np.zeros((1, 3, 224, 224), np.float32), [math.inf])
+    with pytest.raises(ValueError, match="crops must be"):
+        fakevlm.score(np.zeros((1, 224, 224, 3), np.uint8), [math.inf])
+    with pytest.raises(ValueError, match="crops must be"):
+        fakevlm.score(pixels.astype(np.float32), [math.inf] * 3)  # normalised pixels are not crops
     with pytest.raises(ValueError, match="explain_above"):
         fakevlm.score(pixels, [math.inf])
-    assert fakevlm.score(np.zeros((0, 3, 336, 336), np.float32), []) == []
+    assert fakevlm.score(np.zeros((0, 336, 336, 3), np.uint8), []) == []
 
 
 def test_load_fails_clearly(tmp_path: Path) -> None:
@@ -197,10 +205,9 @@ def test_without_a_kept_cache_explained_rows_are_prefilled_again_to_the_same_ans
     """The compiled verdict pass keeps no KV cache; its explanations must equal the cache path's."""
     from moderation.devkit.synthetic import samples
     from moderation.devkit.training import trained_checkpoint
-    from moderation.model.imaging import preprocess
 
     vlm = FakeVLM.load(trained_checkpoint())
-    pixels = np.stack([preprocess(s.image) for s in samples(4, 5)])
+    pixels = np.stack([crop(s.image) for s in samples(4, 5)])
     limits = [0.0, 2.0, 0.0, 0.0]
     with_cache = vlm.score(pixels, limits, max_new_tokens=16)
     vlm.compiled = True  # the compiled model's path, without paying for a compilation here

@@ -252,7 +252,7 @@ async def test_large_objects_are_read_and_decoded_on_the_pools_threads_only() ->
         await pipeline._examine(bomb)
     large = encode(draw_image(1, (1200, 900)), "PNG")
     prepared = await pipeline._examine(large)
-    assert pool.submitted == 3 and prepared.pixels.shape == (3, 336, 336)
+    assert pool.submitted == 3 and prepared.pixels.shape == (336, 336, 3)
     pool.shutdown()
     await asyncio.sleep(0)
 

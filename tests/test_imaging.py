@@ -8,7 +8,7 @@ from transformers import CLIPImageProcessor
 
 from moderation.devkit.samples import draw_image, encode
 from moderation.errors import Reason, Rejected
-from moderation.model.imaging import CROP_SIZE, decode, preprocess
+from moderation.model.imaging import CROP_SIZE, decode, normalise, prepare, preprocess
 
 
 @pytest.fixture(scope="module")
@@ -25,6 +25,15 @@ def test_preprocess_matches_transformers_clip_processor(reference, size, fmt) ->
     assert ours.shape == theirs.shape == (3, CROP_SIZE, CROP_SIZE)
     assert ours.dtype == np.float32
     assert np.abs(ours - theirs).max() < 1e-5
+
+
+def test_prepare_gives_the_uint8_crop_that_normalises_to_preprocess() -> None:
+    data = encode(draw_image(4, (640, 480)), "PNG")
+    crop = prepare(data, max_pixels=10**8).pixels
+    assert crop.shape == (CROP_SIZE, CROP_SIZE, 3) and crop.dtype == np.uint8 and crop.flags.c_contiguous
+    assert np.array_equal(normalise(crop), preprocess(decode(data, max_pixels=10**8).image))
+    # What a Triton request carries per image: a quarter of the float32 pixel_values it replaced.
+    assert (crop.nbytes, normalise(crop).nbytes) == (338_688, 1_354_752)
 
 
 def test_decode_reports_size_and_format() -> None:

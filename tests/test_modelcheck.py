@@ -12,7 +12,7 @@ from moderation.cli import app
 from moderation.devkit.synthetic import samples, write_images
 from moderation.devkit.training import trained_checkpoint
 from moderation.model.fakevlm import FakeVLM
-from moderation.model.imaging import preprocess
+from moderation.model.imaging import crop
 from moderation.offline.modelcheck import Answer, check, summarise
 
 
@@ -34,7 +34,7 @@ def test_summary_counts_prefix_agreement_and_margins() -> None:
 def test_verdict_first_agrees_with_the_trained_models_free_answers() -> None:
     vlm = FakeVLM.load(trained_checkpoint())
     fresh = list(samples(8, 20_251_130))
-    report = check(vlm, np.stack([preprocess(s.image) for s in fresh]), max_new_tokens=40, batch_size=4)
+    report = check(vlm, np.stack([crop(s.image) for s in fresh]), max_new_tokens=40, batch_size=4)
     assert report.images == 8 and report.prefix_share == 1.0
     assert report.agreement == 1.0 and report.margin_max is None
     assert [a.free_label for a in report.answers] == [s.label for s in fresh]

@@ -108,10 +108,14 @@ def test_the_triton_model_imports_from_only_moderation_model(tmp_path: Path) -> 
         shutil.copy(ROOT / "moderation" / name, copy / name)
     shutil.copytree(ROOT / "moderation" / "model", copy / "model", ignore=shutil.ignore_patterns("__pycache__"))
     imports = sorted(
-        {name for model in ("fakevlm", "gpu/fakevlm") for name in module_imports(ROOT / "triton_models" / model)}
+        {
+            name
+            for model in ("fakevlm", "fakevlm_explain", "gpu/fakevlm", "gpu/fakevlm_explain")
+            for name in module_imports(ROOT / "triton_models" / model)
+        }
         - {"triton_python_backend_utils"}  # Triton's own, inside its Python backend only
     )
-    assert "moderation.model.fakevlm" in imports
+    assert {"moderation.model.fakevlm", "moderation.model.triton_model"} <= set(imports)
     source = refusing("pydantic", "pydantic_settings", "faust", "aiokafka", "aiobotocore", "tritonclient", "typer")
     source += textwrap.dedent(f"""
         import importlib

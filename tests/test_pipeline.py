@@ -32,19 +32,21 @@ class MemoryStore:
 
 class FixedDetector:
     model = ModelInfo(name="fixed", version="1", weights="sha256:fixed")
+    explain_model = model
 
     def __init__(self, score: float, fail: Exception | None = None, failures: int = 10**9) -> None:
         self.score, self.fail, self.failures, self.calls = score, fail, failures, 0
 
-    async def detect(self, pixel_values: np.ndarray, *, explain_above: float) -> Detection:
+    async def detect(self, crop: np.ndarray) -> Detection:
         self.calls += 1
-        assert pixel_values.shape == (3, 336, 336)
+        assert crop.shape == (336, 336, 3) and crop.dtype == np.uint8
         if self.fail and self.calls <= self.failures:
             raise self.fail
-        explanation = "This is a fake image. Odd textures." if self.score >= explain_above else None
-        return Detection(
-            self.score, "fake" if self.score >= 0.5 else "real", explanation, "fake" if explanation else None
-        )
+        return Detection(self.score, "fake" if self.score >= 0.5 else "real", None, None)
+
+    async def explain(self, crop: np.ndarray) -> Detection:
+        verdict = await self.detect(crop)
+        return Detection(verdict.score, verdict.label, "This is a fake image. Odd textures.", "fake")
 
 
 def message(body: object, offset: int = 0) -> Incoming:
@@ -61,16 +63,13 @@ def pipeline(detector: FixedDetector, backoff: Backoff = FAST) -> Pipeline:
     return Pipeline(store, detector, Policies.of(Policy(0.5, 0.8, 0.5)), 10**7, backoff=backoff, clock=lambda: NOW)
 
 
-async def test_a_fake_image_is_flagged_with_its_explanation() -> None:
-    [outcome] = await pipeline(FixedDetector(0.93)).moderate_batch([message(event("e1", attributes={"a": "b"}))])
+async def test_a_fake_image_is_flagged_at_once_and_its_explanation_asked_for() -> None:
+    detector = FixedDetector(0.93)
+    [outcome] = await pipeline(detector).moderate_batch([message(event("e1", attributes={"a": "b"}))])
     assert isinstance(outcome, Verdict)
-    assert (outcome.event_id, outcome.label, outcome.action, outcome.answer_label) == (
-        "e1",
-        "fake",
-        "flag",
-        "fake",
-    )
-    assert outcome.explanation.startswith("This is a fake image.")
+    assert (outcome.event_id, outcome.label, outcome.action) == ("e1", "fake", "flag")
+    assert (outcome.explanation, outcome.answer_label, outcome.explanation_requested) == (None, None, True)
+    assert detector.calls == 1, "one verdict pass; the explainer, not the worker, asks for the text"
     assert (outcome.image.width, outcome.image.height, outcome.image.format) == (64, 48, "JPEG")
     assert outcome.attributes == {"a": "b"} and outcome.decided_at == NOW and outcome.model.name == "fixed"
 

@@ -32,7 +32,7 @@ from moderation.devkit.training import trained_checkpoint
 from moderation.errors import ModelError
 from moderation.model.detectors import TritonDetector
 from moderation.model.fakevlm import PROMPT, FakeVLM, build_prompt
-from moderation.model.imaging import CROP_SIZE, preprocess
+from moderation.model.imaging import CROP_SIZE, crop
 
 _SPECIAL = {0: "<unk>", 1: "<s>", 2: "</s>"}
 # Llama-2's tokenizer.json (as meta-llama and llava-hf ship it): no pre-tokenizer, a normalizer that
@@ -114,7 +114,7 @@ def published(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def pixels() -> np.ndarray:
-    return np.stack([preprocess(s.image) for s in samples(8, 20_251_129)])
+    return np.stack([crop(s.image) for s in samples(8, 20_251_129)])
 
 
 def test_the_fixture_has_the_4_45_file_set(published: Path) -> None:

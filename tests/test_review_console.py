@@ -26,6 +26,7 @@ from moderation.devkit.samples import write_samples
 from moderation.events import (
     C2paEvidence,
     Decision,
+    Explanation,
     ImageInfo,
     Match,
     ModelInfo,
@@ -132,8 +133,44 @@ def test_history_spans_events_of_the_same_bytes_and_the_cap_drops_the_oldest() -
     assert queue.item("first") is None
 
 
+def explanation_of(item: Verdict, text: str, **more: Any) -> Explanation:
+    return Explanation(
+        event_id=item.event_id,
+        image_sha256=item.image_sha256,
+        verdict_label=item.label,
+        verdict_score=item.score,
+        verdict_action=item.action,
+        verdict_decided_at=item.decided_at,
+        explanation=text,
+        answer_label="fake",
+        model=item.model,
+        requested_at=item.decided_at,
+        explained_at=item.decided_at + timedelta(seconds=3),
+        explain_ms=3000.0,
+        **more,
+    )
+
+
+def test_an_explanation_joins_its_item_whenever_it_is_read() -> None:
+    queue = ReviewQueue()
+    waiting = verdict("w", explanation=None, explanation_requested=True)
+    early = verdict("early", minutes=1, sha="b" * 64, explanation=None, explanation_requested=True)
+    queue.add_explanation(explanation_of(early, "This is a fake image. Read before its verdict."))
+    queue.add_verdict(waiting)
+    queue.add_verdict(early)
+    [later, first] = queue.awaiting()
+    assert (first.explanation, first.explanation_pending) == (None, True)
+    assert later.explanation == "This is a fake image. Read before its verdict." and not later.explanation_pending
+    queue.add_explanation(explanation_of(waiting, "This is a fake image. Now here."))
+    item = queue.item("w")
+    assert item is not None and item.explanation == "This is a fake image. Now here."
+    cached = verdict("c", minutes=2, sha="c" * 64)  # a cache hit carries its text itself
+    queue.add_verdict(cached)
+    assert queue.item("c").explanation == cached.explanation  # type: ignore[union-attr]
+
+
 def test_the_reader_skips_what_is_not_a_verdict_or_a_decision(caplog: pytest.LogCaptureFixture) -> None:
-    settings = Settings(topic_review="review", topic_decisions="decisions")  # type: ignore[call-arg]
+    settings = Settings(topic_review="review", topic_decisions="decisions", topic_explanations="explained")  # type: ignore[call-arg]
     queue = ReviewQueue()
     reader = QueueReader(settings, queue)
     flagged = verdict("v1")
@@ -148,13 +185,16 @@ def test_the_reader_skips_what_is_not_a_verdict_or_a_decision(caplog: pytest.Log
             ("decisions", flagged.to_bytes()),  # a verdict where a decision belongs
             ("review", flagged.to_bytes()),
             ("decisions", decision_about(flagged, "escalate").to_bytes()),
+            ("explained", flagged.to_bytes()),  # a verdict where an explanation belongs
+            ("explained", explanation_of(flagged, "This is a fake image. Plastic skin.").to_bytes()),
         ]
     ):
         reader.apply(record(topic, offset, value))
     assert [i.event_id for i in queue.awaiting()] == ["v1"]
     assert queue.awaiting()[0].escalated
+    assert queue.awaiting()[0].explained is not None
     wheres = [r.where for r in caplog.records if hasattr(r, "where")]
-    assert wheres == ["review[0]@0", "decisions[0]@2"]
+    assert wheres == ["review[0]@0", "decisions[0]@2", "explained[0]@5"]
 
 
 # Who decides

@@ -140,20 +140,22 @@ class FlakyDetector:
     """Fails its first batch the way an unavailable Triton does, then answers 0.7 for everything."""
 
     model = ModelInfo(name="flaky", version="0")
+    explain_model = model
 
     def __init__(self) -> None:
         self.batches: list[int] = []
 
-    async def detect(self, pixel_values: np.ndarray, *, explain_above: float) -> Detection:
-        return (await self.detect_batch(pixel_values[np.newaxis], explain_above=explain_above))[0]
+    async def detect(self, crop: np.ndarray) -> Detection:
+        return (await self.detect_batch(crop[np.newaxis], explain_above=2.0))[0]
 
-    async def detect_batch(
-        self, pixel_values: np.ndarray, *, explain_above: float | Sequence[float]
-    ) -> list[Detection]:
-        self.batches.append(len(pixel_values))
+    async def explain(self, crop: np.ndarray) -> Detection:
+        return await self.detect(crop)
+
+    async def detect_batch(self, pixels: np.ndarray, *, explain_above: float | Sequence[float]) -> list[Detection]:
+        self.batches.append(len(pixels))
         if len(self.batches) == 1:
             raise Rejected(Reason.INFERENCE_UNAVAILABLE, "Triton fakevlm: connection refused")
-        return [Detection(0.7, "fake", None, None) for _ in pixel_values]
+        return [Detection(0.7, "fake", None, None) for _ in pixels]
 
 
 async def test_a_failed_batch_is_reported_and_the_scan_goes_on(tree: Path, tmp_path: Path) -> None:

@@ -24,7 +24,7 @@ from typer.testing import CliRunner
 from moderation.cli import app
 from moderation.devkit import localstack
 from moderation.errors import Reason
-from moderation.events import DeadLetter, ImageInfo, ModelInfo, Timings, Verdict, utcnow
+from moderation.events import DeadLetter, ExplainRequest, Explanation, ImageInfo, ModelInfo, Timings, Verdict, utcnow
 from moderation.offline.tail import Filters, line, read, to_json, topic_name
 from moderation.settings import Settings
 from moderation.worker.kafka import aiokafka_options
@@ -67,6 +67,24 @@ def dead_letter(event_id: str, reason: Reason) -> DeadLetter:
     )
 
 
+def explanation(item: Verdict, text: str, answer_label: str = "fake") -> Explanation:
+    return Explanation(
+        event_id=item.event_id,
+        image_sha256=item.image_sha256,
+        tenant=item.tenant,
+        verdict_label=item.label,
+        verdict_score=item.score,
+        verdict_action=item.action,
+        verdict_decided_at=item.decided_at,
+        explanation=text,
+        answer_label=answer_label,  # type: ignore[arg-type]
+        model=item.model,
+        requested_at=NOW,
+        explained_at=NOW,
+        explain_ms=812.0,
+    )
+
+
 def record(value: bytes | None, key: bytes | None = b"k", topic: str = "t") -> ConsumerRecord:  # type: ignore[type-arg]
     return ConsumerRecord(topic, 0, 5, 1_700_000_000_000, 0, key, value, None, 0, 0, [("h", b"\xff")])
 
@@ -89,6 +107,16 @@ def test_aliases_name_the_settings_topics_and_any_other_name_passes_through() ->
     [
         (verdict("e1", tenant="acme", score=0.9, action="flag").to_bytes(), "verdict"),
         (dead_letter("e2", Reason.TOO_LARGE).to_bytes(), "dead_letter"),
+        (
+            explanation(verdict("e4", tenant="acme", score=0.9, action="flag"), "This is a fake image.").to_bytes(),
+            "explanation",
+        ),
+        (
+            ExplainRequest(
+                event_id="e5", verdict=verdict("e5", tenant=None, score=0.7, action="review"), requested_at=NOW
+            ).to_bytes(),
+            "explain_request",
+        ),
         (b'{"event_id": "e3", "action": "review", "decision": "keep"}', "json"),
         (b"[1, 2]", "raw"),
         (GARBAGE, "raw"),
@@ -119,6 +147,12 @@ def test_filters_match_any_of_their_values_and_all_of_the_filters() -> None:
     assert not Filters(tenants={"acme"}, actions={"allow"}).match(flagged)
     assert Filters(reasons={"too_large"}).match(letter) and not Filters(reasons={"too_large"}).match(flagged)
     assert not Filters(tenants={"acme"}).match(garbage)
+    flagged_verdict = verdict("e1", tenant="acme", score=0.9, action="flag")
+    explained = read(record(explanation(flagged_verdict, "This is a real image.", "real").to_bytes()))
+    assert Filters(tenants={"acme"}, actions={"flag"}).match(explained)  # the explained verdict's action
+    assert "text disagrees" in line(explained).plain and "verdict fake 0.900" in line(explained).plain
+    asked = read(record(ExplainRequest(event_id="e1", verdict=flagged_verdict, requested_at=NOW).to_bytes()))
+    assert Filters(actions={"flag"}).match(asked) and not Filters(actions={"allow"}).match(asked)
 
 
 # On the real broker.

@@ -25,7 +25,7 @@ from moderation.devkit.training import (
 )
 from moderation.errors import ModelError
 from moderation.model.fakevlm import FakeVLM, Scored, label_from_answer
-from moderation.model.imaging import preprocess
+from moderation.model.imaging import crop
 
 FRESH_SEED = 20_251_127  # neither the training stream (seed 0) nor the held-out stream of training
 
@@ -43,7 +43,7 @@ def fresh() -> list[Sample]:
 
 @pytest.fixture(scope="module")
 def results(trained: FakeVLM, fresh: list[Sample]) -> list[Scored]:
-    pixels = np.stack([preprocess(s.image) for s in fresh])
+    pixels = np.stack([crop(s.image) for s in fresh])
     return trained.score(pixels, [0.0] * len(fresh), max_new_tokens=48)
 
 

@@ -22,6 +22,7 @@ from tritonclient.grpc import model_config_pb2
 
 from moderation.devkit import localstack
 from moderation.devkit.tinymodel import IMAGE_SEQ_LENGTH
+from moderation.model.imaging import normalise
 
 ROOT = Path(__file__).resolve().parents[1] / "triton_models"
 GPU = ROOT / "gpu"
@@ -38,7 +39,9 @@ def parse(path: Path) -> model_config_pb2.ModelConfig:
 def test_the_repository_has_the_cpu_model_and_the_gpu_layout() -> None:
     assert {p.relative_to(ROOT).as_posix() for p in CONFIGS} >= {
         "fakevlm/config.pbtxt",
+        "fakevlm_explain/config.pbtxt",
         "gpu/fakevlm/config.pbtxt",
+        "gpu/fakevlm_explain/config.pbtxt",
         "gpu/vision_encoder/config.pbtxt",
         "gpu/tensorrt_llm/config.pbtxt",
     }
@@ -62,14 +65,22 @@ def _io(config: model_config_pb2.ModelConfig) -> tuple[list[Any], list[Any]]:
     return rows(config.input), rows(config.output)
 
 
-def test_the_gpu_fakevlm_keeps_the_cpu_models_contract() -> None:
-    cpu, gpu = parse(ROOT / "fakevlm" / "config.pbtxt"), parse(GPU / "fakevlm" / "config.pbtxt")
+@pytest.mark.parametrize(("name", "role"), [("fakevlm", "verdict"), ("fakevlm_explain", "explain")])
+def test_the_gpu_models_keep_the_cpu_models_contract(name: str, role: str) -> None:
+    cpu, gpu = parse(ROOT / name / "config.pbtxt"), parse(GPU / name / "config.pbtxt")
     assert _io(gpu) == _io(cpu)  # the worker cannot tell which layout serves it
-    assert (gpu.name, gpu.backend) == ("fakevlm", "python")
-    assert (GPU / "fakevlm" / "1" / "model.py").is_file()
+    assert (gpu.name, gpu.backend) == (name, "python")
+    # One BLS model.py for both roles.
+    assert (GPU / name / "1" / "model.py").read_text() == (GPU / "fakevlm" / "1" / "model.py").read_text()
     params = {k: v.string_value for k, v in gpu.parameters.items()}
+    assert params["role"] == role
     assert params["vision_model"] == "vision_encoder" and params["llm_model"] == "tensorrt_llm"
     assert params["vocab_size"] == "32064"
+    policy = gpu.dynamic_batching.default_queue_policy
+    assert policy.max_queue_size > 0
+    if role == "explain":  # a request that waited too long is refused, not computed for a worker that gave up
+        assert policy.timeout_action == model_config_pb2.ModelQueuePolicy.REJECT
+        assert 0 < policy.default_timeout_microseconds < 300 * 1_000_000
 
 
 def _build_defaults() -> dict[str, int]:
@@ -112,11 +123,14 @@ def test_the_llm_config_matches_the_engine_build() -> None:
     assert params["enable_kv_cache_reuse"] == "true" and "--use_paged_context_fmha enable" in script
 
 
-def test_the_local_stack_copies_only_the_cpu_model(tmp_path: Path) -> None:
+def test_the_local_stack_copies_only_the_cpu_models(tmp_path: Path) -> None:
     repository = localstack.prepare_model_repository(tmp_path / "repo", tmp_path / "ckpt")
-    assert sorted(p.name for p in repository.iterdir()) == ["fakevlm"]
-    config = parse(repository / "fakevlm" / "config.pbtxt")
-    assert config.backend == "python" and [g.kind for g in config.instance_group] == [Kind.KIND_CPU]
+    assert sorted(p.name for p in repository.iterdir()) == ["fakevlm", "fakevlm_explain"]
+    for name in ("fakevlm", "fakevlm_explain"):
+        config = parse(repository / name / "config.pbtxt")
+        assert config.backend == "python" and [g.kind for g in config.instance_group] == [Kind.KIND_CPU]
+        # Both serve the same checkpoint.
+        assert config.parameters["checkpoint"].string_value == str((tmp_path / "ckpt").resolve())
 
 
 # The BLS model against stand-ins for triton_python_backend_utils and the two engines.
@@ -214,12 +228,13 @@ def _pb_utils(engines: _Engines) -> types.ModuleType:
     module.InferenceRequest = InferenceRequest  # type: ignore[attr-defined]
     module.get_input_tensor_by_name = lambda request, name: request.get(name)  # type: ignore[attr-defined]
     module.get_output_tensor_by_name = lambda response, name: response.outputs.get(name)  # type: ignore[attr-defined]
-    module.Logger = types.SimpleNamespace(log_info=lambda msg: None, log_error=lambda msg: None)  # type: ignore[attr-defined]
+    module.Logger = types.SimpleNamespace(  # type: ignore[attr-defined]
+        log_info=lambda msg: None, log_warn=lambda msg: None, log_error=lambda msg: None
+    )
     return module
 
 
-@pytest.fixture(scope="module")
-def bls(tiny_checkpoint: Path) -> Any:
+def _load_bls(tiny_checkpoint: Path, role: str) -> tuple[Any, _Engines]:
     from transformers import AutoProcessor
 
     tokenizer = AutoProcessor.from_pretrained(tiny_checkpoint).tokenizer
@@ -230,13 +245,14 @@ def bls(tiny_checkpoint: Path) -> Any:
     engines = _Engines(vocab, fake_id, real_id, answer, tokenizer.eos_token_id)
     with pytest.MonkeyPatch.context() as mp:
         mp.setitem(sys.modules, "triton_python_backend_utils", _pb_utils(engines))
-        spec = importlib.util.spec_from_file_location("fakevlm_gpu_bls", GPU / "fakevlm" / "1" / "model.py")
+        spec = importlib.util.spec_from_file_location(f"fakevlm_gpu_bls_{role}", GPU / "fakevlm" / "1" / "model.py")
         assert spec is not None and spec.loader is not None
         module = importlib.util.module_from_spec(spec)
         mp.setitem(sys.modules, spec.name, module)  # dataclasses look their module up while it loads
         spec.loader.exec_module(module)
         model = module.TritonPythonModel()
         params = {
+            "role": role,
             "tokenizer": str(tiny_checkpoint),
             "vocab_size": str(vocab),
             "max_new_tokens": "6",
@@ -244,34 +260,50 @@ def bls(tiny_checkpoint: Path) -> Any:
         }
         config = {"parameters": {k: {"string_value": v} for k, v in params.items()}}
         model.initialize({"model_config": json.dumps(config), "model_repository": str(GPU / "fakevlm")})
-        yield model, engines
-        model.finalize()
+    return model, engines
 
 
-def _request(values: list[float], explain: list[float] | None = None) -> dict[str, _Tensor]:
-    pixels = np.stack([np.full((3, 336, 336), v, dtype=np.float32) for v in values])
-    request = {"PIXEL_VALUES": _Tensor("PIXEL_VALUES", pixels)}
-    if explain is not None:
-        request["EXPLAIN_ABOVE"] = _Tensor("EXPLAIN_ABOVE", np.asarray(explain, np.float32).reshape(-1, 1))
-    return request
+@pytest.fixture(scope="module")
+def bls(tiny_checkpoint: Path) -> Any:
+    model, engines = _load_bls(tiny_checkpoint, "verdict")
+    yield model, engines
+    model.finalize()
+
+
+@pytest.fixture(scope="module")
+def bls_explain(tiny_checkpoint: Path) -> Any:
+    model, engines = _load_bls(tiny_checkpoint, "explain")
+    yield model, engines
+    model.finalize()
+
+
+def _request(values: list[int]) -> dict[str, _Tensor]:
+    """Images whose every pixel is `value`: the stand-in engines make logit(fake) their normalised red."""
+    crops = np.stack([np.full((336, 336, 3), v, dtype=np.uint8) for v in values])
+    return {"IMAGE": _Tensor("IMAGE", crops)}
+
+
+def _expected(values: list[int]) -> list[float]:
+    """sigmoid(the normalised red channel): P(fake) from the stand-in engines, normalised as imaging does."""
+    reds = [float(normalise(np.full((1, 1, 3), v, np.uint8))[0, 0, 0]) for v in values]
+    return [1 / (1 + math.exp(-red)) for red in reds]
 
 
 def test_bls_one_vision_pass_then_one_verdict_request_per_image(bls: Any) -> None:
     model, engines = bls
     engines.vision_calls.clear()
     engines.llm_calls.clear()
-    nan = _request([0.0])
-    nan["PIXEL_VALUES"].array[0, 0, 0, 0] = math.nan
-    requests = [_request([2.0, -2.0], [0.0, math.inf]), nan, _request([1.0]), _request([3.0], [0.5])]
+    as_float = {"IMAGE": _Tensor("IMAGE", np.zeros((1, 336, 336, 3), np.float32))}
+    requests = [_request([200, 40]), as_float, _request([150]), _request([250])]
     responses = asyncio.run(model.execute(requests))
     assert len(responses) == 4
     first, bad, third, fourth = responses
-    assert bad.error().code == "INVALID_ARG"
-    # ONE vision pass over the valid rows, in fp16.
+    assert bad.error().code == "INVALID_ARG" and "UINT8" in bad.error().message()
+    # ONE vision pass over the valid rows, normalised, in fp16.
     (pixels,) = engines.vision_calls
     assert pixels.shape == (4, 3, 336, 336) and pixels.dtype == np.float16
     verdicts = [c for c in engines.llm_calls if int(c["request_output_len"].reshape(-1)[0]) == 1]
-    assert len(verdicts) == 4
+    assert len(verdicts) == len(engines.llm_calls) == 4  # the verdict model never generates
     prompt = verdicts[0]["input_ids"].reshape(-1)
     image = np.flatnonzero(prompt >= 2048)
     assert list(prompt[image]) == list(range(2048, 2048 + IMAGE_SEQ_LENGTH))  # the prompt-table ids, in order
@@ -284,20 +316,21 @@ def test_bls_one_vision_pass_then_one_verdict_request_per_image(bls: Any) -> Non
     keys = {int(c["prompt_table_extra_ids"].reshape(-1)[image[0]]) for c in verdicts}
     assert len(keys) == 4  # four different images, four different KV-reuse keys
     scores = [r.outputs["SCORE"].array[:, 0] for r in (first, third, fourth)]
-    expected = [1 / (1 + math.exp(-v)) for v in (2.0, -2.0, 1.0, 3.0)]
-    np.testing.assert_allclose(np.concatenate(scores), expected, rtol=1e-2)  # fp16 features
+    np.testing.assert_allclose(np.concatenate(scores), _expected([200, 40, 150, 250]), rtol=1e-2)  # fp16 features
     assert [v.decode() for v in first.outputs["LABEL"].array[:, 0]] == ["fake", "real"]
+    assert set(first.outputs) == {"SCORE", "LABEL", "WEIGHTS"}
 
 
-def test_bls_explains_only_the_rows_that_reach_their_threshold(bls: Any) -> None:
-    model, engines = bls
+def test_bls_explain_role_explains_every_row(bls_explain: Any) -> None:
+    model, engines = bls_explain
     engines.llm_calls.clear()
-    (response,) = asyncio.run(model.execute([_request([2.0, -2.0, 3.0], [0.0, 0.0, math.inf])]))
+    (response,) = asyncio.run(model.execute([_request([200, 40, 250])]))
     explanations = [v.decode() for v in response.outputs["EXPLANATION"].array[:, 0]]
     generating = [c for c in engines.llm_calls if int(c["request_output_len"].reshape(-1)[0]) == 6]
-    assert len(generating) == 2  # rows 0 and 1 (every score >= 0.0); row 2 never
-    assert explanations[0].startswith("This is a fake image") and explanations[2] == ""
-    assert [v.decode() for v in response.outputs["ANSWER_LABEL"].array[:, 0]] == ["fake", "fake", ""]
+    assert len(generating) == 3  # every row, whatever its score
+    assert all(text.startswith("This is a") for text in explanations)
+    assert [v.decode() for v in response.outputs["ANSWER_LABEL"].array[:, 0]] == ["fake", "fake", "fake"]
+    np.testing.assert_allclose(response.outputs["SCORE"].array[:, 0], _expected([200, 40, 250]), rtol=1e-2)
     verdict_key = engines.llm_calls[0]["prompt_table_extra_ids"]
     np.testing.assert_array_equal(generating[0]["prompt_table_extra_ids"], verdict_key)  # reuse its prefill
 
@@ -306,7 +339,7 @@ def test_bls_a_failing_engine_fails_the_batch_not_the_server(bls: Any) -> None:
     model, engines = bls
     engines.fail_llm = True
     try:
-        responses = asyncio.run(model.execute([_request([1.0]), _request([2.0])]))
+        responses = asyncio.run(model.execute([_request([100]), _request([200])]))
     finally:
         engines.fail_llm = False
     assert [r.error().code for r in responses] == ["UNAVAILABLE", "UNAVAILABLE"]
@@ -317,7 +350,7 @@ def test_bls_refuses_logits_that_did_not_choose_the_first_token(bls: Any) -> Non
     model, engines = bls
     engines.late_logits = True
     try:
-        (response,) = asyncio.run(model.execute([_request([2.0, 1.0])]))
+        (response,) = asyncio.run(model.execute([_request([200, 150])]))
     finally:
         engines.late_logits = False
     assert response.error().code == "UNAVAILABLE"

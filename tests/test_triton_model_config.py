@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import math
 import sys
 import types
 from pathlib import Path
@@ -15,14 +14,27 @@ import pytest
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2
 
-MODEL_DIR = Path(__file__).resolve().parents[1] / "triton_models" / "fakevlm"
+MODELS = Path(__file__).resolve().parents[1] / "triton_models"
+MODEL_DIR = MODELS / "fakevlm"
+EXPLAIN_DIR = MODELS / "fakevlm_explain"
 CONFIG = MODEL_DIR / "config.pbtxt"
 DataType = model_config_pb2.DataType
+VERDICT_OUTPUTS = {"SCORE", "LABEL", "WEIGHTS"}
+EXPLAIN_OUTPUTS = VERDICT_OUTPUTS | {"EXPLANATION", "ANSWER_LABEL"}
+
+
+def parse(path: Path) -> model_config_pb2.ModelConfig:
+    return text_format.Parse(path.read_text(), model_config_pb2.ModelConfig())
 
 
 @pytest.fixture(scope="module")
 def config() -> model_config_pb2.ModelConfig:
-    return text_format.Parse(CONFIG.read_text(), model_config_pb2.ModelConfig())
+    return parse(CONFIG)
+
+
+@pytest.fixture(scope="module")
+def explain_config() -> model_config_pb2.ModelConfig:
+    return parse(EXPLAIN_DIR / "config.pbtxt")
 
 
 def test_model_identity_and_batching(config: model_config_pb2.ModelConfig) -> None:
@@ -34,46 +46,67 @@ def test_model_identity_and_batching(config: model_config_pb2.ModelConfig) -> No
     assert config.dynamic_batching.default_queue_policy.max_queue_size == 256
 
 
-def test_warmup_runs_both_paths_at_one_image_and_a_full_batch(config: model_config_pb2.ModelConfig) -> None:
+def test_the_explain_model_has_its_own_batcher_queue_and_deadline(
+    config: model_config_pb2.ModelConfig, explain_config: model_config_pb2.ModelConfig
+) -> None:
+    assert explain_config.name == "fakevlm_explain" == EXPLAIN_DIR.name
+    assert explain_config.backend == "python"
+    batching, policy = explain_config.dynamic_batching, explain_config.dynamic_batching.default_queue_policy
+    assert batching.max_queue_delay_microseconds > config.dynamic_batching.max_queue_delay_microseconds
+    assert policy.max_queue_size > 0
+    # A request that waited too long is refused, not computed for a worker that gave up.
+    assert policy.timeout_action == model_config_pb2.ModelQueuePolicy.REJECT
+    assert 0 < policy.default_timeout_microseconds < 300 * 1_000_000  # MODERATION_TRITON_EXPLAIN_TIMEOUT_S
+    for model_dir in (MODEL_DIR, EXPLAIN_DIR):
+        comments = " ".join(line.lstrip("# ") for line in (model_dir / "config.pbtxt").read_text().splitlines())
+        assert "separate models so that an explanation never delays a verdict" in comments
+    # One model.py for both: the role parameter says which.
+    assert (EXPLAIN_DIR / "1" / "model.py").read_text() == (MODEL_DIR / "1" / "model.py").read_text()
+
+
+@pytest.mark.parametrize("model_dir", [MODEL_DIR, EXPLAIN_DIR], ids=lambda d: d.name)
+def test_warmup_runs_one_image_and_a_full_batch(model_dir: Path) -> None:
+    config = parse(model_dir / "config.pbtxt")
     inputs = {i.name: i for i in config.input}
     assert [w.batch_size for w in config.model_warmup] == [1, config.max_batch_size]
     for warmup in config.model_warmup:
         assert set(warmup.inputs) == set(inputs), warmup.name
         for name, sample in warmup.inputs.items():
             assert (sample.data_type, list(sample.dims)) == (inputs[name].data_type, list(inputs[name].dims))
-            assert sample.zero_data, "zeros: a valid image, and EXPLAIN_ABOVE 0 explains every row"
+            assert sample.zero_data, "zeros: a valid (black) image"
     assert [(g.kind, g.count) for g in config.instance_group] == [(model_config_pb2.ModelInstanceGroup.KIND_CPU, 1)]
-    assert (MODEL_DIR / "1" / "model.py").is_file()
+    assert (model_dir / "1" / "model.py").is_file()
 
 
-def test_inputs(config: model_config_pb2.ModelConfig) -> None:
-    inputs = {i.name: i for i in config.input}
-    assert set(inputs) == {"PIXEL_VALUES", "EXPLAIN_ABOVE"}
-    pixels, explain = inputs["PIXEL_VALUES"], inputs["EXPLAIN_ABOVE"]
-    assert (pixels.data_type, list(pixels.dims), pixels.optional) == (
-        DataType.TYPE_FP32,
-        [3, 336, 336],
+@pytest.mark.parametrize("model_dir", [MODEL_DIR, EXPLAIN_DIR], ids=lambda d: d.name)
+def test_inputs_are_the_uint8_crop(model_dir: Path) -> None:
+    [image] = parse(model_dir / "config.pbtxt").input
+    assert (image.name, image.data_type, list(image.dims), image.optional) == (
+        "IMAGE",
+        DataType.TYPE_UINT8,
+        [336, 336, 3],
         False,
     )
-    assert (explain.data_type, list(explain.dims), explain.optional) == (DataType.TYPE_FP32, [1], True)
 
 
-def test_outputs(config: model_config_pb2.ModelConfig) -> None:
-    outputs = {o.name: (o.data_type, list(o.dims)) for o in config.output}
-    assert outputs == {
-        "SCORE": (DataType.TYPE_FP32, [1]),
-        "LABEL": (DataType.TYPE_STRING, [1]),
-        "EXPLANATION": (DataType.TYPE_STRING, [1]),
-        "ANSWER_LABEL": (DataType.TYPE_STRING, [1]),
-        "WEIGHTS": (DataType.TYPE_STRING, [1]),
-    }
+@pytest.mark.parametrize(("model_dir", "names"), [(MODEL_DIR, VERDICT_OUTPUTS), (EXPLAIN_DIR, EXPLAIN_OUTPUTS)])
+def test_outputs(model_dir: Path, names: set[str]) -> None:
+    outputs = {o.name: (o.data_type, list(o.dims)) for o in parse(model_dir / "config.pbtxt").output}
+    assert set(outputs) == names
+    assert outputs["SCORE"] == (DataType.TYPE_FP32, [1])
+    assert all(dtype == (DataType.TYPE_STRING, [1]) for name, dtype in outputs.items() if name != "SCORE")
 
 
-def test_parameters(config: model_config_pb2.ModelConfig) -> None:
+@pytest.mark.parametrize(
+    ("model_dir", "checkpoint", "role"),
+    [(MODEL_DIR, "weights", "verdict"), (EXPLAIN_DIR, "../fakevlm/weights", "explain")],
+)
+def test_parameters(model_dir: Path, checkpoint: str, role: str) -> None:
+    config = parse(model_dir / "config.pbtxt")
     params = {key: value.string_value for key, value in config.parameters.items()}
-    assert params == {"checkpoint": "weights", "threshold": "0.5", "max_new_tokens": "128"}
+    assert params == {"checkpoint": checkpoint, "role": role, "threshold": "0.5", "max_new_tokens": "128"}
     # The local stack rewrites the checkpoint by regex over this exact layout.
-    assert 'key: "checkpoint"\n  value: { string_value: "weights" }' in CONFIG.read_text()
+    assert f'key: "checkpoint"\n  value: {{ string_value: "{checkpoint}" }}' in (model_dir / "config.pbtxt").read_text()
 
 
 # model.py against a stand-in for the stub's triton_python_backend_utils: enough to check that
@@ -107,12 +140,13 @@ def _fake_pb_utils() -> types.ModuleType:
     module.Tensor = _Tensor  # type: ignore[attr-defined]
     module.InferenceResponse = _Response  # type: ignore[attr-defined]
     module.get_input_tensor_by_name = lambda request, name: request.get(name)  # type: ignore[attr-defined]
-    module.Logger = types.SimpleNamespace(log_info=lambda msg: None, log_error=lambda msg: None)  # type: ignore[attr-defined]
+    module.Logger = types.SimpleNamespace(  # type: ignore[attr-defined]
+        log_info=lambda msg: None, log_warn=lambda msg: None, log_error=lambda msg: None
+    )
     return module
 
 
-@pytest.fixture(scope="module")
-def triton_model(tiny_checkpoint: Path) -> Any:
+def _load(tiny_checkpoint: Path, role: str) -> Any:
     with pytest.MonkeyPatch.context() as mp:
         mp.setitem(sys.modules, "triton_python_backend_utils", _fake_pb_utils())
         spec = importlib.util.spec_from_file_location("fakevlm_triton_model", MODEL_DIR / "1" / "model.py")
@@ -120,57 +154,67 @@ def triton_model(tiny_checkpoint: Path) -> Any:
         module = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(module)
     model = module.TritonPythonModel()
-    config = json.dumps(
-        {
-            "parameters": {
-                "checkpoint": {"string_value": str(tiny_checkpoint)},
-                "threshold": {"string_value": "0.5"},
-                "max_new_tokens": {"string_value": "8"},
-            }
-        }
-    )
+    parameters = {"checkpoint": str(tiny_checkpoint), "role": role, "threshold": "0.5", "max_new_tokens": "8"}
     model.initialize(
         {
-            "model_config": config,
+            "model_config": json.dumps({"parameters": {k: {"string_value": v} for k, v in parameters.items()}}),
             "model_repository": str(MODEL_DIR),
             "model_instance_kind": "CPU",
             "model_instance_device_id": "0",
         }
     )
+    return model
+
+
+@pytest.fixture(scope="module")
+def triton_model(tiny_checkpoint: Path) -> Any:
+    model = _load(tiny_checkpoint, "verdict")
     yield model
     model.finalize()
 
 
-def _request(rows: int, explain: list[float] | None = None, *, seed: int = 0) -> dict[str, _Tensor]:
-    pixels = np.random.default_rng(seed).standard_normal((rows, 3, 336, 336)).astype(np.float32)
-    request = {"PIXEL_VALUES": _Tensor("PIXEL_VALUES", pixels)}
-    if explain is not None:
-        request["EXPLAIN_ABOVE"] = _Tensor("EXPLAIN_ABOVE", np.asarray(explain, np.float32).reshape(-1, 1))
-    return request
+@pytest.fixture(scope="module")
+def explain_model(tiny_checkpoint: Path) -> Any:
+    model = _load(tiny_checkpoint, "explain")
+    yield model
+    model.finalize()
+
+
+def _request(rows: int, *, seed: int = 0) -> dict[str, _Tensor]:
+    crops = np.random.default_rng(seed).integers(0, 256, (rows, 336, 336, 3), dtype=np.uint8)
+    return {"IMAGE": _Tensor("IMAGE", crops)}
 
 
 def test_execute_answers_each_request_in_order(triton_model: Any) -> None:
-    nan = _request(1, seed=3)
-    nan["PIXEL_VALUES"].array[0, 0, 0, 0] = math.nan
-    requests = [_request(2, [0.0, math.inf], seed=1), nan, _request(1, seed=2), _request(2, [0.0], seed=4)]
+    as_float = {"IMAGE": _Tensor("IMAGE", _request(1, seed=3)["IMAGE"].array.astype(np.float32))}
+    chw = {"IMAGE": _Tensor("IMAGE", np.zeros((1, 3, 336, 336), np.uint8))}
+    requests = [_request(2, seed=1), as_float, _request(1, seed=2), chw, {}]
     responses = triton_model.execute(requests)
-    assert len(responses) == 4
-    first, bad, third, mismatched = responses
+    assert len(responses) == 5
+    first, bad_dtype, third, bad_shape, missing = responses
     assert first.error is None and first.outputs["SCORE"].shape == (2, 1)
-    explanations = first.outputs["EXPLANATION"][:, 0]
-    assert explanations[0].startswith(b"This is a") and explanations[1] == b""
+    assert set(first.outputs) == VERDICT_OUTPUTS  # a verdict, never an explanation
     assert set(first.outputs["LABEL"].ravel()) <= {b"fake", b"real"}
-    assert bad.error is not None and bad.error.code == "INVALID_ARG"
-    assert third.error is None and third.outputs["EXPLANATION"][0, 0] == b""  # no EXPLAIN_ABOVE: never
-    assert mismatched.error is not None and "EXPLAIN_ABOVE" in mismatched.error.message
+    for bad, why in ((bad_dtype, "UINT8"), (bad_shape, "[n, 336, 336, 3]"), (missing, "missing input IMAGE")):
+        assert bad.error is not None and bad.error.code == "INVALID_ARG" and why in bad.error.message
+    assert third.error is None
     alone = triton_model.execute([_request(1, seed=2)])[0]
     np.testing.assert_allclose(alone.outputs["SCORE"], third.outputs["SCORE"], atol=1e-4)
 
 
-def test_every_answer_names_the_weights_that_gave_it(triton_model: Any) -> None:
+def test_the_explain_role_explains_every_row_with_the_verdict_score(triton_model: Any, explain_model: Any) -> None:
+    [verdict] = triton_model.execute([_request(2, seed=7)])
+    [explained] = explain_model.execute([_request(2, seed=7)])
+    assert set(explained.outputs) == EXPLAIN_OUTPUTS
+    assert all(text.startswith(b"This is a") for text in explained.outputs["EXPLANATION"][:, 0])
+    np.testing.assert_allclose(explained.outputs["SCORE"], verdict.outputs["SCORE"], atol=1e-5)
+
+
+def test_every_answer_names_the_weights_that_gave_it(triton_model: Any, explain_model: Any) -> None:
     [response] = triton_model.execute([_request(2, seed=6)])
     assert triton_model._weights.startswith("sha256:")  # the tiny checkpoint's digest, computed at load
     assert response.outputs["WEIGHTS"][:, 0].tolist() == [triton_model._weights.encode()] * 2
+    assert explain_model._weights == triton_model._weights
 
 
 def test_a_failed_forward_pass_fails_its_batch_not_the_server(triton_model: Any, monkeypatch: Any) -> None:
@@ -180,3 +224,8 @@ def test_a_failed_forward_pass_fails_its_batch_not_the_server(triton_model: Any,
     monkeypatch.setattr(triton_model._model, "score", broken)
     responses = triton_model.execute([_request(1), _request(1, seed=5)])
     assert [r.error.code for r in responses] == ["UNAVAILABLE", "UNAVAILABLE"]
+
+
+def test_an_unknown_role_fails_the_load(tiny_checkpoint: Path) -> None:
+    with pytest.raises(ValueError, match="role"):
+        _load(tiny_checkpoint, "both")

@@ -19,7 +19,7 @@ from PIL import Image
 from rich.console import Console
 from rich.table import Table
 
-from moderation.client import Outcomes, event_message, publish, read_outcomes, upload_images
+from moderation.client import Outcomes, event_message, publish, read_explanations, read_outcomes, upload_images
 from moderation.devkit import localstack, provenance_samples
 from moderation.devkit.checkpoints import default_checkpoint
 from moderation.devkit.samples import bad_uploads
@@ -48,11 +48,11 @@ def settings_for(info: localstack.StackInfo, **overrides: str) -> Settings:
     return Settings(**(values | overrides))  # type: ignore[arg-type]
 
 
-def start_worker(env: dict[str, str], log_file: Path) -> subprocess.Popen[bytes]:
-    """`moderation worker` in its own process, as production runs it."""
+def start_worker(env: dict[str, str], log_file: Path, role: str = "worker") -> subprocess.Popen[bytes]:
+    """`moderation worker` (or another role: `explainer`) in its own process, as production runs it."""
     with log_file.open("ab") as log:
         return subprocess.Popen(
-            [sys.executable, "-m", "moderation", "worker"],
+            [sys.executable, "-m", "moderation", role],
             env=os.environ | env,
             stdout=log,
             stderr=subprocess.STDOUT,
@@ -91,7 +91,7 @@ def run_demo(
         model_repository=localstack.model_repository_for(workdir, checkpoint),
         progress=console.log,
     )
-    worker = None
+    worker = explainer = None
     try:
         settings = settings_for(info, kafka_consumer_group=f"demo-{uuid.uuid4().hex[:8]}")
         samples = [*write_images(workdir / "samples", images, DEMO_SEED), ai_signed_sample(workdir / "samples")]
@@ -102,10 +102,9 @@ def run_demo(
         messages = [event_message(e) for e in events] + [c.message for c in bad]
         asyncio.run(publish(settings, messages))
         console.print(f"Published {len(events)} image uploads and {len(bad)} bad messages to {settings.topic_uploads}")
-        worker = start_worker(
-            info.env() | {"MODERATION_KAFKA_CONSUMER_GROUP": settings.kafka_consumer_group},
-            workdir / "worker.log",
-        )
+        env = info.env() | {"MODERATION_KAFKA_CONSUMER_GROUP": settings.kafka_consumer_group}
+        worker = start_worker(env, workdir / "worker.log")
+        explainer = start_worker(env, workdir / "explainer.log", "explainer")
         expected = {e.event_id for e in events} | {c.event_id for c in bad if c.event_id}
         anonymous = sum(1 for c in bad if c.event_id is None)
         with console.status("Waiting for every event's outcome") as status:
@@ -117,12 +116,14 @@ def run_demo(
         if missing:
             console.print(f"[red]{len(missing)} events got no outcome[/]; worker log: {workdir / 'worker.log'}")
         console.print(truth_line(outcomes))
+        explained = explanations_round(settings, outcomes, console)
         copied = review_round(settings, info.bucket, outcomes, workdir / "samples", console)
         console.print(f"[yellow]Note:[/] {note}")
-        return not missing and copied
+        return not missing and explained and copied
     finally:
-        if worker is not None:
-            stop_worker(worker)
+        for process in (worker, explainer):
+            if process is not None:
+                stop_worker(process)
         console_line = f"moderation review serve --env-file {workdir / 'stack' / 'stack.env'}"
         if keep_stack:
             console.print(f"The stack stays up. Review the queue in a browser: [bold]{console_line}[/]")
@@ -132,6 +133,30 @@ def run_demo(
             console.print(
                 "Local stack stopped. To open the review console on it, rerun with --keep-stack, then: " + console_line
             )
+
+
+def explanations_round(settings: Settings, outcomes: Outcomes, console: Console) -> bool:
+    """The explanations the verdicts asked for, as the explainer publishes them after their verdicts."""
+    wanted = {event_id for event_id, v in outcomes.verdicts.items() if v[-1].explanation_requested}
+    if not wanted:
+        return True
+    with console.status(f"Waiting for {len(wanted)} explanations from the explainer"):
+        explained, failed = asyncio.run(read_explanations(settings, wanted, timeout_s=180))
+    table = Table(title="Explanations, published after their verdicts (moderation.explanations)")
+    for column in ("event", "verdict", "explained after", "explanation"):
+        table.add_column(column)
+    for event_id in sorted(wanted):
+        verdict = outcomes.verdicts[event_id][-1]
+        name = verdict.attributes.get("filename") or event_id
+        if (e := explained.get(event_id)) is not None:
+            after = f"{(e.explained_at - e.verdict_decided_at).total_seconds():.1f} s"
+            table.add_row(name, f"{verdict.label} {verdict.score:.3f}", after, e.explanation[:70])
+        elif (letter := failed.get(event_id)) is not None:
+            table.add_row(name, verdict.label, "-", f"[red]{letter.reason}[/]: {letter.detail[:60]}")
+        else:
+            table.add_row(name, verdict.label, "-", "[red](none within 180 s)[/]")
+    console.print(table)
+    return wanted <= set(explained)
 
 
 def ai_signed_sample(directory: Path) -> Path:
@@ -211,7 +236,7 @@ def outcome_table(outcomes: Outcomes, names: dict[str, str]) -> Table:
         table.add_column(column)
     for event_id, verdicts in sorted(outcomes.verdicts.items()):
         v = verdicts[-1]
-        text = (v.explanation or "(no explanation: below MODERATION_EXPLAIN_ABOVE)")[:70]
+        text = (v.explanation or _no_explanation(v))[:70]
         name = v.attributes.get("filename") or event_id
         table.add_row(name, v.label, f"{v.score:.3f}", v.action, _decided_by(v), text)
     for letter_id, letters in sorted(outcomes.dead_letters.items(), key=lambda item: str(item[0])):
@@ -219,6 +244,12 @@ def outcome_table(outcomes: Outcomes, names: dict[str, str]) -> Table:
             name = names.get(letter_id or "") or letter_id or "(unparseable)"
             table.add_row(name, "-", "-", "dead letter", "-", f"[red]{letter.reason}[/]: {letter.detail[:60]}")
     return table
+
+
+def _no_explanation(verdict: Verdict) -> str:
+    if verdict.explanation_requested:
+        return "(explanation to follow: below)"
+    return "(no explanation: below MODERATION_EXPLAIN_ABOVE)"
 
 
 def _decided_by(verdict: Verdict) -> str:

@@ -47,12 +47,16 @@ class Lane:
     metrics_port: int = 0  # the last started worker's
     ports: dict[str, int] = field(default_factory=dict)  # every worker's, by name
 
-    def worker(self, name: str = "worker", **env: str) -> subprocess.Popen[bytes]:
-        """`moderation worker` in its own process, with /metrics, /live and /ready on a free port unless `env`
-        or the lane sets MODERATION_METRICS_PORT (0: off); its log is `workdir`/`name`.log."""
+    def worker(self, name: str = "worker", *, role: str = "worker", **env: str) -> subprocess.Popen[bytes]:
+        """`moderation worker` (or `role`) in its own process, with /metrics, /live and /ready on a free port
+        unless `env` or the lane sets MODERATION_METRICS_PORT (0: off); its log is `workdir`/`name`.log."""
         env = {"MODERATION_METRICS_PORT": self.env.get("MODERATION_METRICS_PORT") or str(free_port())} | env
         self.metrics_port = self.ports[name] = int(env["MODERATION_METRICS_PORT"])
-        return start_worker(self.env | env, self.workdir / f"{name}.log")
+        return start_worker(self.env | env, self.workdir / f"{name}.log", role)
+
+    def explainer(self, name: str = "explainer", **env: str) -> subprocess.Popen[bytes]:
+        """`moderation explainer` in its own process, as `worker` starts a worker."""
+        return self.worker(name, role="explainer", **env)
 
     def scrape(self, path: str = "/metrics", name: str | None = None) -> tuple[int, str]:
         port = self.ports[name] if name else self.metrics_port
@@ -107,6 +111,8 @@ def open_lane(
         "topic_review": f"{prefix}review-{suffix}",
         "topic_decisions": f"{prefix}decisions-{suffix}",
         "topic_bank": f"{prefix}bank-{suffix}",
+        "topic_explain_requests": f"{prefix}explain-requests-{suffix}",
+        "topic_explanations": f"{prefix}explanations-{suffix}",
         "kafka_consumer_group": f"{prefix}group-{suffix}",
         "data_dir": str(workdir / "faust"),
     }
@@ -201,16 +207,19 @@ async def raw_messages(settings: Settings, topic: str) -> list[bytes]:
         await consumer.stop()
 
 
-async def committed_offsets(settings: Settings) -> dict[int, int]:
-    """The worker group's committed offsets on the uploads topic, read without joining the group."""
+async def committed_offsets(
+    settings: Settings, *, group: str | None = None, topic: str | None = None
+) -> dict[int, int]:
+    """A group's committed offsets (the worker's on the uploads topic by default), read without joining it."""
+    topic = topic or settings.topic_uploads
     consumer = AIOKafkaConsumer(
-        group_id=settings.kafka_consumer_group, enable_auto_commit=False, **aiokafka_options(settings)
+        group_id=group or settings.kafka_consumer_group, enable_auto_commit=False, **aiokafka_options(settings)
     )
     await consumer.start()
     try:
         await consumer.topics()
-        partitions = sorted(consumer.partitions_for_topic(settings.topic_uploads) or ())
-        committed = {p: await consumer.committed(TopicPartition(settings.topic_uploads, p)) for p in partitions}
+        partitions = sorted(consumer.partitions_for_topic(topic) or ())
+        committed = {p: await consumer.committed(TopicPartition(topic, p)) for p in partitions}
         return {p: offset for p, offset in committed.items() if offset is not None}
     finally:
         await consumer.stop()

@@ -52,6 +52,8 @@ DEFAULT_TOPICS = (
     "moderation.decisions",
     "moderation.verdict-cache",
     "moderation.hash-bank",
+    "moderation.explain-requests",
+    "moderation.explanations",
 )
 COMPACTED_TOPICS = (
     "moderation.verdict-cache",

@@ -247,7 +247,8 @@ async def kafka_metadata(bootstrap: str) -> None:
 
 
 def triton_ready(url: str, model: str) -> str | None:
-    """None when Triton at gRPC `url` is live and ready with `model` ready, else why not."""
+    """None when Triton at gRPC `url` is live and ready with `model` ready, else why not. The server is ready
+    (Triton's default strict readiness) only once every model of its repository is: fakevlm_explain too."""
     import tritonclient.grpc as grpcclient
 
     client = grpcclient.InferenceServerClient(url)

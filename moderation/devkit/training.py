@@ -36,7 +36,7 @@ from moderation.devkit.synthetic import Sample, make_sample
 from moderation.devkit.tinymodel import build_tiny_checkpoint
 from moderation.errors import ModelError
 from moderation.model.fakevlm import ANSWER_PREFIX, FakeVLM
-from moderation.model.imaging import preprocess
+from moderation.model.imaging import crop, preprocess
 
 TRAINED_CHECKPOINT = Path(__file__).resolve().parents[2] / "models" / "fakevlm-tiny-trained"
 METRICS_FILE = "training-metrics.json"  # written last: its presence means the checkpoint is complete
@@ -154,7 +154,7 @@ def evaluate(
     correct = agree = exact = located = undecided = 0
     for start in range(0, len(held_out), batch_size):
         chunk = held_out[start : start + batch_size]
-        pixels = np.stack([preprocess(s.image) for s in chunk])
+        pixels = np.stack([crop(s.image) for s in chunk])
         for sample, result in zip(chunk, vlm.score(pixels, [0.0] * len(chunk), max_new_tokens=48), strict=True):
             correct += result.label == sample.label
             agree += result.label == result.answer_label

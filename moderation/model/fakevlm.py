@@ -18,7 +18,7 @@ import torch
 from transformers import AutoProcessor, LlavaForConditionalGeneration
 
 from moderation.errors import ModelError
-from moderation.model.imaging import CROP_SIZE
+from moderation.model.imaging import CLIP_MEAN, CLIP_STD, CROP_SIZE, RESCALE_FACTOR
 
 # Verbatim from FakeVLM's eval: raw, with no chat template (wrapping it costs accuracy).
 PROMPT = "<image>Does the image looks real/fake?"
@@ -58,7 +58,7 @@ def label_from_answer(text: str) -> Label | None:
 
 
 class FakeVLM:
-    """A loaded FakeVLM (or the tiny checkpoint of the same shape) that scores preprocessed images."""
+    """A loaded FakeVLM (or the tiny checkpoint of the same shape) that scores uint8 crops (`imaging.crop`)."""
 
     def __init__(
         self, model: LlavaForConditionalGeneration, processor: Any, *, model_id: str, compile: bool = False
@@ -112,14 +112,14 @@ class FakeVLM:
 
     def score(
         self,
-        pixel_values: np.ndarray | torch.Tensor,
+        crops: np.ndarray | torch.Tensor,
         explain_above: Sequence[float],
         *,
         threshold: float = 0.5,
         max_new_tokens: int = 128,
     ) -> list[Scored]:
-        """Score N preprocessed images (N, 3, 336, 336); explain those with score >= explain_above[i]."""
-        pixels = self._pixels(pixel_values)
+        """Score N uint8 crops (N, 336, 336, 3); explain those with score >= explain_above[i]."""
+        pixels = self.pixel_values(crops)
         if len(explain_above) != pixels.shape[0]:
             raise ValueError(f"{pixels.shape[0]} images but {len(explain_above)} explain_above values")
         if pixels.shape[0] == 0:
@@ -184,16 +184,30 @@ class FakeVLM:
                 break
         return self.tokenizer.decode(self._answer_ids + new_ids, skip_special_tokens=True).strip()
 
-    def _pixels(self, pixel_values: np.ndarray | torch.Tensor) -> torch.Tensor:
-        pixels = torch.as_tensor(pixel_values)
-        if pixels.ndim != 4 or tuple(pixels.shape[1:]) != (3, CROP_SIZE, CROP_SIZE):
-            expected = f"(N, 3, {CROP_SIZE}, {CROP_SIZE})"
-            raise ValueError(f"pixel_values must be {expected}, got {tuple(pixels.shape)}")
-        return pixels.to(device=self.device, dtype=self.model.dtype)
+    def pixel_values(self, crops: np.ndarray | torch.Tensor) -> torch.Tensor:
+        """uint8 crops (N, 336, 336, 3) -> the model's pixel_values (N, 3, 336, 336) in its dtype, on its device.
+
+        Normalised by `normalise_crops` (as `imaging.normalise` does, in float32), then cast."""
+        return normalise_crops(crops, self.device).to(self.model.dtype)
 
     def _pad_id(self) -> int | None:
         pad = self.tokenizer.pad_token_id
         return pad if pad is not None else self.tokenizer.eos_token_id
+
+
+def normalise_crops(crops: np.ndarray | torch.Tensor, device: torch.device | str) -> torch.Tensor:
+    """uint8 crops (N, 336, 336, 3) -> float32 pixel_values (N, 3, 336, 336) on `device`, for every model that
+    takes Triton's IMAGE (in-process, Triton CPU, the GPU BLS): `imaging.normalise`'s float32 operations in its
+    order (x * (1/255), minus CLIP's mean, over its std), so the scores match the numpy path's. Only the uint8
+    crop crosses to the device; a ValueError for anything else."""
+    pixels = torch.as_tensor(crops)
+    if pixels.dtype != torch.uint8 or pixels.ndim != 4 or tuple(pixels.shape[1:]) != (CROP_SIZE, CROP_SIZE, 3):
+        expected = f"uint8 (N, {CROP_SIZE}, {CROP_SIZE}, 3)"
+        raise ValueError(f"crops must be {expected}, got {pixels.dtype} {tuple(pixels.shape)}")
+    chw = pixels.to(device).permute(0, 3, 1, 2).to(torch.float32)
+    mean = torch.tensor(CLIP_MEAN, dtype=torch.float32, device=chw.device).view(1, 3, 1, 1)
+    std = torch.tensor(CLIP_STD, dtype=torch.float32, device=chw.device).view(1, 3, 1, 1)
+    return (chw * torch.tensor(RESCALE_FACTOR, dtype=torch.float32, device=chw.device) - mean) / std
 
 
 @dataclass(frozen=True)

@@ -221,10 +221,16 @@ def resize_size(width: int, height: int, shortest_edge: int = SHORTEST_EDGE) -> 
 
 def preprocess(image: Image.Image) -> np.ndarray:
     """RGB PIL image -> float32 CHW array of shape (3, 336, 336), FakeVLM's pixel_values for one image."""
+    return normalise(crop(image))
+
+
+def crop(image: Image.Image) -> np.ndarray:
+    """RGB PIL image -> the uint8 HWC (336, 336, 3) crop that `normalise` turns into pixel_values: what the
+    worker sends Triton (339 KB an image, a quarter of the float32 pixel_values), normalised on its side."""
     resized = image.resize(resize_size(*image.size), resample=Image.Resampling.BICUBIC)
     left = int((resized.width - CROP_SIZE) / 2.0)
     top = int((resized.height - CROP_SIZE) / 2.0)
-    return normalise(np.asarray(resized.crop((left, top, left + CROP_SIZE, top + CROP_SIZE))))
+    return np.ascontiguousarray(resized.crop((left, top, left + CROP_SIZE, top + CROP_SIZE)), dtype=np.uint8)
 
 
 # The fast path: nearly the same pixels (see FAST_MAX_ABS_DIFF) from a fraction of the decoding and resampling.
@@ -244,9 +250,9 @@ REDUCING_GAP = 2.0
 
 @dataclass(frozen=True)
 class ModelInput:
-    """One image made ready for FakeVLM: its pixel_values, and the original's size and format."""
+    """One image made ready for FakeVLM: its crop, and the original's size and format."""
 
-    pixels: np.ndarray  # float32 (3, 336, 336), FakeVLM's pixel_values for one image
+    pixels: np.ndarray  # uint8 (336, 336, 3) HWC RGB, C-contiguous: `normalise` makes it pixel_values
     width: int  # of the original image, as decoded by `decode`
     height: int
     format: str
@@ -256,8 +262,8 @@ class ModelInput:
 def prepare(
     data: bytes, *, max_pixels: int, fast: bool = False, formats: tuple[str, ...] = DEFAULT_FORMATS
 ) -> ModelInput:
-    """CPU-bound: read the header, then decode and preprocess one image. `fast`: `decode_for_model`, within its
-    stated tolerance of the exact path (`preprocess(decode(...).image)`)."""
+    """CPU-bound: read the header, then decode and crop one image. `fast`: `decode_for_model`, within its
+    stated tolerance of the exact path (`crop(decode(...).image)`)."""
     return prepare_header(read_header(data, max_pixels=max_pixels, formats=formats), fast=fast)
 
 
@@ -268,7 +274,7 @@ def prepare_header(header: Header, *, fast: bool = False, preview: int = 0) -> M
         return model_input(header, preview=preview)
     rgb = decode_header(header).image
     return ModelInput(
-        pixels=preprocess(rgb),
+        pixels=crop(rgb),
         width=header.width,
         height=header.height,
         format=header.format,
@@ -293,7 +299,7 @@ def _within(size: tuple[int, int], longest: int) -> tuple[int, int]:
 def decode_for_model(
     data: bytes, *, max_pixels: int, reducing_gap: float = REDUCING_GAP, formats: tuple[str, ...] = DEFAULT_FORMATS
 ) -> ModelInput:
-    """Bytes -> FakeVLM pixel_values, several times faster than `preprocess(decode(...).image)`.
+    """Bytes -> FakeVLM's uint8 crop, several times faster than `crop(decode(...).image)`.
 
     Same checks and Rejected reasons as `decode` (the pixel cap read from the header, before any pixel is
     decoded); width, height and format are the original image's. Where the time goes instead:
@@ -304,8 +310,8 @@ def decode_for_model(
     - the antialiased bicubic resize is torch's uint8 kernel (vectorised; Pillow's is scalar), which
       computes Pillow's filter to within one 8-bit level of rounding, 5 to 8 times faster;
     - an image already at 336 on its shortest edge is only cropped, as the reference's resize is a no-op.
-    The result is within FAST_MAX_ABS_DIFF (max) and FAST_MEAN_ABS_DIFF (mean) of `preprocess`, in
-    normalised units; reducing_gap 3 roughly halves a JPEG's difference, at some cost in speed.
+    Normalised, the result is within FAST_MAX_ABS_DIFF (max) and FAST_MEAN_ABS_DIFF (mean) of `preprocess`,
+    in normalised units; reducing_gap 3 roughly halves a JPEG's difference, at some cost in speed.
     """
     return model_input(read_header(data, max_pixels=max_pixels, formats=formats), reducing_gap=reducing_gap)
 
@@ -326,7 +332,7 @@ def model_input(header: Header, *, reducing_gap: float = REDUCING_GAP, preview: 
         rgb = _png_rgb(header.data)
     else:
         rgb = _rgb_array(image, fmt)
-    pixels = _resize_crop_normalise(rgb, extent, (new_width, new_height))
+    pixels = _resize_crop(rgb, extent, (new_width, new_height))
     small = _preview(Image.fromarray(rgb), preview) if preview > 0 else None
     return ModelInput(pixels=pixels, width=width, height=height, format=fmt, preview=small)
 
@@ -355,11 +361,11 @@ def require_fast_path() -> None:
 def warm_up() -> None:
     """Import torch and run its resize once, so that the first event does not pay for either (seconds)."""
     side = 2 * CROP_SIZE
-    _resize_crop_normalise(np.zeros((side, side, 3), np.uint8), (side, side), (CROP_SIZE, CROP_SIZE))
+    _resize_crop(np.zeros((side, side, 3), np.uint8), (side, side), (CROP_SIZE, CROP_SIZE))
 
 
-def _resize_crop_normalise(rgb: np.ndarray, extent: tuple[float, float], size: tuple[int, int]) -> np.ndarray:
-    """HWC uint8 -> the reference's bicubic resize to `size`, center crop, rescale and normalise.
+def _resize_crop(rgb: np.ndarray, extent: tuple[float, float], size: tuple[int, int]) -> np.ndarray:
+    """HWC uint8 -> the reference's bicubic resize to `size` and center crop, uint8 HWC (336, 336, 3).
 
     `extent` is the original image's (width, height) in `rgb`'s pixels: its own size, or a drafted JPEG's
     fractional one, so that every output pixel samples the same spot of the picture as the reference."""
@@ -377,7 +383,7 @@ def _resize_crop_normalise(rgb: np.ndarray, extent: tuple[float, float], size: t
         rgb = resized[0].permute(1, 2, 0).numpy()
     left = int((new_width - CROP_SIZE) / 2.0)
     top = int((new_height - CROP_SIZE) / 2.0)
-    return normalise(rgb[top : top + CROP_SIZE, left : left + CROP_SIZE])
+    return np.ascontiguousarray(rgb[top : top + CROP_SIZE, left : left + CROP_SIZE])
 
 
 def normalise(rgb: np.ndarray) -> np.ndarray:

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 from rich.console import Console
 
-from moderation.model.imaging import decode, preprocess
+from moderation.model.imaging import crop, decode
 from moderation.offline.scan import ProgressBar
 
 EVAL_MAX_NEW_TOKENS = 256  # FakeVLM's scripts/eval.py
@@ -44,4 +44,4 @@ async def answer_files(
 
 def _pixels(path: Path, max_pixels: int) -> np.ndarray:
     # Callers pass files that were just scored, so they decode: a failure now is unexpected and may crash.
-    return preprocess(decode(path.read_bytes(), max_pixels=max_pixels).image)
+    return crop(decode(path.read_bytes(), max_pixels=max_pixels).image)

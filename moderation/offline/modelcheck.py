@@ -21,7 +21,7 @@ import torch
 
 from moderation.errors import Rejected
 from moderation.model.fakevlm import ANSWER_PREFIX, FakeVLM, label_from_answer
-from moderation.model.imaging import decode, preprocess
+from moderation.model.imaging import CROP_SIZE, crop, decode
 
 EVAL_MAX_NEW_TOKENS = 256  # FakeVLM's scripts/eval.py
 
@@ -60,7 +60,7 @@ def free_answers(vlm: FakeVLM, pixels: np.ndarray, *, max_new_tokens: int = EVAL
         out = model.generate(
             input_ids=rows,
             attention_mask=torch.ones_like(rows),
-            pixel_values=torch.as_tensor(pixels).to(device=vlm.device, dtype=model.dtype),
+            pixel_values=vlm.pixel_values(pixels),
             max_new_tokens=max_new_tokens,
             do_sample=False,
             pad_token_id=vlm.tokenizer.pad_token_id,
@@ -77,7 +77,7 @@ def check(
     max_new_tokens: int = EVAL_MAX_NEW_TOKENS,
     batch_size: int = 8,
 ) -> CheckReport:
-    """Verdict-first against free generation on the same preprocessed images (N, 3, 336, 336)."""
+    """Verdict-first against free generation on the same uint8 crops (N, 336, 336, 3)."""
     answers: list[Answer] = []
     for start in range(0, pixels.shape[0], batch_size):
         batch = pixels[start : start + batch_size]
@@ -104,14 +104,14 @@ def summarise(answers: list[Answer], threshold: float) -> CheckReport:
 
 
 def load_images(paths: Sequence[Path], *, max_pixels: int = 50_000_000) -> tuple[np.ndarray, list[Path], list[str]]:
-    """Files and folders -> pixel values by the exact preprocessing, the files used, and why others were not."""
+    """Files and folders -> uint8 crops by the exact preprocessing, the files used, and why others were not."""
     from moderation.offline.scan import collect_files  # here: scan needs pydantic, the GPU device run does not have it
 
     rows, used, skipped = [], [], []
     for path in collect_files(paths):
         try:
-            rows.append(preprocess(decode(path.read_bytes(), max_pixels=max_pixels).image))
+            rows.append(crop(decode(path.read_bytes(), max_pixels=max_pixels).image))
             used.append(path)
         except (OSError, Rejected) as exc:
             skipped.append(f"{path}: {exc}")
-    return (np.stack(rows) if rows else np.empty((0, 3, 336, 336), np.float32)), used, skipped
+    return (np.stack(rows) if rows else np.empty((0, CROP_SIZE, CROP_SIZE, 3), np.uint8)), used, skipped

@@ -41,7 +41,8 @@ def topic_name(name: str, settings: Settings) -> str:
 @dataclass(frozen=True)
 class Tailed:
     """One record, and what it holds: `kind` is the message it is (upload_event, verdict, dead_letter,
-    cache_entry), else json (a JSON object of no known message), null (a tombstone) or raw."""
+    cache_entry, explain_request, explanation...), else json (a JSON object of no known message), null (a
+    tombstone) or raw."""
 
     topic: str
     partition: int
@@ -103,7 +104,17 @@ class Filters:
 
     def match(self, record: Tailed) -> bool:
         wanted = (("tenant", self.tenants), ("action", self.actions), ("reason", self.reasons))
-        return all(not values or record.get(name) in values for name, values in wanted)
+        return all(not values or _field(record, name) in values for name, values in wanted)
+
+
+def _field(record: Tailed, name: str) -> Any:
+    """A field, or the explained verdict's (an explanation's `verdict_action`, an explain request's verdict)."""
+    value = record.get(name)
+    if value is None:
+        value = record.get(f"verdict_{name}")
+    if value is None and isinstance(verdict := record.get("verdict"), dict):
+        value = verdict.get(name)
+    return value
 
 
 async def tail(
@@ -217,6 +228,7 @@ def _fields(record: Tailed) -> list[tuple[str, str]]:
     if record.kind == "verdict":
         explanation = [(_clip(str(get("explanation"))), "dim")] if get("explanation") else []
         cached = [("cached", "dim")] if get("cached") else []
+        coming = [("explanation to follow", "dim")] if get("explanation_requested") else []
         return [
             (str(get("event_id")), ""),
             *tenant,
@@ -224,6 +236,26 @@ def _fields(record: Tailed) -> list[tuple[str, str]]:
             (str(get("action")), _ACTION_STYLE.get(str(get("action")), "")),
             *cached,
             *explanation,
+            *coming,
+        ]
+    if record.kind == "explanation":
+        said = get("answer_label")
+        disagrees = [("text disagrees", "bold yellow")] if said is not None and said != get("verdict_label") else []
+        return [
+            (str(get("event_id")), ""),
+            *tenant,
+            (f"verdict {get('verdict_label')} {get('verdict_score'):.3f}", ""),
+            (str(get("verdict_action")), _ACTION_STYLE.get(str(get("verdict_action")), "")),
+            *disagrees,
+            (f"{get('explain_ms'):.0f} ms", "dim"),
+            (_clip(str(get("explanation"))), ""),
+        ]
+    if record.kind == "explain_request":
+        verdict = get("verdict") or {}
+        return [
+            (str(get("event_id")), ""),
+            (f"{verdict.get('label')} {verdict.get('score', 0.0):.3f}", ""),
+            (f"s3://{verdict.get('bucket')}/{verdict.get('key')}", "dim"),
         ]
     if record.kind == "dead_letter":
         retry = "retryable" if get("retryable") else "final"

@@ -3,7 +3,7 @@
 GET / lists the items awaiting review; GET /image/{event_id} streams an item's image from S3 through
 the worker's S3Store (allowlist, byte cap, never a public or presigned URL); POST /decide publishes a
 Decision to the decisions topic and waits for the broker's ack. /healthz is liveness (red when the queue
-reader died), /readyz readiness (green once the reader has caught up with both topics).
+reader died), /readyz readiness (green once the reader has caught up with its topics).
 """
 
 from __future__ import annotations

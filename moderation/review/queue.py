@@ -1,4 +1,5 @@
-"""The reviewers' queue as the console sees it: review and flag verdicts, and the decisions taken on them.
+"""The reviewers' queue as the console sees it: review and flag verdicts, their explanations, and the decisions
+taken on them.
 
 Pure state, fed by `moderation.review.reader` from the review and decisions topics (in any order: a
 decision may be read before the verdict it is about) and by the console right after the broker acked
@@ -11,7 +12,7 @@ from __future__ import annotations
 from collections import OrderedDict, defaultdict
 from dataclasses import dataclass, field
 
-from moderation.events import Action, Decision, Verdict
+from moderation.events import Action, Decision, Explanation, Verdict
 
 QUEUED_ACTIONS: frozenset[Action] = frozenset({"review", "flag"})
 FINAL_DECISIONS = frozenset({"confirm_fake", "overturn_real"})
@@ -21,6 +22,16 @@ FINAL_DECISIONS = frozenset({"confirm_fake", "overturn_real"})
 class Item:
     verdict: Verdict
     decisions: list[Decision] = field(default_factory=list)  # about this event_id, oldest first
+    explained: Explanation | None = None  # from the explanations topic, once the explainer published it
+
+    @property
+    def explanation(self) -> str | None:
+        """The text to show: what the verdict carried (a cache hit), else the explanation that came after it."""
+        return self.verdict.explanation or (self.explained.explanation if self.explained else None)
+
+    @property
+    def explanation_pending(self) -> bool:
+        return self.explanation is None and self.verdict.explanation_requested
 
     @property
     def event_id(self) -> str:
@@ -44,6 +55,7 @@ class ReviewQueue:
         self._verdicts: OrderedDict[str, Verdict] = OrderedDict()
         self._by_event: defaultdict[str, list[Decision]] = defaultdict(list)
         self._by_image: defaultdict[str, list[Decision]] = defaultdict(list)
+        self._explanations: OrderedDict[str, Explanation] = OrderedDict()  # may come before their verdicts
 
     def add_verdict(self, verdict: Verdict) -> bool:
         """Queue a review or flag verdict (a re-delivered one replaces the first); False for any other."""
@@ -64,9 +76,20 @@ class ReviewQueue:
         self._by_image[decision.image_sha256].append(decision)
         return True
 
+    def add_explanation(self, explanation: Explanation) -> None:
+        """Keep the latest explanation of an event (at least once: a re-explained one replaces the first)."""
+        self._explanations.pop(explanation.event_id, None)
+        self._explanations[explanation.event_id] = explanation
+        while len(self._explanations) > self._max_items:
+            self._explanations.popitem(last=False)
+
     def item(self, event_id: str) -> Item | None:
         verdict = self._verdicts.get(event_id)
-        return None if verdict is None else Item(verdict, list(self._by_event.get(event_id, ())))
+        return None if verdict is None else self._item(verdict)
+
+    def _item(self, verdict: Verdict) -> Item:
+        event_id = verdict.event_id
+        return Item(verdict, list(self._by_event.get(event_id, ())), self._explanations.get(event_id))
 
     def awaiting(self, *, tenant: str | None = None, action: str | None = None, limit: int = 200) -> list[Item]:
         """Items awaiting review, newest verdict first, of one tenant and one action when given."""
@@ -74,7 +97,7 @@ class ReviewQueue:
             item
             for verdict in self._verdicts.values()
             if (tenant is None or verdict.tenant == tenant) and (action is None or verdict.action == action)
-            if (item := Item(verdict, list(self._by_event.get(verdict.event_id, ())))).awaiting
+            if (item := self._item(verdict)).awaiting
         ]
         items.sort(key=lambda item: item.verdict.decided_at, reverse=True)
         return items[:limit]

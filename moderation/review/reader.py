@@ -1,4 +1,5 @@
-"""Follow the review and decisions topics from their start into a `ReviewQueue`, without a consumer group.
+"""Follow the review, explanations and decisions topics from their start into a `ReviewQueue`, without a
+consumer group.
 
 Every console replica reads both topics whole (the queue is small next to the verdicts topic) and
 commits nothing: it only shows state, the decisions topic is the record. A record that is neither a
@@ -13,7 +14,7 @@ import logging
 from aiokafka import AIOKafkaConsumer, ConsumerRecord
 from pydantic import ValidationError
 
-from moderation.events import Decision, Verdict
+from moderation.events import Decision, Explanation, Verdict
 from moderation.review.queue import ReviewQueue
 from moderation.settings import Settings
 from moderation.worker.kafka import aiokafka_options
@@ -44,7 +45,7 @@ class QueueReader:
         return self._task is not None and not self._task.done()
 
     async def _run(self) -> None:
-        topics = (self._settings.topic_review, self._settings.topic_decisions)
+        topics = (self._settings.topic_review, self._settings.topic_decisions, self._settings.topic_explanations)
         consumer = AIOKafkaConsumer(
             *topics,
             group_id=None,
@@ -77,6 +78,8 @@ class QueueReader:
         try:
             if record.topic == self._settings.topic_decisions:
                 self._queue.add_decision(Decision.model_validate_json(record.value))
+            elif record.topic == self._settings.topic_explanations:
+                self._queue.add_explanation(Explanation.model_validate_json(record.value))
             else:
                 self._queue.add_verdict(Verdict.model_validate_json(record.value))
         except ValidationError as exc:
@@ -89,4 +92,5 @@ class QueueReader:
 
 
 def _kind(topic: str, settings: Settings) -> str:
-    return "Decision" if topic == settings.topic_decisions else "Verdict"
+    kinds = {settings.topic_decisions: "Decision", settings.topic_explanations: "Explanation"}
+    return kinds.get(topic, "Verdict")

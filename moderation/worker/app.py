@@ -27,7 +27,7 @@ import dataclasses
 import functools
 import gc
 import logging
-from collections.abc import AsyncIterator, Callable, Coroutine, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Coroutine, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, cast
@@ -36,7 +36,7 @@ import faust
 from faust.types import TP, EventT
 from PIL import Image
 
-from moderation.events import BankEntry, DeadLetter, Verdict
+from moderation.events import BankEntry, DeadLetter, ExplainRequest, Verdict
 from moderation.model import imaging
 from moderation.settings import Settings
 from moderation.worker import cache, metrics, neardup, tracing
@@ -45,7 +45,7 @@ from moderation.worker.budget import ByteBudget, return_large_frees
 from moderation.worker.clients import Clients
 from moderation.worker.crashonly import crash
 from moderation.worker.decisions import bank_record, crops_of, parse_decision
-from moderation.worker.dlq import DLQ_HEADER_PREFIX
+from moderation.worker.dlq import dead_letter_headers
 from moderation.worker.kafka import faust_credentials, faust_transport
 from moderation.worker.pipeline import Backoff, Incoming, Outcome, Pipeline
 from moderation.worker.policy import Policies
@@ -83,6 +83,7 @@ def create_app(settings: Settings) -> faust.App:
     flagged, dead_letters = topic(settings.topic_flagged), topic(settings.topic_dlq)
     review, decisions = topic(settings.topic_review), topic(settings.topic_decisions)
     cache_topic, bank = topic(settings.topic_cache, compacting=True), topic(settings.topic_bank, compacting=True)
+    explain_requests, explanations = topic(settings.topic_explain_requests), topic(settings.topic_explanations)
     started = asyncio.Event()  # the clients are open: the uploads agent opens them
 
     @app.agent(uploads, concurrency=1)
@@ -100,7 +101,9 @@ def create_app(settings: Settings) -> faust.App:
             settings.batch_size, within=settings.batch_wait_s
         )
         for output in (
-            (verdicts, flagged, dead_letters, review, cache_topic, bank) if settings.kafka_declare_topics else ()
+            (verdicts, flagged, dead_letters, review, cache_topic, bank, explain_requests, explanations)
+            if settings.kafka_declare_topics
+            else ()
         ):
             await output.maybe_declare()
         worker = await start(settings, clients, policies)
@@ -198,7 +201,7 @@ async def moderate_and_publish(settings: Settings, worker: Running, clients: Cli
 
 def records(settings: Settings, outcome: Outcome, message: Incoming, policies: Policies) -> list[Record]:
     """Where one outcome goes: every verdict to verdicts (and flagged, and the review queue, by the policy's
-    action); a dead letter
+    action; and the explainer's queue when it wants an explanation); a dead letter
     to the dlq, keyed and headed like the record it answers, plus why and whence. Each carries its event's
     `traceparent`. Cache entries are not among them: they go out best effort (`CacheFeed`), never holding up
     an ack."""
@@ -213,6 +216,9 @@ def records(settings: Settings, outcome: Outcome, message: Incoming, policies: P
         out.append(Record(settings.topic_flagged, key, value, traced))
     if outcome.action in ("review", "flag"):  # the reviewers' queue
         out.append(Record(settings.topic_review, key, value, traced))
+    if outcome.explanation_requested:  # after its verdict: an explanation is never out before what it explains
+        request = ExplainRequest(event_id=outcome.event_id, verdict=outcome, requested_at=outcome.decided_at)
+        out.append(Record(settings.topic_explain_requests, key, request.to_bytes(), traced))
     if outcome.action == "flag" and policies.for_tenant(outcome.tenant).match.bank_model_flags:
         out.extend(banked_flag(settings, outcome))
     return out
@@ -308,22 +314,6 @@ def _supervised(work: Coroutine[Any, Any, None], name: str) -> asyncio.Task[None
     task = asyncio.create_task(work, name=name)
     task.add_done_callback(done)
     return task
-
-
-def dead_letter_headers(
-    letter: DeadLetter, original: Sequence[tuple[str, bytes | None]]
-) -> list[tuple[str, bytes | None]]:
-    """The original record's headers, then the dead letter's own (earlier ones of ours replaced)."""
-    ours = {
-        "reason": str(letter.reason),
-        "retryable": "true" if letter.retryable else "false",
-        "attempts": str(letter.attempts),
-        "topic": letter.source_topic,
-        "partition": str(letter.source_partition),
-        "offset": str(letter.source_offset),
-    }
-    kept = [(name, value) for name, value in original if not name.startswith(DLQ_HEADER_PREFIX)]
-    return kept + [(DLQ_HEADER_PREFIX + name, value.encode()) for name, value in ours.items()]
 
 
 def _encoded(event_id: str | None) -> bytes | None:

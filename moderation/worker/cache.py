@@ -65,7 +65,9 @@ class VerdictCache:
     def __len__(self) -> int:
         return len(self._entries)
 
-    def get(self, sha256: str, *, model: ModelInfo, explain_above: float) -> CacheEntry | None:
+    def get(self, sha256: str, *, model: ModelInfo) -> CacheEntry | None:
+        """What these weights said about these bytes, explained or not: a verdict never waits for an explanation
+        (one that is wanted and missing is asked for apart, `Verdict.explanation_requested`)."""
         if model.weights is None:
             return None
         key = cache_key(sha256, model)
@@ -74,8 +76,6 @@ class VerdictCache:
             return None
         if self._expired(entry):
             del self._entries[key]
-            return None
-        if entry.explanation is None and entry.score >= explain_above:
             return None
         self._entries.move_to_end(key)
         return entry

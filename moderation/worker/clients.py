@@ -48,6 +48,12 @@ class Clients:
         kafka, s3, model = await asyncio.gather(self._kafka_ok(), self.store.reachable(), self.detector.ready())
         return {"kafka": kafka, "s3": s3, "model": model}
 
+    async def explainer_readiness(self) -> dict[str, bool]:
+        """The explainer's: the explain model instead of the verdict model."""
+        checks = self._kafka_ok(), self.store.reachable(), self.detector.explain_ready()
+        kafka, s3, model = await asyncio.gather(*checks)
+        return {"kafka": kafka, "s3": s3, "explain_model": model}
+
     async def partitions(self, topic: str) -> set[int]:
         assert self._kafka is not None
         await self._kafka.fetch_all_metadata()

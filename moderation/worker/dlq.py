@@ -25,7 +25,7 @@ from __future__ import annotations
 import binascii
 import logging
 import re
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -54,6 +54,22 @@ def attempts_from(headers: Mapping[Any, Any] | Iterable[Any] | None) -> int:
     except Exception:  # headers the client could not even list: a first delivery
         return 0
     return max((_count(pair) for pair in pairs), default=0)
+
+
+def dead_letter_headers(
+    letter: DeadLetter, original: Sequence[tuple[str, bytes | None]]
+) -> list[tuple[str, bytes | None]]:
+    """The original record's headers, then the dead letter's own (earlier ones of ours replaced)."""
+    ours = {
+        "reason": str(letter.reason),
+        "retryable": "true" if letter.retryable else "false",
+        "attempts": str(letter.attempts),
+        "topic": letter.source_topic,
+        "partition": str(letter.source_partition),
+        "offset": str(letter.source_offset),
+    }
+    kept = [(name, value) for name, value in original if not name.startswith(DLQ_HEADER_PREFIX)]
+    return kept + [(DLQ_HEADER_PREFIX + name, value.encode()) for name, value in ours.items()]
 
 
 def _count(pair: Any) -> int:
@@ -151,7 +167,8 @@ async def replay(
     on_letter: Callable[[Stored, str], None] | None = None,
 ) -> ReplayReport:
     """Re-publish retryable dead letters of `reasons` (default: every retryable reason) with fewer than
-    `max_attempts` deliveries to the uploads topic, byte for byte, keyed as on the dead-letter topic.
+    `max_attempts` deliveries to where they came from (the uploads topic; an explanation_failed letter's
+    explain-requests topic), byte for byte, keyed as on the dead-letter topic.
     Progress per reason: see the module docstring. `on_letter(stored, verdict)` sees every record read,
     verdict one of replayed, skipped, exhausted, malformed, earlier."""
     chosen = sorted(RETRYABLE & reasons if reasons is not None else RETRYABLE)
@@ -242,4 +259,12 @@ async def _republish(producer: AIOKafkaProducer, settings: Settings, stored: Sto
     kept = [(n, v) for n, v in stored.headers if not n.startswith(DLQ_HEADER_PREFIX) and n != ATTEMPTS_HEADER]
     headers = [*kept, (ATTEMPTS_HEADER, str(letter.attempts).encode())]
     value = None if letter.payload_null else letter.payload()
-    await producer.send_and_wait(settings.topic_uploads, value=value, key=stored.key, headers=headers)
+    await producer.send_and_wait(replay_topic(settings, letter), value=value, key=stored.key, headers=headers)
+
+
+def replay_topic(settings: Settings, letter: DeadLetter) -> str:
+    """Where a letter's record goes back to: an explanation request to the explainer's queue, anything else
+    (whatever topic a letter claims) to the uploads topic, never to a topic a writer of the dlq could pick."""
+    if letter.reason == Reason.EXPLANATION_FAILED and letter.source_topic == settings.topic_explain_requests:
+        return settings.topic_explain_requests
+    return settings.topic_uploads

@@ -104,6 +104,28 @@ EVENT_LOOP_LAG_MAX = Gauge(
     "Longest the event loop was late to wake a timer since the worker's clients started (a stall of every task).",
     registry=REGISTRY,
 )
+EXPLAIN_REQUESTS = Counter(
+    "moderation_explain_requests",
+    "Explanations asked for, published with their verdicts (worker).",
+    registry=REGISTRY,
+)
+EXPLANATIONS = Counter(
+    "moderation_explanations",
+    "Explain requests answered (explainer), by outcome (explained, dead_letter) and dead-letter detail reason.",
+    ["outcome", "reason"],
+    registry=REGISTRY,
+)
+EXPLANATIONS_PENDING = Gauge(
+    "moderation_explanations_pending",
+    "Explain requests taken by this explainer whose offsets are not committed yet.",
+    registry=REGISTRY,
+)
+EXPLANATION_LATENCY = Histogram(
+    "moderation_explanation_seconds",
+    "From the verdict's decision to its explanation's publication (explainer).",
+    buckets=(*LATENCY_BUCKETS, 600, 1200, 1800, 3600),  # a backlog of explanations is minutes, not a verdict's seconds
+    registry=REGISTRY,
+)
 POLICY_INFO = Gauge(
     "moderation_policy_info", "1 for the version of the per-tenant policy in force.", ["version"], registry=REGISTRY
 )
@@ -131,6 +153,8 @@ def record(outcomes: Iterable[Verdict | DeadLetter]) -> None:
         counts[VERDICTS, outcome.label, outcome.action] += 1
         if outcome.answer_label is not None and outcome.answer_label != outcome.label:
             counts[(DISAGREEMENTS,)] += 1
+        if outcome.explanation_requested:
+            counts[(EXPLAIN_REQUESTS,)] += 1
         if outcome.cached:
             counts[(CACHE_HITS,)] += 1
         else:

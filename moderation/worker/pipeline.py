@@ -65,6 +65,7 @@ INLINE_MAX_PIXELS = 16_384
 INLINE_MAX_BYTES = 64 * 1024
 # base64 makes this 683 KiB: with the other fields a dead letter stays under Kafka's default 1 MB message cap.
 MAX_DEAD_LETTER_PAYLOAD = 512 * 1024
+UNSCORED_MODEL = "none"  # ModelInfo.name of a verdict the policy let be decided without the model
 
 
 Headers = tuple[tuple[str, bytes | None], ...]
@@ -162,7 +163,7 @@ class Pipeline:
         try:
             event = parse_upload(message.value)
             policy = self.policies.for_tenant(event.tenant)
-            if self.trust_event_sha256 and event.sha256 and (hit := self._cached(event.sha256, policy)):
+            if self.trust_event_sha256 and event.sha256 and (hit := self._cached(event.sha256)):
                 return self._from_cache(event, hit, policy, _timings(time.perf_counter()))
             return event
         except Exception as exc:
@@ -192,7 +193,7 @@ class Pipeline:
             data = await self.store.fetch(event.bucket, event.key)
         fetched = time.perf_counter()
         digest = checked_sha256(data, event.sha256)
-        if hit := self._cached(digest, policy):
+        if hit := self._cached(digest):
             return self._from_cache(event, hit, policy, _timings(started, fetched))
         with tracing.span_in(trace, "decode"):
             examined = await self._examine(data)
@@ -207,7 +208,7 @@ class Pipeline:
 
     async def _detect(self, digest: str, examined: Examined, policy: Policy, trace: Context | None) -> CacheEntry:
         with metrics.INFLIGHT.track_inprogress(), tracing.span_in(trace, "inference", SpanKind.CLIENT):
-            detection = await self.detector.detect(examined.pixels, explain_above=policy.explain_above)
+            detection = await self.detector.detect(examined.pixels)
         entry = CacheEntry(
             image_sha256=digest,
             label=detection.label,
@@ -239,10 +240,10 @@ class Pipeline:
         )
         return await asyncio.get_running_loop().run_in_executor(self.decode_pool, work)
 
-    def _cached(self, sha256: str, policy: Policy) -> CacheEntry | None:
+    def _cached(self, sha256: str) -> CacheEntry | None:
         if self.cache is None:
             return None
-        return self.cache.get(sha256, model=self.detector.model, explain_above=policy.explain_above)
+        return self.cache.get(sha256, model=self.detector.model)
 
     def _evidence(
         self, sha256: str, image: ImageInfo, provenance: Provenance | None, policy: Policy
@@ -286,6 +287,7 @@ class Pipeline:
             action=decided.action,
             explanation=entry.explanation,
             answer_label=entry.answer_label,
+            explanation_requested=wants_explanation(entry, policy),
             model=entry.model,
             cached=cached,
             image=entry.image,
@@ -302,26 +304,32 @@ class Pipeline:
     def _dead_letter(
         self, message: Incoming, event: UploadEvent | None, exc: Rejected, first: datetime | None
     ) -> DeadLetter:
-        now = self.clock()
         event_id = event.event_id if event else event_id_of(message.value)
-        payload, detail, retryable = message.value or b"", exc.detail[:2000], exc.retryable
-        if len(payload) > MAX_DEAD_LETTER_PAYLOAD:  # a dead letter the broker refuses would stop the worker
-            detail += f" (payload cut to its first {MAX_DEAD_LETTER_PAYLOAD} of {len(payload)} bytes)"
-            payload, retryable = payload[:MAX_DEAD_LETTER_PAYLOAD], False
-        return DeadLetter(
-            event_id=event_id,
-            reason=exc.reason,
-            detail=detail,
-            retryable=retryable,
-            attempts=message.earlier_attempts() + 1,  # deliveries: retries inside one delivery do not count
-            first_error_at=first or now,
-            last_error_at=now,
-            source_topic=message.topic,
-            source_partition=message.partition,
-            source_offset=message.offset,
-            payload_base64=base64.b64encode(payload).decode(),
-            payload_null=message.value is None,
-        )
+        return dead_letter(message, event_id, exc, first, self.clock())
+
+
+def dead_letter(
+    message: Incoming, event_id: str | None, exc: Rejected, first: datetime | None, now: datetime
+) -> DeadLetter:
+    """The letter for a record no outcome came of: why, whence, and its value byte for byte (cut to fit)."""
+    payload, detail, retryable = message.value or b"", exc.detail[:2000], exc.retryable
+    if len(payload) > MAX_DEAD_LETTER_PAYLOAD:  # a dead letter the broker refuses would stop the worker
+        detail += f" (payload cut to its first {MAX_DEAD_LETTER_PAYLOAD} of {len(payload)} bytes)"
+        payload, retryable = payload[:MAX_DEAD_LETTER_PAYLOAD], False
+    return DeadLetter(
+        event_id=event_id,
+        reason=exc.reason,
+        detail=detail,
+        retryable=retryable,
+        attempts=message.earlier_attempts() + 1,  # deliveries: retries inside one delivery do not count
+        first_error_at=first or now,
+        last_error_at=now,
+        source_topic=message.topic,
+        source_partition=message.partition,
+        source_offset=message.offset,
+        payload_base64=base64.b64encode(payload).decode(),
+        payload_null=message.value is None,
+    )
 
 
 def _log_outcome(outcome: Outcome, message: Incoming) -> None:
@@ -331,6 +339,12 @@ def _log_outcome(outcome: Outcome, message: Incoming) -> None:
         log.warning("dead letter %s: %s", outcome.reason, outcome.detail, extra=context)
     else:  # the verdicts topic is the record: a line per verdict only at DEBUG
         log.debug("verdict %s %.3f %s", outcome.label, outcome.score, outcome.action, extra=context)
+
+
+def wants_explanation(entry: CacheEntry, policy: Policy) -> bool:
+    """The policy's explain band, for what a model said (an image decided without one has nothing to explain)
+    and only while the text is not known yet (a cache hit may carry it)."""
+    return entry.model.name != UNSCORED_MODEL and entry.explanation is None and entry.score >= policy.explain_above
 
 
 def checked_sha256(data: bytes, expected: str | None) -> str:
@@ -349,7 +363,7 @@ def _unscored(digest: str, examined: Examined, decided: deciding.Decided | None,
         label=decided.label,
         score=1.0 if decided.label == "fake" else 0.0,
         explanation=None,
-        model=ModelInfo(name="none", version=f"not run: decided by {decided.decided_by}"),
+        model=ModelInfo(name=UNSCORED_MODEL, version=f"not run: decided by {decided.decided_by}"),
         image=examined.image,
         decided_at=now,
         provenance=examined.provenance,

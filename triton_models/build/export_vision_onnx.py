@@ -120,7 +120,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--verify", action="store_true", help="compare onnxruntime with PyTorch afterwards")
     args = parser.parse_args(argv)
     path = export(
-        args.checkpoint, args.output, dtype=DTYPES[args.dtype], device=args.device, opset=args.opset,
+        args.checkpoint,
+        args.output,
+        dtype=DTYPES[args.dtype],
+        device=args.device,
+        opset=args.opset,
         max_batch=args.max_batch,
     )
     print(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB, opset {args.opset}, {args.dtype})")

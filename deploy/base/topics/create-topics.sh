@@ -60,3 +60,7 @@ create "$MODERATION_TOPIC_DECISIONS" --config "retention.ms=${TOPIC_DECISIONS_RE
 create "$MODERATION_TOPIC_CACHE" --config "cleanup.policy=compact"
 # Known images by sha256 (reviewers' decisions; by policy the model's flags): the latest entry per key is kept.
 create "$MODERATION_TOPIC_BANK" --config "cleanup.policy=compact"
+# The explainer's queue and its answers, kept as long as the verdicts they belong to: a request older than
+# that explains a verdict its consumers no longer hold.
+create "$MODERATION_TOPIC_EXPLAIN_REQUESTS" --config "retention.ms=${TOPIC_EXPLAIN_REQUESTS_RETENTION_MS}"
+create "$MODERATION_TOPIC_EXPLANATIONS" --config "retention.ms=${TOPIC_EXPLANATIONS_RETENTION_MS}"

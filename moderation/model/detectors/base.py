@@ -1,7 +1,9 @@
-"""What every detector backend is: `detect` one preprocessed image (or `detect_batch` many) into a
-`Detection`. The backends: `triton` (the worker's, in production), `inprocess` (FakeVLM in this process),
-`null` (benchmarks). `detector.model` says which weights answer (`ModelInfo.weights`, see
-`moderation.model.identity`).
+"""What every detector backend is: `detect` one image's uint8 crop (`imaging.crop`, (336, 336, 3)) into a
+verdict, `explain` it into a verdict with its explanation (or `detect_batch` many). The backends: `triton`
+(the worker's, in production), `inprocess` (FakeVLM in this process), `null` (benchmarks).
+`detector.model` says which weights give verdicts, `detector.explain_model` which give explanations
+(`ModelInfo.weights`, see `moderation.model.identity`). Verdicts and explanations are served apart, so a
+verdict never waits behind a generation.
 """
 
 from __future__ import annotations
@@ -49,17 +51,32 @@ def _verdict(label: str | None) -> Verdict | None:
 
 
 class Detector(Protocol):
-    model: ModelInfo
+    @property
+    def model(self) -> ModelInfo:
+        """What answers `detect`."""
+        ...
 
-    async def detect(self, pixel_values: np.ndarray, *, explain_above: float) -> Detection: ...
+    @property
+    def explain_model(self) -> ModelInfo:
+        """What answers `explain`."""
+        ...
+
+    async def detect(self, crop: np.ndarray) -> Detection:
+        """The verdict alone (explanation and answer_label None), as soon as P(fake) is known."""
+        ...
+
+    async def explain(self, crop: np.ndarray) -> Detection:
+        """The explain pass's verdict with its explanation. Rejected(INFERENCE_UNAVAILABLE) while the backend
+        is down or overloaded (retry later), Rejected(INFERENCE_FAILED) otherwise."""
+        ...
 
 
 class BatchDetector(Detector, Protocol):
     """A detector that also takes many images at once (what the scan and eval commands use)."""
 
-    async def detect_batch(
-        self, pixel_values: np.ndarray, *, explain_above: float | Sequence[float]
-    ) -> list[Detection]: ...
+    async def detect_batch(self, pixels: np.ndarray, *, explain_above: float | Sequence[float]) -> list[Detection]:
+        """A verdict for every row, explained where its score >= its limit."""
+        ...
 
 
 class Lifecycle(Protocol):
@@ -81,14 +98,16 @@ async def running(detector: _D) -> AsyncIterator[_D]:
         await detector.stop()
 
 
-async def detect_each(
-    detector: Detector, pixel_values: np.ndarray, explain_above: float | Sequence[float]
-) -> list[Detection]:
-    """Every image through `detector.detect` at once, each with its own (or the shared) explain limit."""
-    limits = _per_row(explain_above, len(pixel_values))
-    return list(
-        await asyncio.gather(*(detector.detect(p, explain_above=e) for p, e in zip(pixel_values, limits, strict=True)))
-    )
+async def detect_each(detector: Detector, crops: np.ndarray, explain_above: float | Sequence[float]) -> list[Detection]:
+    """Every image through `detector.detect` at once; then the rows whose score reaches their (or the shared)
+    limit through `detector.explain`, whose answer (the same verdict, and its explanation) replaces it. A row
+    whose limit is <= 0 is explained whatever its score: it goes to `explain` alone, without a verdict pass."""
+    limits = _per_row(explain_above, len(crops))
+    asked = [i for i, limit in enumerate(limits) if limit > 0]
+    verdicts = dict(zip(asked, await asyncio.gather(*(detector.detect(crops[i]) for i in asked)), strict=True))
+    wanted = [i for i, limit in enumerate(limits) if i not in verdicts or verdicts[i].score >= limit]
+    explained = dict(zip(wanted, await asyncio.gather(*(detector.explain(crops[i]) for i in wanted)), strict=True))
+    return [explained.get(i) or verdicts[i] for i in range(len(crops))]
 
 
 def _per_row(explain_above: float | Sequence[float], rows: int) -> list[float]:

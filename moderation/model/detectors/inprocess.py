@@ -1,4 +1,5 @@
-"""FakeVLM loaded in this process (transformers, CPU or GPU): concurrent calls micro-batched here.
+"""FakeVLM loaded in this process (transformers, CPU or GPU): concurrent calls micro-batched here, verdicts
+and explanations in separate queues.
 The checkpoint is hashed at start (`moderation.model.identity`)."""
 
 from __future__ import annotations
@@ -33,17 +34,44 @@ IN_PROCESS = "fakevlm-in-process"  # ModelInfo.name of the in-process backend
 
 @dataclass
 class _Request:
-    pixels: np.ndarray  # (3, 336, 336) float32
-    explain_above: float
+    crop: np.ndarray  # (336, 336, 3) uint8
     future: asyncio.Future[Detection]
+
+
+class _Lane:
+    """One micro-batch queue and the task that drains it: verdicts and explanations each have their own, so a
+    verdict never waits behind a generation."""
+
+    def __init__(self, name: str, explain_above: float) -> None:
+        self.name = name
+        self.explain_above = explain_above  # inf: never explain; 0: explain every row
+        self.queue: asyncio.Queue[_Request] = asyncio.Queue()
+        self.task: asyncio.Task[None] | None = None
+        self.inflight: list[_Request] = []  # taken from the queue, not answered yet
+
+    def running(self) -> bool:
+        return self.task is not None and not self.task.done()
+
+    async def stop(self, why: Exception) -> None:
+        if self.task is not None:
+            self.task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self.task
+            self.task = None
+        for request in self.inflight:
+            _fail(request, why)
+        self.inflight = []
+        while not self.queue.empty():
+            _fail(self.queue.get_nowait(), why)
 
 
 class InProcessDetector:
     """FakeVLM in this process (transformers, CPU or GPU) behind the same interface as Triton.
 
-    Concurrent `detect` calls are micro-batched like Triton's dynamic batcher does: a queue is
-    drained up to `batch_size` requests or `batch_wait_s` after the first one, and each batch is
-    ONE `FakeVLM.score` call in a worker thread, so the event loop never waits on the model.
+    Concurrent calls are micro-batched like Triton's dynamic batcher does: a queue is drained up to
+    `batch_size` requests or `batch_wait_s` after the first one, and each batch is ONE `FakeVLM.score` call in
+    a worker thread, so the event loop never waits on the model. `detect` and `explain` have a queue and a
+    batcher each (as Triton has two models), so verdicts keep flowing while an explained batch generates.
     """
 
     def __init__(
@@ -68,13 +96,12 @@ class InProcessDetector:
         self._threshold = threshold
         self._max_new_tokens = max_new_tokens
         self._vlm: FakeVLM | None = None
-        self._queue: asyncio.Queue[_Request] | None = None
-        self._batcher: asyncio.Task[None] | None = None
-        self._inflight: list[_Request] = []  # taken from the queue, not answered yet
+        self._lanes: dict[str, _Lane] = {}
         self.model = ModelInfo(name=IN_PROCESS, version=f"unloaded ({checkpoint})")
+        self.explain_model = self.model
 
     async def start(self) -> None:
-        """Load the model (in a thread: seconds to minutes) and start the batching task."""
+        """Load the model (in a thread: seconds to minutes) and start the batching tasks."""
         from moderation.model.fakevlm import FakeVLM
 
         if self._vlm is None:
@@ -83,24 +110,18 @@ class InProcessDetector:
         weights = await asyncio.to_thread(_identity_or_none, self._checkpoint)
         version = f"{self._vlm.model_id} ({location}) on {self._device}"
         self.model = ModelInfo(name=IN_PROCESS, version=version, weights=weights)
-        if self._batcher is None or self._batcher.done():
-            self._queue = asyncio.Queue()
-            self._batcher = asyncio.create_task(self._run(), name="fakevlm-batcher")
+        self.explain_model = self.model  # one loaded model answers both
+        for name, limit in (("verdict", math.inf), ("explain", 0.0)):
+            lane = self._lanes.get(name)
+            if lane is None or not lane.running():
+                lane = self._lanes[name] = _Lane(name, limit)
+                lane.task = asyncio.create_task(self._run(lane), name=f"fakevlm-{name}-batcher")
 
     async def stop(self) -> None:
-        if self._batcher is not None:
-            self._batcher.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._batcher
-            self._batcher = None
         stopped = Rejected(Reason.INFERENCE_UNAVAILABLE, "the detector stopped")
-        for request in self._inflight:
-            _fail(request, stopped)
-        self._inflight = []
-        if self._queue is not None:
-            while not self._queue.empty():
-                _fail(self._queue.get_nowait(), stopped)
-            self._queue = None
+        for lane in self._lanes.values():
+            await lane.stop(stopped)
+        self._lanes = {}
         self._vlm = None
 
     @property
@@ -111,32 +132,36 @@ class InProcessDetector:
         return self._vlm
 
     async def ready(self) -> bool:
-        return self._vlm is not None and self._batcher is not None and not self._batcher.done()
+        return self._vlm is not None and len(self._lanes) == 2 and all(lane.running() for lane in self._lanes.values())
 
-    async def detect(self, pixel_values: np.ndarray, *, explain_above: float) -> Detection:
-        if self._queue is None or not await self.ready():
+    async def explain_ready(self) -> bool:
+        return await self.ready()  # one model in this process answers both
+
+    async def detect(self, crop: np.ndarray) -> Detection:
+        return await self._ask("verdict", crop)
+
+    async def explain(self, crop: np.ndarray) -> Detection:
+        return await self._ask("explain", crop)
+
+    async def detect_batch(self, pixels: np.ndarray, *, explain_above: float | Sequence[float]) -> list[Detection]:
+        """N images through the queues: the batchers cut them into batches of `batch_size`."""
+        return await detect_each(self, pixels, explain_above)
+
+    async def _ask(self, lane_name: str, crop: np.ndarray) -> Detection:
+        lane = self._lanes.get(lane_name)
+        if lane is None or not await self.ready():
             raise ModelError("InProcessDetector: start() first")
-        pixels = _checked_pixels(pixel_values)
-        if math.isnan(explain_above):
-            raise Rejected(Reason.INFERENCE_FAILED, "explain_above must not be NaN")
         future: asyncio.Future[Detection] = asyncio.get_running_loop().create_future()
-        await self._queue.put(_Request(pixels, float(explain_above), future))
+        await lane.queue.put(_Request(_checked_crop(crop), future))
         return await future
 
-    async def detect_batch(
-        self, pixel_values: np.ndarray, *, explain_above: float | Sequence[float]
-    ) -> list[Detection]:
-        """N images through the same queue: the batcher cuts them into batches of `batch_size`."""
-        return await detect_each(self, pixel_values, explain_above)
-
-    async def _run(self) -> None:
-        assert self._queue is not None
+    async def _run(self, lane: _Lane) -> None:
         while True:
-            self._inflight = []
-            await self._collect(self._queue, self._inflight)
-            batch = [r for r in self._inflight if not r.future.done()]  # callers that gave up
+            lane.inflight = []
+            await self._collect(lane.queue, lane.inflight)
+            batch = [r for r in lane.inflight if not r.future.done()]  # callers that gave up
             if batch:
-                await self._score(batch)
+                await self._score(batch, lane.explain_above)
 
     async def _collect(self, queue: asyncio.Queue[_Request], batch: list[_Request]) -> None:
         batch.append(await queue.get())
@@ -153,15 +178,15 @@ class InProcessDetector:
             except TimeoutError:
                 break
 
-    async def _score(self, batch: list[_Request]) -> None:
+    async def _score(self, batch: list[_Request], explain_above: float) -> None:
         vlm = self._vlm
         try:
             if vlm is None:
                 raise ModelError("the model was unloaded")
             scored = await asyncio.to_thread(
                 vlm.score,
-                np.stack([r.pixels for r in batch]),
-                [r.explain_above for r in batch],
+                np.stack([r.crop for r in batch]),
+                [explain_above] * len(batch),
                 threshold=self._threshold,
                 max_new_tokens=self._max_new_tokens,
             )
@@ -175,17 +200,13 @@ class InProcessDetector:
                 request.future.set_result(Detection.of(row.score, row.label, row.explanation, row.answer_label))
 
 
-def _checked_pixels(pixel_values: np.ndarray) -> np.ndarray:
-    # The checks Triton's model.py makes per request, so a bad request fails alone, not its batch.
-    pixels = np.asarray(pixel_values)
-    if pixels.shape != (3, CROP_SIZE, CROP_SIZE):
-        raise Rejected(
-            Reason.INFERENCE_FAILED, f"pixel_values must be (3, {CROP_SIZE}, {CROP_SIZE}), got {pixels.shape}"
-        )
-    pixels = pixels.astype(np.float32, copy=False)
-    if not np.isfinite(pixels).all():
-        raise Rejected(Reason.INFERENCE_FAILED, "pixel_values must be finite float32 values")
-    return pixels
+def _checked_crop(crop: np.ndarray) -> np.ndarray:
+    # The checks Triton's model makes per request, so a bad request fails alone, not its batch.
+    array = np.asarray(crop)
+    if array.dtype != np.uint8 or array.shape != (CROP_SIZE, CROP_SIZE, 3):
+        expected = f"uint8 ({CROP_SIZE}, {CROP_SIZE}, 3)"
+        raise Rejected(Reason.INFERENCE_FAILED, f"the crop must be {expected}, got {array.dtype} {array.shape}")
+    return array
 
 
 def _identity_or_none(checkpoint: str | Path) -> str | None:

@@ -1,15 +1,17 @@
 """The production backend: Triton over gRPC, many requests in flight, merged into batches by Triton's
-dynamic batcher. Triton's model hashes its weights at load and returns the identity with every answer
+dynamic batcher. Each request carries one uint8 crop (IMAGE [1, 336, 336, 3], 339 KB).
+Triton's model hashes its weights at load and returns the identity with every answer
 (the WEIGHTS output), so a Triton that was rolled out to other weights is noticed on its next answer.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
-import math
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import tritonclient.grpc.aio as grpcclient
@@ -25,22 +27,54 @@ from moderation.settings import Settings
 log = logging.getLogger(__name__)
 
 _UNAVAILABLE = ("StatusCode.UNAVAILABLE", "StatusCode.DEADLINE_EXCEEDED", "StatusCode.RESOURCE_EXHAUSTED")
-_OUTPUTS = ("SCORE", "LABEL", "EXPLANATION", "ANSWER_LABEL")
+VERDICT_OUTPUTS = ("SCORE", "LABEL")
+EXPLAIN_OUTPUTS = ("SCORE", "LABEL", "EXPLANATION", "ANSWER_LABEL")
 WEIGHTS = "WEIGHTS"  # the output that names the weights that answered
 
 
+@dataclass
+class _Served:
+    """One Triton model as this client knows it: what to ask it, its deadline, and which weights answer."""
+
+    name: str
+    timeout_s: float
+    outputs: tuple[str, ...]
+    info: ModelInfo
+    known: bool = False  # its config was read (the explain model may come later than the worker)
+
+
 class TritonDetector:
-    """One gRPC request per image: Triton's dynamic batcher merges concurrent requests into one pass."""
+    """One gRPC request per image: Triton's dynamic batcher merges concurrent requests into one pass. Verdicts
+    go to `settings.triton_model`, explanations to `settings.triton_explain_model`: separate models, so an
+    explanation never delays a verdict."""
 
     def __init__(self, settings: Settings) -> None:
         self._url = settings.triton_url
         self._model_name = settings.triton_model
-        self._timeout_s = settings.triton_timeout_s
         self._startup_timeout_s = settings.triton_startup_timeout_s
         self._tls = _tls_options(settings)
         self._client: grpcclient.InferenceServerClient | None = None
-        self._outputs: tuple[str, ...] = _OUTPUTS
-        self.model = ModelInfo(name=settings.triton_model, version="unknown")
+        self._verdict = _Served(
+            settings.triton_model,
+            settings.triton_timeout_s,
+            VERDICT_OUTPUTS,
+            ModelInfo(name=settings.triton_model, version="unknown"),
+        )
+        self._explainer = _Served(
+            settings.triton_explain_model,
+            settings.triton_explain_timeout_s,
+            EXPLAIN_OUTPUTS,
+            ModelInfo(name=settings.triton_explain_model, version="unknown"),
+        )
+        self._learning: asyncio.Task[None] | None = None
+
+    @property
+    def model(self) -> ModelInfo:
+        return self._verdict.info
+
+    @property
+    def explain_model(self) -> ModelInfo:
+        return self._explainer.info
 
     async def start(self) -> None:
         # round_robin spreads requests over every address the name resolves to: with a headless Service
@@ -50,29 +84,61 @@ class TritonDetector:
         )
         await self._wait_until_ready()
         try:
-            config = (await self._client.get_model_config(self._model_name, as_json=True))["config"]
+            await self._read_config(self._verdict)
         except InferenceServerException as exc:
             raise ModelError(f"Triton at {self._url} does not serve {self._model_name!r}: {exc}") from exc
+        await self._learn_weights()
+        # A Triton without the explain model still serves verdicts: `explain` says why it cannot, and the
+        # explain model's weights are learned in the background (a generation takes seconds).
+        if await self._explain_known():
+            self._learning = asyncio.create_task(self._learn_explain_weights(), name="triton-explain-weights")
+
+    async def _read_config(self, served: _Served) -> None:
+        assert self._client is not None
+        config = (await self._client.get_model_config(served.name, as_json=True))["config"]
         checkpoint = config.get("parameters", {}).get("checkpoint", {}).get("string_value", "?")
         versions = config.get("version_policy", {}).get("specific", {}).get("versions", ["latest"])
-        self.model = ModelInfo(name=self._model_name, version=f"{versions[0]} ({checkpoint})")
-        await self._learn_weights({output.get("name") for output in config.get("output", [])})
-
-    async def _learn_weights(self, outputs: set[str]) -> None:
-        """One answer, to a blank image and never explained, says which weights serve before the first event."""
+        outputs = {output.get("name") for output in config.get("output", [])}
+        wanted = VERDICT_OUTPUTS if served is self._verdict else EXPLAIN_OUTPUTS
+        served.outputs = (*wanted, WEIGHTS) if WEIGHTS in outputs else wanted
+        served.info = ModelInfo(name=served.name, version=f"{versions[0]} ({checkpoint})")
+        served.known = True
         if WEIGHTS not in outputs:
-            log.warning(
-                "Triton %s does not say which weights it runs: no verdict is served from the cache", self._model_name
-            )
+            log.warning("Triton %s does not say which weights it runs: nothing is served from the cache", served.name)
+
+    async def _learn_weights(self) -> None:
+        """One answer, to a blank image, says which weights give verdicts before the first event."""
+        if WEIGHTS not in self._verdict.outputs:
             return
-        self._outputs = (*_OUTPUTS, WEIGHTS)
         try:
-            await self.detect(np.zeros((3, CROP_SIZE, CROP_SIZE), dtype=np.float32), explain_above=math.inf)
+            await self.detect(np.zeros((CROP_SIZE, CROP_SIZE, 3), dtype=np.uint8))
         except Rejected as exc:
             log.warning("Triton %s: weights unknown until its first answer (%s)", self._model_name, exc.detail)
         log.info("Triton %s runs weights %s", self._model_name, self.model.weights)
 
+    async def _learn_explain_weights(self) -> None:
+        if WEIGHTS not in self._explainer.outputs:
+            return
+        try:
+            await self.explain(np.zeros((CROP_SIZE, CROP_SIZE, 3), dtype=np.uint8))
+        except Rejected as exc:
+            log.warning("Triton %s: weights unknown until its first answer (%s)", self._explainer.name, exc.detail)
+
+    async def _explain_known(self) -> bool:
+        """Whether the explain model's config is read: read on first need, so one loaded after the worker
+        started is found."""
+        if not self._explainer.known:
+            try:
+                await self._read_config(self._explainer)
+            except InferenceServerException as exc:
+                log.warning("Triton at %s lacks %s: no explanations (%s)", self._url, self._explainer.name, exc)
+        return self._explainer.known
+
     async def stop(self) -> None:
+        if self._learning is not None:
+            self._learning.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._learning
         if self._client is not None:
             await self._client.close()
 
@@ -87,53 +153,80 @@ class TritonDetector:
             await asyncio.sleep(2.0)
 
     async def ready(self) -> bool:
+        """Whether the verdict model is ready: explanations are optional, verdicts are not."""
         assert self._client is not None
         try:
             return bool(await self._client.is_model_ready(self._model_name))
         except InferenceServerException:
             return False
 
-    async def detect(self, pixel_values: np.ndarray, *, explain_above: float) -> Detection:
+    async def explain_ready(self) -> bool:
+        """Whether the explain model is ready (the explainer's readiness)."""
+        return await self._model_ready(self._explainer.name)
+
+    async def detect(self, crop: np.ndarray) -> Detection:
+        return await self._infer(self._verdict, crop)
+
+    async def explain(self, crop: np.ndarray) -> Detection:
+        if not await self._explain_known():
+            raise Rejected(
+                Reason.INFERENCE_UNAVAILABLE,
+                f"Triton at {self._url} does not serve the explain model {self._explainer.name!r} "
+                "(MODERATION_TRITON_EXPLAIN_MODEL): explanations are unavailable until it does",
+            )
+        return await self._infer(self._explainer, crop)
+
+    async def detect_batch(self, pixels: np.ndarray, *, explain_above: float | Sequence[float]) -> list[Detection]:
+        """N images as N concurrent requests: Triton's dynamic batcher merges them into its batches."""
+        return await detect_each(self, pixels, explain_above)
+
+    async def _infer(self, served: _Served, crop: np.ndarray) -> Detection:
         assert self._client is not None, "start() first"
-        pixels = grpcclient.InferInput("PIXEL_VALUES", [1, *pixel_values.shape], "FP32")
-        pixels.set_data_from_numpy(pixel_values[np.newaxis].astype(np.float32, copy=False))
-        explain = grpcclient.InferInput("EXPLAIN_ABOVE", [1, 1], "FP32")
-        explain.set_data_from_numpy(np.asarray([[explain_above]], dtype=np.float32))
-        outputs = [grpcclient.InferRequestedOutput(n) for n in self._outputs]
+        image = grpcclient.InferInput("IMAGE", [1, *crop.shape], "UINT8")
+        image.set_data_from_numpy(np.ascontiguousarray(crop, dtype=np.uint8)[np.newaxis])
+        outputs = [grpcclient.InferRequestedOutput(n) for n in served.outputs]
         try:
             result = await self._client.infer(
-                self._model_name, [pixels, explain], outputs=outputs, client_timeout=self._timeout_s, headers=_traced()
+                served.name, [image], outputs=outputs, client_timeout=served.timeout_s, headers=_traced()
             )
         except InferenceServerException as exc:
             # A (re)starting Triton answers "unknown model" until the model is loaded: that is an
             # outage to wait out, not a verdict on this image.
-            down = exc.status() in _UNAVAILABLE or not await self.ready()
+            down = exc.status() in _UNAVAILABLE or not await self._model_ready(served.name)
             reason = Reason.INFERENCE_UNAVAILABLE if down else Reason.INFERENCE_FAILED
-            raise Rejected(reason, f"Triton {self._model_name}: {exc.message()}") from exc
-        score = float(result.as_numpy("SCORE").reshape(-1)[0])
-        if WEIGHTS in self._outputs:
-            self._answered_by(_text(result.as_numpy(WEIGHTS)))
+            raise Rejected(reason, f"Triton {served.name}: {exc.message()}") from exc
+        if WEIGHTS in served.outputs:
+            self._answered_by(served, _text(result.as_numpy(WEIGHTS)))
+        explained = served is self._explainer
         return Detection.of(
-            score,
+            float(result.as_numpy("SCORE").reshape(-1)[0]),
             _text(result.as_numpy("LABEL")),
-            _text(result.as_numpy("EXPLANATION")),
-            _text(result.as_numpy("ANSWER_LABEL")),
+            _text(result.as_numpy("EXPLANATION")) if explained else None,
+            _text(result.as_numpy("ANSWER_LABEL")) if explained else None,
         )
 
-    async def detect_batch(
-        self, pixel_values: np.ndarray, *, explain_above: float | Sequence[float]
-    ) -> list[Detection]:
-        """N images as N concurrent requests: Triton's dynamic batcher merges them into its batches."""
-        return await detect_each(self, pixel_values, explain_above)
+    async def _model_ready(self, name: str) -> bool:
+        assert self._client is not None
+        try:
+            return bool(await self._client.is_model_ready(name))
+        except InferenceServerException:
+            return False
 
-    def _answered_by(self, weights: str | None) -> None:
-        # Set before `detect` returns, so the caller's cache entry names the weights that gave this answer.
-        if weights != self.model.weights:
-            if self.model.weights is not None:
-                log.warning(
-                    "Triton %s now answers with weights %s (was %s)", self._model_name, weights, self.model.weights
-                )
-            self.model = self.model.model_copy(update={"weights": weights})
+    def _answered_by(self, served: _Served, weights: str | None) -> None:
+        # Set before the call returns, so the caller's cache entry names the weights that gave this answer.
+        if weights != served.info.weights:
+            if served.info.weights is not None:
+                log.warning("Triton %s now answers with weights %s (was %s)", served.name, weights, served.info.weights)
+            served.info = served.info.model_copy(update={"weights": weights})
+        verdict, explain = self._verdict.info.weights, self._explainer.info.weights
+        if served is self._explainer and verdict and explain and verdict != explain:
+            log.error(
+                "Triton's %s runs weights %s but %s runs %s: explanations come from other weights than verdicts",
+                self._verdict.name,
+                verdict,
+                self._explainer.name,
+                explain,
+            )
 
 
 def _tls_options(settings: Settings) -> dict[str, object]:

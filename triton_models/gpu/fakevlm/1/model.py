@@ -1,21 +1,25 @@
 """FakeVLM on GPU: a BLS (business logic scripting) Python model over two engines.
 
-Same contract as the CPU model (triton_models/fakevlm): PIXEL_VALUES [n, 3, 336, 336] FP32 and the
-optional EXPLAIN_ABOVE [n, 1] in; SCORE, LABEL, EXPLANATION, ANSWER_LABEL out; so the worker does not
-know which layout serves it. Per dynamic batch:
+Same contract as the CPU models (triton_models/fakevlm and fakevlm_explain): IMAGE [n, 336, 336, 3] UINT8 in;
+SCORE, LABEL, WEIGHTS out, and EXPLANATION, ANSWER_LABEL for the explain role; so the worker does not know
+which layout serves it. The `role` parameter says which model this is: `verdict` (gpu/fakevlm) never
+generates, `explain` (gpu/fakevlm_explain, the same file) explains every row; two models, so an explanation
+never delays a verdict. Per dynamic batch:
 
-1. `vision_encoder` (TensorRT plan of the vision tower + projector): all rows at once, FP16, giving
+1. The uint8 crops go to the GPU and are normalised there (`moderation.model.fakevlm.normalise_crops`, the
+   CPU model's float32 operations), then cast to FP16.
+   `vision_encoder` (TensorRT plan of the vision tower + projector): all rows at once, giving
    encoder_output [n, 576, 4096] that stays on the GPU (DLPack).
 2. `tensorrt_llm` (TensorRT-LLM, inflight fused batching), one request per image, all in flight at
    once: the prompt `<image>Does the image looks real/fake?` + `This is a`, its 576 image tokens
    replaced by the prompt-table ids vocab_size .. vocab_size + 575 and the image's features as the
    prompt_embedding_table. The verdict request generates ONE token and returns its logits:
    P(fake) = softmax(logit " fake", logit " real"), as moderation.model.fakevlm does.
-3. Rows whose score reaches their EXPLAIN_ABOVE: a second request, greedy, max_new_tokens tokens.
+3. The explain role only, every row: a second request, greedy, max_new_tokens tokens.
    KV-cache reuse serves its prefill from the verdict request's blocks: the image tokens carry
    prompt_table_extra_ids (a hash of the image), so two images never share blocks.
 
-Parameters: tokenizer (a FakeVLM checkpoint directory: its config.json and tokenizer files are read),
+Parameters: role, tokenizer (a FakeVLM checkpoint directory: its config.json and tokenizer files are read),
 vocab_size (the LLM's, 32064), vision_model, llm_model, threshold, max_new_tokens.
 """
 
@@ -34,7 +38,7 @@ import triton_python_backend_utils as pb_utils
 from torch.utils import dlpack
 
 from moderation.model import triton_io
-from moderation.model.fakevlm import build_prompt, checkpoint_relative_to, label_from_answer
+from moderation.model.fakevlm import build_prompt, checkpoint_relative_to, label_from_answer, normalise_crops
 from moderation.model.identity import combined_identity
 
 
@@ -74,6 +78,10 @@ class TritonPythonModel:
 
         config = json.loads(args["model_config"])
         params = {key: value["string_value"] for key, value in config.get("parameters", {}).items()}
+        self._role = triton_io.role_of(params)
+        self._device = (
+            f"cuda:{args.get('model_instance_device_id', '0')}" if args.get("model_instance_kind") == "GPU" else "cpu"
+        )
         self._vision = params.get("vision_model", "vision_encoder")
         self._llm = params.get("llm_model", "tensorrt_llm")
         self._threshold = float(params.get("threshold", "0.5"))
@@ -82,46 +90,47 @@ class TritonPythonModel:
         self._tokenizer: Any = AutoTokenizer.from_pretrained(tokenizer_dir)
         model_config = AutoConfig.from_pretrained(tokenizer_dir)  # image_seq_length, image_token_id
         self._prompt = PromptIds(self._tokenizer, model_config, int(params.get("vocab_size", "32064")))
-        # The answers depend on the tokenizer and on both engines: all three make the weights' identity.
+        # The answers depend on the tokenizer and on both engines: all three make the weights' identity (the
+        # same for both roles, which call the same engines).
         repository = Path(args["model_repository"]).parent
         self._weights = combined_identity(
             [tokenizer_dir, repository / self._vision / "1", repository / self._llm / "1"]
         )
         pb_utils.Logger.log_info(
-            f"fakevlm (GPU BLS): {len(self._prompt.input_ids)} prompt tokens, "
+            f"fakevlm (GPU BLS, {self._role}): {len(self._prompt.input_ids)} prompt tokens, "
             f"{self._prompt.image_tokens} from the image; {self._vision} -> {self._llm}"
         )
 
     async def execute(self, requests: list[Any]) -> list[Any]:
         decoded = [triton_io.decode(pb_utils, request, _numpy) for request in requests]
         try:
-            rows: list[_Row] | Exception = await self._score(triton_io.readable(decoded))
+            rows: list[_Row] | Exception = await self._score(triton_io.crops(decoded))
         except Exception as exc:  # one failed batch fails its requests, never the server
             rows = exc
-        return triton_io.responses(pb_utils, decoded, rows, self._weights)
+        return triton_io.responses(pb_utils, decoded, rows, self._weights, self._role)
 
     def finalize(self) -> None:
         self._tokenizer = None
 
-    async def _score(self, batches: list[triton_io.Rows]) -> list[_Row]:
-        if not batches:
+    async def _score(self, crops: np.ndarray) -> list[_Row]:
+        if not len(crops):
             return []
-        pixels = np.concatenate([b.pixels for b in batches])
-        explain_above = np.concatenate([b.explain_above for b in batches])
-        features = self._encode(pixels)
-        keys = [_image_key(row) for row in pixels]
-        verdicts = await asyncio.gather(*(self._generate(features, i, keys[i], 1) for i in range(len(pixels))))
+        features = self._encode(crops)
+        keys = [_image_key(row) for row in crops]
+        verdicts = await asyncio.gather(*(self._generate(features, i, keys[i], 1) for i in range(len(crops))))
         scores = [self._verdict_score(response) for response in verdicts]
-        wanted = [i for i, score in enumerate(scores) if score >= explain_above[i]]
+        wanted = list(range(len(crops))) if self._role == "explain" else []
         explained = await asyncio.gather(*(self._generate(features, i, keys[i], self._max_new_tokens) for i in wanted))
         texts = dict(zip(wanted, (self._text(response) for response in explained), strict=True))
         return [self._row(score, texts.get(i)) for i, score in enumerate(scores)]
 
-    def _encode(self, pixels: np.ndarray) -> Any:
+    def _encode(self, crops: np.ndarray) -> Any:
+        # Normalised on the GPU: only the uint8 crops crossed the network and the host.
+        pixels = normalise_crops(crops, self._device).to(torch.float16).contiguous()
         request = pb_utils.InferenceRequest(
             model_name=self._vision,
             requested_output_names=["encoder_output"],
-            inputs=[pb_utils.Tensor("input", pixels.astype(np.float16))],
+            inputs=[pb_utils.Tensor.from_dlpack("input", dlpack.to_dlpack(pixels))],
         )
         response = request.exec()
         if response.has_error():
@@ -191,9 +200,9 @@ class TritonPythonModel:
         )
 
 
-def _image_key(pixels: np.ndarray) -> int:
+def _image_key(crop: np.ndarray) -> int:
     """A non-zero 63-bit key per distinct image: KV blocks are shared only between requests for the same image."""
-    return (int.from_bytes(hashlib.blake2b(pixels.tobytes(), digest_size=8).digest(), "little") >> 1) or 1
+    return (int.from_bytes(hashlib.blake2b(crop.tobytes(), digest_size=8).digest(), "little") >> 1) or 1
 
 
 def _torch(tensor: Any) -> torch.Tensor:

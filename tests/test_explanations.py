@@ -1,0 +1,123 @@
+"""Explanations apart from verdicts, on the real stack: a worker and an explainer process, Tansu, SeaweedFS and
+Triton serving `fakevlm` and `fakevlm_explain` with the tiny model."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+from aiokafka import AIOKafkaConsumer
+
+from moderation.client import read_explanations
+from moderation.devkit.demo import stop_worker
+from moderation.devkit.lanes import Lane, committed_offsets, outcomes_for, publish_uploads
+from moderation.events import ExplainRequest, Explanation
+from moderation.settings import Settings
+from moderation.worker.explainer import explainer_group
+from moderation.worker.kafka import aiokafka_options
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+
+async def records(settings: Settings, topic: str, timeout_s: float = 3.0) -> list[Any]:
+    """Every record of `topic` so far, in each partition's order."""
+    consumer = AIOKafkaConsumer(topic, group_id=None, auto_offset_reset="earliest", **aiokafka_options(settings))
+    await consumer.start()
+    try:
+        found: list[Any] = []
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            batch = await consumer.getmany(timeout_ms=500)
+            found += [r for part in batch.values() for r in part]
+            if batch:
+                deadline = time.monotonic() + 1.0
+        return found
+    finally:
+        await consumer.stop()
+
+
+def test_verdicts_come_first_and_each_names_the_explanation_that_follows(lane: Lane, tmp_path: Path) -> None:
+    settings = lane.settings
+    published = publish_uploads(settings, tmp_path / "images", 8, with_bad=False)
+    worker, explainer = lane.worker(MODERATION_EXPLAIN_ABOVE="0"), lane.explainer(MODERATION_EXPLAIN_ABOVE="0")
+    try:
+        outcomes = outcomes_for(settings, published, timeout_s=240)
+        expected = {e.event_id for e in published.events}
+        explained, failed = asyncio.run(read_explanations(settings, expected, timeout_s=240))
+        scraped = lane.scrape("/metrics", name="explainer")[1]
+    finally:
+        stop_worker(worker)
+        stop_worker(explainer)
+    assert not failed and set(explained) == expected, lane.log("explainer")[-3000:]
+    verdicts = {k: v[-1] for k, v in outcomes.verdicts.items()}
+    assert all(v.explanation_requested and v.explanation is None for v in verdicts.values())
+    decided = {r.key.decode(): r.timestamp for r in asyncio.run(records(settings, settings.topic_verdicts))}
+    told = {r.key.decode(): r.timestamp for r in asyncio.run(records(settings, settings.topic_explanations))}
+    assert all(decided[k] <= told[k] for k in expected), "an explanation was on its topic before its verdict"
+    for event_id, explanation in explained.items():
+        verdict = verdicts[event_id]
+        assert (explanation.verdict_score, explanation.verdict_decided_at) == (verdict.score, verdict.decided_at)
+        assert explanation.explanation.startswith("This is a") and explanation.model.weights == verdict.model.weights
+    assert f'moderation_explanations_total{{outcome="explained",reason=""}} {float(len(expected))}' in scraped
+
+
+def test_every_verdict_is_out_while_no_explainer_runs(lane: Lane, tmp_path: Path) -> None:
+    """Explained or not, a verdict never waits for its explanation: with no explainer at all, every verdict of
+    the batch is out, and the requests wait on their topic."""
+    settings = lane.settings
+    published = publish_uploads(settings, tmp_path / "images", 6, with_bad=False)
+    worker = lane.worker(MODERATION_EXPLAIN_ABOVE="0")
+    try:
+        outcomes = outcomes_for(settings, published, timeout_s=240)
+    finally:
+        stop_worker(worker)
+    assert set(outcomes.verdicts) == {e.event_id for e in published.events}
+    requests = [
+        ExplainRequest.model_validate_json(r.value)
+        for r in asyncio.run(records(settings, settings.topic_explain_requests))
+    ]
+    assert {r.event_id for r in requests} == set(outcomes.verdicts)
+    assert all(r.verdict == outcomes.verdicts[r.event_id][-1] for r in requests)
+
+
+def test_a_killed_explainer_loses_no_explanation_request(lane: Lane, tmp_path: Path) -> None:
+    settings = lane.settings
+    published = publish_uploads(settings, tmp_path / "images", 12, with_bad=False)
+    worker = lane.worker(MODERATION_EXPLAIN_ABOVE="0")
+    try:
+        outcomes_for(settings, published, timeout_s=240)
+    finally:
+        stop_worker(worker)
+    expected = {e.event_id for e in published.events}
+    requests = asyncio.run(records(settings, settings.topic_explain_requests))
+    ends = {p: 1 + max(r.offset for r in requests if r.partition == p) for p in {r.partition for r in requests}}
+
+    first = lane.explainer("first", MODERATION_EXPLAIN_BATCH_SIZE="1")
+    try:
+        deadline = time.monotonic() + 180
+        while not asyncio.run(records(settings, settings.topic_explanations, 1.0)) and time.monotonic() < deadline:
+            time.sleep(0.2)
+    finally:
+        first.send_signal(signal.SIGKILL)
+        first.wait()
+    told_before = {r.key for r in asyncio.run(records(settings, settings.topic_explanations))}
+    assert told_before, lane.log("first")[-3000:]
+
+    second = lane.explainer("second", MODERATION_EXPLAIN_BATCH_SIZE="4")
+    try:
+        explained, failed = asyncio.run(read_explanations(settings, expected, timeout_s=240))
+        committed: dict[int, int] = {}
+        deadline = time.monotonic() + 60
+        while committed != ends and time.monotonic() < deadline:
+            group, topic = explainer_group(settings), settings.topic_explain_requests
+            committed = asyncio.run(committed_offsets(settings, group=group, topic=topic))
+            time.sleep(0.5)
+    finally:
+        stop_worker(second)
+    assert not failed and set(explained) == expected, lane.log("second")[-3000:]
+    assert all(isinstance(e, Explanation) for e in explained.values())
+    assert committed == ends, "the explainer group committed every request once it was explained"
