@@ -25,6 +25,7 @@ import asyncio
 import hashlib
 import json
 import multiprocessing
+import os
 import statistics
 import sys
 import tempfile
@@ -48,6 +49,9 @@ from moderation.model.imaging import prepare
 from moderation.settings import Settings
 from moderation.worker.kafka import aiokafka_options
 from moderation.worker.storage import s3_client_args
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from cpu_stages import Recording, table  # a sibling script, not a package
 
 TARGET_RATIO = 0.7
 DISTINCT_IMAGES = 64
@@ -171,6 +175,9 @@ class System:
 
     def __init__(self, name: str, info: localstack.StackInfo, workdir: Path, images: list[UploadEvent]) -> None:
         self.name, self.info, self.workdir, self.images = name, info, workdir, images
+        self.cpu_ms: dict[str, float] = {}  # CPU ms per event of the backlog phase, by stage
+        self.threads_ms: dict[str, float] = {}  # the same, by thread name
+        self.profile_dir: Path | None = None
 
     def run(self, backlog: int, paced: int, rate: float | None, timeout_s: float) -> dict[str, float]:
         workdir = Path(tempfile.mkdtemp(prefix=f"{self.name}-", dir=self.workdir))
@@ -178,16 +185,24 @@ class System:
         current = open_lane(self.info, workdir, prefix="bench-", own_bucket=False, **extra)
         settings, result = current.settings, {}
         warm = events_for(self.images, 1, f"{self.name}-warm-{uuid.uuid4().hex[:6]}")
-        stop = self._start(current)
+        stop, pid = self._start(current)
         try:
             asyncio.run(publish(settings, [event_message(e) for e in warm]))  # waits out the group join
             asyncio.run(timestamps(settings, settings.topic_verdicts, {warm[0].event_id.encode()}, timeout_s))
             if backlog:
                 events = events_for(self.images, backlog, f"{self.name}-backlog")
-                asyncio.run(publish(settings, [event_message(e) for e in events]))
                 keys = {e.event_id.encode() for e in events}
                 values: dict[bytes, bytes] = {}
-                stamps = asyncio.run(timestamps(settings, settings.topic_verdicts, keys, timeout_s, values))
+                keep = self.profile_dir / f"{self.name}.pyspy.txt" if self.profile_dir else None
+                recording = Recording(pid, keep)
+                recording.start()
+                try:
+                    asyncio.run(publish(settings, [event_message(e) for e in events]))
+                    stamps = asyncio.run(timestamps(settings, settings.topic_verdicts, keys, timeout_s, values))
+                finally:
+                    recording.stop()
+                self.cpu_ms = recording.per_event_ms(backlog)
+                self.threads_ms = recording.threads_ms(backlog)
                 out = sorted(stamps.values())
                 result["events_per_s"] = (len(out) - 1) / max((out[-1] - out[0]) / 1000, 1e-3)
                 result |= _median_timings(values.values())
@@ -204,14 +219,15 @@ class System:
             stop()
         return result
 
-    def _start(self, current: Lane) -> Callable[[], None]:
+    def _start(self, current: Lane) -> tuple[Callable[[], None], int]:
+        """Start the system; how to stop it, and its process id."""
         if self.name == "worker":
             process = current.worker()
 
             def halt_worker() -> None:
                 stop_worker(process)
 
-            return halt_worker
+            return halt_worker, process.pid
         context = multiprocessing.get_context("spawn")
         stop = context.Event()
         values = current.settings.model_dump()
@@ -225,7 +241,8 @@ class System:
             if bare.is_alive():
                 bare.kill()
 
-        return halt
+        assert bare.pid is not None
+        return halt, bare.pid
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -235,9 +252,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rate", type=float, help="events/s of the latency phase (default: half the slower)")
     parser.add_argument("--size", default="336x336", help="WxH of the JPEG uploads")
     parser.add_argument("--timeout", type=float, default=600.0)
+    parser.add_argument("--profile-dir", type=Path, help="leave py-spy's raw samples of each system here")
     args = parser.parse_args(argv)
     width, height = (int(v) for v in args.size.lower().split("x"))
-    started = time.monotonic()
+    started, load_before = time.monotonic(), os.getloadavg()
     with tempfile.TemporaryDirectory(prefix="bench-pipeline-") as tmp:
         workdir = Path(tmp)
         files = []
@@ -257,6 +275,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"# event loop, worker and bare loop alike: {event_loop}")
             images = asyncio.run(upload_images(settings_for(info), files, bucket=info.bucket))
             systems = {name: System(name, info, workdir, images) for name in ("bare", "worker")}
+            for system in systems.values():
+                system.profile_dir = args.profile_dir
             results = {name: system.run(args.events, 0, None, args.timeout) for name, system in systems.items()}
             for name, result in results.items():
                 inside = ", ".join(f"{k.removeprefix('median_')} {v:.1f}" for k, v in result.items() if "median_" in k)
@@ -264,6 +284,11 @@ def main(argv: list[str] | None = None) -> int:
                     f"{name:<7} backlog {args.events}: {result['events_per_s']:8.1f} events/s"
                     + (f"  (per event, median ms: {inside})" if inside else "")
                 )
+            cpu_ms = {name: system.cpu_ms for name, system in systems.items()}
+            print("\n".join(table(cpu_ms)))
+            threads_ms = {name: system.threads_ms for name, system in systems.items()}
+            for name, ms in threads_ms.items():
+                print(f"# {name} CPU ms per event, by thread: " + ", ".join(f"{t} {v:.2f}" for t, v in ms.items()))
             rate = args.rate or 0.5 * min(r["events_per_s"] for r in results.values())
             if args.paced_events:
                 for name, system in systems.items():
@@ -291,10 +316,13 @@ def main(argv: list[str] | None = None) -> int:
         "worker_timings_median_ms": {
             k.removeprefix("median_"): round(v, 2) for k, v in worker.items() if "median_" in k
         },
+        "cpu_ms_per_event": cpu_ms,
+        "cpu_ms_per_event_by_thread": threads_ms,
         "events": args.events,
         "image": f"{width}x{height} JPEG",
         "prepare_ms": round(prepare_ms, 2),
         "seconds": round(time.monotonic() - started, 1),
+        "load_average_1m": {"before": round(load_before[0], 2), "after": round(os.getloadavg()[0], 2)},
     }
     print(json.dumps(summary))
     return 0

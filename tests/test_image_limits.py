@@ -31,7 +31,7 @@ from moderation.model.imaging import (
 )
 from moderation.settings import Settings
 from moderation.worker.budget import ByteBudget, return_large_frees
-from moderation.worker.pipeline import INLINE_MAX_BYTES
+from moderation.worker.pipeline import INLINE_MAX_BYTES, INLINE_MAX_PIXELS
 
 CAP = 50_000_000
 
@@ -239,16 +239,20 @@ async def test_large_objects_are_read_and_decoded_on_the_pools_threads_only() ->
     pipeline = Pipeline(
         None, None, Policies.of(Policy(0.5, 0.8, 0.5)), CAP, decode_pool=pool, decode_budget=ByteBudget(2**30)
     )  # type: ignore[arg-type]
-    small = encode(draw_image(1, (336, 336)), "JPEG")
-    assert len(small) <= INLINE_MAX_BYTES
+    small = encode(draw_image(1, (96, 96)), "JPEG")  # a thumbnail: prepared on the loop
+    assert len(small) <= INLINE_MAX_BYTES and INLINE_MAX_PIXELS >= 96 * 96
     await pipeline._examine(small)
     assert pool.submitted == 0
+    model_sized = encode(draw_image(1, (336, 336)), "JPEG")  # ~2 ms with PDQ and provenance: the threads
+    assert len(model_sized) <= INLINE_MAX_BYTES and INLINE_MAX_PIXELS < 336 * 336
+    await pipeline._examine(model_sized)
+    assert pool.submitted == 1
     bomb = hostile_images.png_with_private_chunks(200_000)  # its header walk never touches the loop
     with pytest.raises(Rejected):
         await pipeline._examine(bomb)
     large = encode(draw_image(1, (1200, 900)), "PNG")
     prepared = await pipeline._examine(large)
-    assert pool.submitted == 2 and prepared.pixels.shape == (336, 336, 3)
+    assert pool.submitted == 3 and prepared.pixels.shape == (336, 336, 3)
     pool.shutdown()
     await asyncio.sleep(0)
 

@@ -88,14 +88,28 @@ def confirmed_fakes() -> list[Image.Image]:
     return [image for image in images if pdq_of(image)[1] >= neardup.MIN_QUALITY + 10]
 
 
+def reference_pdq(image: Image.Image) -> tuple[str, int]:
+    """PDQ of the whole image, as HMA's pdq_hasher computes it: the bits, MSB first."""
+    bits, quality = pdqhash.compute(np.asarray(image.convert("RGB")))
+    return f"{int(''.join(map(str, bits.tolist())), 2):064x}", int(quality)
+
+
 def test_pdq_is_hmas_hex_and_works_on_every_mode() -> None:
+    # A grey image of PDQ's own 64x64 is hashed as it is: the same bits and quality as the reference.
+    grey = make_sample(DEMO_SEED, 0).image.convert("L").resize((neardup.PDQ_PX, neardup.PDQ_PX)).convert("RGB")
+    assert pdq_of(grey) == reference_pdq(grey)
     image = make_sample(DEMO_SEED, 0).image
     pdq, quality = pdq_of(image)
-    bits, reference_quality = pdqhash.compute(np.asarray(image))
-    assert pdq == f"{int(''.join(map(str, bits.tolist())), 2):064x}"  # HMA's pdq_hasher: the bits, MSB first
-    assert len(pdq) == 64 and quality == reference_quality
+    assert len(pdq) == 64 and 0 <= quality <= 100
     for mode in ("L", "RGBA", "P", "CMYK"):
         assert hamming(pdq_of(image.convert(mode))[0], pdq) <= 16, mode
+
+
+def test_the_box_reduced_hash_stays_near_pdq_of_the_whole_image() -> None:
+    """PDQ_PX: pdq_of box-reduces the luma to 64x64 where PDQ would filter the whole image down to it."""
+    distances = sorted(hamming(pdq_of(image)[0], reference_pdq(image)[0]) for image in confirmed_fakes())
+    print(f"box-reduced to {neardup.PDQ_PX} px vs PDQ on the whole image: {distances} bits")
+    assert np.median(distances) <= 12 and max(distances) <= DEFAULT_MAX_DISTANCE
 
 
 def test_large_images_are_downscaled_first_and_hash_within_a_few_bits_of_full_size() -> None:

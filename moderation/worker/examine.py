@@ -26,7 +26,7 @@ class Examined:
 
 
 def examine(
-    data: bytes,
+    data: bytes | Header,
     max_pixels: int,
     *,
     budget: ByteBudget | None = None,
@@ -34,8 +34,9 @@ def examine(
     formats: tuple[str, ...] = DEFAULT_FORMATS,
     hashing: bool = True,
 ) -> Examined:
-    """Read the header, then decode once the image's pixels fit in `budget` (None: unbounded)."""
-    header = read_header(data, max_pixels=max_pixels, formats=formats)
+    """Read the header, then decode once the image's pixels fit in `budget` (None: unbounded). A Header is
+    the object's header read already (by the event loop, to choose where to decode it): not read twice."""
+    header = data if isinstance(data, Header) else read_header(data, max_pixels=max_pixels, formats=formats)
     reserved = budget.reserve(decode_bytes(header)) if budget is not None else contextlib.nullcontext()
     with reserved:
         try:

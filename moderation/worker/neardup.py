@@ -34,13 +34,17 @@ from moderation.worker import metrics, tables
 log = logging.getLogger(__name__)
 
 # HMA's confident-match distance for PDQ is 31 of 256 bits. Measured (tests/test_neardup.py): JPEG q70
-# copies within 8 bits, 0.75x within 22, 0.5x within 28, 5% crops within 8 of a crop hash; unrelated demo,
+# copies within 10 bits, 0.75x within 20, 0.5x within 16, 5% crops within 6 of a crop hash; unrelated demo,
 # Pillow-style and synthetic images never closer than 86.
 DEFAULT_MAX_DISTANCE = 31
 MIN_QUALITY = 50  # below this PDQ's own quality the hash is noise (HMA's QUALITY_THRESHOLD)
 # The reference hasher downsamples to 512 px before its Jarosz filter, which costs ~1 s on a 12 MP image at
 # full size; we keep the aspect ratio (measured closer to the full-size hash than its 512x512 squash).
 DOWNSAMPLE_PX = 512
+# PDQ filters (Jarosz) and decimates any image to 64x64 luma, whatever its aspect ratio; a BOX reduction of
+# Pillow's luma to the same square stands in for it (tests/test_neardup.py: within a median 8 bits of PDQ on
+# the full image, copies of a fake no further apart, unrelated pairs no closer), at a fifth of the cost.
+PDQ_PX = 64
 # A reviewed entry this many bits further than the closest model entry still wins: near-duplicates of one
 # image are near-duplicates of each other, and a person's decision about one of them is worth more.
 REVIEW_PREFERENCE_BITS = 4
@@ -77,7 +81,13 @@ def _prepared(image: Image.Image) -> Image.Image:
 
 
 def _pdq(rgb: Image.Image) -> tuple[str, int]:
-    bits, quality = pdqhash.compute(np.asarray(rgb))
+    """PDQ of the image's luma box-reduced to PDQ_PX square first: PDQ's own first step filters its float luma
+    down to 64x64, which costs 1 to 2 ms on a 336x336 image and 4 to 5 times less from Pillow's 8-bit luma."""
+    luma = rgb.convert("L")
+    if min(luma.size) > PDQ_PX:
+        luma = luma.resize((PDQ_PX, PDQ_PX), Image.Resampling.BOX, reducing_gap=2.0)
+    grey = np.asarray(luma)
+    bits, quality = pdqhash.compute(np.repeat(grey[:, :, np.newaxis], 3, axis=2))  # its RGB->luma is then exact
     return np.packbits(bits.astype(np.uint8)).tobytes().hex(), int(quality)
 
 

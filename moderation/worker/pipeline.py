@@ -37,7 +37,7 @@ from moderation.events import (
     utcnow,
 )
 from moderation.model.detectors import Detector
-from moderation.model.imaging import DEFAULT_FORMATS, read_header
+from moderation.model.imaging import DEFAULT_FORMATS, Header, read_header
 from moderation.worker import deciding, metrics, tracing
 from moderation.worker.budget import ByteBudget
 from moderation.worker.cache import VerdictCache
@@ -54,12 +54,14 @@ log = logging.getLogger(__name__)
 
 Outcome = Verdict | DeadLetter
 
-# Images up to this size (about 1 ms to decode and preprocess) are prepared on the event loop: a hand-off to a
-# thread costs more than that on a busy core (the GIL ping-pong), larger ones must not stall the loop. Only
-# objects up to INLINE_MAX_BYTES have their header read on the loop, as reading it costs at most a walk of
-# that many bytes within imaging's structure budget (a FakeVLM-sized 336x336 JPEG or WebP is under 20 KiB);
-# every other object, header included, goes to the decode threads.
-INLINE_MAX_PIXELS = 200_000
+# Images up to this size (thumbnails: a small fraction of a millisecond to decode, hash and preprocess) are
+# prepared on the event loop, where a hand-off to a thread would cost about as much as the work; larger ones go
+# to the decode threads, where Pillow and numpy run without the GIL beside the loop. A 336x336 JPEG costs about
+# 2 ms with PDQ and provenance: in the threads bench/pipeline.py gave 264 and 187 events/s, on the loop 155
+# (2026-12-07). Only objects up to INLINE_MAX_BYTES have their header read on the loop, as reading it costs at
+# most a walk of that many bytes within imaging's structure budget; every other object, header included, goes
+# to the decode threads.
+INLINE_MAX_PIXELS = 16_384
 INLINE_MAX_BYTES = 64 * 1024
 # base64 makes this 683 KiB: with the other fields a dead letter stays under Kafka's default 1 MB message cap.
 MAX_DEAD_LETTER_PAYLOAD = 512 * 1024
@@ -223,13 +225,14 @@ class Pipeline:
         return entry
 
     async def _examine(self, data: bytes) -> Examined:
+        read: bytes | Header = data
         if len(data) <= INLINE_MAX_BYTES:
-            header = read_header(data, max_pixels=self.max_image_pixels, formats=self.image_formats)
-            if header.pixels <= INLINE_MAX_PIXELS:
-                return examine_header(header, fast=self.fast_preprocess)
+            read = read_header(data, max_pixels=self.max_image_pixels, formats=self.image_formats)
+            if read.pixels <= INLINE_MAX_PIXELS:
+                return examine_header(read, fast=self.fast_preprocess)
         work = functools.partial(
             examine,
-            data,
+            read,
             self.max_image_pixels,
             fast=self.fast_preprocess,
             formats=self.image_formats,
