@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
+import numpy as np
 from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
 from aiokafka.errors import CommitFailedError
 
@@ -111,7 +112,7 @@ class Explainer:
             explain_ms=round((time.monotonic() - started) * 1000, 3),
         )
 
-    async def _crop(self, data: bytes) -> Any:
+    async def _crop(self, data: bytes) -> np.ndarray:
         work = functools.partial(
             examine,
             data,

@@ -202,11 +202,11 @@ class Pipeline:
         if deciding.skips_model(policy, decided):
             entry = _unscored(digest, examined, decided, self.clock())
         else:
-            entry = await self._detect(digest, examined, policy, trace)
+            entry = await self._detect(digest, examined, trace)
         decided = decided or deciding.by_model(policy, entry.score, entry.label, match)
         return self._verdict(event, entry, policy, decided, cached=False, timings=_timings(started, fetched, decoded))
 
-    async def _detect(self, digest: str, examined: Examined, policy: Policy, trace: Context | None) -> CacheEntry:
+    async def _detect(self, digest: str, examined: Examined, trace: Context | None) -> CacheEntry:
         with metrics.INFLIGHT.track_inprogress(), tracing.span_in(trace, "inference", SpanKind.CLIENT):
             detection = await self.detector.detect(examined.pixels)
         entry = CacheEntry(
