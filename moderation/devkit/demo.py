@@ -104,7 +104,8 @@ def run_demo(
         console.print(f"Published {len(events)} image uploads and {len(bad)} bad messages to {settings.topic_uploads}")
         env = info.env() | {"MODERATION_KAFKA_CONSUMER_GROUP": settings.kafka_consumer_group}
         worker = start_worker(env, workdir / "worker.log")
-        explainer = start_worker(env, workdir / "explainer.log", "explainer")
+        # Its own /metrics would want the worker's port: the demo reads topics, not metrics.
+        explainer = start_worker(env | {"MODERATION_METRICS_PORT": "0"}, workdir / "explainer.log", "explainer")
         expected = {e.event_id for e in events} | {c.event_id for c in bad if c.event_id}
         anonymous = sum(1 for c in bad if c.event_id is None)
         with console.status("Waiting for every event's outcome") as status:
