@@ -25,13 +25,17 @@ def _run(script: str, *args: str) -> tuple[list[str], dict[str, object]]:
 
 @pytest.mark.slow
 def test_gpu_bls_check_dry_run_on_a_cpu(tmp_path: Path) -> None:
-    """The device run's correctness script, on the CPU: the GPU model's code against the in-process scores."""
+    """The device run's correctness script, on the CPU: the GPU model's code, as the verdict model and as the
+    explain model, against the in-process scores."""
     output = tmp_path / "bls.txt"
     args = ["--device", "cpu", "--images", "4", "--check-images", "2", "--new-tokens", "4", "--skip-random"]
     lines, summary = _run("gpu_bls_check.py", *args, "--output", str(output))
     assert summary["failures"] == []
     passed = [line.split(":")[0] for line in lines if line.startswith("PASS")]
-    assert len(passed) == 4 and any("late generation_logits refused" in p for p in passed)
+    assert len(passed) == 5 and any("late generation_logits refused" in p for p in passed)
+    assert any("GPU BLS verdict model" in line for line in lines) and any(
+        "GPU BLS explain model" in line for line in lines
+    )
 
 
 @pytest.mark.slow
