@@ -23,7 +23,7 @@ import functools
 import logging
 import signal
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -68,7 +68,7 @@ class Explainer:
     backoff: Backoff
     decode_pool: ThreadPoolExecutor | None = None
     decode_budget: ByteBudget | None = None
-    clock: Any = utcnow
+    clock: Callable[[], datetime] = utcnow
 
     async def answer(self, message: Incoming) -> Explanation | DeadLetter:
         """Retry transient faults until the deadline; never raises."""
