@@ -822,34 +822,22 @@ def test_network_policies(overlay: Path) -> None:
     def applying(name: str) -> set[str]:
         return {n for n, spec in policies.items() if selects(spec["podSelector"], labels(name))}
 
-    # The worker reaches only DNS, Triton's gRPC port, Kafka and S3; only Prometheus reaches it.
-    assert applying(WORKER) == {
-        "default-deny",
-        "allow-dns",
-        "moderation-worker-ingress-metrics",
-        "moderation-worker-egress-triton",
-        "moderation-egress-kafka",
-        "moderation-worker-egress-s3",
-    }
-    [to_triton] = policies["moderation-worker-egress-triton"]["egress"]
-    assert [selects(peer["podSelector"], labels(TRITON)) for peer in to_triton["to"]] == [True]
-    assert to_triton["ports"] == [{"protocol": "TCP", "port": 8001}]
-    [metrics_in] = policies["moderation-worker-ingress-metrics"]["ingress"]
-    assert metrics_in["ports"] == [{"protocol": "TCP", "port": int(worker_env(docs)["MODERATION_METRICS_PORT"])}]
-    # The explainer likewise: DNS, Triton's gRPC port, and the Kafka and S3 policies it shares with the worker.
-    assert applying(EXPLAINER) == {
-        "default-deny",
-        "allow-dns",
-        "moderation-explainer-ingress-metrics",
-        "moderation-explainer-egress-triton",
-        "moderation-egress-kafka",
-        "moderation-worker-egress-s3",
-    }
-    [to_triton] = policies["moderation-explainer-egress-triton"]["egress"]
-    assert [selects(peer["podSelector"], labels(TRITON)) for peer in to_triton["to"]] == [True]
-    assert to_triton["ports"] == [{"protocol": "TCP", "port": 8001}]
-    [metrics_in] = policies["moderation-explainer-ingress-metrics"]["ingress"]
-    assert metrics_in["ports"] == [{"protocol": "TCP", "port": int(explainer_env(docs)["MODERATION_METRICS_PORT"])}]
+    # The worker and the explainer reach only DNS, Triton's gRPC port, Kafka and S3 (the Kafka and S3 policies
+    # shared); only Prometheus reaches them.
+    for name, role, env in ((WORKER, "worker", worker_env), (EXPLAINER, "explainer", explainer_env)):
+        assert applying(name) == {
+            "default-deny",
+            "allow-dns",
+            f"moderation-{role}-ingress-metrics",
+            f"moderation-{role}-egress-triton",
+            "moderation-egress-kafka",
+            "moderation-worker-egress-s3",
+        }
+        [to_triton] = policies[f"moderation-{role}-egress-triton"]["egress"]
+        assert [selects(peer["podSelector"], labels(TRITON)) for peer in to_triton["to"]] == [True]
+        assert to_triton["ports"] == [{"protocol": "TCP", "port": 8001}]
+        [metrics_in] = policies[f"moderation-{role}-ingress-metrics"]["ingress"]
+        assert metrics_in["ports"] == [{"protocol": "TCP", "port": int(env(docs)["MODERATION_METRICS_PORT"])}]
     assert [peer["namespaceSelector"]["matchLabels"] for peer in metrics_in["from"]] == [
         {"kubernetes.io/metadata.name": "monitoring"}
     ]
