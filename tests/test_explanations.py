@@ -11,11 +11,13 @@ from typing import Any
 
 import pytest
 from aiokafka import AIOKafkaConsumer
+from confluent_kafka import Producer
 
 from moderation.client import read_explanations
 from moderation.devkit.demo import stop_worker
 from moderation.devkit.lanes import Lane, committed_offsets, outcomes_for, publish_uploads
-from moderation.events import ExplainRequest, Explanation
+from moderation.errors import Reason
+from moderation.events import DeadLetter, ExplainRequest, Explanation
 from moderation.settings import Settings
 from moderation.worker.explainer import explainer_group
 from moderation.worker.kafka import aiokafka_options
@@ -121,3 +123,36 @@ def test_a_killed_explainer_loses_no_explanation_request(lane: Lane, tmp_path: P
     assert not failed and set(explained) == expected, lane.log("second")[-3000:]
     assert all(isinstance(e, Explanation) for e in explained.values())
     assert committed == ends, "the explainer group committed every request once it was explained"
+
+
+def test_records_that_are_no_request_are_dead_letters_and_the_explainer_goes_on(lane: Lane, tmp_path: Path) -> None:
+    """What librdkafka may legally put on the requests topic (a tombstone, an empty value, bytes that are not
+    JSON, binary keys and headers) ends as invalid_event letters with the original bytes; real requests around
+    them are explained."""
+    settings = lane.settings
+    published = publish_uploads(settings, tmp_path / "images", 3, with_bad=False)
+    worker = lane.worker(MODERATION_EXPLAIN_ABOVE="0")
+    try:
+        outcomes_for(settings, published, timeout_s=240)
+    finally:
+        stop_worker(worker)
+    hostile = [(b"\xff\x00", None), (None, b""), (b"k", b"\xff\xfe not json"), (b"k2", b'{"event_id": "x"}')]
+    producer = Producer({"bootstrap.servers": settings.kafka_bootstrap_servers, "acks": "all"})
+    for key, value in hostile:
+        producer.produce(settings.topic_explain_requests, key=key, value=value, headers=[("h", b"\xff")])
+    assert producer.flush(30) == 0
+    explainer = lane.explainer()
+    try:
+        expected = {e.event_id for e in published.events}
+        explained, failed = asyncio.run(read_explanations(settings, expected, timeout_s=240))
+        letters: list[DeadLetter] = []
+        deadline = time.monotonic() + 60
+        while len(letters) < len(hostile) and time.monotonic() < deadline:
+            values = [r.value for r in asyncio.run(records(settings, settings.topic_dlq, 1.0))]
+            letters = [DeadLetter.model_validate_json(v) for v in values]
+    finally:
+        stop_worker(explainer)
+    assert set(explained) == expected and not failed, lane.log("explainer")[-3000:]
+    assert sorted(letter.payload() for letter in letters) == sorted(value or b"" for _, value in hostile)
+    assert {letter.reason for letter in letters} == {Reason.INVALID_EVENT}
+    assert [letter.payload_null for letter in letters].count(True) == 1
