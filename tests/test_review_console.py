@@ -252,7 +252,7 @@ def test_same_origin_wants_our_host_in_origin_or_referer() -> None:
 # The console against the real stack, in a real browser
 
 
-def produce(settings: Settings, topic: str, messages: list[Verdict | Decision]) -> None:
+def produce(settings: Settings, topic: str, messages: list[Verdict | Decision | Explanation]) -> None:
     async def run() -> None:
         producer = AIOKafkaProducer(acks="all", **aiokafka_options(settings))
         await producer.start()
@@ -339,6 +339,8 @@ def test_console_shows_a_flagged_upload_and_records_a_keyboard_decision(
         action="flag",
         decided_at=now,
         policy_version="2026-11-01",
+        explanation=None,
+        explanation_requested=True,
         provenance=Provenance(
             c2pa=C2paEvidence(
                 validation_state="Valid",
@@ -408,6 +410,11 @@ def test_console_shows_a_flagged_upload_and_records_a_keyboard_decision(
         assert "alice" in browser.find_element(By.CSS_SELECTOR, "header .who").text
         assert "trainedAlgorithmicMedia" in item.text
         assert "0.930" in item.text
+        # Its explanation comes later, on its own topic: on its way until then, shown once it is read.
+        assert "Explanation on its way" in item.text
+        text = "This is a fake image. The fur melts into the fence behind it."
+        produce(settings, settings.topic_explanations, [explanation_of(flagged, text)])
+        WebDriverWait(browser, 20).until(lambda d: text in (d.refresh() or d.find_element(By.TAG_NAME, "main").text))
         browser.get(console.url + "/?tenant=t1")
         WebDriverWait(browser, 20).until(
             lambda d: all(
