@@ -314,15 +314,9 @@ def test_every_pod_is_hardened(overlay: Path) -> None:
             assert all({"livenessProbe", "readinessProbe", "startupProbe"} <= set(c) for c in spec["containers"])
 
 
-@pytest.mark.parametrize("overlay", OVERLAYS, ids=_rel)
-def test_worker_scales_on_lag_up_to_the_partition_count(overlay: Path) -> None:
-    docs = render(overlay)
-    scaled, env = find(docs, "ScaledObject", WORKER), worker_env(docs)
-    spec = scaled["spec"]
-    assert spec["scaleTargetRef"]["name"] == WORKER
-    assert spec["scaleTargetRef"]["envSourceContainerName"] == "worker"
-    partitions = int(env["MODERATION_KAFKA_TOPIC_PARTITIONS"])
-    assert spec["maxReplicaCount"] == partitions, "one worker per partition at most"
+def kafka_lag_trigger(spec: dict[str, Any], partitions: int) -> dict[str, Any]:
+    """A ScaledObject's one KEDA kafka trigger, scaling at most one replica per partition."""
+    assert spec["maxReplicaCount"] == partitions, "one replica per partition at most"
     assert 1 <= spec["minReplicaCount"] <= partitions
     assert 1 <= spec["fallback"]["replicas"] <= partitions
     [trigger] = spec["triggers"]
@@ -331,6 +325,18 @@ def test_worker_scales_on_lag_up_to_the_partition_count(overlay: Path) -> None:
     assert all(isinstance(v, str) for v in meta.values()), "KEDA trigger metadata is a map of strings"
     assert meta["allowIdleConsumers"] == "false"
     assert int(meta["lagThreshold"]) > 0
+    return trigger
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS, ids=_rel)
+def test_worker_scales_on_lag_up_to_the_partition_count(overlay: Path) -> None:
+    docs = render(overlay)
+    scaled, env = find(docs, "ScaledObject", WORKER), worker_env(docs)
+    spec = scaled["spec"]
+    assert spec["scaleTargetRef"]["name"] == WORKER
+    assert spec["scaleTargetRef"]["envSourceContainerName"] == "worker"
+    trigger = kafka_lag_trigger(spec, int(env["MODERATION_KAFKA_TOPIC_PARTITIONS"]))
+    meta = trigger["metadata"]
     # Broker, group and topic come from the worker's own settings, so they cannot drift.
     assert meta["bootstrapServersFromEnv"] == "MODERATION_KAFKA_BOOTSTRAP_SERVERS"
     assert meta["consumerGroupFromEnv"] == "MODERATION_KAFKA_CONSUMER_GROUP"
@@ -477,16 +483,8 @@ def test_explainer_scales_on_its_groups_lag_up_to_the_partition_count(overlay: P
     settings = settings_of(env)
     spec = find(docs, "ScaledObject", EXPLAINER)["spec"]
     assert spec["scaleTargetRef"] == {"name": EXPLAINER, "envSourceContainerName": "explainer"}
-    partitions = settings.kafka_topic_partitions
-    assert spec["maxReplicaCount"] == partitions, "one explainer per partition at most"
-    assert 1 <= spec["minReplicaCount"] <= partitions
-    assert 1 <= spec["fallback"]["replicas"] <= partitions
-    [trigger] = spec["triggers"]
+    trigger = kafka_lag_trigger(spec, settings.kafka_topic_partitions)
     meta = trigger["metadata"]
-    assert trigger["type"] == "kafka"
-    assert all(isinstance(v, str) for v in meta.values()), "KEDA trigger metadata is a map of strings"
-    assert meta["allowIdleConsumers"] == "false"
-    assert int(meta["lagThreshold"]) > 0
     # The group the explainer really joins, derived from this overlay's settings as the explainer derives it;
     # and the defaults' (what the README and the ACLs name).
     assert meta["consumerGroup"] == explainer_group(settings) == explainer_group(Settings()) == EXPLAINER

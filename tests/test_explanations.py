@@ -13,9 +13,9 @@ import pytest
 from aiokafka import AIOKafkaConsumer
 from confluent_kafka import Producer
 
-from moderation.client import read_explanations
+from moderation.client import Outcomes, read_explanations
 from moderation.devkit.demo import stop_worker
-from moderation.devkit.lanes import Lane, committed_offsets, outcomes_for, publish_uploads
+from moderation.devkit.lanes import Lane, Published, committed_offsets, outcomes_for, publish_uploads
 from moderation.errors import Reason
 from moderation.events import DeadLetter, ExplainRequest, Explanation
 from moderation.settings import Settings
@@ -40,6 +40,16 @@ async def records(settings: Settings, topic: str, timeout_s: float = 3.0) -> lis
         return found
     finally:
         await consumer.stop()
+
+
+def verdicts_out(lane: Lane, directory: Path, uploads: int) -> tuple[Published, Outcomes]:
+    """`uploads` fresh images through a worker that asks an explanation of each, until every verdict is out."""
+    published = publish_uploads(lane.settings, directory, uploads, with_bad=False)
+    worker = lane.worker(MODERATION_EXPLAIN_ABOVE="0")
+    try:
+        return published, outcomes_for(lane.settings, published, timeout_s=240)
+    finally:
+        stop_worker(worker)
 
 
 def test_verdicts_come_first_and_each_names_the_explanation_that_follows(lane: Lane, tmp_path: Path) -> None:
@@ -71,12 +81,7 @@ def test_every_verdict_is_out_while_no_explainer_runs(lane: Lane, tmp_path: Path
     """Explained or not, a verdict never waits for its explanation: with no explainer at all, every verdict of
     the batch is out, and the requests wait on their topic."""
     settings = lane.settings
-    published = publish_uploads(settings, tmp_path / "images", 6, with_bad=False)
-    worker = lane.worker(MODERATION_EXPLAIN_ABOVE="0")
-    try:
-        outcomes = outcomes_for(settings, published, timeout_s=240)
-    finally:
-        stop_worker(worker)
+    published, outcomes = verdicts_out(lane, tmp_path / "images", 6)
     assert set(outcomes.verdicts) == {e.event_id for e in published.events}
     requests = [
         ExplainRequest.model_validate_json(r.value)
@@ -88,12 +93,7 @@ def test_every_verdict_is_out_while_no_explainer_runs(lane: Lane, tmp_path: Path
 
 def test_a_killed_explainer_loses_no_explanation_request(lane: Lane, tmp_path: Path) -> None:
     settings = lane.settings
-    published = publish_uploads(settings, tmp_path / "images", 12, with_bad=False)
-    worker = lane.worker(MODERATION_EXPLAIN_ABOVE="0")
-    try:
-        outcomes_for(settings, published, timeout_s=240)
-    finally:
-        stop_worker(worker)
+    published, _ = verdicts_out(lane, tmp_path / "images", 12)
     expected = {e.event_id for e in published.events}
     requests = asyncio.run(records(settings, settings.topic_explain_requests))
     ends = {p: 1 + max(r.offset for r in requests if r.partition == p) for p in {r.partition for r in requests}}
@@ -130,12 +130,7 @@ def test_records_that_are_no_request_are_dead_letters_and_the_explainer_goes_on(
     JSON, binary keys and headers) ends as invalid_event letters with the original bytes; real requests around
     them are explained."""
     settings = lane.settings
-    published = publish_uploads(settings, tmp_path / "images", 3, with_bad=False)
-    worker = lane.worker(MODERATION_EXPLAIN_ABOVE="0")
-    try:
-        outcomes_for(settings, published, timeout_s=240)
-    finally:
-        stop_worker(worker)
+    published, _ = verdicts_out(lane, tmp_path / "images", 3)
     hostile = [(b"\xff\x00", None), (None, b""), (b"k", b"\xff\xfe not json"), (b"k2", b'{"event_id": "x"}')]
     producer = Producer({"bootstrap.servers": settings.kafka_bootstrap_servers, "acks": "all"})
     for key, value in hostile:
