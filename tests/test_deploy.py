@@ -751,7 +751,9 @@ def test_gpu_model_config_differs_from_the_default_only_in_placement_batch_and_f
     assert fast <= FAST_PATH_PARAMETERS and not FAST_PATH_PARAMETERS & set(default.parameters)
     assert gpu.parameters["dtype"].string_value == "bfloat16"
     if "batch_buckets" in gpu.parameters:
-        buckets = [int(b) for b in gpu.parameters["batch_buckets"].string_value.split(",")]  # every compiled shape is compiled by the warm-up, the largest is the batch
+        buckets = [
+            int(b) for b in gpu.parameters["batch_buckets"].string_value.split(",")
+        ]  # every compiled shape is compiled by the warm-up, the largest is the batch
         assert sorted(w.batch_size for w in gpu.model_warmup) == buckets and max(buckets) == gpu.max_batch_size
         assert set(gpu.dynamic_batching.preferred_batch_size) <= set(buckets)
     for config in (default, gpu):

@@ -98,7 +98,7 @@ def test_a_large_file_without_a_manifest_has_no_identity_and_is_never_read(
     weights = huge_weights(tmp_path / "w")
     hashed: list[Path] = []
     monkeypatch.setattr(identity, "file_sha256", lambda file: hashed.append(file) or "0" * 64)
-    with pytest.raises(ModelError, match="no manifest.json"):
+    with pytest.raises(ModelError, match=r"no manifest\.json"):
         weights_identity(weights)
     assert all(p.stat().st_size <= SMALL_FILE_BYTES for p in hashed)
 

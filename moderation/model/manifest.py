@@ -19,6 +19,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from moderation.errors import ModelError
 from moderation.model.identity import MANIFEST, SMALL_FILE_BYTES, file_sha256, manifest_identity
 
 BUILDERS = ("tensorrt", "tensorrt_llm", "torch", "transformers", "onnx", "onnxscript", "tokenizers")
@@ -59,6 +60,19 @@ def write_manifest(directory: Path, *, dtype: str, gpu: str, tokenizer: Path | N
     return manifest_identity(directory)
 
 
+def verify_tokenizer(directory: Path, tokenizer: Path) -> None:
+    """ModelError unless `tokenizer` holds the tokenizer and config files the manifest of `directory` records
+    (engines answer in the token ids they were built with: another tokenizer would decode them wrongly)."""
+    manifest = json.loads((directory / MANIFEST).read_text())
+    recorded: dict[str, str] = manifest.get("tokenizer", {})
+    if not recorded:
+        raise ModelError(f"{directory / MANIFEST} records no tokenizer: write it with --tokenizer")
+    found = tokenizer_hashes(tokenizer)
+    differ = sorted(name for name, digest in recorded.items() if found.get(name) != digest)
+    if differ:
+        raise ModelError(f"{tokenizer}: {', '.join(differ)} differ from what {directory / MANIFEST} was built with")
+
+
 def tokenizer_hashes(directory: Path) -> dict[str, str]:
     return {
         name: file_sha256(directory / name)
@@ -95,10 +109,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--tokenizer", type=Path, help="the checkpoint whose tokenizer and config the build used")
     parser.add_argument("--gpu", help="the GPU SKU (default: nvidia-smi's name of GPU 0, or none)")
     args = parser.parse_args(argv)
-    identity = write_manifest(
-        args.directory, dtype=args.dtype, gpu=args.gpu or gpu_name(), tokenizer=args.tokenizer
-    )
-    print(f"{args.directory / MANIFEST}: {identity}")  # noqa: T201 - a build step's one line of output
+    identity = write_manifest(args.directory, dtype=args.dtype, gpu=args.gpu or gpu_name(), tokenizer=args.tokenizer)
+    print(f"{args.directory / MANIFEST}: {identity}")
 
 
 if __name__ == "__main__":
