@@ -1331,7 +1331,7 @@ def test_dockerfiles_match_the_manifests() -> None:
     assert f"USER {worker_pod['securityContext']['runAsUser']}:" in worker
     assert 'ENTRYPOINT ["moderation"]' in worker and 'CMD ["worker"]' in worker
     assert "EXPOSE 8080" in worker
-    assert re.search(r"^FROM nvcr\.io/nvidia/tritonserver:\$\{TRITON_TAG\}-trtllm-python-py3$", triton, re.MULTILINE)
+    assert re.search(r"^FROM nvcr\.io/nvidia/tritonserver:\$\{TRITON_TAG\}-pyt-python-py3$", triton, re.MULTILINE)
     tag = re.search(r"^ARG TRITON_TAG=(\d+)\.(\d+)$", triton, re.MULTILINE)
     assert tag and (int(tag[1]), int(tag[2])) >= (25, 1), "24.xx Triton images have Python 3.10"
     assert f"USER {triton_pod['securityContext']['runAsUser']}:" in triton
