@@ -123,3 +123,15 @@ def test_the_command_writes_the_manifest(tmp_path: Path, capsys: pytest.CaptureF
 def test_the_tiny_checkpoints_keep_their_content_digest(tiny_checkpoint: Path) -> None:
     assert not (tiny_checkpoint / MANIFEST).exists()
     assert weights_identity(tiny_checkpoint) == identity.directory_digest(tiny_checkpoint.resolve())
+
+
+def test_the_weights_job_writes_the_manifest_of_a_downloaded_checkpoint(tmp_path: Path) -> None:
+    """deploy/weights/job.yaml runs the command after `hf download`: the dtype is the checkpoint's own."""
+    weights = tmp_path / "fakevlm"
+    weights.mkdir()
+    (weights / "config.json").write_text('{"torch_dtype": "bfloat16"}')
+    (weights / "model.safetensors").write_bytes(b"w")
+    main([str(weights), "--gpu", "none"])
+    assert json.loads((weights / MANIFEST).read_text())["dtype"] == "bfloat16"
+    job = (Path(__file__).resolve().parents[1] / "deploy" / "weights" / "job.yaml").read_text()
+    assert "python -m moderation.model.manifest /weights/fakevlm --gpu none;" in job

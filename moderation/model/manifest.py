@@ -1,7 +1,7 @@
 """Write the manifest of a weights or engine directory, once, where it is made (the identity reads it at start).
 
     python -m moderation.model.manifest /models/engines --tokenizer /models/fakevlm-hf --dtype float16
-    python -m moderation.model.manifest /models/fakevlm/weights --dtype bfloat16
+    python -m moderation.model.manifest /weights/fakevlm --gpu none       # deploy/weights/job.yaml
 
 The manifest records every file's size and sha256 (the one slow step: it reads every byte), the versions of
 the builders installed here, the dtype, the GPU the engines were built on (an engine only runs on its SKU) and
@@ -91,6 +91,15 @@ def builder_versions() -> dict[str, str]:
     return found
 
 
+def stored_dtype(directory: Path) -> str:
+    """The dtype a Hugging Face checkpoint's config.json says its weights are stored in; "unknown" without."""
+    try:
+        config = json.loads((directory / "config.json").read_text())
+    except (OSError, ValueError):
+        return "unknown"
+    return str(config.get("dtype") or config.get("torch_dtype") or "unknown")
+
+
 def gpu_name() -> str:
     """The GPU SKU as nvidia-smi names it ("NVIDIA H100 80GB HBM3"); "none" without one."""
     smi = shutil.which("nvidia-smi")
@@ -105,11 +114,12 @@ def gpu_name() -> str:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("directory", type=Path, help="the weights or engines directory")
-    parser.add_argument("--dtype", required=True, help="what the weights are stored or built as (bfloat16, float16)")
+    parser.add_argument("--dtype", help="what the weights are built as (default: config.json's, as stored)")
     parser.add_argument("--tokenizer", type=Path, help="the checkpoint whose tokenizer and config the build used")
     parser.add_argument("--gpu", help="the GPU SKU (default: nvidia-smi's name of GPU 0, or none)")
     args = parser.parse_args(argv)
-    identity = write_manifest(args.directory, dtype=args.dtype, gpu=args.gpu or gpu_name(), tokenizer=args.tokenizer)
+    dtype = args.dtype or stored_dtype(args.directory)
+    identity = write_manifest(args.directory, dtype=dtype, gpu=args.gpu or gpu_name(), tokenizer=args.tokenizer)
     print(f"{args.directory / MANIFEST}: {identity}")
 
 
