@@ -44,3 +44,19 @@ def test_fetch_honours_the_allowlist_the_cap_and_the_credentials(lane) -> None:
     assert reason(wrong, bucket, "ok.bin") == Reason.ACCESS_DENIED
     down = settings.model_copy(update={"s3_endpoint_url": "http://127.0.0.1:9", "s3_timeout_s": 1.0})
     assert reason(down, bucket, "ok.bin") == Reason.STORAGE_UNAVAILABLE
+
+
+def test_a_body_without_a_length_is_read_no_further_than_the_cap() -> None:
+    """A chunked answer (no Content-Length, which SeaweedFS never sends) is read in capped steps: an endless
+    body costs cap + 1 bytes, which fetch then refuses as too large."""
+    from moderation.worker.storage import _read_capped
+
+    class Endless:
+        reads = 0
+
+        async def read(self, amount: int) -> bytes:
+            self.reads += 1
+            return b"z" * min(amount, 1000)
+
+    body = Endless()
+    assert len(asyncio.run(_read_capped(body, 5_500))) == 5_501 and body.reads == 6

@@ -57,7 +57,9 @@ class S3Store:
                 size = response.get("ContentLength")
                 if size is not None and size > cap:
                     raise Rejected(Reason.TOO_LARGE, f"object is {size} bytes, the cap is {cap}")
-                data = await _read_capped(body, cap)
+                # With a Content-Length the HTTP client reads no further than it (and botocore checks that it
+                # got that much): one read. Without one (chunked), never more than the cap.
+                data = await (body.read() if size is not None else _read_capped(body, cap))
         except ClientError as exc:
             raise _classify(exc, bucket, key) from exc
         except (BotoCoreError, OSError, TimeoutError) as exc:
