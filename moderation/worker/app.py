@@ -36,7 +36,7 @@ import faust
 from faust.types import TP, EventT
 from PIL import Image
 
-from moderation.events import BankEntry, DeadLetter, ExplainRequest, Verdict
+from moderation.events import BankEntry, DeadLetter, ExplainRequest, Verdict, utcnow
 from moderation.model import imaging
 from moderation.settings import Settings
 from moderation.worker import cache, metrics, neardup, tracing
@@ -44,7 +44,7 @@ from moderation.worker.acks import OrderedAcks
 from moderation.worker.budget import ByteBudget, return_large_frees
 from moderation.worker.clients import Clients
 from moderation.worker.crashonly import crash
-from moderation.worker.decisions import bank_record, crops_of, parse_decision
+from moderation.worker.decisions import bank_record, hashes_of, letter_record, parse_decision
 from moderation.worker.dlq import dead_letter_headers
 from moderation.worker.kafka import faust_credentials, faust_transport
 from moderation.worker.pipeline import Backoff, Incoming, Outcome, Pipeline
@@ -141,11 +141,13 @@ def create_app(settings: Settings) -> faust.App:
         try:
             await started.wait()
             async for event in stream.events():
-                where = f"{event.message.topic}[{event.message.partition}]@{event.message.offset}"
-                decision = parse_decision(event.value, where)
-                crops = await crops_of(decision, clients.store, _decoded_for(settings)) if decision else []
-                out = bank_record(settings, decision, crops) if decision is not None else None
-                if decision is not None and out is not None:
+                message = incoming(event)
+                decision = parse_decision(message, utcnow())
+                if isinstance(decision, DeadLetter):
+                    await clients.publisher.publish([letter_record(settings, decision, message)])
+                    continue
+                hashes = await hashes_of(decision, clients.store, _decoded_for(settings))
+                if (out := bank_record(settings, decision, hashes)) is not None:
                     await clients.publisher.publish([out])
                     metrics.DECISIONS_BANKED.labels(decision.decision).inc()
         except asyncio.CancelledError:
