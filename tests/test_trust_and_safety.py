@@ -132,14 +132,18 @@ def test_provenance_decisions_matches_and_tenant_policy(lane, tmp_path: Path) ->
         while lane.counter("moderation_decisions_banked_total") < 1 and time.monotonic() < deadline:
             time.sleep(0.5)
         time.sleep(2)  # the bank follower reads the entry the decisions agent published
-        again = upload(lane, tmp_path, {"again.jpg": plain, "copy.jpg": variant(plain)})
+        mirrored = encode(Image.open(io.BytesIO(plain)).transpose(Image.Transpose.FLIP_LEFT_RIGHT), "JPEG")
+        again = upload(lane, tmp_path, {"again.jpg": plain, "copy.jpg": variant(plain), "mirror.jpg": mirrored})
         later = moderated(lane, again)
-        exact, copy = later[again[0].event_id], later[again[1].event_id]
+        exact, copy, mirror = (later[e.event_id] for e in again)
         assert (exact.label, exact.action, exact.decided_by) == ("fake", "flag", "review"), exact
         assert exact.match is not None and exact.match.event_id == v["plain"].event_id and exact.match.distance == 0
         assert (copy.label, copy.decided_by) == ("fake", "match"), copy
         assert copy.match is not None and copy.match.event_id == v["plain"].event_id
         assert copy.match.distance <= 31  # 0 here: the copy's hash equals the banked 4% crop's (64x64 luma)
+        # A mirrored copy: its PDQ is ~128 bits from the original's, within a few of the banked mirror hash.
+        assert (mirror.label, mirror.decided_by) == ("fake", "match"), mirror
+        assert mirror.match is not None and mirror.match.event_id == v["plain"].event_id
 
         # Per-tenant policy: the strict tenant flags everything; others keep the default thresholds.
         strict = upload(lane, tmp_path, {"strict.png": encode(draw_image(11, (500, 400)), "PNG")}, tenant="strict")
