@@ -100,6 +100,11 @@ class C2paEvidence(_Message):
         default_factory=list, description="digitalSourceType URIs of the active manifest's c2pa.actions."
     )
     errors: list[str] = Field(default_factory=list, description="Validation failures (codes), when invalid.")
+    ingredient_source_types: list[str] = Field(
+        default_factory=list,
+        description="digitalSourceType URIs that the manifests of the active manifest's ingredients (its parents, "
+        "and theirs) declare in their c2pa.actions.",
+    )
 
 
 class Provenance(_Message):
@@ -119,6 +124,11 @@ class Provenance(_Message):
     )
     declares_capture: bool = Field(
         default=False, description="A VALID C2PA manifest declares digitalCapture: shown to reviewers, never a verdict."
+    )
+    ingredient_declares_ai: bool = Field(
+        default=False,
+        description="An ingredient's C2PA manifest declares AI generation: part of this image came from a generator, "
+        "whatever the image's own manifest says. Evidence for reviewers, its own kind: never a verdict by itself.",
     )
 
 

@@ -39,7 +39,7 @@ from PIL import Image
 from moderation.events import BankEntry, DeadLetter, ExplainRequest, Verdict, utcnow
 from moderation.model import imaging
 from moderation.settings import Settings
-from moderation.worker import cache, metrics, neardup, tracing
+from moderation.worker import cache, metrics, neardup, provenance, tracing
 from moderation.worker.acks import OrderedAcks
 from moderation.worker.budget import ByteBudget, return_large_frees
 from moderation.worker.clients import Clients
@@ -263,6 +263,7 @@ async def start(settings: Settings, clients: Clients, policies: Policies) -> Run
     """Open the clients, build the pipeline, warm what needs warming; the verdict cache and the bank of known
     images are read to their ends; the policy file is watched for edits."""
     s = settings
+    provenance.use_trust_anchors(provenance.trust_anchors(s.c2pa_trust_anchors) if s.c2pa_trust_anchors else None)
     if not return_large_frees():
         log.warning("not glibc: freed pixel buffers may stay resident beyond the decode budget")
     decode_pool = ThreadPoolExecutor(s.decode_threads, thread_name_prefix="decode")
