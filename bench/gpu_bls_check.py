@@ -5,7 +5,7 @@ code (triton_models/gpu/fakevlm/1/model.py, as both gpu/fakevlm (role verdict) a
 (role explain): the uint8 crops normalised on the GPU, its prompt ids, prompt-table ids, DLPack hand-offs,
 verdict from the logits, explanation decoding) with a stand-in for triton_python_backend_utils whose two engines
 are the checkpoint's own PyTorch modules on the GPU:
-- vision_encoder: `get_image_features` in fp16 (the TensorRT plan is built --fp16), output left on the GPU;
+- multimodal_encoders: `get_image_features` in fp16 (the vision engine is built --fp16), output left on the GPU;
 - tensorrt_llm: the language model in --dtype, image tokens (ids >= vocab_size) looked up in the
   request's prompt_embedding_table, greedy decoding, generation_logits[0] = the logits at the last
   prompt position (TensorRT-LLM's behaviour since NVIDIA/TensorRT-LLM#3205).
@@ -24,9 +24,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import atexit
 import importlib.util
 import json
 import re
+import shutil
 import sys
 import tempfile
 import time
@@ -43,6 +45,7 @@ from moderation.devkit.tinymodel import build_tiny_checkpoint
 from moderation.devkit.training import TRAINED_CHECKPOINT
 from moderation.model.fakevlm import FakeVLM
 from moderation.model.imaging import crop
+from moderation.model.manifest import write_manifest
 from moderation.offline.modelcheck import check
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -109,8 +112,8 @@ class Engines:
 
     def answer(self, model: str, inputs: dict[str, Any]) -> Response:
         with torch.inference_mode():
-            if model == "vision_encoder":
-                return self._vision(inputs["input"])
+            if model == "multimodal_encoders":
+                return self._vision(torch.as_tensor(inputs["IMAGE"]).flatten(0, 1))  # one image per row
             return self._llm(inputs)
 
     def _vision(self, pixels: Any) -> Response:
@@ -124,7 +127,9 @@ class Engines:
                 vision_feature_select_strategy=config.vision_feature_select_strategy,
             )
         features = torch.stack(list(out.pooler_output)).to(torch.float16)
-        return Response([Tensor("encoder_output", features)])  # stays on the GPU, as the plan's output
+        vocab = np.full((len(features), 1), features.shape[1], np.int32)
+        # The table stays on the GPU, as the engine's output does.
+        return Response([Tensor("OUT_PROMPT_EMBEDDING_TABLE", features), Tensor("OUT_PROMPT_VOCAB_SIZE", vocab)])
 
     def _llm(self, inputs: dict[str, Any]) -> Response:
         self.llm_requests += 1
@@ -188,6 +193,16 @@ def stand_in_pb_utils(engines: Engines) -> types.ModuleType:
     return module
 
 
+def engines_dir(engines: Engines, checkpoint: Path) -> Path:
+    """What build_engines.sh would leave: llm/config.json (the vocabulary the BLS reads) and the manifest."""
+    directory = Path(tempfile.mkdtemp(prefix="fakevlm-engines-"))
+    atexit.register(shutil.rmtree, directory, ignore_errors=True)
+    (directory / "llm").mkdir()
+    (directory / "llm" / "config.json").write_text(json.dumps({"pretrained_config": {"vocab_size": engines.vocab}}))
+    write_manifest(directory, dtype=str(engines.model.dtype).removeprefix("torch."), gpu="none", tokenizer=checkpoint)
+    return directory
+
+
 def load_gpu_model(engines: Engines, checkpoint: Path, max_new_tokens: int, role: str = "verdict") -> Any:
     sys.modules["triton_python_backend_utils"] = stand_in_pb_utils(engines)
     spec = importlib.util.spec_from_file_location(f"fakevlm_gpu_bls_{id(engines)}", GPU_MODEL)
@@ -199,7 +214,7 @@ def load_gpu_model(engines: Engines, checkpoint: Path, max_new_tokens: int, role
     params = {
         "role": role,
         "tokenizer": str(checkpoint),
-        "vocab_size": str(engines.vocab),
+        "engines": str(engines_dir(engines, checkpoint)),
         "max_new_tokens": str(max_new_tokens),
         "threshold": "0.5",
     }

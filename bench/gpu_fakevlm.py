@@ -43,7 +43,7 @@ import transformers
 from transformers import GenerationConfig, LlavaForConditionalGeneration
 
 from moderation.devkit.tinymodel import FAKEVLM_WIDTHS, TINY_WIDTHS, build_tiny_processor, llava_config
-from moderation.model.fakevlm import FakeVLM
+from moderation.model.fakevlm import FakeVLM, FastPath
 from moderation.model.imaging import CROP_SIZE
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -70,7 +70,7 @@ def build_model(tiny: bool, device: str, dtype: torch.dtype, *, compile: bool = 
     # No EOS: every path generates exactly the requested number of tokens.
     model.generation_config = GenerationConfig(bos_token_id=1, eos_token_id=None, pad_token_id=pad_id, do_sample=False)
     model_id = "random-fakevlm-tiny" if tiny else "random-fakevlm-7b"
-    return FakeVLM(model, processor, model_id=model_id, compile=compile)
+    return FakeVLM(model, processor, model_id=model_id, fast=FastPath(compile=compile))
 
 
 def timed(fn: Callable[[], object], device: str, repeat: int) -> float:
@@ -125,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--compile",
         action="store_true",
-        help="FakeVLM(compile=True): torch.compile's verdict pass (the baselines stay eager)",
+        help="FastPath(compile=True): torch.compile's verdict pass (the baselines stay eager)",
     )
     parser.add_argument("--output", type=Path, help="default: bench/results/gpu_fakevlm-<device>.txt")
     args = parser.parse_args(argv)

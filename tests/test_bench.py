@@ -14,9 +14,9 @@ import pytest
 BENCH = Path(__file__).resolve().parents[1] / "bench"
 
 
-def _run(script: str, *args: str) -> tuple[list[str], dict[str, object]]:
+def _run(script: str, *args: str, timeout_s: float = 300) -> tuple[list[str], dict[str, object]]:
     done = subprocess.run(
-        [sys.executable, str(BENCH / script), *args], capture_output=True, text=True, timeout=300, check=False
+        [sys.executable, str(BENCH / script), *args], capture_output=True, text=True, timeout=timeout_s, check=False
     )
     assert done.returncode == 0, done.stderr[-3000:]
     lines = done.stdout.strip().splitlines()
@@ -79,3 +79,18 @@ def test_provenance_bench_runs_small() -> None:
     declared = {"iptc_xmp", "c2pa"}
     assert all(result["declares_ai"] == (result["case"] in declared) for result in results)
     assert all(result["ingredient_declares_ai"] == (result["case"] == "c2pa_composite") for result in results)
+
+
+@pytest.mark.slow
+def test_triton_gpu_dry_run_on_a_cpu(tmp_path: Path) -> None:
+    """The prepared through-Triton run (bench/triton_gpu.py), its every step on the CPU: weights made, the
+    in-process baseline, tritonserver started with the deployed models, the worker's detector at two
+    concurrencies, 80%-of-peak latencies, latencies with explanations running."""
+    output = tmp_path / "triton.txt"
+    args = ["--tiny", "--device", "cpu", "--concurrency", "1", "4", "--explain-concurrency", "1", "--seconds", "2"]
+    # Two Triton models load and the explain model generates at nice 10 on one thread: minutes on a busy CPU.
+    lines, summary = _run("triton_gpu.py", *args, "--output", str(output), timeout_s=600)
+    assert summary["bench"] == "triton_gpu" and set(summary["img_s"]) == {"1", "4"}
+    assert summary["triton_img_s_peak"] > 0 and summary["in_process_img_s"] > 0 and summary["explain_img_s"] > 0
+    assert summary["p99_ms_at_80pct"] >= summary["p50_ms_at_80pct"] > 0 and "targets_met" not in summary
+    assert output.read_text().splitlines()[-1] == lines[-1] and output.with_suffix(".triton.log").exists()

@@ -263,14 +263,17 @@ def test_worker_resources_come_from_the_measured_figures(overlay: Path) -> None:
 
 def gpu_memory_mib(config: model_config_pb2.ModelConfig) -> float:
     """deploy/README.md "Sizing": one model's FakeVLM 7B in bf16 on the GPU, with a full dynamic batch (the
-    explain model's rows with the KV cache of prompt + max_new_tokens), plus CUDA context and activations."""
+    explain model's rows with the KV cache of prompt + max_new_tokens; the verdict model keeps no KV cache,
+    `use_cache=False`, but holds one layer's prefill activations for its 64 rows), plus CUDA context."""
     header = (ROOT / "bench" / "results" / "gpu_fakevlm-nvidia-h200.txt").read_text()
     parameters = float(re.search(r"([\d,.]+) M parameters", header)[1].replace(",", "")) * 1e6  # type: ignore[index]
     prompt = int(re.search(r"prefix: (\d+) tokens", header)[1])  # type: ignore[index]
     layers, hidden, bf16 = 32, 4096, 2  # FakeVLM's config.json (shared/FAKEVLM.md)
     explained = config.parameters["role"].string_value == "explain"
-    tokens = prompt + (int(config.parameters["max_new_tokens"].string_value) if explained else 0)
+    tokens = prompt + int(config.parameters["max_new_tokens"].string_value) if explained else 0
     kv_cache = config.max_batch_size * tokens * 2 * layers * hidden * bf16
+    intermediate = 11008  # the MLP's gate and up projections are the widest live tensors of a layer
+    kv_cache += config.max_batch_size * prompt * (hidden + 2 * intermediate) * bf16
     context_and_activations = 2048 * MIB  # not measured: CUDA context, cuBLAS workspace, prefill activations
     return (parameters * bf16 + kv_cache + context_and_activations) / MIB * 1.15
 
@@ -731,15 +734,35 @@ def test_triton_scales_on_queue_time(overlay: Path) -> None:
         assert selectors and all(f'namespace="{namespace}"' in s for s in selectors), meta["query"]
 
 
+FAST_PATH_PARAMETERS = {"dtype", "compile", "compile_mode", "batch_buckets", "static_cache"}
+
+
 @pytest.mark.parametrize("model_dir", MODEL_DIRS, ids=lambda d: d.name)
-def test_gpu_model_config_differs_from_the_default_only_in_instance_group(model_dir: Path) -> None:
+def test_gpu_model_config_differs_from_the_default_only_in_placement_batch_and_fast_path(model_dir: Path) -> None:
+    """The GPU config is the CPU model on one GPU with the fast path's parameters (moderation.model.triton_model.
+    fast_path), a larger batch warmed bucket by bucket; inputs, outputs, queue and every other parameter agree."""
+
     def parse(path: Path) -> model_config_pb2.ModelConfig:
         return text_format.Parse(path.read_text(), model_config_pb2.ModelConfig())
 
     default, gpu = parse(model_dir / "config.pbtxt"), parse(model_dir / "configs" / "gpu.pbtxt")
     assert [(g.kind, g.count) for g in gpu.instance_group] == [(model_config_pb2.ModelInstanceGroup.KIND_GPU, 1)]
-    del default.instance_group[:]
-    del gpu.instance_group[:]
+    fast = set(gpu.parameters) - set(default.parameters)
+    assert fast <= FAST_PATH_PARAMETERS and not FAST_PATH_PARAMETERS & set(default.parameters)
+    assert gpu.parameters["dtype"].string_value == "bfloat16"
+    if "batch_buckets" in gpu.parameters:
+        buckets = [
+            int(b) for b in gpu.parameters["batch_buckets"].string_value.split(",")
+        ]  # every compiled shape is compiled by the warm-up, the largest is the batch
+        assert sorted(w.batch_size for w in gpu.model_warmup) == buckets and max(buckets) == gpu.max_batch_size
+        assert set(gpu.dynamic_batching.preferred_batch_size) <= set(buckets)
+    for config in (default, gpu):
+        del config.instance_group[:]
+        del config.model_warmup[:]
+        del config.dynamic_batching.preferred_batch_size[:]
+        config.max_batch_size = 0
+    for name in fast:
+        del gpu.parameters[name]
     assert default == gpu
 
 
@@ -1308,7 +1331,7 @@ def test_dockerfiles_match_the_manifests() -> None:
     assert f"USER {worker_pod['securityContext']['runAsUser']}:" in worker
     assert 'ENTRYPOINT ["moderation"]' in worker and 'CMD ["worker"]' in worker
     assert "EXPOSE 8080" in worker
-    assert re.search(r"^FROM nvcr\.io/nvidia/tritonserver:\$\{TRITON_TAG\}-trtllm-python-py3$", triton, re.MULTILINE)
+    assert re.search(r"^FROM nvcr\.io/nvidia/tritonserver:\$\{TRITON_TAG\}-pyt-python-py3$", triton, re.MULTILINE)
     tag = re.search(r"^ARG TRITON_TAG=(\d+)\.(\d+)$", triton, re.MULTILINE)
     assert tag and (int(tag[1]), int(tag[2])) >= (25, 1), "24.xx Triton images have Python 3.10"
     assert f"USER {triton_pod['securityContext']['runAsUser']}:" in triton

@@ -16,6 +16,7 @@ from moderation.model.fakevlm import (
     ANSWER_PREFIX,
     PROMPT,
     FakeVLM,
+    FastPath,
     Scored,
     checkpoint_relative_to,
     label_from_answer,
@@ -210,11 +211,8 @@ def test_without_a_kept_cache_explained_rows_are_prefilled_again_to_the_same_ans
     pixels = np.stack([crop(s.image) for s in samples(4, 5)])
     limits = [0.0, 2.0, 0.0, 0.0]
     with_cache = vlm.score(pixels, limits, max_new_tokens=16)
-    vlm.compiled = True  # the compiled model's path, without paying for a compilation here
-    try:
-        prefilled = vlm.score(pixels, limits, max_new_tokens=16)
-    finally:
-        vlm.compiled = False
+    vlm.fast = FastPath(compile=True)  # the compiled model's path, without paying for a compilation here
+    prefilled = vlm.score(pixels, limits, max_new_tokens=16)
     assert [r.explanation for r in prefilled] == [r.explanation for r in with_cache]
     assert [r.score for r in prefilled] == pytest.approx([r.score for r in with_cache], abs=1e-6)
     assert prefilled[1].explanation is None and prefilled[0].explanation

@@ -239,13 +239,14 @@ async def test_large_objects_are_read_and_decoded_on_the_pools_threads_only() ->
     pipeline = Pipeline(
         None, None, Policies.of(Policy(0.5, 0.8, 0.5)), CAP, decode_pool=pool, decode_budget=ByteBudget(2**30)
     )  # type: ignore[arg-type]
-    small = encode(draw_image(1, (96, 96)), "JPEG")  # a thumbnail: prepared on the loop
-    assert len(small) <= INLINE_MAX_BYTES and INLINE_MAX_PIXELS >= 96 * 96
-    await pipeline._examine(small)
+    for side in (96, 336):  # a thumbnail, and FakeVLM's own input size (~0.8 ms with PDQ): prepared on the loop
+        small = encode(draw_image(1, (side, side)), "JPEG")
+        assert len(small) <= INLINE_MAX_BYTES and side * side <= INLINE_MAX_PIXELS
+        await pipeline._examine(small)
     assert pool.submitted == 0
-    model_sized = encode(draw_image(1, (336, 336)), "JPEG")  # ~2 ms with PDQ and provenance: the threads
-    assert len(model_sized) <= INLINE_MAX_BYTES and INLINE_MAX_PIXELS < 336 * 336
-    await pipeline._examine(model_sized)
+    larger = encode(draw_image(1, (448, 448)), "JPEG")  # small in bytes, but more pixels: the threads
+    assert len(larger) <= INLINE_MAX_BYTES and INLINE_MAX_PIXELS < 448 * 448
+    await pipeline._examine(larger)
     assert pool.submitted == 1
     bomb = hostile_images.png_with_private_chunks(200_000)  # its header walk never touches the loop
     with pytest.raises(Rejected):

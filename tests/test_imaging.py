@@ -70,3 +70,48 @@ def test_palette_alpha_and_greyscale_images_become_rgb() -> None:
         fmt = "JPEG" if mode == "CMYK" else "PNG"
         Image.new(mode, (40, 30)).save(buffer, format=fmt)
         assert decode(buffer.getvalue(), max_pixels=10_000).image.mode == "RGB"
+
+
+def _jpeg(size: tuple[int, int], mode: str, **options: object) -> bytes:
+    out = io.BytesIO()
+    draw_image(size[0] * 7 + size[1], size).convert(mode).save(out, "JPEG", **options)
+    return out.getvalue()
+
+
+@pytest.mark.parametrize("subsampling", [0, 1, 2])
+@pytest.mark.parametrize("progressive", [False, True])
+@pytest.mark.parametrize("mode", ["RGB", "L"])
+@pytest.mark.parametrize("size", [(336, 336), (337, 251), (1023, 769)])
+def test_jpegs_decode_to_pillows_own_pixels(subsampling: int, progressive: bool, mode: str, size) -> None:
+    """libjpeg-turbo through simplejpeg, straight into numpy, gives the pixels Pillow decodes: the exact path
+    stays CLIP's reference, bit for bit (4:4:4, 4:2:2 and 4:2:0, baseline and progressive, grey, odd sizes)."""
+    from moderation.model.imaging import jpeg_rgb, read_header
+
+    data = _jpeg(size, mode, subsampling=subsampling, progressive=progressive, quality=85)
+    header = read_header(data, max_pixels=10**8)
+    decoded = jpeg_rgb(header)
+    assert decoded is not None and decoded.shape == (size[1], size[0], 3)
+    assert np.array_equal(decoded, np.asarray(Image.open(io.BytesIO(data)).convert("RGB")))
+    assert np.array_equal(prepare(data, max_pixels=10**8).pixels, _pillow_crop(data))
+
+
+def _pillow_crop(data: bytes) -> np.ndarray:
+    from moderation.model.imaging import crop
+
+    return crop(Image.open(io.BytesIO(data)).convert("RGB"))
+
+
+def test_jpegs_libjpeg_warns_about_or_pillow_reads_otherwise_are_left_to_pillow() -> None:
+    """A truncated JPEG (libjpeg only warns and pads it grey; Pillow refuses it) and a CMYK one are not decoded
+    by simplejpeg: Pillow's rules decide, as before."""
+    from moderation.model.imaging import jpeg_rgb, read_header
+
+    whole = _jpeg((336, 336), "RGB")
+    truncated = read_header(whole[: len(whole) * 2 // 3], max_pixels=10**8)
+    assert jpeg_rgb(truncated) is None
+    with pytest.raises(Rejected) as refused:
+        prepare(whole[: len(whole) * 2 // 3], max_pixels=10**8)
+    assert refused.value.reason == Reason.INVALID_IMAGE
+    cmyk = _jpeg((64, 48), "CMYK")
+    assert jpeg_rgb(read_header(cmyk, max_pixels=10**8)) is None
+    assert prepare(cmyk, max_pixels=10**8).pixels.shape == (336, 336, 3)

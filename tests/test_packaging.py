@@ -203,3 +203,71 @@ def test_the_dockerfiles_install_from_the_locks() -> None:
     assert match, "worker.Dockerfile pins no torch for LOCK=worker-model"
     (spec,) = [Requirement(r) for r in PYPROJECT["project"]["optional-dependencies"]["model"] if r.startswith("torch")]
     assert spec.specifier.contains(Version(match[1]).public), f"torch=={match[1]} is not {spec}"
+
+
+# -- the TensorRT-LLM recipe image (docker/triton-trtllm.Dockerfile) ---------------------------------------
+
+TRTLLM_LOCK = LOCKS / "triton-trtllm.txt"
+TRTLLM_BASE = LOCKS / "base" / "tritonserver-trtllm-0.19.0.txt"
+# What NVIDIA's image provides besides the listed pins: numpy and torch's own dependencies (compile.sh).
+IMAGE_PROVIDES = {"numpy", "mpmath", "typing-extensions"}
+
+
+def base_pins() -> dict[str, Version]:
+    """name -> version of NVIDIA's image, as the committed list (with its sources) states them."""
+    found = {}
+    for line in TRTLLM_BASE.read_text().splitlines():
+        if line and not line.startswith("#"):
+            requirement = Requirement(line)
+            (spec,) = requirement.specifier
+            found[canonicalize_name(requirement.name)] = Version(spec.version)
+    return found
+
+
+def test_the_trtllm_lock_adds_the_onnx_export_and_replaces_nothing_of_nvidias() -> None:
+    pins, base = pinned(TRTLLM_LOCK), base_pins()
+    assert base["tensorrt-llm"] == Version("0.19.0") and "transformers" in base and "torch" in base
+    for name, (version, hashes) in pins.items():
+        assert hashes, f"triton-trtllm.txt: {name}=={version} has no hash"
+    # The export's own dependencies, at versions pyproject's `onnx` extra allows.
+    for line in PYPROJECT["project"]["optional-dependencies"]["onnx"]:
+        requirement = Requirement(line)
+        if requirement.name in ("onnx", "onnxscript"):
+            assert requirement.specifier.contains(pins[requirement.name][0]), f"{requirement}: {pins[requirement.name]}"
+    # --no-deps installs exactly the lock: anything NVIDIA's image holds would be replaced, so none of it is there.
+    assert not set(pins) & (set(base) | IMAGE_PROVIDES), "the lock replaces a package of NVIDIA's image"
+
+
+def test_the_trtllm_lock_resolves_against_the_base_image_package_list(tmp_path: Path) -> None:
+    """Re-resolve as compile.sh does (uv, PyPI) against the committed list of NVIDIA's pins: the same lock."""
+    uv = shutil.which("uv")
+    if uv is None:
+        pytest.skip("uv not installed (pip install uv)")
+    script = (LOCKS / "compile.sh").read_text()
+    assert '--constraint "$base"' in script and "base=$out/base/tritonserver-trtllm-0.19.0.txt" in script
+    provided = [a for name in sorted(set(base_pins()) | IMAGE_PROVIDES) for a in ("--no-emit-package", name)]
+    (tmp_path / "numpy.txt").write_text("numpy<2\n")
+    result = subprocess.run(
+        [uv, "pip", "compile", "--quiet", "--python-platform", "x86_64-manylinux_2_28", "--python-version", "3.12",
+         "-", "--constraint", str(TRTLLM_BASE), "--constraint", str(tmp_path / "numpy.txt"), *provided],
+        input="onnx>=1.16\nonnxscript>=0.2\n", capture_output=True, text=True, check=False, timeout=120,
+    )  # fmt: skip
+    if result.returncode and ("network" in result.stderr.lower() or "connect" in result.stderr.lower()):
+        pytest.skip(f"PyPI unreachable: {result.stderr.strip()[:200]}")
+    assert result.returncode == 0, result.stderr
+    resolved = dict(re.findall(r"^([a-z0-9._-]+)==(\S+)", result.stdout, re.MULTILINE))
+    assert {canonicalize_name(k): Version(v) for k, v in resolved.items()} == {
+        name: version for name, (version, _) in pinned(TRTLLM_LOCK).items()
+    }, "docker/requirements/compile.sh: the lock no longer resolves to itself against NVIDIA's pins"
+
+
+def test_the_trtllm_dockerfile_is_pinned_checked_and_carries_the_gpu_layout() -> None:
+    dockerfile = (ROOT / "docker" / "triton-trtllm.Dockerfile").read_text()
+    assert re.search(r"^FROM nvcr\.io/nvidia/tritonserver:25\.05-trtllm-python-py3$", dockerfile, re.MULTILINE)
+    assert "t.__version__ == '0.19.0'" in dockerfile
+    install = (
+        "pip install --no-deps --require-hashes -r /tmp/triton-trtllm.txt && rm /tmp/triton-trtllm.txt && pip check"
+    )
+    assert install in dockerfile
+    assert "COPY triton_models/gpu /opt/fakevlm/gpu" in dockerfile and "COPY triton_models/build" in dockerfile
+    assert "pip check" in (ROOT / "docker" / "triton.Dockerfile").read_text()

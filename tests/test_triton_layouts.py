@@ -9,6 +9,7 @@ import importlib.util
 import json
 import math
 import re
+import subprocess
 import sys
 import types
 from pathlib import Path
@@ -22,7 +23,9 @@ from tritonclient.grpc import model_config_pb2
 
 from moderation.devkit import localstack
 from moderation.devkit.tinymodel import IMAGE_SEQ_LENGTH
+from moderation.model import bls_calls
 from moderation.model.imaging import normalise
+from moderation.model.manifest import write_manifest
 
 ROOT = Path(__file__).resolve().parents[1] / "triton_models"
 GPU = ROOT / "gpu"
@@ -42,7 +45,7 @@ def test_the_repository_has_the_cpu_model_and_the_gpu_layout() -> None:
         "fakevlm_explain/config.pbtxt",
         "gpu/fakevlm/config.pbtxt",
         "gpu/fakevlm_explain/config.pbtxt",
-        "gpu/vision_encoder/config.pbtxt",
+        "gpu/multimodal_encoders/config.pbtxt",
         "gpu/tensorrt_llm/config.pbtxt",
     }
 
@@ -74,8 +77,9 @@ def test_the_gpu_models_keep_the_cpu_models_contract(name: str, role: str) -> No
     assert (GPU / name / "1" / "model.py").read_text() == (GPU / "fakevlm" / "1" / "model.py").read_text()
     params = {k: v.string_value for k, v in gpu.parameters.items()}
     assert params["role"] == role
-    assert params["vision_model"] == "vision_encoder" and params["llm_model"] == "tensorrt_llm"
-    assert params["vocab_size"] == "32064"
+    assert params["encoder_model"] == "multimodal_encoders" and params["llm_model"] == "tensorrt_llm"
+    assert "vocab_size" not in params  # read from the LLM engine's config.json, never written down
+    assert params["engines"] == ENGINES
     policy = gpu.dynamic_batching.default_queue_policy
     assert policy.max_queue_size > 0
     if role == "explain":  # a request that waited too long is refused, not computed for a worker that gave up
@@ -88,16 +92,37 @@ def _build_defaults() -> dict[str, int]:
     return {name: int(value) for name, value in re.findall(r"^(\w+)=\$\{\1:-(\d+)\}", script, re.MULTILINE)}
 
 
-def test_the_vision_engine_config_matches_the_onnx_contract() -> None:
-    config = parse(GPU / "vision_encoder" / "config.pbtxt")
-    assert config.platform == "tensorrt_plan"
-    assert _io(config) == (
-        [("input", DataType.TYPE_FP16, [3, 336, 336], False)],
-        [("encoder_output", DataType.TYPE_FP16, [IMAGE_SEQ_LENGTH, 4096], False)],
-    )
+ENGINES = "/models/engines"  # build_engines.sh's ENGINES: manifest.json, llm/, vision/
+
+
+def test_the_vision_engine_runs_in_a_python_model_as_upstreams_multimodal_encoders() -> None:
+    """NVIDIA's -trtllm-python-py3 images have no tensorrt_plan backend (tensorrtllm_backend issues 401, 471)."""
+    config = parse(GPU / "multimodal_encoders" / "config.pbtxt")
+    assert (config.backend, config.platform) == ("python", "")
+    assert not any(parse(p).platform == "tensorrt_plan" for p in GPU.rglob("config.pbtxt"))
+    assert [g.kind for g in config.instance_group] == [Kind.KIND_CPU]  # upstream's: the model places the engine
+    assert config.parameters["multimodal_model_path"].string_value == f"{ENGINES}/vision"
     assert config.max_batch_size == _build_defaults()["MAX_BATCH"]  # the engine's optimisation profile
     assert config.max_batch_size >= parse(GPU / "fakevlm" / "config.pbtxt").max_batch_size
-    assert [g.kind for g in config.instance_group] == [Kind.KIND_GPU]
+    script = (ROOT / "build" / "build_engines.sh").read_text()
+    assert '--saveEngine="$ENGINES/vision/model.engine"' in script and '"model_type": "llava"' in script
+    source = (GPU / "multimodal_encoders" / "1" / "model.py").read_text()
+    assert "Session.from_serialized_engine" in source and '"model.engine"' in source
+
+
+def test_the_llm_config_is_upstreams_template_field_by_field() -> None:
+    """triton_models/gpu/tensorrt_llm/config.pbtxt is tensorrtllm_backend v0.19.0's template, every field,
+    filled from tensorrt_llm.fill as its fill_template.py fills it."""
+    render = subprocess.run(
+        [sys.executable, str(ROOT / "build" / "render_tensorrt_llm_config.py"), "--check"], check=False
+    )
+    assert render.returncode == 0, "regenerate: python triton_models/build/render_tensorrt_llm_config.py"
+    template = (ROOT / "build" / "upstream" / "tensorrt_llm-config.pbtxt.in").read_text()
+    config = parse(GPU / "tensorrt_llm" / "config.pbtxt")
+    upstream = set(re.findall(r'name: "(\w+)"', template)) - {config.name}  # every input and output
+    assert {t.name for t in (*config.input, *config.output)} == upstream
+    inputs = {t.name: t for t in config.input}
+    assert list(inputs["request_output_len"].reshape.shape) == [] and inputs["request_output_len"].HasField("reshape")
 
 
 def test_the_llm_config_matches_the_engine_build() -> None:
@@ -105,22 +130,66 @@ def test_the_llm_config_matches_the_engine_build() -> None:
     params = {k: v.string_value for k, v in config.parameters.items()}
     assert config.backend == "tensorrtllm"
     assert params["gpt_model_type"] == "inflight_fused_batching"
+    assert params["gpt_model_path"] == f"{ENGINES}/llm"
     assert [g.kind for g in config.instance_group] == [Kind.KIND_CPU]  # the backend places the engine itself
     assert config.model_transaction_policy.decoupled is False
     inputs = {t.name: t for t in config.input}
     assert inputs["prompt_embedding_table"].data_type == DataType.TYPE_FP16
-    assert {"input_ids", "input_lengths", "request_output_len", "prompt_vocab_size", "prompt_table_extra_ids"} <= set(
-        inputs
-    )
-    assert {"output_ids", "sequence_length", "generation_logits"} <= {t.name for t in config.output}
+    assert {t.name: t.data_type for t in config.output}["generation_logits"] == DataType.TYPE_FP32
     defaults = _build_defaults()
     assert config.max_batch_size == defaults["MAX_BATCH"]
     script = (ROOT / "build" / "build_engines.sh").read_text()
     assert "MAX_MULTIMODAL_LEN=$((MAX_BATCH * IMAGE_TOKENS))" in script and "IMAGE_TOKENS=576" in script
     for flag in ("--max_multimodal_len", "--max_batch_size", "--max_input_len", "--gather_generation_logits"):
         assert flag in script
-    assert params["exclude_input_in_output"] == "true"
-    assert params["enable_kv_cache_reuse"] == "true" and "--use_paged_context_fmha enable" in script
+    assert '--output_dir "$ENGINES/llm"' in script
+    assert "TRTLLM_VERSION=0.19.0" in script  # the pinned release, at or after NVIDIA/TensorRT-LLM#3205
+    assert 'python3 -m moderation.model.manifest "$ENGINES" --tokenizer "$HF_MODEL"' in script
+    assert params["exclude_input_in_output"] == "True"
+    assert params["enable_kv_cache_reuse"] == "True" and "--use_paged_context_fmha enable" in script
+
+
+_NUMPY_TO_TRITON = {
+    "float16": DataType.TYPE_FP16,
+    "float32": DataType.TYPE_FP32,
+    "int32": DataType.TYPE_INT32,
+    "uint64": DataType.TYPE_UINT64,
+    "bool": DataType.TYPE_BOOL,
+}
+
+
+def _request_shape(tensor: Any, config: model_config_pb2.ModelConfig) -> list[int]:
+    """The shape a request sends for this config tensor: the batch dimension first, then dims."""
+    return ([-1] if config.max_batch_size > 0 else []) + list(tensor.dims)
+
+
+@pytest.mark.parametrize("bls", ["fakevlm", "fakevlm_explain"])
+@pytest.mark.parametrize("call", bls_calls.CALLS, ids=lambda c: c.model_parameter)
+def test_every_model_a_bls_calls_exists_with_what_it_sends_and_reads(bls: str, call: bls_calls.Call) -> None:
+    target_name = parse(GPU / bls / "config.pbtxt").parameters[call.model_parameter].string_value
+    target = parse(GPU / target_name / "config.pbtxt")
+    assert target.name == target_name
+    for sent, declared in ((call.inputs, target.input), (call.outputs, target.output)):
+        tensors = {t.name: t for t in declared}
+        for spec in sent:
+            assert spec.name in tensors, f"{target_name} has no {spec.name}"
+            tensor = tensors[spec.name]
+            assert tensor.data_type == _NUMPY_TO_TRITON[spec.dtype], f"{target_name}.{spec.name}"
+            shape = _request_shape(tensor, target)
+            assert len(shape) == len(spec.shape) and all(
+                -1 in (want, have) or want == have for want, have in zip(spec.shape, shape, strict=True)
+            ), f"{target_name}.{spec.name}: sends {spec.shape}, the config takes {shape}"
+    required = {t.name for t in target.input if not t.optional}
+    assert required <= {t.name for t in call.inputs}, f"{target_name} needs {required}"
+
+
+def test_a_bls_request_that_strays_from_its_declaration_is_refused() -> None:
+    image = np.zeros((2, 1, 3, 336, 336), np.float16)
+    assert bls_calls.ENCODER.request_inputs({"IMAGE": image})["IMAGE"] is image
+    with pytest.raises(ValueError, match="declared"):
+        bls_calls.ENCODER.request_inputs({"IMAGE": image.astype(np.float32)})
+    with pytest.raises(ValueError, match="sends"):
+        bls_calls.ENCODER.request_inputs({"IMAGE": image, "pixel_values": image})
 
 
 def test_the_local_stack_copies_only_the_cpu_models(tmp_path: Path) -> None:
@@ -174,7 +243,7 @@ class _Response:
 
 
 class _Engines:
-    """vision_encoder: features = the image's first pixel everywhere; tensorrt_llm: logit(fake) = that value."""
+    """multimodal_encoders: features = the image's first pixel everywhere; tensorrt_llm: logit(fake) = that value."""
 
     def __init__(self, vocab: int, fake_id: int, real_id: int, answer: list[int], eos: int) -> None:
         self.vocab, self.fake_id, self.real_id, self.answer, self.eos = vocab, fake_id, real_id, answer, eos
@@ -184,11 +253,13 @@ class _Engines:
         self.late_logits = False  # generation_logits one step late, as TensorRT-LLM before #3205
 
     def answer_request(self, model: str, inputs: dict[str, np.ndarray]) -> _Response:
-        if model == "vision_encoder":
-            pixels = inputs["input"]
+        if model == "multimodal_encoders":
+            pixels = inputs["IMAGE"]
             self.vision_calls.append(pixels)
-            features = np.broadcast_to(pixels[:, :1, :1, :1].reshape(-1, 1, 1), (len(pixels), IMAGE_SEQ_LENGTH, 8))
-            return _Response([_Tensor("encoder_output", features.astype(np.float16))])
+            features = np.broadcast_to(pixels[:, 0, :1, :1, :1].reshape(-1, 1, 1), (len(pixels), IMAGE_SEQ_LENGTH, 8))
+            vocab = np.full((len(pixels), 1), IMAGE_SEQ_LENGTH, np.int32)
+            table = _Tensor("OUT_PROMPT_EMBEDDING_TABLE", features.astype(np.float16))
+            return _Response([table, _Tensor("OUT_PROMPT_VOCAB_SIZE", vocab)])
         self.llm_calls.append(inputs)
         if self.fail_llm:
             return _Response(error=_Error("engine fell over"))
@@ -234,7 +305,18 @@ def _pb_utils(engines: _Engines) -> types.ModuleType:
     return module
 
 
-def _load_bls(tiny_checkpoint: Path, role: str) -> tuple[Any, _Engines]:
+def engines_dir(directory: Path, tiny_checkpoint: Path, vocab: int, engine: bytes = b"llm") -> Path:
+    """What build_engines.sh leaves in ENGINES, with stand-in engine files, and its manifest."""
+    (directory / "llm").mkdir(parents=True, exist_ok=True)
+    (directory / "vision").mkdir(exist_ok=True)
+    (directory / "llm" / "config.json").write_text(json.dumps({"pretrained_config": {"vocab_size": vocab}}))
+    (directory / "llm" / "rank0.engine").write_bytes(engine)
+    (directory / "vision" / "model.engine").write_bytes(b"vision")
+    write_manifest(directory, dtype="float16", gpu="none", tokenizer=tiny_checkpoint)
+    return directory
+
+
+def _load_bls(tiny_checkpoint: Path, role: str, engines: Path | None = None) -> tuple[Any, _Engines]:
     from transformers import AutoProcessor
 
     tokenizer = AutoProcessor.from_pretrained(tiny_checkpoint).tokenizer
@@ -242,9 +324,10 @@ def _load_bls(tiny_checkpoint: Path, role: str) -> tuple[Any, _Engines]:
     fake_id = tokenizer.encode("This is a fake", add_special_tokens=False)[-1]
     real_id = tokenizer.encode("This is a real", add_special_tokens=False)[-1]
     answer = tokenizer.encode(" image.", add_special_tokens=False)
-    engines = _Engines(vocab, fake_id, real_id, answer, tokenizer.eos_token_id)
+    built = engines or engines_dir(tiny_checkpoint.parent / "engines", tiny_checkpoint, vocab)
+    stand_ins = _Engines(vocab, fake_id, real_id, answer, tokenizer.eos_token_id)
     with pytest.MonkeyPatch.context() as mp:
-        mp.setitem(sys.modules, "triton_python_backend_utils", _pb_utils(engines))
+        mp.setitem(sys.modules, "triton_python_backend_utils", _pb_utils(stand_ins))
         spec = importlib.util.spec_from_file_location(f"fakevlm_gpu_bls_{role}", GPU / "fakevlm" / "1" / "model.py")
         assert spec is not None and spec.loader is not None
         module = importlib.util.module_from_spec(spec)
@@ -254,13 +337,13 @@ def _load_bls(tiny_checkpoint: Path, role: str) -> tuple[Any, _Engines]:
         params = {
             "role": role,
             "tokenizer": str(tiny_checkpoint),
-            "vocab_size": str(vocab),
+            "engines": str(built),
             "max_new_tokens": "6",
             "threshold": "0.5",
         }
         config = {"parameters": {k: {"string_value": v} for k, v in params.items()}}
         model.initialize({"model_config": json.dumps(config), "model_repository": str(GPU / "fakevlm")})
-    return model, engines
+    return model, stand_ins
 
 
 @pytest.fixture(scope="module")
@@ -301,7 +384,7 @@ def test_bls_one_vision_pass_then_one_verdict_request_per_image(bls: Any) -> Non
     assert bad.error().code == "INVALID_ARG" and "UINT8" in bad.error().message()
     # ONE vision pass over the valid rows, normalised, in fp16.
     (pixels,) = engines.vision_calls
-    assert pixels.shape == (4, 3, 336, 336) and pixels.dtype == np.float16
+    assert pixels.shape == (4, 1, 3, 336, 336) and pixels.dtype == np.float16  # one image per row
     verdicts = [c for c in engines.llm_calls if int(c["request_output_len"].reshape(-1)[0]) == 1]
     assert len(verdicts) == len(engines.llm_calls) == 4  # the verdict model never generates
     prompt = verdicts[0]["input_ids"].reshape(-1)
@@ -355,3 +438,16 @@ def test_bls_refuses_logits_that_did_not_choose_the_first_token(bls: Any) -> Non
         engines.late_logits = False
     assert response.error().code == "UNAVAILABLE"
     assert "not the last prompt position's logits" in response.error().message()
+
+
+def test_bls_weights_are_the_engines_manifest(tiny_checkpoint: Path, tmp_path: Path) -> None:
+    """A rebuilt engine (another manifest) is another identity; a tokenizer the engines were not built with
+    fails the load."""
+    first, _ = _load_bls(tiny_checkpoint, "verdict", engines_dir(tmp_path / "a", tiny_checkpoint, 2048))
+    rebuilt, _ = _load_bls(tiny_checkpoint, "verdict", engines_dir(tmp_path / "b", tiny_checkpoint, 2048, b"fp8"))
+    assert first._weights.startswith("sha256:") and first._weights != rebuilt._weights
+    manifest = json.loads((tmp_path / "a" / "manifest.json").read_text())
+    manifest["tokenizer"]["tokenizer.json"] = "0" * 64
+    (tmp_path / "a" / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(Exception, match=r"tokenizer\.json differ"):
+        _load_bls(tiny_checkpoint, "verdict", tmp_path / "a")

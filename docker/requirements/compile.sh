@@ -24,3 +24,14 @@ extra() { python3 -c 'import sys, tomllib; print("\n".join(tomllib.load(open("py
 # versions the worker-model lock pins win, so that every image runs the same transformers.
 "${compile[@]}" --python-version 3.12 <(extra model) --override "$out/triton-overrides.txt" \
   --constraint "$out/worker-model.txt" -o "$out/triton.txt"
+
+# triton-trtllm.Dockerfile (the TensorRT-LLM recipe): what the ONNX export needs beyond NVIDIA's image (onnx and
+# onnxscript, from the `onnx` extra; onnxruntime only checks an export and stays out), resolved against the
+# image's own packages as NVIDIA's sources state them (base/tritonserver-trtllm-0.19.0.txt) and numpy<2
+# (pyproject's pin, which TensorRT-LLM's CUDA builds share), and leaving out everything that image provides:
+# torch and its dependencies, transformers, numpy stay NVIDIA's.
+base=$out/base/tritonserver-trtllm-0.19.0.txt
+provided=(--no-emit-package numpy --no-emit-package mpmath --no-emit-package typing-extensions)
+for name in $(grep -oE '^[A-Za-z0-9._-]+' "$base"); do provided+=(--no-emit-package "$name"); done
+"${compile[@]}" --python-version 3.12 <(extra onnx | grep -E '^(onnx|onnxscript)[<>=]') \
+  --constraint "$base" --constraint <(echo 'numpy<2') "${provided[@]}" -o "$out/triton-trtllm.txt"

@@ -39,6 +39,28 @@ _PROCESSOR_FILES = ("processor_config.json", "preprocessor_config.json")
 
 
 @dataclass(frozen=True)
+class FastPath:
+    """How the model runs on a GPU (the defaults are the eager path the CPU and the tests use).
+
+    compile: torch.compile the verdict pass with static shapes (`dynamic=False`): one graph per batch bucket,
+      compiled by the model's warm-up, never by a busy batch. `compile_mode` "reduce-overhead" adds CUDA graphs.
+    batch_buckets: a batch is padded up to the smallest bucket that holds it (repeats of its last row, whose
+      results are dropped), so a compiled pass only ever sees these shapes.
+    static_cache: explanations decode with transformers' static KV cache (compiled decode step on CUDA); the
+      verdict pass then keeps no cache and explained rows are prefilled again inside `generate`.
+    """
+
+    compile: bool = False
+    compile_mode: str = "default"
+    batch_buckets: tuple[int, ...] = ()
+    static_cache: bool = False
+
+    def bucket(self, rows: int) -> int:
+        """The batch a pass of `rows` rows runs at: the smallest bucket that holds it, else `rows` itself."""
+        return min((b for b in self.batch_buckets if b >= rows), default=rows)
+
+
+@dataclass(frozen=True)
 class Scored:
     score: float  # P(fake), 0..1
     label: str  # "fake" | "real", from score vs threshold
@@ -61,15 +83,15 @@ class FakeVLM:
     """A loaded FakeVLM (or the tiny checkpoint of the same shape) that scores uint8 crops (`imaging.crop`)."""
 
     def __init__(
-        self, model: LlavaForConditionalGeneration, processor: Any, *, model_id: str, compile: bool = False
+        self, model: LlavaForConditionalGeneration, processor: Any, *, model_id: str, fast: FastPath = FastPath()
     ) -> None:
         # Any: transformers' decorated methods (to, generate) do not type-check under mypy.
         self.model: Any = model
-        # torch.compile fuses the norms and activations that take 29% of the verdict pass's GPU time:
-        # 57.7 -> 68.7 img/s at batch 64 on an H200 (bench/results/gpu_verdict_profile-nvidia-h200.txt).
-        # It serves the verdict pass only, always without a KV cache; explained rows are prefilled again.
-        self._verdict_model: Any = torch.compile(model) if compile else model
-        self.compiled = compile
+        self.fast = fast
+        if fast.compile:
+            _compile_towers(model, fast.compile_mode)
+        if fast.static_cache:
+            model.generation_config.cache_implementation = "static"
         self.processor = processor
         self.model_id = model_id
         self.tokenizer = processor.tokenizer
@@ -86,12 +108,12 @@ class FakeVLM:
         *,
         device: str = "cpu",
         dtype: torch.dtype | str | None = None,
-        compile: bool = False,
+        fast: FastPath = FastPath(),
     ) -> FakeVLM:
         """Load from a local directory or a hub id; dtype (or its name) defaults to bf16 on CUDA, else fp32.
 
-        compile: torch.compile the verdict pass (worth it on a GPU; the first batch of each new size
-        pays a compilation of tens of seconds)."""
+        fast: compilation, batch buckets, static KV cache (worth it on a GPU; the first batch of each bucket
+        pays a compilation of tens of seconds, which the Triton model's warm-up takes before ready)."""
         source = _resolve(checkpoint)
         if dtype is None:
             dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
@@ -104,7 +126,7 @@ class FakeVLM:
         except Exception as exc:  # OSError, ValueError, KeyError, CUDA errors... on bad files or devices
             raise ModelError(f"cannot load FakeVLM from {source!r} on {device}: {exc}") from exc
         model_id = Path(source).name if Path(source).is_dir() else source
-        return cls(model, processor, model_id=model_id, compile=compile)
+        return cls(model, processor, model_id=model_id, fast=fast)
 
     @property
     def device(self) -> torch.device:
@@ -126,7 +148,8 @@ class FakeVLM:
             return []
         with torch.inference_mode():
             # Scores never exceed 1, so a threshold above it (or inf: never explain) needs no cache.
-            keep_cache = not self.compiled and any(limit <= 1.0 for limit in explain_above)
+            reuse = not (self.fast.compile or self.fast.static_cache)
+            keep_cache = reuse and any(limit <= 1.0 for limit in explain_above)
             scores, next_ids, cache = self._verdict(pixels, keep_cache=keep_cache)
             wanted = [i for i, s in enumerate(scores) if s >= explain_above[i]]
             texts = self._explain(wanted, next_ids, pixels, cache, max_new_tokens) if wanted else []
@@ -135,15 +158,16 @@ class FakeVLM:
 
     def _verdict(self, pixels: torch.Tensor, *, keep_cache: bool) -> tuple[list[float], torch.Tensor, Any]:
         rows = pixels.shape[0]
-        input_ids = self._prefix_ids.expand(rows, -1)
-        out = self._verdict_model(
+        padded = _pad_rows(pixels, self.fast.bucket(rows))
+        input_ids = self._prefix_ids.expand(padded.shape[0], -1)
+        out = self.model(
             input_ids=input_ids,
             attention_mask=torch.ones_like(input_ids),
-            pixel_values=pixels,
+            pixel_values=padded,
             use_cache=keep_cache,
             logits_to_keep=1,  # the verdict needs only the last position, not 600 x vocab logits
         )
-        last = out.logits[:, -1, :].float()
+        last = out.logits[:rows, -1, :].float()
         pair = last[:, [self._fake_id, self._real_id]]
         scores = torch.softmax(pair, dim=-1)[:, 0].tolist()
         return scores, last.argmax(dim=-1), out.past_key_values
@@ -193,6 +217,28 @@ class FakeVLM:
     def _pad_id(self) -> int | None:
         pad = self.tokenizer.pad_token_id
         return pad if pad is not None else self.tokenizer.eos_token_id
+
+
+def _compile_towers(model: Any, mode: str) -> None:
+    """torch.compile the vision tower and the language model in place, each with static shapes.
+
+    It fuses the norms and activations that take 29% of the verdict pass's GPU time: 57.7 -> 68.7 img/s at
+    batch 64 on an H200 (bench/results/gpu_verdict_profile-nvidia-h200.txt, which compiles these two modules).
+    Compiling the whole LlavaForConditionalGeneration instead sends dynamo through transformers' shared
+    decorator frames, which hit its recompile limit at the first batch and fall back to eager."""
+    inner = model.model
+    inner.vision_tower = torch.compile(inner.vision_tower, dynamic=False, mode=mode)
+    inner.language_model = torch.compile(inner.language_model, dynamic=False, mode=mode)
+
+
+def _pad_rows(pixels: torch.Tensor, rows: int) -> torch.Tensor:
+    """`pixels` grown to `rows` rows by repeating its last one (never read back: only shapes must match).
+
+    Contiguous either way: a compiled pass is specialised on strides too, and `normalise_crops` hands over
+    channels-last strides (its HWC -> CHW permute), which torch.cat keeps, so a full bucket and a padded one
+    would otherwise compile twice."""
+    missing = max(rows - pixels.shape[0], 0)
+    return torch.cat([pixels, pixels[-1:].expand(missing, -1, -1, -1)]).contiguous()
 
 
 def normalise_crops(crops: np.ndarray | torch.Tensor, device: torch.device | str) -> torch.Tensor:

@@ -2,7 +2,9 @@
 
 FakeVLM (llava-hf/llava-1.5-7b-hf's CLIPImageProcessor, no pad-to-square in the released eval):
 resize the shortest edge to 336 (bicubic), center-crop 336x336, scale by 1/255, normalise with
-CLIP's mean and std. `tests/test_imaging.py` pins this against transformers' own processor.
+CLIP's mean and std. `tests/test_imaging.py` pins this against transformers' own processor. JPEGs in
+YCbCr or grey (nearly every upload) are decoded by libjpeg-turbo straight into numpy (`jpeg_rgb`): the same
+pixels as Pillow's, for less CPU.
 `decode_for_model` goes from bytes to the same pixels (within a stated tolerance) several times faster:
 large JPEGs decoded at reduced scale, PNGs by libspng, the resize by torch's vectorised kernel.
 """
@@ -157,7 +159,10 @@ _BAND_PIXELS = 1 << 20  # rows converted at a time: their temporaries stay a few
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
-    """RGB for every mode; 16-bit and float images are scaled to 8 bits (Pillow's convert would clip them)."""
+    """RGB for every mode (an RGB image itself, not a copy); 16-bit and float images are scaled to 8 bits
+    (Pillow's convert would clip them)."""
+    if image.mode == "RGB":
+        return image
     return (to_l(image) if image.mode in _WIDE_MODES else image).convert("RGB")
 
 
@@ -227,7 +232,9 @@ def preprocess(image: Image.Image) -> np.ndarray:
 def crop(image: Image.Image) -> np.ndarray:
     """RGB PIL image -> the uint8 HWC (336, 336, 3) crop that `normalise` turns into pixel_values: what the
     worker sends Triton (339 KB an image, a quarter of the float32 pixel_values), normalised on its side."""
-    resized = image.resize(resize_size(*image.size), resample=Image.Resampling.BICUBIC)
+    size = resize_size(*image.size)
+    # Pillow's resize to the image's own size is a copy: skipped
+    resized = image if size == image.size else image.resize(size, resample=Image.Resampling.BICUBIC)
     left = int((resized.width - CROP_SIZE) / 2.0)
     top = int((resized.height - CROP_SIZE) / 2.0)
     return np.ascontiguousarray(resized.crop((left, top, left + CROP_SIZE, top + CROP_SIZE)), dtype=np.uint8)
@@ -256,7 +263,8 @@ class ModelInput:
     width: int  # of the original image, as decoded by `decode`
     height: int
     format: str
-    preview: Image.Image | None = None  # the whole image in RGB, longest side <= `preview` px, when asked for
+    # the whole image in RGB, longest side <= `preview` px, when asked for; read only
+    preview: Image.Image | None = None
 
 
 def prepare(
@@ -268,25 +276,60 @@ def prepare(
 
 
 def prepare_header(header: Header, *, fast: bool = False, preview: int = 0) -> ModelInput:
-    """`prepare` from an image whose header is read. `preview` > 0: also a small RGB copy of the whole image
-    (for perceptual hashing), made from the pixels decoded anyway."""
+    """`prepare` from an image whose header is read. `preview` > 0: also a small RGB image of the whole
+    picture (for perceptual hashing), made from the pixels decoded anyway."""
     if fast:
         return model_input(header, preview=preview)
-    rgb = decode_header(header).image
+    array = jpeg_rgb(header)
+    rgb: Image.Image | None
+    if array is None:
+        rgb = decode_header(header).image
+        pixels = crop(rgb)
+    else:  # one copy into Pillow, and only where a resize or the preview needs it
+        at_size = resize_size(header.width, header.height) == (header.width, header.height)
+        rgb = Image.fromarray(array) if preview > 0 or not at_size else None
+        pixels = center_crop(array) if at_size or rgb is None else crop(rgb)
     return ModelInput(
-        pixels=crop(rgb),
+        pixels=pixels,
         width=header.width,
         height=header.height,
         format=header.format,
-        preview=_preview(rgb, preview),
+        preview=_preview(rgb, preview) if rgb is not None else None,
     )
+
+
+def jpeg_rgb(header: Header) -> np.ndarray | None:
+    """The RGB pixels of a YCbCr or greyscale JPEG, decoded by libjpeg-turbo through simplejpeg straight into
+    a numpy array: the pixels Pillow decodes (the same library, IDCT and upsampling; tests/test_imaging.py
+    pins them equal), at two thirds of the CPU, without Pillow's 4-byte buffer and its copy into numpy, and
+    with the GIL let go once instead of at every step. None where Pillow decides as before: another colour
+    space (CMYK, YCCK), a size libjpeg reads differently from Pillow, or any file libjpeg warns about (Pillow
+    accepts some warnings and refuses a truncated file)."""
+    if header.format != "JPEG" or header.image.mode not in ("RGB", "L"):
+        return None
+    import simplejpeg  # here, as pyspng: the model code sharing this module runs where only torch is installed
+
+    try:
+        height, width, _, _ = simplejpeg.decode_jpeg_header(header.data)
+        if (width, height) != (header.width, header.height):
+            return None
+        return simplejpeg.decode_jpeg(header.data, colorspace="RGB", strict=True)
+    except ValueError:  # libjpeg's error or warning: Pillow's rules apply
+        return None
+
+
+def center_crop(rgb: np.ndarray) -> np.ndarray:
+    """The 336x336 centre of an HWC array whose shortest edge is 336 already (where `crop`'s resize is a no-op)."""
+    height, width = rgb.shape[:2]
+    left, top = int((width - CROP_SIZE) / 2.0), int((height - CROP_SIZE) / 2.0)
+    return np.ascontiguousarray(rgb[top : top + CROP_SIZE, left : left + CROP_SIZE])
 
 
 def _preview(rgb: Image.Image, size: int) -> Image.Image | None:
     if size <= 0:
         return None
     if max(rgb.size) <= size:
-        return rgb.copy()
+        return rgb  # read only, by the hash
     # reducing_gap: a box reduction first, then the filter over a few times the target size only
     return rgb.resize(_within(rgb.size, size), Image.Resampling.BILINEAR, reducing_gap=2.0)
 

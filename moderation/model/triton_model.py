@@ -17,7 +17,7 @@ from typing import Any
 
 from moderation.errors import ModelError
 from moderation.model import triton_io
-from moderation.model.fakevlm import FakeVLM, Scored, checkpoint_relative_to
+from moderation.model.fakevlm import FakeVLM, FastPath, Scored, checkpoint_relative_to
 from moderation.model.identity import weights_identity
 
 
@@ -41,8 +41,7 @@ class FakeVLMTritonModel:
         checkpoint = checkpoint_relative_to(params.get("checkpoint", "weights"), Path(args["model_repository"]))
         device = _device(args)
         try:
-            compile = params.get("compile", "false").lower() == "true"  # worth it on a GPU only
-            self._model = FakeVLM.load(checkpoint, device=device, compile=compile)
+            self._model = FakeVLM.load(checkpoint, device=device, dtype=params.get("dtype"), fast=fast_path(params))
         except Exception as exc:
             # Raising here makes Triton mark the model unavailable with this message, instead of
             # serving a model that fails every request.
@@ -91,6 +90,19 @@ class FakeVLMTritonModel:
         except ModelError as exc:
             self._pb.Logger.log_warn(f"fakevlm ({self._role}): {exc}")
             return ""
+
+
+def fast_path(params: dict[str, str]) -> FastPath:
+    """The config's speed parameters (configs/gpu.pbtxt sets them; the CPU config.pbtxt leaves the eager defaults):
+    `compile` (true/false), `compile_mode` (torch.compile's mode), `batch_buckets` ("1,8,16,32,64"),
+    `static_cache` (true/false)."""
+    buckets = tuple(sorted(int(b) for b in params.get("batch_buckets", "").split(",") if b.strip()))
+    return FastPath(
+        compile=params.get("compile", "false").lower() == "true",
+        compile_mode=params.get("compile_mode", "default"),
+        batch_buckets=buckets,
+        static_cache=params.get("static_cache", "false").lower() == "true",
+    )
 
 
 def _lower_cpu_priority(increment: int, threads: int) -> None:

@@ -37,7 +37,7 @@ from moderation.events import (
     utcnow,
 )
 from moderation.model.detectors import Detector
-from moderation.model.imaging import DEFAULT_FORMATS, Header, read_header
+from moderation.model.imaging import CROP_SIZE, DEFAULT_FORMATS, Header, read_header
 from moderation.worker import deciding, metrics, tracing
 from moderation.worker.budget import ByteBudget
 from moderation.worker.cache import VerdictCache
@@ -54,14 +54,15 @@ log = logging.getLogger(__name__)
 
 Outcome = Verdict | DeadLetter
 
-# Images up to this size (thumbnails: a small fraction of a millisecond to decode, hash and preprocess) are
-# prepared on the event loop, where a hand-off to a thread would cost about as much as the work; larger ones go
-# to the decode threads, where Pillow and numpy run without the GIL beside the loop. A 336x336 JPEG costs about
-# 2 ms with PDQ and provenance: in the threads bench/pipeline.py gave 264 and 187 events/s, on the loop 155
-# (2026-12-07). Only objects up to INLINE_MAX_BYTES have their header read on the loop, as reading it costs at
-# most a walk of that many bytes within imaging's structure budget; every other object, header included, goes
-# to the decode threads.
-INLINE_MAX_PIXELS = 16_384
+# Images no larger than FakeVLM's own 336x336 input are prepared on the event loop: a 336x336 JPEG costs
+# ~0.8 ms there (libjpeg-turbo, PDQ, provenance), less than handing it to a thread, whose wake-ups and GIL
+# waits (Faust's consumer thread and the decode threads all want it) cost the loop more than the work: with
+# the decode threads bench/pipeline.py gave 351 events/s (ratio 0.41, 0.42), on the loop 386-405 (0.44-0.48),
+# other sessions paused (2026-12-07). Larger images go to the decode threads, where Pillow, libjpeg-turbo
+# and numpy run without the GIL beside the loop. Only objects up to INLINE_MAX_BYTES have their header read
+# on the loop, as reading it costs at most a walk of that many bytes within imaging's structure budget;
+# every other object, header included, goes to the decode threads.
+INLINE_MAX_PIXELS = CROP_SIZE * CROP_SIZE
 INLINE_MAX_BYTES = 64 * 1024
 # base64 makes this 683 KiB: with the other fields a dead letter stays under Kafka's default 1 MB message cap.
 MAX_DEAD_LETTER_PAYLOAD = 512 * 1024

@@ -1,4 +1,4 @@
-"""Export FakeVLM's vision tower + projector to ONNX, the input of the TensorRT `vision_encoder` engine.
+"""Export FakeVLM's vision tower + projector to ONNX: the input of the GPU layout's vision engine (multimodal_encoders).
 
 The graph is what `LlavaForConditionalGeneration.get_image_features` computes for FakeVLM's config:
 CLIP ViT-L/14-336, hidden states of layer `vision_feature_layer` (-2), CLS dropped ("default"
@@ -12,7 +12,7 @@ onnxruntime on random pixels and compares it with PyTorch (tests/test_onnx_expor
 tiny checkpoint). Runs on a CPU; for the production fp16 export of the real weights a GPU is faster
 but not needed (`--dtype float16 --device cuda`).
 
-    python triton_models/build/export_vision_onnx.py CHECKPOINT_DIR vision_encoder.onnx [--dtype float16] [--verify]
+    python triton_models/build/export_vision_onnx.py CHECKPOINT_DIR vision.onnx [--dtype float16] [--verify]
 """
 
 from __future__ import annotations

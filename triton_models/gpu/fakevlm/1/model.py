@@ -8,19 +8,25 @@ never delays a verdict. Per dynamic batch:
 
 1. The uint8 crops go to the GPU and are normalised there (`moderation.model.fakevlm.normalise_crops`, the
    CPU model's float32 operations), then cast to FP16.
-   `vision_encoder` (TensorRT plan of the vision tower + projector): all rows at once, giving
-   encoder_output [n, 576, 4096] that stays on the GPU (DLPack).
+   `multimodal_encoders` (the vision tower + projector engine in a Python model, as upstream's): all rows
+   in one request, giving OUT_PROMPT_EMBEDDING_TABLE [n, 576, 4096] that stays on the GPU (DLPack).
 2. `tensorrt_llm` (TensorRT-LLM, inflight fused batching), one request per image, all in flight at
    once: the prompt `<image>Does the image looks real/fake?` + `This is a`, its 576 image tokens
-   replaced by the prompt-table ids vocab_size .. vocab_size + 575 and the image's features as the
+   replaced by the prompt-table ids vocab_size .. vocab_size + 575 (vocab_size read from the LLM engine's
+   config.json, as upstream's preprocessing model reads it) and the image's features as the
    prompt_embedding_table. The verdict request generates ONE token and returns its logits:
    P(fake) = softmax(logit " fake", logit " real"), as moderation.model.fakevlm does.
 3. The explain role only, every row: a second request, greedy, max_new_tokens tokens.
    KV-cache reuse serves its prefill from the verdict request's blocks: the image tokens carry
    prompt_table_extra_ids (a hash of the image), so two images never share blocks.
 
+Every request it sends is built through `moderation.model.bls_calls` (ENCODER, LLM), where the calls are
+declared once and checked against the called models' configs by the tests.
+
 Parameters: role, tokenizer (a FakeVLM checkpoint directory: its config.json and tokenizer files are read),
-vocab_size (the LLM's, 32064), vision_model, llm_model, threshold, max_new_tokens.
+engines (the build's directory: manifest.json, llm/ and vision/), encoder_model, llm_model, threshold,
+max_new_tokens. The WEIGHTS identity is the engines' manifest (`moderation.model.identity`): a rebuilt engine
+changes it; the tokenizer must be the one the manifest records.
 """
 
 from __future__ import annotations
@@ -38,8 +44,10 @@ import triton_python_backend_utils as pb_utils
 from torch.utils import dlpack
 
 from moderation.model import triton_io
+from moderation.model.bls_calls import ENCODER, LLM
 from moderation.model.fakevlm import build_prompt, checkpoint_relative_to, label_from_answer, normalise_crops
-from moderation.model.identity import combined_identity
+from moderation.model.identity import weights_identity
+from moderation.model.manifest import verify_tokenizer
 
 
 @dataclass(frozen=True)
@@ -82,23 +90,23 @@ class TritonPythonModel:
         self._device = (
             f"cuda:{args.get('model_instance_device_id', '0')}" if args.get("model_instance_kind") == "GPU" else "cpu"
         )
-        self._vision = params.get("vision_model", "vision_encoder")
-        self._llm = params.get("llm_model", "tensorrt_llm")
+        self._encoder = params.get(ENCODER.model_parameter, "multimodal_encoders")
+        self._llm = params.get(LLM.model_parameter, "tensorrt_llm")
         self._threshold = float(params.get("threshold", "0.5"))
         self._max_new_tokens = int(params.get("max_new_tokens", "128"))
-        tokenizer_dir = checkpoint_relative_to(params.get("tokenizer", "weights"), Path(args["model_repository"]))
+        repository = Path(args["model_repository"])
+        tokenizer_dir = checkpoint_relative_to(params.get("tokenizer", "weights"), repository)
+        engines = Path(checkpoint_relative_to(params.get("engines", "/models/engines"), repository))
         self._tokenizer: Any = AutoTokenizer.from_pretrained(tokenizer_dir)
         model_config = AutoConfig.from_pretrained(tokenizer_dir)  # image_seq_length, image_token_id
-        self._prompt = PromptIds(self._tokenizer, model_config, int(params.get("vocab_size", "32064")))
-        # The answers depend on the tokenizer and on both engines: all three make the weights' identity (the
-        # same for both roles, which call the same engines).
-        repository = Path(args["model_repository"]).parent
-        self._weights = combined_identity(
-            [tokenizer_dir, repository / self._vision / "1", repository / self._llm / "1"]
-        )
+        self._prompt = PromptIds(self._tokenizer, model_config, engine_vocab_size(engines / "llm"))
+        # The answers depend on the engines and the tokenizer they were built with: the manifest names both
+        # (the same identity for both roles, which call the same engines).
+        verify_tokenizer(engines, Path(tokenizer_dir))
+        self._weights = weights_identity(engines)
         pb_utils.Logger.log_info(
             f"fakevlm (GPU BLS, {self._role}): {len(self._prompt.input_ids)} prompt tokens, "
-            f"{self._prompt.image_tokens} from the image; {self._vision} -> {self._llm}"
+            f"{self._prompt.image_tokens} from the image; {self._encoder} -> {self._llm}; {self._weights}"
         )
 
     async def execute(self, requests: list[Any]) -> list[Any]:
@@ -126,21 +134,22 @@ class TritonPythonModel:
 
     def _encode(self, crops: np.ndarray) -> Any:
         # Normalised on the GPU: only the uint8 crops crossed the network and the host.
-        pixels = normalise_crops(crops, self._device).to(torch.float16).contiguous()
+        pixels = normalise_crops(crops, self._device).to(torch.float16).unsqueeze(1).contiguous()  # one image a row
+        inputs = ENCODER.request_inputs({"IMAGE": pixels})
         request = pb_utils.InferenceRequest(
-            model_name=self._vision,
-            requested_output_names=["encoder_output"],
-            inputs=[pb_utils.Tensor.from_dlpack("input", dlpack.to_dlpack(pixels))],
+            model_name=self._encoder,
+            requested_output_names=ENCODER.output_names,
+            inputs=[_tensor(name, value) for name, value in inputs.items()],
         )
         response = request.exec()
         if response.has_error():
-            raise RuntimeError(f"{self._vision}: {response.error().message()}")
-        return _torch(pb_utils.get_output_tensor_by_name(response, "encoder_output"))
+            raise RuntimeError(f"{self._encoder}: {response.error().message()}")
+        return _torch(pb_utils.get_output_tensor_by_name(response, "OUT_PROMPT_EMBEDDING_TABLE"))
 
     async def _generate(self, features: Any, row: int, key: int, new_tokens: int) -> Any:
         prompt = self._prompt
         ids = prompt.input_ids
-        inputs = {
+        inputs: dict[str, Any] = {
             "input_ids": ids.reshape(1, -1),
             "input_lengths": np.array([[len(ids)]], dtype=np.int32),
             "request_output_len": np.array([[new_tokens]], dtype=np.int32),
@@ -152,13 +161,11 @@ class TritonPythonModel:
             "prompt_table_extra_ids": prompt.extra_ids(key).reshape(1, -1),
             "return_generation_logits": np.array([[new_tokens == 1]], dtype=np.bool_),
         }
-        tensors = [pb_utils.Tensor(name, value) for name, value in inputs.items()]
-        table = features[row : row + 1].contiguous()  # (1, 576, hidden) fp16, on the GPU
-        tensors.append(pb_utils.Tensor.from_dlpack("prompt_embedding_table", dlpack.to_dlpack(table)))
+        inputs["prompt_embedding_table"] = features[row : row + 1].contiguous()  # (1, 576, hidden) fp16, on the GPU
         request = pb_utils.InferenceRequest(
             model_name=self._llm,
-            requested_output_names=["output_ids", "sequence_length", "generation_logits"],
-            inputs=tensors,
+            requested_output_names=LLM.output_names,
+            inputs=[_tensor(name, value) for name, value in LLM.request_inputs(inputs).items()],
         )
         response = await request.async_exec()
         if response.has_error():
@@ -198,6 +205,19 @@ class TritonPythonModel:
             explanation=explanation or "",
             answer_label=answer or "",
         )
+
+
+def engine_vocab_size(engine_dir: Path) -> int:
+    """The LLM engine's vocabulary (its config.json, as upstream's preprocessing model reads it): the first
+    prompt-table id."""
+    return int(json.loads((engine_dir / "config.json").read_text())["pretrained_config"]["vocab_size"])
+
+
+def _tensor(name: str, value: Any) -> Any:
+    """A request tensor: numpy as it is, torch (on the GPU) without a copy."""
+    if isinstance(value, np.ndarray):
+        return pb_utils.Tensor(name, value)
+    return pb_utils.Tensor.from_dlpack(name, dlpack.to_dlpack(value))
 
 
 def _image_key(crop: np.ndarray) -> int:
