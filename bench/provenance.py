@@ -1,7 +1,9 @@
 """What reading provenance adds to the decode thread: `read_provenance` against `decode_for_model`, per image.
 
-Cases: a photo-like image with no metadata, the same with EXIF and an IPTC XMP packet, and the same signed
-with a C2PA manifest (c2pa-python validates the signature and the hash of every byte). Baseline: the
+Cases: a photo-like image with no metadata, the same with EXIF and an IPTC XMP packet, the same signed
+with a C2PA manifest (c2pa-python validates the signature and the hash of every byte), and the same as a
+signed camera capture with an AI-generated parent composited in (two manifests, the parent's read as an
+ingredient). Baseline: the
 worker's own decode of the same bytes (`decode_for_model`, the fast path), measured interleaved in the same
 run; each figure is the median of --repeat runs. `overhead` is provenance time / decode time. The last line
 is a JSON summary.
@@ -46,10 +48,12 @@ def median_ms(fn: Callable[[], object], repeat: int) -> float:
 def cases(fmt: str, megapixels: float) -> dict[str, bytes]:
     plain = encode(draw_image(7, size_for(megapixels)), fmt)
     tagged = samples.iptc_tagged(plain, fmt, samples.TRAINED_ALGORITHMIC_MEDIA)
+    parent = samples.signed(samples.sample_image(fmt, (320, 240)), fmt, samples.TRAINED_ALGORITHMIC_MEDIA)
     return {
         "plain": plain,
         "iptc_xmp": tagged,
         "c2pa": samples.signed(plain, fmt, samples.TRAINED_ALGORITHMIC_MEDIA),
+        "c2pa_composite": samples.signed(plain, fmt, samples.DIGITAL_CAPTURE, ingredients=(parent,)),
     }
 
 
@@ -76,10 +80,11 @@ def main() -> None:
                     "decode_ms": round(decode_ms, 3),
                     "overhead": round(overhead, 4),
                     "declares_ai": bool(found and found.declares_ai),
+                    "ingredient_declares_ai": bool(found and found.ingredient_declares_ai),
                 }
             )
             print(
-                f"{fmt:4} {case:8} {len(data) / 1e6:5.2f} MB  read_provenance {provenance_ms:8.3f} ms  "
+                f"{fmt:4} {case:14} {len(data) / 1e6:5.2f} MB  read_provenance {provenance_ms:8.3f} ms  "
                 f"decode_for_model {decode_ms:7.2f} ms  overhead {overhead:7.2%}"
             )
     print(json.dumps({"megapixels": args.megapixels, "results": results}))

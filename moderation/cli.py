@@ -22,6 +22,7 @@ from moderation.settings import Settings, env_table
 
 if TYPE_CHECKING:
     from moderation.model.detectors import InProcessDetector, TritonDetector
+    from moderation.worker.hashlists import ListFormat
 
 _T = TypeVar("_T")
 
@@ -742,3 +743,93 @@ def policy_check(
         )
     console.print(table)
     console.print(f"policy {policies.version}: valid, {len(policies.tenants)} tenants")
+
+
+bank_app = typer.Typer(
+    help="The near-duplicate bank: PDQ hash lists in and out (ThreatExchange signal files, CSV).", no_args_is_help=True
+)
+app.add_typer(bank_app, name="bank")
+ListFormatOption = Annotated[
+    str | None,
+    typer.Option(
+        "--format",
+        help="threatexchange (`pdq <hash>` a line, as python-threatexchange's file exchange) or csv "
+        "(hash,label,source); default: csv for a .csv file, else threatexchange.",
+    ),
+]
+
+
+def _list_format(given: str | None, path: Path | None) -> ListFormat:
+    from moderation.worker.hashlists import ListFormat
+
+    if given is None:
+        return ListFormat.CSV if path is not None and path.suffix.lower() == ".csv" else ListFormat.THREATEXCHANGE
+    try:
+        return ListFormat(given)
+    except ValueError:
+        console.print(f"[red]error:[/] unknown format {given!r} (threatexchange or csv)")
+        raise typer.Exit(2) from None
+
+
+@bank_app.command("import")
+def bank_import(
+    file: Annotated[Path, typer.Argument(exists=True, dir_okay=False, help="The hash list.")],
+    source: Annotated[str | None, typer.Option(help="Where the list came from (default: the file's name).")] = None,
+    list_format: ListFormatOption = None,
+    label: Annotated[
+        str, typer.Option(help="The label of a ThreatExchange file's hashes (it lists only positives).")
+    ] = ("fake"),
+    env_file: EnvFile = None,
+) -> None:
+    """Publish a list's PDQ hashes to the bank topic, each carrying its source: every worker matches uploads
+    against them, below any reviewer's decision. Nothing is published if any line is not a PDQ hash."""
+    from moderation.events import utcnow
+    from moderation.worker.hashlists import InvalidList, bank_entry, publish_entries, read_list
+
+    if label not in ("fake", "real"):
+        console.print(f"[red]error:[/] label {label!r} is neither fake nor real")
+        raise typer.Exit(2)
+    name = source or file.name
+    try:
+        parsed = read_list(file.read_text(), _list_format(list_format, file), source=name, label=label)  # type: ignore[arg-type]
+    except (InvalidList, UnicodeDecodeError) as exc:
+        console.print(f"[red]error:[/] {escape(str(exc))}", highlight=False)
+        raise typer.Exit(1) from exc
+    now = utcnow()
+    _run_or_exit(publish_entries(load_settings(env_file), [bank_entry(h, now) for h in parsed.hashes]))
+    skipped = f" ({parsed.other_signals} lines of other signal types skipped)" if parsed.other_signals else ""
+    console.print(f"imported {len(parsed.hashes)} PDQ hashes from {escape(name)}{skipped}", highlight=False)
+
+
+@bank_app.command("export")
+def bank_export(
+    out: Annotated[Path | None, typer.Option(help="Write here (default: standard output).")] = None,
+    list_format: ListFormatOption = None,
+    decided_by: Annotated[list[str] | None, typer.Option(help="Whose decisions (repeatable; default: review).")] = None,
+    label: Annotated[list[str] | None, typer.Option(help="Which labels (repeatable; default: fake).")] = None,
+    source: Annotated[str, typer.Option(help="The source column of this platform's own hashes (csv).")] = "moderation",
+    env_file: EnvFile = None,
+) -> None:
+    """Write the bank's hashes (by default the reviewers' confirmed fakes) as a list another platform imports."""
+    from moderation.worker.hashlists import exported, read_bank, write_list
+
+    bank = _run_or_exit(read_bank(load_settings(env_file)))
+    hashes = exported(bank, decided_by=set(decided_by or ["review"]), labels=set(label or ["fake"]), source=source)
+    text = write_list(hashes, _list_format(list_format, out))
+    if out is None:
+        print(text, end="")
+        return
+    out.write_text(text)
+    console.print(f"wrote {len(hashes)} PDQ hashes to {out}", highlight=False)
+
+
+@bank_app.command("remove")
+def bank_remove(
+    source: Annotated[str, typer.Option(help="The source the hashes were imported from.")],
+    env_file: EnvFile = None,
+) -> None:
+    """Remove every hash imported from a source (tombstones on the bank topic: every worker forgets them)."""
+    from moderation.worker.hashlists import remove_source
+
+    removed = _run_or_exit(remove_source(load_settings(env_file), source))
+    console.print(f"removed {removed} PDQ hashes imported from {escape(source)}", highlight=False)

@@ -23,6 +23,9 @@ class Reason(StrEnum):
     INFERENCE_UNAVAILABLE = "inference_unavailable"
     INTERNAL_ERROR = "internal_error"
     UNSUPPORTED_FORMAT = "unsupported_format"
+    # An object key with a `.` or `..` path segment: S3 servers, SDKs and proxies resolve them differently, so the
+    # object fetched may not be the one named. Refused by us, before any request, never by chance upstream.
+    UNSAFE_KEY = "unsafe_key"
     # An explanation request (not an upload) that no explanation came of: its verdict stands as published.
     EXPLANATION_FAILED = "explanation_failed"
 

@@ -11,7 +11,7 @@ import json
 from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
 
-from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from moderation.errors import Reason, Rejected
 
@@ -24,6 +24,9 @@ Action = Literal["allow", "review", "flag"]
 # Who decided a verdict's label: the model's P(fake), the image's own provenance declaring AI generation,
 # a near-duplicate of a banked image, or a reviewer's decision about these very bytes.
 DecidedBy = Literal["model", "provenance", "match", "review"]
+# Who made a banked decision: a reviewer here, the model (a flag banked by policy), or another platform whose
+# hash list was imported (`moderation bank import`): ranked below a reviewer's, which it never overrides.
+BankedBy = Literal["model", "provenance", "match", "review", "import"]
 ReviewDecision = Literal["confirm_fake", "overturn_real", "escalate"]
 PDQ_PATTERN = r"^[0-9a-f]{64}$"  # a 256-bit PDQ hash, hex
 SHA256_PATTERN = r"^[0-9a-f]{64}$"
@@ -97,6 +100,11 @@ class C2paEvidence(_Message):
         default_factory=list, description="digitalSourceType URIs of the active manifest's c2pa.actions."
     )
     errors: list[str] = Field(default_factory=list, description="Validation failures (codes), when invalid.")
+    ingredient_source_types: list[str] = Field(
+        default_factory=list,
+        description="digitalSourceType URIs that the manifests of the active manifest's ingredients (its parents, "
+        "and theirs) declare in their c2pa.actions.",
+    )
 
 
 class Provenance(_Message):
@@ -117,16 +125,22 @@ class Provenance(_Message):
     declares_capture: bool = Field(
         default=False, description="A VALID C2PA manifest declares digitalCapture: shown to reviewers, never a verdict."
     )
+    ingredient_declares_ai: bool = Field(
+        default=False,
+        description="An ingredient's C2PA manifest declares AI generation: part of this image came from a generator, "
+        "whatever the image's own manifest says. Evidence for reviewers, its own kind: never a verdict by itself.",
+    )
 
 
 class Match(_Message):
     """The banked image this upload is a near-duplicate of."""
 
-    event_id: str = Field(description="The banked image's upload event.")
-    image_sha256: str = Field(pattern=SHA256_PATTERN)
+    event_id: str | None = Field(description="The banked image's upload event; null for an imported hash.")
+    image_sha256: str | None = Field(pattern=SHA256_PATTERN, description="Null for an imported hash.")
     distance: int = Field(ge=0, le=256, description="Hamming distance between the two PDQ hashes.")
     label: Label = Field(description="The banked decision.")
-    decided_by: DecidedBy = Field(description="Where the banked decision came from (review first).")
+    decided_by: BankedBy = Field(description="Where the banked decision came from (review first).")
+    source: str | None = Field(default=None, description="The hash list an imported hash came from.")
 
 
 class Timings(_Message):
@@ -229,7 +243,9 @@ class BankEntry(_Message):
     """One known image in the near-duplicate bank: compacted topic moderation.hash-bank, keyed by image sha256."""
 
     schema_version: Literal[1] = SCHEMA_VERSION
-    image_sha256: str = Field(pattern=SHA256_PATTERN)
+    image_sha256: str | None = Field(
+        pattern=SHA256_PATTERN, description="Null for a hash shared without its image (decided_by import)."
+    )
     pdq: str | None = Field(
         default=None, pattern=PDQ_PATTERN, description="Null: matched by its exact bytes only (sha256)."
     )
@@ -240,11 +256,29 @@ class BankEntry(_Message):
         description="PDQ hashes of centred crops of the image (moderation.worker.neardup.crop_hashes): PDQ alone "
         "loses a copy cropped by a few percent, so the bank matches uploads against these too.",
     )
-    event_id: str
+    pdq_dihedral: list[Annotated[str, Field(pattern=PDQ_PATTERN)]] = Field(
+        default_factory=list,
+        max_length=7,
+        description="PDQ hashes of the image mirrored and rotated (moderation.worker.neardup.dihedral_hashes): "
+        "PDQ of a mirrored copy is ~128 bits from the original's, as far as an unrelated image's.",
+    )
+    event_id: str | None = Field(description="The decided upload; null for an imported hash.")
     tenant: str | None = None
     label: Label
-    decided_by: DecidedBy = Field(description="review (a reviewer's decision) outranks model (a flag).")
+    decided_by: BankedBy = Field(description="review (a reviewer's decision) outranks import, which outranks model.")
     decided_at: AwareDatetime
+    source: str | None = Field(
+        default=None, max_length=200, description="The hash list an imported hash came from (removable by it)."
+    )
+
+    @model_validator(mode="after")
+    def _imported_or_own(self) -> BankEntry:
+        imported = self.decided_by == "import"
+        if imported != (self.source is not None) or imported != (self.image_sha256 is None):
+            raise ValueError("an imported entry has a source and no image_sha256; any other has an image_sha256")
+        if imported and self.pdq is None:
+            raise ValueError("an imported entry is its PDQ hash")
+        return self
 
 
 class DeadLetter(_Message):

@@ -182,6 +182,12 @@ class Settings(BaseSettings):
         description="How often the worker re-reads MODERATION_POLICY_FILE; an edit that validates is in force "
         "without a restart, one that does not is refused and counted.",
     )
+    c2pa_trust_anchors: Path | None = Field(
+        None,
+        description="PEM file of C2PA trust anchors: the C2PA conformance trust list (C2PA-TRUST-LIST.pem) or your "
+        "own CAs. A manifest whose signer chains to one reads Trusted; unset, a valid one reads Valid at best. "
+        "Read at start; a file without a certificate stops the worker.",
+    )
 
     # Verdict cache
     cache_max_entries: int = Field(100_000, ge=0, description="Entries each worker keeps in memory (0: no cache).")

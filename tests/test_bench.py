@@ -75,8 +75,10 @@ def test_preprocess_drift_bench_scores_both_paths(tmp_path: Path) -> None:
 def test_provenance_bench_runs_small() -> None:
     _, summary = _run("provenance.py", "--megapixels", "0.05", "--repeat", "1")
     results = summary["results"]
-    assert isinstance(results, list) and len(results) == 6
-    assert all(result["declares_ai"] == (result["case"] != "plain") for result in results)
+    assert isinstance(results, list) and len(results) == 8
+    declared = {"iptc_xmp", "c2pa"}
+    assert all(result["declares_ai"] == (result["case"] in declared) for result in results)
+    assert all(result["ingredient_declares_ai"] == (result["case"] == "c2pa_composite") for result in results)
 
 
 @pytest.mark.slow

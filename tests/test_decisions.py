@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 
 from moderation import cli
 from moderation.devkit.demo import stop_worker
-from moderation.events import BankEntry, Decision, utcnow
+from moderation.events import BankEntry, DeadLetter, Decision, utcnow
 from moderation.offline.decisions import ALL, precision_report
 from moderation.worker.kafka import aiokafka_options
 
@@ -102,10 +102,26 @@ def test_a_decision_becomes_the_images_bank_entry_and_eval_reads_the_topic(lane,
             await consumer.stop()
         return entries
 
+    async def dead_letters(timeout_s: float = 60) -> list[tuple[bytes | None, DeadLetter, dict[str, bytes]]]:
+        consumer = AIOKafkaConsumer(
+            settings.topic_dlq, group_id=None, auto_offset_reset="earliest", **aiokafka_options(settings)
+        )
+        await consumer.start()
+        deadline = time.monotonic() + timeout_s
+        try:
+            while time.monotonic() < deadline:
+                for records in (await consumer.getmany(timeout_ms=1000)).values():
+                    r = records[0]
+                    return [(r.key, DeadLetter.model_validate_json(r.value), dict(r.headers))]
+            return []
+        finally:
+            await consumer.stop()
+
     worker = lane.worker()
     try:
         asyncio.run(produce())
         entries = asyncio.run(bank(2))
+        letters = asyncio.run(dead_letters())
         assert lane.counter("moderation_decisions_refused_total") == 1
     finally:
         stop_worker(worker)
@@ -117,6 +133,11 @@ def test_a_decision_becomes_the_images_bank_entry_and_eval_reads_the_topic(lane,
     assert by_event["e1"].pdq == PDQ and by_event["e3"].pdq is None  # banked for its exact bytes only
     assert abs(by_event["e1"].decided_at - sent[0].decided_at) < timedelta(seconds=1)
     assert "decision refused" in lane.log()
+    # The refused record is a dead letter like any other input's: its bytes, key, a stable reason, never replayed.
+    [(key, letter, headers)] = letters
+    assert key == b"junk" and letter.payload() == b"not a decision" and letter.reason == "invalid_event"
+    assert letter.source_topic == settings.topic_decisions and not letter.retryable
+    assert headers["moderation.dlq.reason"] == b"invalid_event"
 
     env_file = tmp_path / "stack.env"
     env_file.write_text("\n".join(f"{k}={v}" for k, v in lane.env.items()) + "\n")

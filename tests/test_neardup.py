@@ -24,7 +24,15 @@ from moderation.devkit.samples import draw_image, write_samples
 from moderation.devkit.synthetic import make_sample, write_images
 from moderation.events import BankEntry
 from moderation.worker import metrics, neardup
-from moderation.worker.neardup import DEFAULT_MAX_DISTANCE, HashBank, Refusal, crop_hashes, hamming, pdq_of
+from moderation.worker.neardup import (
+    DEFAULT_MAX_DISTANCE,
+    HashBank,
+    Refusal,
+    crop_hashes,
+    dihedral_hashes,
+    hamming,
+    pdq_of,
+)
 
 NOW = datetime(2026, 11, 29, tzinfo=UTC)
 
@@ -44,7 +52,19 @@ def cropped(image: Image.Image, fraction: float = 0.05) -> Image.Image:
     return image.crop((dx, dy, image.width - dx, image.height - dy))
 
 
-COPIES = {"jpeg q70": jpeg70, "0.5x": resized(0.5), "0.75x": resized(0.75), "5% off each edge": cropped}
+def turned(how: Image.Transpose) -> Callable[[Image.Image], Image.Image]:
+    return lambda image: jpeg70(image.transpose(how))
+
+
+COPIES = {
+    "jpeg q70": jpeg70,
+    "0.5x": resized(0.5),
+    "0.75x": resized(0.75),
+    "5% off each edge": cropped,
+    "mirrored (jpeg q70)": turned(Image.Transpose.FLIP_LEFT_RIGHT),
+    "rotated 90 (jpeg q70)": turned(Image.Transpose.ROTATE_90),
+    "rotated 180 (jpeg q70)": turned(Image.Transpose.ROTATE_180),
+}
 
 
 def banked(image: Image.Image, name: str, decided_by: str = "review", **fields) -> BankEntry:  # type: ignore[no-untyped-def]
@@ -54,6 +74,7 @@ def banked(image: Image.Image, name: str, decided_by: str = "review", **fields) 
         pdq=pdq,
         pdq_quality=quality,
         pdq_crops=crop_hashes(image),
+        pdq_dihedral=dihedral_hashes(image),
         event_id=name,
         label="fake",
         decided_by=decided_by,
@@ -138,6 +159,17 @@ def test_copies_of_a_confirmed_fake_are_matched_within_the_default_threshold() -
     print(f"{len(fakes)} fakes, worst distance of a copy to its original: {worst}")
 
 
+UNTURNED = ("jpeg q70", "0.5x", "0.75x", "5% off each edge")
+
+
+def test_a_mirrored_copy_is_as_far_as_an_unrelated_image_from_its_original_but_not_from_its_mirror_hash() -> None:
+    """Why the bank keeps the dihedral hashes: plain PDQ of a mirrored copy is ~128 bits off, as a stranger's."""
+    for image in confirmed_fakes()[:6]:
+        mirrored = pdq_of(image.transpose(Image.Transpose.FLIP_LEFT_RIGHT))[0]
+        assert hamming(mirrored, pdq_of(image)[0]) > 2 * DEFAULT_MAX_DISTANCE
+        assert hamming(mirrored, dihedral_hashes(image)[0]) <= 8
+
+
 def test_unrelated_demo_and_pillow_style_images_are_never_matched(tmp_path: Path) -> None:
     paths = write_images(tmp_path / "demo", 12, DEMO_SEED) + write_samples(tmp_path / "pillow", 24)
     paths += write_images(tmp_path / "synthetic", 24, 7)
@@ -154,14 +186,14 @@ def test_unrelated_demo_and_pillow_style_images_are_never_matched(tmp_path: Path
             if other_name == name:
                 continue
             pairs += 1
-            unrelated.append(min(hamming(entry.pdq, h) for h in (other.pdq, *other.pdq_crops)))
+            unrelated.append(min(hamming(entry.pdq, h) for h in (other.pdq, *other.pdq_crops, *other.pdq_dihedral)))
         found = bank.nearest(entry.pdq, DEFAULT_MAX_DISTANCE, quality=entry.pdq_quality)
         false_matches += found is not None and found[0].event_id != name
     related = [
         hamming(pdq_of(copy(image))[0], entries[name].pdq)
         for name, image in images.items()
-        for copy in COPIES.values()
-        if entries[name].pdq_quality >= neardup.MIN_QUALITY
+        for label, copy in COPIES.items()
+        if entries[name].pdq_quality >= neardup.MIN_QUALITY and label in UNTURNED
     ]
     print(
         f"{len(images)} images, {pairs} ordered pairs at threshold {DEFAULT_MAX_DISTANCE}: "

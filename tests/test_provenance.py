@@ -86,6 +86,79 @@ def test_the_test_chain_is_trusted_once_its_ca_is_an_anchor() -> None:
 
 
 @pytest.mark.parametrize("fmt", ["JPEG", "PNG"])
+def test_an_ai_parent_composited_into_a_camera_capture_is_its_own_evidence(fmt: str) -> None:
+    """The child's own manifest says digitalCapture; its ingredient's, carried in the store, says generated."""
+    child = samples.signed(
+        samples.sample_image(fmt, (200, 150), seed=2), fmt, DIGITAL_CAPTURE, ingredients=(signed(fmt),)
+    )
+    found = read(child, fmt)
+    assert found.c2pa is not None and found.c2pa.valid
+    assert found.c2pa.digital_source_types == [DIGITAL_CAPTURE]
+    assert found.c2pa.ingredient_source_types == [TRAINED_ALGORITHMIC_MEDIA]
+    assert found.ingredient_declares_ai and not found.declares_ai and found.declares_capture
+    # Two generations down (the composite composited again) it is still found; a plain ingredient adds nothing.
+    grandchild = samples.signed(plain(fmt), fmt, DIGITAL_CAPTURE, ingredients=(plain(fmt), child))
+    found = read(grandchild, fmt)
+    assert found.c2pa is not None and found.c2pa.ingredient_source_types == [DIGITAL_CAPTURE, TRAINED_ALGORITHMIC_MEDIA]
+    assert found.ingredient_declares_ai
+    camera_only = read(samples.signed(plain(fmt), fmt, DIGITAL_CAPTURE, ingredients=(plain(fmt),)), fmt)
+    assert camera_only.c2pa is not None and camera_only.c2pa.ingredient_source_types == []
+    assert not camera_only.ingredient_declares_ai
+
+
+def test_ingredients_are_followed_within_their_bounds() -> None:
+    """A hostile store: a cycle of ingredients, and a chain deeper than MAX_INGREDIENT_DEPTH."""
+    ai = {
+        "assertions": [
+            {"label": "c2pa.actions", "data": {"actions": [{"digitalSourceType": TRAINED_ALGORITHMIC_MEDIA}]}}
+        ]
+    }
+
+    def store(manifests: dict[str, dict]) -> dict:  # type: ignore[type-arg]
+        return {"validation_state": "Valid", "active_manifest": "m0", "manifests": manifests}
+
+    cycle = {"m0": {"ingredients": [{"active_manifest": "m1"}]}, "m1": {"ingredients": [{"active_manifest": "m0"}]}}
+    assert evidence_from_store(store(cycle)).ingredient_source_types == []
+    depth = provenance.MAX_INGREDIENT_DEPTH
+    chain = {f"m{i}": {"ingredients": [{"active_manifest": f"m{i + 1}"}]} for i in range(depth + 1)}
+    assert evidence_from_store(store(chain | {f"m{depth}": ai})).ingredient_source_types == [TRAINED_ALGORITHMIC_MEDIA]
+    assert evidence_from_store(store(chain | {f"m{depth + 1}": ai})).ingredient_source_types == []
+
+
+@pytest.fixture
+def trust_list(tmp_path):  # type: ignore[no-untyped-def]
+    """A trust list in the C2PA conformance list's form (PEM certificates with their names as text around
+    them) naming the devkit's CA; the reader goes back to no trust list afterwards."""
+    ca = samples.test_credentials().ca_pem.decode()
+    path = tmp_path / "C2PA-TRUST-LIST.pem"
+    path.write_text(f"# moderation test root CA\nSubject: O=moderation test CA\n{ca}\n# end of list\n")
+    provenance.use_trust_anchors(provenance.trust_anchors(path))
+    yield path
+    provenance.use_trust_anchors(None)
+
+
+@pytest.mark.parametrize("fmt", ["JPEG", "PNG"])
+def test_a_listed_anchors_signer_reads_trusted_and_any_other_valid(trust_list, fmt: str) -> None:  # type: ignore[no-untyped-def]
+    trusted = read(signed(fmt), fmt)
+    assert trusted.c2pa is not None and trusted.c2pa.validation_state == "Trusted" and trusted.c2pa.valid
+    other = samples.signed(plain(fmt), fmt, TRAINED_ALGORITHMIC_MEDIA, credentials=samples.test_credentials("other"))
+    untrusted = read(other, fmt)
+    assert untrusted.c2pa is not None and untrusted.c2pa.validation_state == "Valid"
+    assert untrusted.c2pa.signer == "other test CA" and untrusted.declares_ai
+
+
+def test_a_trust_list_without_a_readable_certificate_is_refused(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    empty = tmp_path / "empty.pem"
+    empty.write_text("# nothing here\n")
+    with pytest.raises(ValueError, match="no PEM certificate"):
+        provenance.trust_anchors(empty)
+    broken = tmp_path / "broken.pem"
+    broken.write_text("-----BEGIN CERTIFICATE-----\nbm90IGEgY2VydGlmaWNhdGU=\n-----END CERTIFICATE-----\n")
+    with pytest.raises(ValueError):
+        provenance.trust_anchors(broken)
+
+
+@pytest.mark.parametrize("fmt", ["JPEG", "PNG"])
 def test_pixels_changed_after_signing_read_as_invalid_and_still_declare_ai(fmt: str) -> None:
     edited = samples.tampered(signed(fmt), fmt)
     Image.open(io.BytesIO(edited)).load()  # a plausible edit: the file still decodes

@@ -371,7 +371,7 @@ def test_console_shows_a_flagged_upload_and_records_a_keyboard_decision(
         # Anonymous: neither the queue, nor an image, nor a decision.
         assert console.get("/")[0] == 401
         assert console.get("/", {"X-Forwarded-User": "mallory"})[0] == 401  # no proxy header is configured
-        assert console.get(f"/image/{flagged.event_id}")[0] == 401
+        assert console.get(f"/image?event_id={flagged.event_id}")[0] == 401
         anonymous = {"event_id": flagged.event_id, "decision": "overturn_real", "note": ""}
         status, _, body = console.post("/decide", anonymous, {"Origin": console.url})
         assert status == 401
@@ -387,13 +387,13 @@ def test_console_shows_a_flagged_upload_and_records_a_keyboard_decision(
 
         # The image: through the allowlist, with the verdict's type, never cached; other buckets never served.
         bearer = {"Authorization": f"Bearer {ALICE_TOKEN}"}
-        status, headers, body = console.get(f"/image/{flagged.event_id}", bearer)
+        status, headers, body = console.get(f"/image?event_id={flagged.event_id}", bearer)
         assert status == 200
         assert body == flagged_file.read_bytes()
         assert headers["content-type"] == f"image/{flagged.image.format.lower()}"
         assert headers["cache-control"] == "private, no-store"
         assert headers["x-content-type-options"] == "nosniff"
-        status, headers, body = console.get(f"/image/{beyond.event_id}", bearer)
+        status, headers, body = console.get(f"/image?event_id={beyond.event_id}", bearer)
         assert status == 403
         assert body != outside_file.read_bytes()
         assert b"MODERATION_S3_ALLOWED_BUCKETS" in body

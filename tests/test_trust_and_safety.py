@@ -90,7 +90,13 @@ def variant(data: bytes) -> bytes:
 def test_provenance_decisions_matches_and_tenant_policy(lane, tmp_path: Path) -> None:
     policy_file = tmp_path / "policy.yaml"
     policy_file.write_text(POLICY)
-    env = {"MODERATION_POLICY_FILE": str(policy_file), "MODERATION_POLICY_RELOAD_S": "1"}
+    trust_list = tmp_path / "C2PA-TRUST-LIST.pem"  # the devkit's CA as the one anchor
+    trust_list.write_bytes(provenance_samples.test_credentials().ca_pem)
+    env = {
+        "MODERATION_POLICY_FILE": str(policy_file),
+        "MODERATION_POLICY_RELOAD_S": "1",
+        "MODERATION_C2PA_TRUST_ANCHORS": str(trust_list),
+    }
     settings = lane.settings
     plain = encode(draw_image(5, (640, 480)), "JPEG")  # PDQ quality 66: textured enough to be matched
     ai_signed = provenance_samples.signed(
@@ -101,15 +107,27 @@ def test_provenance_decisions_matches_and_tenant_policy(lane, tmp_path: Path) ->
     camera = provenance_samples.signed(
         provenance_samples.sample_image("JPEG", (400, 300), seed=4), "JPEG", provenance_samples.DIGITAL_CAPTURE
     )
+    # An AI-generated picture composited into a camera capture: only the parent's manifest says AI.
+    composite = provenance_samples.signed(
+        provenance_samples.sample_image("JPEG", (400, 300), seed=6),
+        "JPEG",
+        provenance_samples.DIGITAL_CAPTURE,
+        ingredients=(ai_signed,),
+    )
+    elsewhere = provenance_samples.signed(  # a valid manifest by a signer the trust list does not name
+        provenance_samples.sample_image("JPEG", (400, 300), seed=7),
+        "JPEG",
+        provenance_samples.DIGITAL_CAPTURE,
+        credentials=provenance_samples.test_credentials("other"),
+    )
     iptc = provenance_samples.iptc_tagged(
         provenance_samples.sample_image("PNG", (300, 300), seed=5), "PNG", provenance_samples.TRAINED_ALGORITHMIC_MEDIA
     )
     worker = lane.worker(**env)
     try:
-        first = upload(
-            lane, tmp_path, {"plain.jpg": plain, "ai.jpg": ai_signed, "camera.jpg": camera, "iptc.png": iptc}
-        )
-        by_name = dict(zip(("plain", "ai", "camera", "iptc"), first, strict=True))
+        files = {"plain.jpg": plain, "ai.jpg": ai_signed, "camera.jpg": camera, "iptc.png": iptc}
+        first = upload(lane, tmp_path, files | {"composite.jpg": composite, "elsewhere.jpg": elsewhere})
+        by_name = dict(zip(("plain", "ai", "camera", "iptc", "composite", "elsewhere"), first, strict=True))
         verdicts = moderated(lane, first)
         v = {name: verdicts[e.event_id] for name, e in by_name.items()}
 
@@ -118,7 +136,14 @@ def test_provenance_decisions_matches_and_tenant_policy(lane, tmp_path: Path) ->
             assert (v[name].label, v[name].action, v[name].decided_by) == ("fake", "flag", "provenance"), v[name]
             assert v[name].provenance is not None and v[name].provenance.declares_ai
             assert v[name].model.name != "none"
-        assert v["ai"].provenance.c2pa is not None and v["ai"].provenance.c2pa.valid
+        assert v["ai"].provenance.c2pa is not None and v["ai"].provenance.c2pa.validation_state == "Trusted"
+        # The composite's AI parent is its own evidence: reported, and the model still decides the label.
+        c = v["composite"].provenance
+        assert c is not None and c.c2pa is not None and c.c2pa.validation_state == "Trusted"
+        assert c.ingredient_declares_ai and not c.declares_ai and v["composite"].decided_by == "model"
+        assert c.c2pa.ingredient_source_types == [provenance_samples.TRAINED_ALGORITHMIC_MEDIA]
+        e = v["elsewhere"].provenance
+        assert e is not None and e.c2pa is not None and e.c2pa.validation_state == "Valid" and e.declares_capture
         # A valid camera-capture manifest is evidence only.
         assert v["camera"].decided_by == "model" and v["camera"].provenance.declares_capture
         assert v["plain"].decided_by == "model" and v["plain"].provenance is None
@@ -132,14 +157,18 @@ def test_provenance_decisions_matches_and_tenant_policy(lane, tmp_path: Path) ->
         while lane.counter("moderation_decisions_banked_total") < 1 and time.monotonic() < deadline:
             time.sleep(0.5)
         time.sleep(2)  # the bank follower reads the entry the decisions agent published
-        again = upload(lane, tmp_path, {"again.jpg": plain, "copy.jpg": variant(plain)})
+        mirrored = encode(Image.open(io.BytesIO(plain)).transpose(Image.Transpose.FLIP_LEFT_RIGHT), "JPEG")
+        again = upload(lane, tmp_path, {"again.jpg": plain, "copy.jpg": variant(plain), "mirror.jpg": mirrored})
         later = moderated(lane, again)
-        exact, copy = later[again[0].event_id], later[again[1].event_id]
+        exact, copy, mirror = (later[e.event_id] for e in again)
         assert (exact.label, exact.action, exact.decided_by) == ("fake", "flag", "review"), exact
         assert exact.match is not None and exact.match.event_id == v["plain"].event_id and exact.match.distance == 0
         assert (copy.label, copy.decided_by) == ("fake", "match"), copy
         assert copy.match is not None and copy.match.event_id == v["plain"].event_id
         assert copy.match.distance <= 31  # 0 here: the copy's hash equals the banked 4% crop's (64x64 luma)
+        # A mirrored copy: its PDQ is ~128 bits from the original's, within a few of the banked mirror hash.
+        assert (mirror.label, mirror.decided_by) == ("fake", "match"), mirror
+        assert mirror.match is not None and mirror.match.event_id == v["plain"].event_id
 
         # Per-tenant policy: the strict tenant flags everything; others keep the default thresholds.
         strict = upload(lane, tmp_path, {"strict.png": encode(draw_image(11, (500, 400)), "PNG")}, tenant="strict")

@@ -3,13 +3,15 @@ a test CA made here, IPTC-tagged JPEG and PNG (an XMP packet written by hand, no
 and tampered copies of signed files.
 
 The test CA is not on any trust list, so c2pa reads these manifests as `Valid` (signature and hashes check
-out, `signingCredential.untrusted` among its notes) and as `Trusted` only when given `ca_pem` as an anchor."""
+out, `signingCredential.untrusted` among its notes) and as `Trusted` only when given `ca_pem` as an anchor.
+`test_credentials("other")` is a second, unrelated CA: a signer a trust list of the first does not name."""
 
 from __future__ import annotations
 
 import datetime
 import functools
 import io
+import json
 import struct
 import zlib
 from dataclasses import dataclass
@@ -42,10 +44,10 @@ class SigningCredentials:
     ca_pem: bytes
 
 
-def _name(common_name: str) -> x509.Name:
+def _name(common_name: str, organization: str) -> x509.Name:
     return x509.Name(
         [
-            x509.NameAttribute(NameOID.ORGANIZATION_NAME, "moderation test CA"),
+            x509.NameAttribute(NameOID.ORGANIZATION_NAME, organization),
             x509.NameAttribute(NameOID.ORGANIZATIONAL_UNIT_NAME, "FOR TESTING ONLY"),
             x509.NameAttribute(NameOID.COMMON_NAME, common_name),
         ]
@@ -67,16 +69,18 @@ def _usage(*, sign_certificates: bool) -> x509.KeyUsage:
 
 
 @functools.cache
-def test_credentials() -> SigningCredentials:
-    """A fresh root CA and signing certificate per process. c2pa accepts a signing certificate that is not a
-    CA, has critical digitalSignature key usage and a critical C2PA-allowed extended key usage (here
-    emailProtection), and is issued by a CA: a self-signed leaf is refused when signing."""
+def test_credentials(authority: str = "moderation") -> SigningCredentials:
+    """A fresh root CA (named after `authority`) and signing certificate per process and authority. c2pa
+    accepts a signing certificate that is not a CA, has critical digitalSignature key usage and a critical
+    C2PA-allowed extended key usage (here emailProtection), and is issued by a CA: a self-signed leaf is
+    refused when signing."""
     now = datetime.datetime.now(datetime.UTC)
     ca_key = ec.generate_private_key(ec.SECP256R1())
+    organization = f"{authority} test CA"
     ca = (
         x509.CertificateBuilder()
-        .subject_name(_name("moderation test root CA"))
-        .issuer_name(_name("moderation test root CA"))
+        .subject_name(_name(f"{authority} test root CA", organization))
+        .issuer_name(_name(f"{authority} test root CA", organization))
         .public_key(ca_key.public_key())
         .serial_number(x509.random_serial_number())
         .not_valid_before(now - datetime.timedelta(days=1))
@@ -89,7 +93,7 @@ def test_credentials() -> SigningCredentials:
     key = ec.generate_private_key(ec.SECP256R1())
     signer = (
         x509.CertificateBuilder()
-        .subject_name(_name("moderation test signer"))
+        .subject_name(_name(f"{authority} test signer", organization))
         .issuer_name(ca.subject)
         .public_key(key.public_key())
         .serial_number(x509.random_serial_number())
@@ -135,9 +139,18 @@ def manifest_definition(digital_source_type: str) -> dict[str, object]:
     }
 
 
-def signed(data: bytes, fmt: str, digital_source_type: str, *, credentials: SigningCredentials | None = None) -> bytes:
+def signed(
+    data: bytes,
+    fmt: str,
+    digital_source_type: str,
+    *,
+    credentials: SigningCredentials | None = None,
+    ingredients: tuple[bytes, ...] = (),
+) -> bytes:
     """`data` (a `fmt` file) with an embedded C2PA manifest declaring `digital_source_type`, signed ES256
-    by the test signer, without a timestamp authority (nothing here reaches the network)."""
+    by the test signer, without a timestamp authority (nothing here reaches the network). Each of
+    `ingredients` (signed `fmt` files themselves, or plain ones) is a parent placed in it (componentOf), its
+    own manifest carried along in the store: an AI-made picture composited into a camera capture."""
     credentials = credentials or test_credentials()
     mime = C2PA_MIME[fmt]
     info = c2pa.C2paSignerInfo(c2pa.C2paSigningAlg.ES256, credentials.chain_pem, credentials.key_pem, None)
@@ -145,6 +158,9 @@ def signed(data: bytes, fmt: str, digital_source_type: str, *, credentials: Sign
     output = io.BytesIO()
     definition = manifest_definition(digital_source_type)
     with context, c2pa.Signer.from_info(info) as signer, c2pa.Builder(definition, context) as builder:
+        for index, ingredient in enumerate(ingredients):
+            placed = json.dumps({"title": f"ingredient-{index}", "relationship": "componentOf"})
+            builder.add_ingredient(placed, mime, io.BytesIO(ingredient))
         builder.sign(signer, mime, io.BytesIO(data), output)
     return output.getvalue()
 

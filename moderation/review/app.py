@@ -1,6 +1,6 @@
 """The review console: a small Starlette app with server-side templates and no JS build step.
 
-GET / lists the items awaiting review; GET /image/{event_id} streams an item's image from S3 through
+GET / lists the items awaiting review; GET /image?event_id=ID streams an item's image from S3 through
 the worker's S3Store (allowlist, byte cap, never a public or presigned URL); POST /decide publishes a
 Decision to the decisions topic and waits for the broker's ack. /healthz is liveness (red when the queue
 reader died), /readyz readiness (green once the reader has caught up with its topics).
@@ -60,6 +60,7 @@ _IMAGE_STATUS = {
     Reason.OBJECT_MISSING: 404,
     Reason.TOO_LARGE: 413,
     Reason.STORAGE_UNAVAILABLE: 503,
+    Reason.UNSAFE_KEY: 400,
 }
 
 
@@ -112,7 +113,9 @@ def create_app(settings: Settings) -> Starlette:
         Route("/login", _page(login), methods=["POST"]),
         Route("/logout", _page(logout), methods=["POST"]),
         Route("/decide", _page(decide), methods=["POST"]),
-        Route("/image/{event_id}", _page(image), methods=["GET"]),
+        # A query parameter, never a path segment: an event id `.` or `..` is schema-valid, and a browser resolves
+        # /image/.. to /.
+        Route("/image", _page(image), methods=["GET"]),
         Route("/healthz", _page(healthz), methods=["GET"]),
         Route("/readyz", _page(readyz), methods=["GET"]),
         Route("/metrics", _page(prometheus), methods=["GET"]),
@@ -210,12 +213,17 @@ async def queue_page(ctx: _Context) -> Response:
         caught_up=ctx.console.reader.caught_up.is_set(),
         decisions=DECISIONS,
         filter_url=filter_url,
+        image_url=image_url,
     )
 
 
 def filter_url(tenant: str | None, action: str | None) -> str:
     query = urlencode({k: v for k, v in (("tenant", tenant), ("action", action)) if v})
     return f"/?{query}" if query else "/"
+
+
+def image_url(event_id: str) -> str:
+    return "/image?" + urlencode({"event_id": event_id})
 
 
 async def login_page(ctx: _Context) -> Response:
@@ -283,7 +291,7 @@ async def publish_decision(console: Console, decision: Decision) -> None:
 async def image(ctx: _Context) -> Response:
     if ctx.identity is None:
         return ctx.unknown()
-    item = ctx.console.queue.item(ctx.request.path_params["event_id"])
+    item = ctx.console.queue.item(ctx.request.query_params.get("event_id", ""))
     if item is None:
         return ctx.refuse(404, "No such item", "Only images of items in the review queue are served.")
     verdict = item.verdict
@@ -291,7 +299,7 @@ async def image(ctx: _Context) -> Response:
         data = await ctx.console.store.fetch(verdict.bucket, verdict.key)
     except Rejected as exc:
         log.warning("image not served: %s", exc, extra={"event_id": verdict.event_id, "reason": exc.reason})
-        return ctx.refuse(_IMAGE_STATUS.get(exc.reason, 502), "Image not served", exc.detail)
+        return ctx.refuse(_IMAGE_STATUS.get(exc.reason, 502), "Image not served", f"{exc.reason}: {exc.detail}")
     if hashlib.sha256(data).hexdigest() != verdict.image_sha256:
         return ctx.refuse(409, "Image changed", "The object's bytes are not the ones that were moderated.")
     response = Response(data, media_type=IMAGE_TYPES.get(verdict.image.format.upper(), "application/octet-stream"))

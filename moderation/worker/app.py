@@ -36,15 +36,15 @@ import faust
 from faust.types import TP, EventT
 from PIL import Image
 
-from moderation.events import BankEntry, DeadLetter, ExplainRequest, Verdict
+from moderation.events import BankEntry, DeadLetter, ExplainRequest, Verdict, utcnow
 from moderation.model import imaging
 from moderation.settings import Settings
-from moderation.worker import cache, metrics, neardup, tracing
+from moderation.worker import cache, metrics, neardup, provenance, tracing
 from moderation.worker.acks import OrderedAcks
 from moderation.worker.budget import ByteBudget, return_large_frees
 from moderation.worker.clients import Clients
 from moderation.worker.crashonly import crash
-from moderation.worker.decisions import bank_record, crops_of, parse_decision
+from moderation.worker.decisions import bank_record, hashes_of, letter_record, parse_decision
 from moderation.worker.dlq import dead_letter_headers
 from moderation.worker.kafka import faust_credentials, faust_transport
 from moderation.worker.pipeline import Backoff, Incoming, Outcome, Pipeline
@@ -141,11 +141,13 @@ def create_app(settings: Settings) -> faust.App:
         try:
             await started.wait()
             async for event in stream.events():
-                where = f"{event.message.topic}[{event.message.partition}]@{event.message.offset}"
-                decision = parse_decision(event.value, where)
-                crops = await crops_of(decision, clients.store, _decoded_for(settings)) if decision else []
-                out = bank_record(settings, decision, crops) if decision is not None else None
-                if decision is not None and out is not None:
+                message = incoming(event)
+                decision = parse_decision(message, utcnow())
+                if isinstance(decision, DeadLetter):
+                    await clients.publisher.publish([letter_record(settings, decision, message)])
+                    continue
+                hashes = await hashes_of(decision, clients.store, _decoded_for(settings))
+                if (out := bank_record(settings, decision, hashes)) is not None:
                     await clients.publisher.publish([out])
                     metrics.DECISIONS_BANKED.labels(decision.decision).inc()
         except asyncio.CancelledError:
@@ -261,6 +263,7 @@ async def start(settings: Settings, clients: Clients, policies: Policies) -> Run
     """Open the clients, build the pipeline, warm what needs warming; the verdict cache and the bank of known
     images are read to their ends; the policy file is watched for edits."""
     s = settings
+    provenance.use_trust_anchors(provenance.trust_anchors(s.c2pa_trust_anchors) if s.c2pa_trust_anchors else None)
     if not return_large_frees():
         log.warning("not glibc: freed pixel buffers may stay resident beyond the decode budget")
     decode_pool = ThreadPoolExecutor(s.decode_threads, thread_name_prefix="decode")

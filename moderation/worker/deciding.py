@@ -63,4 +63,5 @@ def as_match(entry: BankEntry, distance: int) -> Match:
         distance=distance,
         label=entry.label,
         decided_by=entry.decided_by,
+        source=entry.source,
     )

@@ -8,15 +8,19 @@ import asyncio
 import hashlib
 import logging
 from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime
 
 from PIL import Image
 from pydantic import ValidationError
 
 from moderation.errors import Reason, Rejected
-from moderation.events import BankEntry, Decision, Label
+from moderation.events import BankEntry, DeadLetter, Decision, Label, event_id_of
 from moderation.settings import Settings
 from moderation.worker import metrics
-from moderation.worker.neardup import bank_key, crop_hashes
+from moderation.worker.dlq import dead_letter_headers
+from moderation.worker.neardup import bank_key, crop_hashes, dihedral_hashes
+from moderation.worker.pipeline import Incoming, dead_letter
 from moderation.worker.publisher import Record
 from moderation.worker.storage import ImageStore
 
@@ -25,20 +29,35 @@ log = logging.getLogger(__name__)
 DECIDED_LABEL: dict[str, Label] = {"confirm_fake": "fake", "overturn_real": "real"}
 
 
-def parse_decision(value: bytes | None, where: str) -> Decision | None:
-    """The record's Decision; a malformed one is logged and counted, never fatal (a decision is not an upload:
-    it has no dead letter to replay into the uploads topic)."""
+@dataclass(frozen=True)
+class ImageHashes:
+    """A decided image's extra PDQ hashes for its bank entry (none when it cannot be fetched any more)."""
+
+    crops: list[str] = field(default_factory=list)
+    dihedral: list[str] = field(default_factory=list)
+
+
+def parse_decision(message: Incoming, now: datetime) -> Decision | DeadLetter:
+    """The record's Decision, or the dead letter of a record that is not one (its bytes kept, reason
+    invalid_event, never retryable: replaying it cannot make it valid)."""
     try:
-        if not value:
+        if not message.value:
             raise ValueError("null or empty value")
-        return Decision.model_validate_json(value)
+        return Decision.model_validate_json(message.value)
     except (ValidationError, ValueError) as exc:
         metrics.DECISIONS_REFUSED.inc()
-        log.error("decision refused at %s: %s", where, str(exc)[:500])
-        return None
+        log.error("decision refused at %s: %s", message.where, str(exc)[:500])
+        refused = Rejected(Reason.INVALID_EVENT, f"not a Decision: {str(exc)[:1000]}")
+        return dead_letter(message, event_id_of(message.value), refused, None, now)
 
 
-def bank_record(settings: Settings, decision: Decision, crops: list[str]) -> Record | None:
+def letter_record(settings: Settings, letter: DeadLetter, message: Incoming) -> Record:
+    """A refused decision on the dead-letter topic, keyed and headed like the record it answers."""
+    key = message.key if message.key is not None else (letter.event_id or "").encode() or None
+    return Record(settings.topic_dlq, key, letter.to_bytes(), dead_letter_headers(letter, message.headers))
+
+
+def bank_record(settings: Settings, decision: Decision, hashes: ImageHashes) -> Record | None:
     """The bank entry a decision makes, or None (escalations; images without a usable PDQ hash still get
     one, so the decision overrides the verdict for their exact bytes)."""
     label = DECIDED_LABEL.get(decision.decision)
@@ -48,7 +67,8 @@ def bank_record(settings: Settings, decision: Decision, crops: list[str]) -> Rec
         image_sha256=decision.image_sha256,
         pdq=decision.pdq,
         pdq_quality=decision.pdq_quality,
-        pdq_crops=crops if decision.pdq is not None else [],
+        pdq_crops=hashes.crops if decision.pdq is not None else [],
+        pdq_dihedral=hashes.dihedral if decision.pdq is not None else [],
         event_id=decision.event_id,
         tenant=decision.tenant,
         label=label,
@@ -58,16 +78,21 @@ def bank_record(settings: Settings, decision: Decision, crops: list[str]) -> Rec
     return Record(settings.topic_bank, bank_key(entry), entry.to_bytes())
 
 
-async def crops_of(decision: Decision, store: ImageStore, examine: Callable[[bytes], Image.Image]) -> list[str]:
-    """The PDQ hashes of the decided image's crops, so that cropped copies match it too; none when the image
-    cannot be fetched or read any more (its entry then matches uncropped copies and its exact bytes)."""
+async def hashes_of(decision: Decision, store: ImageStore, examine: Callable[[bytes], Image.Image]) -> ImageHashes:
+    """The PDQ hashes of the decided image's crops and of its mirrored and rotated copies, so that such copies
+    match it too; none when the image cannot be fetched or read any more (its entry then matches unchanged
+    copies and its exact bytes)."""
     if decision.pdq is None or decision.decision not in DECIDED_LABEL or not (decision.bucket and decision.key):
-        return []
+        return ImageHashes()
     try:
         data = await store.fetch(decision.bucket, decision.key)
         if hashlib.sha256(data).hexdigest() != decision.image_sha256:
             raise Rejected(Reason.CHECKSUM_MISMATCH, "the object changed since it was reviewed")
-        return await asyncio.to_thread(lambda: crop_hashes(examine(data)))
+        return await asyncio.to_thread(_hashes, examine(data))
     except Rejected as exc:
         log.warning("decision %s banked without crop hashes: %s", decision.event_id, exc.detail)
-        return []
+        return ImageHashes()
+
+
+def _hashes(image: Image.Image) -> ImageHashes:
+    return ImageHashes(crop_hashes(image), dihedral_hashes(image))

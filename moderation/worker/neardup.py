@@ -4,7 +4,8 @@ PDQ (Meta's perceptual hash, as HMA uses it, through the `pdqhash` binding) turn
 that move little under re-encoding and resizing, so a re-upload of a known fake lands within a few dozen
 bits of the banked original while unrelated images sit near 128. Cropping moves PDQ much more, so a bank
 entry also carries the hashes of its centred crops (`crop_hashes`, computed once when it is banked) and
-an upload matches the nearest of them. Hashes of quality below 50 (flat or featureless images) are
+an upload matches the nearest of them; so are the hashes of its mirrored and rotated copies (`pdq_dihedral`).
+Hashes of quality below 50 (flat or featureless images) are
 unreliable and never match, as in HMA.
 
 The bank is every worker's in-memory copy of the compacted hash-bank topic (keyed by image sha256), read
@@ -52,7 +53,21 @@ REVIEW_PREFERENCE_BITS = 4
 # so a bank entry carries the hashes of its centred crops in steps of 1% (each ~10 ms to compute).
 CROP_LEVELS = (0.01, 0.02, 0.03, 0.04, 0.05, 0.06, 0.07, 0.08)
 
-_RANK = {"review": 0, "provenance": 1, "match": 2, "model": 3}  # lower outranks higher
+_RANK = {"review": 0, "provenance": 1, "match": 2, "import": 3, "model": 4}  # lower outranks higher
+# Mirrored and rotated copies: PDQ of a mirrored image is ~128 bits from the original's. The bank stores the
+# seven other orientations of a decided image: bench/neardup.py measured lookups 1.7-1.8x the bank without them
+# at 10k and 100k entries, where looking up an upload's eight orientations costs 8x (and compute_dihedral 2.9x
+# compute on every upload). A shared list's hashes come without their image, so only their own orientation.
+_DIHEDRAL = (
+    Image.Transpose.FLIP_LEFT_RIGHT,
+    Image.Transpose.FLIP_TOP_BOTTOM,
+    Image.Transpose.ROTATE_90,
+    Image.Transpose.ROTATE_180,
+    Image.Transpose.ROTATE_270,
+    Image.Transpose.TRANSPOSE,
+    Image.Transpose.TRANSVERSE,
+)
+IMPORTED_KEY_PREFIX = "import:"
 _WORDS = 4  # 256 bits as four uint64 words
 
 
@@ -70,6 +85,13 @@ def crop_hashes(image: Image.Image) -> list[str]:
         (round(width * f), round(height * f), width - round(width * f), height - round(height * f)) for f in CROP_LEVELS
     ]
     return [_pdq(rgb.crop(box))[0] for box in boxes]
+
+
+def dihedral_hashes(image: Image.Image) -> list[str]:
+    """PDQ hashes of the image mirrored, flipped, rotated by 90/180/270 degrees and transposed: for its bank
+    entry, so that such a copy is matched. Hashed as pdq_of hashes an upload so that the two stay comparable."""
+    rgb = _prepared(image)
+    return [_pdq(rgb.transpose(t))[0] for t in _DIHEDRAL]
 
 
 def _prepared(image: Image.Image) -> Image.Image:
@@ -135,7 +157,7 @@ class HashBank:
     """
 
     def __init__(self, capacity: int = 1024) -> None:
-        self._held: dict[str, int] = {}  # image_sha256 -> id of its entry
+        self._held: dict[str, int] = {}  # slot (image_sha256, or an imported hash's key) -> id of its entry
         self._entries: list[BankEntry | None] = []  # by id; None once replaced or forgotten
         self._spans: list[tuple[int, int]] = []  # by id: its rows
         self._hashes = np.zeros((capacity, _WORDS), dtype=np.uint64)
@@ -149,36 +171,44 @@ class HashBank:
     def add(self, entry: BankEntry) -> bool:
         """Store the entry unless the bank holds a decision that outranks it for the same image (a review
         over a model's); say whether it was stored."""
-        held = self.by_sha256(entry.image_sha256)
+        slot = _slot(entry)
+        held = self._entry(slot)
         if held is not None:
             if _RANK[entry.decided_by] > _RANK[held.decided_by]:
                 return False
-            self._drop(self._held[entry.image_sha256])
+            self._drop(self._held[slot])
         # Without a PDQ hash (too flat an image, or none computed) an entry still decides its exact bytes.
-        found = [h for h in (entry.pdq, *entry.pdq_crops) if h is not None] if entry.pdq is not None else []
+        found = [entry.pdq, *entry.pdq_crops, *entry.pdq_dihedral] if entry.pdq is not None else []
         start, stop = self._rows, self._rows + len(found)
         self._grow(stop)
         ident = len(self._entries)
         if found:
             self._hashes[start:stop] = np.stack([_words(h) for h in found])
-            self._owner[start:stop], self._quality[start:stop] = ident, entry.pdq_quality or 0
+            self._owner[start:stop], self._quality[start:stop] = ident, _quality(entry)
         self._entries.append(entry)
         self._spans.append((start, stop))
-        self._held[entry.image_sha256], self._rows = ident, stop
+        self._held[slot], self._rows = ident, stop
         if self._dead > max(1024, self._rows // 2):
             self._compact()
         metrics.BANK_ENTRIES.set(len(self._held))
         return True
 
-    def remove(self, sha256: str) -> None:
-        """Forget an image (a tombstone on the bank topic)."""
-        ident = self._held.pop(sha256, None)
+    def remove(self, slot: str) -> None:
+        """Forget an image, or an imported hash by its key (a tombstone on the bank topic)."""
+        ident = self._held.pop(slot, None)
         if ident is not None:
             self._drop(ident)
         metrics.BANK_ENTRIES.set(len(self._held))
 
     def by_sha256(self, sha256: str) -> BankEntry | None:
-        ident = self._held.get(sha256)
+        return self._entry(sha256)
+
+    def entries(self) -> list[BankEntry]:
+        """Every live entry, oldest first (for exporting and removing hash lists)."""
+        return [e for e in self._entries if e is not None]
+
+    def _entry(self, slot: str) -> BankEntry | None:
+        ident = self._held.get(slot)
         return None if ident is None else self._entries[ident]
 
     def nearest(
@@ -201,10 +231,18 @@ class HashBank:
             closest[ident] = min(distance, closest.get(ident, distance))
         if not closest:
             return None
+        if any(self._decided_by(ident) == "review" for ident in closest):
+            # A reviewer here outranks any other platform's list, however close its hash.
+            closest = {ident: d for ident, d in closest.items() if self._decided_by(ident) != "import"}
         best = min(closest, key=lambda ident: self._preference(ident, closest[ident]))
         entry = self._entries[best]
         assert entry is not None  # live rows belong to live entries
         return entry, closest[best]
+
+    def _decided_by(self, ident: int) -> str:
+        entry = self._entries[ident]
+        assert entry is not None
+        return entry.decided_by
 
     def _preference(self, ident: int, distance: int) -> tuple[int, int, float]:
         entry = self._entries[ident]
@@ -232,7 +270,7 @@ class HashBank:
         starts = np.searchsorted(self._owner[: len(live)], np.arange(len(kept) + 1))
         spans = [(int(a), int(b)) for a, b in itertools.pairwise(starts.tolist())]
         self._spans, self._rows, self._dead = spans, len(live), 0
-        self._held = {entry.image_sha256: i for i, entry in enumerate(self._entries) if entry is not None}
+        self._held = {_slot(entry): i for i, entry in enumerate(self._entries) if entry is not None}
 
     def _grow(self, size: int) -> None:
         if size <= len(self._hashes):
@@ -252,9 +290,25 @@ class Refusal(StrEnum):
     KEY_MISMATCH = "key_mismatch"
 
 
+def _slot(entry: BankEntry) -> str:
+    """Where the bank holds an entry: its image's sha256 (a review and a model flag of one image compete for it),
+    or an imported hash's own key, so that no list can take a reviewer's place."""
+    return entry.image_sha256 if entry.image_sha256 is not None else bank_key(entry).decode()
+
+
+def _quality(entry: BankEntry) -> int:
+    # A shared list carries no quality: its maker hashed the image and kept only hashes worth matching.
+    if entry.pdq_quality is None and entry.decided_by == "import":
+        return 100
+    return entry.pdq_quality or 0
+
+
 def bank_key(entry: BankEntry) -> bytes:
     """The record key of an entry on the compacted bank topic: the image's sha256, or `<sha256>:model` for a
-    banked model flag, so that compaction never replaces a reviewer's entry with a model's."""
+    banked model flag, so that compaction never replaces a reviewer's entry with a model's; an imported hash is
+    `import:<source>:<pdq>`, so that a list can be removed by its source."""
+    if entry.image_sha256 is None:
+        return f"{IMPORTED_KEY_PREFIX}{entry.source}:{entry.pdq}".encode()
     suffix = ":model" if entry.decided_by == "model" else ""
     return f"{entry.image_sha256}{suffix}".encode()
 
@@ -263,7 +317,9 @@ def put_record(bank: HashBank, key: bytes | None, value: bytes | None) -> Refusa
     """A record of the bank topic: a tombstone forgets what its key held; an entry is stored only under its own
     key (`bank_key`), so no record can overwrite another image's decision."""
     if value is None:
-        if key is not None:
+        if key is not None and key.startswith(IMPORTED_KEY_PREFIX.encode()):
+            bank.remove(key.decode(errors="replace"))
+        elif key is not None:
             sha256, _, model = key.decode(errors="replace").partition(":")
             held = bank.by_sha256(sha256)
             if held is not None and (held.decided_by == "model") == (model == "model"):

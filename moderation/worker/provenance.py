@@ -11,12 +11,15 @@ import io
 import json
 import logging
 import os
+import re
 import threading
 import zlib
+from pathlib import Path
 from typing import Any, NamedTuple
 from xml.etree.ElementTree import Element, ParseError
 
 import c2pa
+from cryptography import x509
 from defusedxml import DefusedXmlException
 from defusedxml.ElementTree import fromstring
 from PIL import Image
@@ -56,6 +59,10 @@ MAX_TEXT = 256  # any string copied from the file into the verdict
 MAX_ITEMS = 16  # digitalSourceTypes and error codes kept
 MAX_JPEG_SEGMENTS = 4096
 MAX_PNG_CHUNKS = 20_000  # a 30 MB PNG in 8 KB IDAT chunks has ~4,000; chunks past the cap go unread
+# Ingredients are followed this many manifests deep (a parent, its parents...) and this many in all: a store
+# is the uploader's, and a cycle or a fan of thousands of ingredients must not cost more than a few.
+MAX_INGREDIENT_DEPTH = 8
+MAX_INGREDIENTS = 64
 
 EXIF_SOFTWARE, EXIF_MAKE, EXIF_MODEL = 0x0131, 0x010F, 0x0110
 _JPEG_XMP = b"http://ns.adobe.com/xap/1.0/\x00"
@@ -78,7 +85,8 @@ C2PA_MIME = {
 # segment, a PNG caBX chunk, or elsewhere the JUMBF superbox label "c2pa" that every embedded store carries.
 _MANIFEST_STORE_LABEL = b"c2pa"
 # Remote manifests and OCSP would make the worker fetch URLs chosen by the uploader: never.
-_READER_SETTINGS = {"verify": {"remote_manifest_fetch": False, "ocsp_fetch": False}}
+_VERIFY = {"remote_manifest_fetch": False, "ocsp_fetch": False}
+_PEM_CERTIFICATE = re.compile(rb"-----BEGIN CERTIFICATE-----\r?\n[A-Za-z0-9+/=\r\n]+?-----END CERTIFICATE-----")
 
 UNREADABLE = "moderation.manifestUnreadable"  # our codes next to c2pa's own (assertion.dataHash.mismatch...)
 INTERNAL_ERROR = "moderation.internalError"
@@ -106,9 +114,14 @@ def read_provenance(data: bytes, fmt: str) -> Provenance | None:
         exif_software=software,
         exif_make=make,
         exif_model=model,
-        declares_ai=any(_canonical(kind) in AI_SOURCE_TYPES for kind in [*c2pa_types, iptc or ""]),
+        declares_ai=any(map(_declares_ai, [*c2pa_types, iptc or ""])),
         declares_capture=bool(evidence and evidence.valid and DIGITAL_CAPTURE in map(_canonical, c2pa_types)),
+        ingredient_declares_ai=bool(evidence and any(map(_declares_ai, evidence.ingredient_source_types))),
     )
+
+
+def _declares_ai(kind: str) -> bool:
+    return _canonical(kind) in AI_SOURCE_TYPES
 
 
 def read_c2pa(data: bytes, fmt: str) -> C2paEvidence | None:
@@ -135,7 +148,8 @@ def evidence_from_store(store: dict[str, Any]) -> C2paEvidence:
     """C2paEvidence from c2pa's manifest store JSON (Reader.json())."""
     state = str(store.get("validation_state") or "Invalid")
     valid = state in ("Valid", "Trusted")
-    manifest = (store.get("manifests") or {}).get(store.get("active_manifest")) or {}
+    manifests = store.get("manifests") or {}
+    manifest = manifests.get(store.get("active_manifest")) or {}
     return C2paEvidence(
         validation_state=state,
         valid=valid,
@@ -143,7 +157,34 @@ def evidence_from_store(store: dict[str, Any]) -> C2paEvidence:
         signer=_text((manifest.get("signature_info") or {}).get("issuer")),
         digital_source_types=_action_source_types(manifest),
         errors=[] if valid else _failure_codes(store),
+        ingredient_source_types=_ingredient_source_types(manifest, manifests),
     )
+
+
+def _ingredient_source_types(manifest: dict[str, Any], manifests: dict[str, Any]) -> list[str]:
+    """The digitalSourceTypes declared by the manifests of a manifest's ingredients, breadth first, each
+    manifest read once, within MAX_INGREDIENT_DEPTH and MAX_INGREDIENTS. An ingredient without a manifest of
+    its own (a plain file placed in the image) declares nothing."""
+    kinds: list[str] = []
+    seen: set[str] = set()
+    level = [manifest]
+    for _ in range(MAX_INGREDIENT_DEPTH):
+        parents = []
+        for child in level:
+            for label in _ingredient_manifests(child):
+                if label in seen or len(seen) >= MAX_INGREDIENTS or not isinstance(manifests.get(label), dict):
+                    continue
+                seen.add(label)
+                parents.append(manifests[label])
+                kinds += [kind for kind in _action_source_types(manifests[label]) if kind not in kinds]
+        level = parents
+    return kinds[:MAX_ITEMS]
+
+
+def _ingredient_manifests(manifest: dict[str, Any]) -> list[str]:
+    ingredients = manifest.get("ingredients") or []
+    labels = [i.get("active_manifest") for i in ingredients[:MAX_INGREDIENTS] if isinstance(i, dict)]
+    return [label for label in labels if isinstance(label, str)]
 
 
 def _claim_generator(manifest: dict[str, Any]) -> str | None:
@@ -177,8 +218,30 @@ def _failure_codes(store: dict[str, Any]) -> list[str]:
     return list(dict.fromkeys(codes))[:MAX_ITEMS] or ["moderation.invalidWithoutCode"]
 
 
+def trust_anchors(path: Path) -> str:
+    """The PEM certificates of a trust-anchor file, as c2pa takes them. The C2PA conformance trust list is a PEM
+    bundle with each certificate's subject and issuer as text around it: only the certificates are kept, and
+    each must parse. ValueError for a file with none or with one that does not parse."""
+    blocks = _PEM_CERTIFICATE.findall(path.read_bytes())
+    if not blocks:
+        raise ValueError(f"{path}: no PEM certificate (MODERATION_C2PA_TRUST_ANCHORS)")
+    for block in blocks:
+        x509.load_pem_x509_certificate(block)  # ValueError names what is wrong with it
+    return "\n".join(block.decode("ascii") for block in blocks) + "\n"
+
+
 _context_lock = threading.Lock()
 _context: tuple[int, c2pa.Context] | None = None
+_reader_settings: dict[str, Any] = {"verify": _VERIFY}
+
+
+def use_trust_anchors(pem: str | None) -> None:
+    """Read every manifest from now on against these anchors (None: no trust list, Valid at best). Called once
+    at start, before the decode threads read anything."""
+    global _context, _reader_settings
+    with _context_lock:
+        _reader_settings = {"verify": _VERIFY} | ({"trust": {"trust_anchors": pem}} if pem else {})
+        _context = None
 
 
 def _reader_context() -> c2pa.Context:
@@ -187,7 +250,7 @@ def _reader_context() -> c2pa.Context:
     global _context
     with _context_lock:
         if _context is None or _context[0] != os.getpid():
-            _context = (os.getpid(), c2pa.Context.from_dict(_READER_SETTINGS))
+            _context = (os.getpid(), c2pa.Context.from_dict(_reader_settings))
         return _context[1]
 
 

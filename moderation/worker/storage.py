@@ -50,6 +50,8 @@ class S3Store:
     async def fetch(self, bucket: str, key: str) -> bytes:
         if bucket not in self._allowed:
             raise Rejected(Reason.FORBIDDEN_BUCKET, f"bucket {bucket!r} is not in MODERATION_S3_ALLOWED_BUCKETS")
+        if has_dot_segments(key):
+            raise Rejected(Reason.UNSAFE_KEY, f"object key {key[:200]!r} has a '.' or '..' path segment")
         cap = self._settings.s3_max_object_bytes
         try:
             response = await self._client.get_object(Bucket=bucket, Key=key)
@@ -67,6 +69,12 @@ class S3Store:
         if len(data) > cap:
             raise Rejected(Reason.TOO_LARGE, f"object exceeds the cap of {cap} bytes")
         return data
+
+
+def has_dot_segments(key: str) -> bool:
+    """Whether a `/`-separated segment of the key is `.` or `..` (RFC 3986 dot segments, which URL handling
+    removes: `a/../b` would be fetched as `b`)."""
+    return any(segment in (".", "..") for segment in key.split("/"))
 
 
 def _classify(exc: ClientError, bucket: str, key: str) -> Rejected:
