@@ -219,8 +219,9 @@ class Settings(BaseSettings):
     max_inflight_batches: int = Field(
         4,
         ge=1,
-        description="Batches moderated and published at once (acks stay in stream order); "
-        "images in flight to the detector are at most this times the batch size.",
+        description="Batches moderated at once (fetched, decoded, judged); up to twice as many are taken while "
+        "the earlier ones wait for the broker to acknowledge their outcomes. Acks stay in stream order; images "
+        "in flight to the detector are at most this times the batch size.",
     )
 
     # Explainer (`moderation explainer`)

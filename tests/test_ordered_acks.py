@@ -28,7 +28,7 @@ async def test_batches_finishing_out_of_order_are_acked_in_order() -> None:
     gates = [asyncio.Event() for _ in range(3)]
 
     def work(i: int) -> Any:
-        async def run() -> None:
+        async def run(_release: Any = None) -> None:
             await gates[i].wait()
 
         return run
@@ -51,7 +51,7 @@ async def test_submit_waits_while_the_limit_is_in_flight() -> None:
     started: list[int] = []
 
     def work(i: int) -> Any:
-        async def run() -> None:
+        async def run(_release: Any = None) -> None:
             started.append(i)
             await release.wait()
 
@@ -73,10 +73,10 @@ async def test_a_failed_batch_leaves_itself_and_later_batches_unacked_and_is_rai
     acks = OrderedAcks(recorder.ack, limit=2)
     fail = asyncio.Event()
 
-    async def ok() -> None:
+    async def ok(_release: Any = None) -> None:
         return None
 
-    async def broken() -> None:
+    async def broken(_release: Any = None) -> None:
         await fail.wait()
         raise ConnectionError("the broker never acknowledged")
 
@@ -95,7 +95,7 @@ async def test_a_failure_is_reported_at_once_even_while_nothing_is_submitted() -
     failures: list[BaseException] = []
     acks = OrderedAcks(Recorder().ack, limit=2, on_failure=failures.append)
 
-    async def broken() -> None:
+    async def broken(_release: Any = None) -> None:
         raise ConnectionError("not acknowledged")
 
     await acks.submit(["a"], broken)
@@ -109,7 +109,7 @@ async def test_stalled_only_while_events_wait_and_no_ack_moves() -> None:
     acks = OrderedAcks(recorder.ack, limit=2, clock=lambda: now[0])
     release = asyncio.Event()
 
-    async def slow() -> None:
+    async def slow(_release: Any = None) -> None:
         await release.wait()
 
     now[0] = 1000.0
@@ -129,10 +129,10 @@ async def test_drain_gives_up_after_its_grace_and_counts_what_is_left() -> None:
     acks = OrderedAcks(recorder.ack, limit=3)
     never = asyncio.Event()
 
-    async def ok() -> None:
+    async def ok(_release: Any = None) -> None:
         return None
 
-    async def stuck() -> None:
+    async def stuck(_release: Any = None) -> None:
         await never.wait()
 
     await acks.submit(["done"], ok)
@@ -140,3 +140,31 @@ async def test_drain_gives_up_after_its_grace_and_counts_what_is_left() -> None:
     await acks.submit(["behind"], ok)
     assert await acks.drain(0.05) == 3
     assert recorder.acked == ["done"]
+
+
+async def test_a_batch_that_releases_its_slot_lets_the_next_start_before_it_is_acked() -> None:
+    """Once a batch's images are judged it gives its slot back and only waits for the broker: the next batch
+    starts at once, acks stay in order, and no more than twice the limit are ever taken and not acked."""
+    recorder = Recorder()
+    acks = OrderedAcks(recorder.ack, limit=1)
+    published = asyncio.Event()
+    started: list[int] = []
+
+    def work(i: int) -> Any:
+        async def run(release: Any) -> None:
+            started.append(i)
+            release()
+            release()  # at most once, however often it is called
+            await published.wait()
+
+        return run
+
+    await acks.submit([0], work(0))
+    await acks.submit([1], work(1))  # batch 0 released its slot: no wait
+    third = asyncio.create_task(acks.submit([2], work(2)))
+    await asyncio.sleep(0.01)
+    assert started == [0, 1] and not third.done() and recorder.acked == []  # two taken, none acked: full
+    published.set()
+    await third
+    await acks.close()
+    assert recorder.acked == [0, 1, 2] and started == [0, 1, 2]

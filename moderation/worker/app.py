@@ -7,9 +7,10 @@ builds the pipeline with its policy, cache and decode pool; `moderate_and_publis
 
 Offsets: the agent takes batches without acking (`noack_take`) and acks an event only after the
 broker acknowledged every outcome published for it, so a committed offset always means a delivered
-outcome. Up to MODERATION_MAX_INFLIGHT_BATCHES batches are moderated and published at once (while one
-waits on S3, Triton or the broker, the next is already fetched), but acks go out strictly in the
-order the batches were taken (`moderation.worker.acks`). For the same reason agent concurrency stays 1.
+outcome. Up to MODERATION_MAX_INFLIGHT_BATCHES batches are moderated at once (while one waits on S3 or
+Triton, the next is already fetched), and a batch whose images are judged gives its slot to the next while
+it waits for the broker (at most twice as many batches taken and not acked), but acks go out strictly in
+the order the batches were taken (`moderation.worker.acks`). For the same reason agent concurrency stays 1.
 
 Crash-only: anything that escapes a batch (a bug, outcomes the broker would not take after every retry)
 ends the process (`moderation.worker.crashonly`); on SIGTERM the batches in flight get MODERATION_SHUTDOWN_GRACE_S
@@ -114,8 +115,8 @@ def create_app(settings: Settings) -> faust.App:
         )
         acking.append(in_flight)
 
-        async def handle(events: list[EventT]) -> None:
-            await moderate_and_publish(settings, worker, clients, [incoming(event) for event in events])
+        async def handle(events: list[EventT], moderated: Callable[[], None]) -> None:
+            await moderate_and_publish(settings, worker, clients, [incoming(event) for event in events], moderated)
 
         try:
             async for events in batches:
@@ -182,11 +183,19 @@ def create_app(settings: Settings) -> faust.App:
     return app
 
 
-async def moderate_and_publish(settings: Settings, worker: Running, clients: Clients, messages: list[Incoming]) -> None:
-    """One batch: moderate it, offer its verdicts to the cache topic, publish its outcomes (each event traced)."""
+async def moderate_and_publish(
+    settings: Settings,
+    worker: Running,
+    clients: Clients,
+    messages: list[Incoming],
+    moderated: Callable[[], None] = lambda: None,
+) -> None:
+    """One batch: moderate it, offer its verdicts to the cache topic, publish its outcomes (each event traced).
+    `moderated()` once its images are judged and let go: the next batch may start while this one publishes."""
     with tracing.processing(messages) as contexts:
         traced = [dataclasses.replace(m, trace=c) for m, c in zip(messages, contexts, strict=True)]
         outcomes = await worker.pipeline.moderate_batch(traced)
+        moderated()
         tracing.record_outcomes(contexts, outcomes)
         if worker.pipeline.cache is not None:  # a worker with the cache off neither reads nor feeds its topic
             clients.cache_feed.offer(outcomes)
