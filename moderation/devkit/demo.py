@@ -28,7 +28,7 @@ from moderation.devkit import localstack, provenance_samples
 from moderation.devkit.checkpoints import default_checkpoint
 from moderation.devkit.samples import bad_uploads
 from moderation.devkit.synthetic import write_images
-from moderation.events import Decision, Verdict
+from moderation.events import DeadLetter, Decision, Verdict
 from moderation.settings import Settings
 from moderation.worker.kafka import aiokafka_options
 from moderation.worker.storage import s3_client_args
@@ -187,9 +187,7 @@ def explanations_round(settings: Settings, outcomes: Outcomes, console: Console)
             after = f"{(e.explained_at - e.verdict_decided_at).total_seconds():.1f} s"
             table.add_row(name, f"{verdict.label} {verdict.score:.3f}", after, _preview(e.explanation, 70))
         elif (letter := failed.get(event_id)) is not None:
-            table.add_row(
-                name, verdict.label, "-", Text.assemble((letter.reason, "red"), ": ", _preview(letter.detail, 60))
-            )
+            table.add_row(name, verdict.label, "-", _why_dead(letter))
         else:
             table.add_row(name, verdict.label, "-", Text("(none within 180 s)", "red"))
     console.print(table)
@@ -277,9 +275,7 @@ def outcome_table(outcomes: Outcomes, names: dict[str, str]) -> Table:
     for letter_id, letters in sorted(outcomes.dead_letters.items(), key=lambda item: str(item[0])):
         for letter in letters[-1:] if letter_id else letters:
             name = names.get(letter_id or "") or letter_id or "(unparseable)"
-            table.add_row(
-                name, "dead letter", "-", Text.assemble((letter.reason, "red"), ": ", _preview(letter.detail, 60))
-            )
+            table.add_row(name, "dead letter", "-", _why_dead(letter))
     return table
 
 
@@ -291,6 +287,10 @@ def _narrow_table(title: str, *columns: str) -> Table:
         table.add_column(column, no_wrap=True)
     table.add_column(columns[-1], overflow="fold")
     return table
+
+
+def _why_dead(letter: DeadLetter) -> Text:
+    return Text.assemble((letter.reason, "red"), ": ", _preview(letter.detail, 60))
 
 
 def _preview(text: str, limit: int) -> str:
