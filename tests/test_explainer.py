@@ -11,10 +11,10 @@ from moderation.errors import Reason, Rejected
 from moderation.events import DeadLetter, ExplainRequest, Explanation, ImageInfo, ModelInfo, Timings, Verdict
 from moderation.model.detectors import Detection
 from moderation.settings import Settings
-from moderation.worker.app import records
 from moderation.worker.explainer import Explainer, explained_verdict
-from moderation.worker.pipeline import Backoff, Incoming, Pipeline
+from moderation.worker.pipeline import Backoff, Incoming, Judged, Pipeline
 from moderation.worker.policy import Policies, Policy
+from moderation.worker.routing import records
 
 NOW = datetime(2026, 12, 7, tzinfo=UTC)
 JPEG = encode(draw_image(0, (64, 48)), "JPEG")
@@ -171,13 +171,13 @@ def test_the_cache_learns_an_explanation_only_from_the_verdicts_own_weights() ->
 
 def test_the_worker_publishes_the_request_after_its_verdict_and_only_when_asked() -> None:
     upload = Incoming(value=b"{}", topic=SETTINGS.topic_uploads, partition=0, offset=0)
-    policies = Policies.of(Policy(0.5, 0.8, 0.5))
-    topics = [r.topic for r in records(SETTINGS, verdict(), upload, policies)]
+    policy = Policy(0.5, 0.8, 0.5)
+    topics = [r.topic for r in records(SETTINGS, Judged(verdict(), policy), upload)]
     assert topics[0] == SETTINGS.topic_verdicts and topics[-1] == SETTINGS.topic_explain_requests
-    request = ExplainRequest.model_validate_json(records(SETTINGS, verdict(), upload, policies)[-1].value)
+    request = ExplainRequest.model_validate_json(records(SETTINGS, Judged(verdict(), policy), upload)[-1].value)
     assert request.verdict == verdict()
     quiet = verdict().model_copy(update={"explanation_requested": False})
-    assert SETTINGS.topic_explain_requests not in [r.topic for r in records(SETTINGS, quiet, upload, policies)]
+    assert SETTINGS.topic_explain_requests not in [r.topic for r in records(SETTINGS, Judged(quiet, policy), upload)]
 
 
 async def test_a_verdict_asks_for_its_explanation_within_the_explain_band_only() -> None:

@@ -156,3 +156,34 @@ async def test_an_oversized_message_is_dead_lettered_with_its_start_so_the_broke
     assert letter.payload() == huge[:MAX_DEAD_LETTER_PAYLOAD]
     assert f"first {MAX_DEAD_LETTER_PAYLOAD} of {len(huge)} bytes" in letter.detail
     assert len(letter.to_bytes()) < 1_000_000  # Kafka's default max.message.bytes is 1,048,588
+
+
+async def test_what_is_routed_and_banked_follows_the_policy_that_judged_across_a_reload(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """The policy file is reloaded between judging an upload and publishing its outcome: the verdict's
+    policy_version, its routing and its banking all follow the policy that decided it (the publisher used to
+    ask for the tenant's policy again, and could bank a model flag under a policy that says not to)."""
+    from moderation.settings import Settings
+    from moderation.worker.routing import records
+
+    path = tmp_path / "policy.yaml"
+
+    def write(version: str, banks: str) -> None:
+        path.write_text(f'version: "{version}"\ndefault:\n  match:\n    bank_model_flags: {banks}\n')
+
+    write("banks", "true")
+    settings = Settings()
+    policies = Policies.from_file(path, settings)
+
+    class Reloading(FixedDetector):
+        async def detect(self, crop: np.ndarray) -> Detection:
+            write("does-not-bank", "false")
+            assert policies.reload()
+            return await super().detect(crop)
+
+    judging = Pipeline(MemoryStore({"a.jpg": JPEG}), Reloading(0.95), policies, 10**7, backoff=FAST, clock=lambda: NOW)
+    [judged] = await judging.judge_batch([message(event("e1"))])
+    verdict = judged.outcome
+    assert policies.default.version == "does-not-bank"
+    assert isinstance(verdict, Verdict) and verdict.action == "flag" and verdict.decided_by == "model"
+    assert judged.policy is not None and verdict.policy_version == judged.policy.version == "banks"
+    assert settings.topic_bank in [r.topic for r in records(settings, judged, message(event("e1")))]

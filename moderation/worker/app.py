@@ -3,7 +3,7 @@ batch -> verdicts / flagged / dead letters.
 
 `create_app` declares the topics and the agent; `start` opens the clients (`moderation.worker.clients`) and
 builds the pipeline with its policy, cache and decode pool; `moderate_and_publish` is one batch's step;
-`records` routes each outcome to its topics.
+`moderation.worker.routing` says where each outcome goes, by the policy that decided it.
 
 Offsets: the agent takes batches without acking (`noack_take`) and acks an event only after the
 broker acknowledged every outcome published for it, so a committed offset always means a delivered
@@ -37,20 +37,18 @@ import faust
 from faust.types import TP, EventT
 from PIL import Image
 
-from moderation.events import BankEntry, DeadLetter, ExplainRequest, Verdict, utcnow
+from moderation.events import DeadLetter, utcnow
 from moderation.model import imaging
 from moderation.settings import Settings
-from moderation.worker import cache, metrics, neardup, provenance, tracing
+from moderation.worker import cache, metrics, neardup, provenance, routing, tracing
 from moderation.worker.acks import OrderedAcks
 from moderation.worker.budget import ByteBudget, return_large_frees
 from moderation.worker.clients import Clients
 from moderation.worker.crashonly import crash
 from moderation.worker.decisions import bank_record, hashes_of, letter_record, parse_decision
-from moderation.worker.dlq import dead_letter_headers
 from moderation.worker.kafka import faust_credentials, faust_transport
-from moderation.worker.pipeline import Backoff, Incoming, Outcome, Pipeline
+from moderation.worker.pipeline import Backoff, Incoming, Pipeline
 from moderation.worker.policy import Policies
-from moderation.worker.publisher import Record
 
 log = logging.getLogger(__name__)
 
@@ -194,63 +192,17 @@ async def moderate_and_publish(
     `moderated()` once its images are judged and let go: the next batch may start while this one publishes."""
     with tracing.processing(messages) as contexts:
         traced = [dataclasses.replace(m, trace=c) for m, c in zip(messages, contexts, strict=True)]
-        outcomes = await worker.pipeline.moderate_batch(traced)
+        judged = await worker.pipeline.judge_batch(traced)
         moderated()
+        outcomes = [j.outcome for j in judged]
         tracing.record_outcomes(contexts, outcomes)
         if worker.pipeline.cache is not None:  # a worker with the cache off neither reads nor feeds its topic
             clients.cache_feed.offer(outcomes)
         with tracing.publishing(contexts):
             await clients.publisher.publish(
-                [
-                    r
-                    for o, m in zip(outcomes, traced, strict=True)
-                    for r in records(settings, o, m, worker.pipeline.policies)
-                ]
+                [r for j, m in zip(judged, traced, strict=True) for r in routing.records(settings, j, m)]
             )
     metrics.record(outcomes)
-
-
-def records(settings: Settings, outcome: Outcome, message: Incoming, policies: Policies) -> list[Record]:
-    """Where one outcome goes: every verdict to verdicts (and flagged, and the review queue, by the policy's
-    action; and the explainer's queue when it wants an explanation); a dead letter
-    to the dlq, keyed and headed like the record it answers, plus why and whence. Each carries its event's
-    `traceparent`. Cache entries are not among them: they go out best effort (`CacheFeed`), never holding up
-    an ack."""
-    value, traced = outcome.to_bytes(), tracing.header_values(message.trace)
-    if isinstance(outcome, DeadLetter):
-        key = message.key if message.key is not None else _encoded(outcome.event_id)
-        headers = dead_letter_headers(outcome, tracing.without_trace_headers(message.headers)) + traced
-        return [Record(settings.topic_dlq, key, value, headers)]
-    key = outcome.event_id.encode()
-    out = [Record(settings.topic_verdicts, key, value, traced)]
-    if outcome.action == "flag":
-        out.append(Record(settings.topic_flagged, key, value, traced))
-    if outcome.action in ("review", "flag"):  # the reviewers' queue
-        out.append(Record(settings.topic_review, key, value, traced))
-    if outcome.explanation_requested:  # after its verdict: an explanation is never out before what it explains
-        request = ExplainRequest(event_id=outcome.event_id, verdict=outcome, requested_at=outcome.decided_at)
-        out.append(Record(settings.topic_explain_requests, key, request.to_bytes(), traced))
-    if outcome.action == "flag" and policies.for_tenant(outcome.tenant).match.bank_model_flags:
-        out.extend(banked_flag(settings, outcome))
-    return out
-
-
-def banked_flag(settings: Settings, verdict: Verdict) -> list[Record]:
-    """A flag the model decided, banked so that near-duplicates match it; keyed apart from the reviewers'
-    entry for the same bytes (`<sha256>:model`), which compaction must never replace."""
-    if verdict.decided_by != "model" or verdict.image.pdq is None:
-        return []
-    entry = BankEntry(
-        image_sha256=verdict.image_sha256,
-        pdq=verdict.image.pdq,
-        pdq_quality=verdict.image.pdq_quality,
-        event_id=verdict.event_id,
-        tenant=verdict.tenant,
-        label=verdict.label,
-        decided_by="model",
-        decided_at=verdict.decided_at,
-    )
-    return [Record(settings.topic_bank, neardup.bank_key(entry), entry.to_bytes())]
 
 
 @dataclass
@@ -326,10 +278,6 @@ def _supervised(work: Coroutine[Any, Any, None], name: str) -> asyncio.Task[None
     task = asyncio.create_task(work, name=name)
     task.add_done_callback(done)
     return task
-
-
-def _encoded(event_id: str | None) -> bytes | None:
-    return event_id.encode() if event_id else None
 
 
 def record_lag(app: faust.App, events: list[EventT]) -> None:

@@ -54,6 +54,16 @@ log = logging.getLogger(__name__)
 
 Outcome = Verdict | DeadLetter
 
+
+@dataclass(frozen=True)
+class Judged:
+    """An outcome and the tenant policy that decided it (None for a dead letter): what is routed and banked
+    follows this very policy, never one reloaded since (its version is the verdict's `policy_version`)."""
+
+    outcome: Outcome
+    policy: Policy | None = None
+
+
 # Images no larger than FakeVLM's own 336x336 input are prepared on the event loop: a 336x336 JPEG costs
 # ~0.8 ms there (libjpeg-turbo, PDQ, provenance), less than handing it to a thread, whose wake-ups and GIL
 # waits (Faust's consumer thread and the decode threads all want it) cost the loop more than the work: with
@@ -125,23 +135,29 @@ class Pipeline:
     decode_budget: ByteBudget | None = None  # bytes of decoded pixels in flight; None: unbounded
 
     async def moderate_batch(self, batch: Sequence[Incoming]) -> list[Outcome]:
-        """One outcome per message, in order. Transient faults (S3 or Triton unavailable) are retried
-        until the deadline; meanwhile the agent takes no new events, which is the backpressure."""
+        """One outcome per message, in order (`judge_batch` without the policies)."""
+        return [judged.outcome for judged in await self.judge_batch(batch)]
+
+    async def judge_batch(self, batch: Sequence[Incoming]) -> list[Judged]:
+        """One outcome per message, in order, with the policy that decided it. Transient faults (S3 or Triton
+        unavailable) are retried until the deadline; meanwhile the agent takes no new events, which is the
+        backpressure."""
         started = time.monotonic()
-        outcomes: dict[int, Outcome] = {}
+        outcomes: dict[int, Judged] = {}
         first_errors: dict[int, datetime] = {}
         pending, attempt = list(range(len(batch))), 0
         while pending:
             attempt += 1
             results = await self._attempt([batch[i] for i in pending], [first_errors.get(i) for i in pending])
             retry = []
-            for i, outcome in zip(pending, results, strict=True):
+            for i, judged in zip(pending, results, strict=True):
+                outcome = judged.outcome
                 if isinstance(outcome, DeadLetter) and outcome.reason in TRANSIENT and not self._late(started):
                     first_errors.setdefault(i, outcome.first_error_at)
                     metrics.RETRIES.labels(str(outcome.reason)).inc()
                     retry.append(i)
                 else:
-                    outcomes[i] = outcome
+                    outcomes[i] = judged
                     _log_outcome(outcome, batch[i])
             if pending := retry:
                 delay = self.backoff.delay(attempt)
@@ -149,7 +165,7 @@ class Pipeline:
                 await asyncio.sleep(delay)
         return [outcomes[i] for i in range(len(batch))]
 
-    async def _attempt(self, messages: Sequence[Incoming], first_errors: Sequence[datetime | None]) -> list[Outcome]:
+    async def _attempt(self, messages: Sequence[Incoming], first_errors: Sequence[datetime | None]) -> list[Judged]:
         """One try at each message. Those answered without I/O (an unreadable event, a trusted cache hit)
         are answered here and then; only the rest become concurrent tasks."""
         quick = [self._without_io(m, f) for m, f in zip(messages, first_errors, strict=True)]
@@ -158,7 +174,7 @@ class Pipeline:
         answers = dict(zip((i for i, _ in slow), judged, strict=True))
         return [answers[i] if isinstance(item, UploadEvent) else item for i, item in enumerate(quick)]
 
-    def _without_io(self, message: Incoming, first_error: datetime | None) -> Outcome | UploadEvent:
+    def _without_io(self, message: Incoming, first_error: datetime | None) -> Judged | UploadEvent:
         """The outcome when no I/O is needed, else the parsed event."""
         event: UploadEvent | None = None
         try:
@@ -170,24 +186,22 @@ class Pipeline:
         except Exception as exc:
             return self._failed(message, event, exc, first_error)
 
-    async def _moderate(self, message: Incoming, event: UploadEvent, first_error: datetime | None) -> Outcome:
+    async def _moderate(self, message: Incoming, event: UploadEvent, first_error: datetime | None) -> Judged:
         try:
             return await self._judge(event, message.trace)
         except Exception as exc:
             return self._failed(message, event, exc, first_error)
 
-    def _failed(
-        self, message: Incoming, event: UploadEvent | None, exc: Exception, first: datetime | None
-    ) -> DeadLetter:
+    def _failed(self, message: Incoming, event: UploadEvent | None, exc: Exception, first: datetime | None) -> Judged:
         if not isinstance(exc, Rejected):  # a bug must cost one event a dead letter, never the worker
             log.error("unexpected error", exc_info=exc, extra={"where": message.where})
             exc = Rejected(Reason.INTERNAL_ERROR, f"{type(exc).__name__}: {exc}")
-        return self._dead_letter(message, event, exc, first)
+        return Judged(self._dead_letter(message, event, exc, first))
 
     def _late(self, started: float) -> bool:
         return time.monotonic() - started >= self.backoff.deadline_s
 
-    async def _judge(self, event: UploadEvent, trace: Context | None) -> Verdict:
+    async def _judge(self, event: UploadEvent, trace: Context | None) -> Judged:
         policy = self.policies.for_tenant(event.tenant)
         started = time.perf_counter()
         with tracing.span_in(trace, "s3 fetch", SpanKind.CLIENT):
@@ -254,7 +268,7 @@ class Pipeline:
         reviewed = self.bank.by_sha256(sha256) if self.bank is not None else None
         return deciding.without_model(policy, provenance, reviewed, match), match
 
-    def _from_cache(self, event: UploadEvent, hit: CacheEntry, policy: Policy, timings: Timings) -> Verdict:
+    def _from_cache(self, event: UploadEvent, hit: CacheEntry, policy: Policy, timings: Timings) -> Judged:
         decided, match = self._evidence(hit.image_sha256, hit.image, hit.provenance, policy)
         decided = decided or deciding.by_model(policy, hit.score, hit.label, match)
         return self._verdict(event, hit, policy, decided, cached=True, timings=timings)
@@ -276,8 +290,8 @@ class Pipeline:
         *,
         cached: bool,
         timings: Timings,
-    ) -> Verdict:
-        return Verdict(
+    ) -> Judged:
+        verdict = Verdict(
             event_id=event.event_id,
             bucket=event.bucket,
             key=event.key,
@@ -301,6 +315,7 @@ class Pipeline:
             match=decided.match,
             policy_version=policy.version,
         )
+        return Judged(verdict, policy)
 
     def _dead_letter(
         self, message: Incoming, event: UploadEvent | None, exc: Rejected, first: datetime | None
