@@ -39,7 +39,7 @@ _SPECIFIC = {
     "S3 client": ("aiobotocore/", "botocore/", "aiohttp/", "worker/storage.py", "yarl/", "multidict/"),
 }
 _CONSUME = {"Kafka consume (Faust, aiokafka)": ("faust/", "mode/", "aiokafka/", "worker/kafka.py", "worker/acks.py")}
-_OURS = {"pipeline (policy, deciding, verdicts)": ("moderation/",)}
+_OURS = {"pipeline (policy, labelling, verdicts)": ("moderation/",)}
 _LOOP = {"event loop": ("asyncio/", "uvloop", "selectors.py", "concurrent/futures", "threading.py")}
 # The innermost Python frame while uvloop runs its loop in C (`run_forever` below the worker's entry point).
 _LOOP_LEAVES = ("Worker.execute_from_commandline", "run_until_complete", "run_forever", "uvloop")

@@ -349,18 +349,18 @@ def eval_set(
 
 
 def _eval_decisions(source: str, env_file: Path | None, out: Path, markdown: Path | None) -> None:
-    from moderation.offline import decisions
+    from moderation.offline import precision
 
     if source == "topic":
         settings = load_settings(env_file)
-        found, bad = _run_or_exit(decisions.read_topic(settings))
+        found, bad = _run_or_exit(precision.read_topic(settings))
         where = f"topic {settings.topic_decisions}"
     else:
-        found, bad = decisions.read_file(Path(source))
+        found, bad = precision.read_file(Path(source))
         where = source
     if bad:
         _warn(f"{bad} records are not Decision messages: skipped")
-    report = decisions.precision_report(found, where)
+    report = precision.precision_report(found, where)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(report.model_dump_json(indent=2) + "\n")
     if markdown is not None:

@@ -16,7 +16,7 @@ from typer.testing import CliRunner
 from moderation import cli
 from moderation.devkit.demo import stop_worker
 from moderation.events import BankEntry, DeadLetter, Decision, utcnow
-from moderation.offline.decisions import ALL, precision_report
+from moderation.offline.precision import ALL, precision_report
 from moderation.worker.kafka import aiokafka_options
 
 SHA = "ab" * 32

@@ -42,10 +42,10 @@ from moderation.model import imaging
 from moderation.settings import Settings
 from moderation.worker import cache, metrics, neardup, provenance, routing, tracing
 from moderation.worker.acks import OrderedAcks
+from moderation.worker.banking import bank_record, hashes_of, letter_record, parse_decision
 from moderation.worker.budget import ByteBudget, return_large_frees
 from moderation.worker.clients import Clients
 from moderation.worker.crashonly import crash
-from moderation.worker.decisions import bank_record, hashes_of, letter_record, parse_decision
 from moderation.worker.kafka import faust_credentials, faust_transport
 from moderation.worker.pipeline import Backoff, Incoming, Pipeline
 from moderation.worker.policy import Policies

@@ -38,7 +38,7 @@ from moderation.events import (
 )
 from moderation.model.detectors import Detector
 from moderation.model.imaging import CROP_SIZE, DEFAULT_FORMATS, Header, read_header
-from moderation.worker import deciding, metrics, tracing
+from moderation.worker import labelling, metrics, tracing
 from moderation.worker.budget import ByteBudget
 from moderation.worker.cache import VerdictCache
 from moderation.worker.dlq import attempts_from
@@ -214,11 +214,11 @@ class Pipeline:
             examined = await self._examine(data)
         decoded = time.perf_counter()
         decided, match = self._evidence(digest, examined.image, examined.provenance, policy)
-        if deciding.skips_model(policy, decided):
+        if labelling.skips_model(policy, decided):
             entry = _unscored(digest, examined, decided, self.clock())
         else:
             entry = await self._detect(digest, examined, trace)
-        decided = decided or deciding.by_model(policy, entry.score, entry.label, match)
+        decided = decided or labelling.by_model(policy, entry.score, entry.label, match)
         return self._verdict(event, entry, policy, decided, cached=False, timings=_timings(started, fetched, decoded))
 
     async def _detect(self, digest: str, examined: Examined, trace: Context | None) -> CacheEntry:
@@ -262,15 +262,15 @@ class Pipeline:
 
     def _evidence(
         self, sha256: str, image: ImageInfo, provenance: Provenance | None, policy: Policy
-    ) -> tuple[deciding.Decided | None, Match | None]:
+    ) -> tuple[labelling.Decided | None, Match | None]:
         """What decides without the model, if anything, and the nearest banked image: one bank lookup each."""
         match = self._match(image, policy)
         reviewed = self.bank.by_sha256(sha256) if self.bank is not None else None
-        return deciding.without_model(policy, provenance, reviewed, match), match
+        return labelling.without_model(policy, provenance, reviewed, match), match
 
     def _from_cache(self, event: UploadEvent, hit: CacheEntry, policy: Policy, timings: Timings) -> Judged:
         decided, match = self._evidence(hit.image_sha256, hit.image, hit.provenance, policy)
-        decided = decided or deciding.by_model(policy, hit.score, hit.label, match)
+        decided = decided or labelling.by_model(policy, hit.score, hit.label, match)
         return self._verdict(event, hit, policy, decided, cached=True, timings=timings)
 
     def _match(self, image: ImageInfo, policy: Policy) -> Match | None:
@@ -279,14 +279,14 @@ class Pipeline:
         if self.bank is None or not rule.enabled or image.pdq is None or (image.pdq_quality or 0) < rule.min_quality:
             return None
         found = self.bank.nearest(image.pdq, rule.max_distance, rule.min_quality, quality=image.pdq_quality or 0)
-        return deciding.as_match(*found) if found is not None else None
+        return labelling.as_match(*found) if found is not None else None
 
     def _verdict(
         self,
         event: UploadEvent,
         entry: CacheEntry,
         policy: Policy,
-        decided: deciding.Decided,
+        decided: labelling.Decided,
         *,
         cached: bool,
         timings: Timings,
@@ -370,7 +370,7 @@ def checked_sha256(data: bytes, expected: str | None) -> str:
     return digest
 
 
-def _unscored(digest: str, examined: Examined, decided: deciding.Decided | None, now: datetime) -> CacheEntry:
+def _unscored(digest: str, examined: Examined, decided: labelling.Decided | None, now: datetime) -> CacheEntry:
     """The entry of an image the policy let be decided without the model: its score is the decision (1 or 0),
     and the model named is none. Never cached: the cache holds what a model said."""
     assert decided is not None

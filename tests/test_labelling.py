@@ -6,7 +6,7 @@ from __future__ import annotations
 from datetime import UTC, datetime
 
 from moderation.events import BankEntry, C2paEvidence, Match, Provenance
-from moderation.worker import deciding
+from moderation.worker import labelling
 from moderation.worker.policy import MatchRule, Policy, ProvenanceRule
 
 NOW = datetime(2026, 11, 29, tzinfo=UTC)
@@ -30,41 +30,41 @@ def match(label: str = "fake", distance: int = 12) -> Match:
 
 
 def test_a_reviewers_decision_on_these_bytes_comes_first() -> None:
-    decided = deciding.without_model(Policy(), AI, reviewed("real"), match("fake"))
+    decided = labelling.without_model(Policy(), AI, reviewed("real"), match("fake"))
     assert decided is not None and (decided.label, decided.action, decided.decided_by) == ("real", "allow", "review")
     assert decided.match is not None and decided.match.distance == 0
-    assert not deciding.skips_model(Policy(provenance=ProvenanceRule(skip_model=True)), decided)
+    assert not labelling.skips_model(Policy(provenance=ProvenanceRule(skip_model=True)), decided)
 
 
 def test_a_model_flag_in_the_bank_is_not_a_review() -> None:
-    assert deciding.without_model(Policy(), None, reviewed("fake", "model"), None) is None
+    assert labelling.without_model(Policy(), None, reviewed("fake", "model"), None) is None
 
 
 def test_declared_ai_labels_fake_unless_the_policy_keeps_it_as_evidence() -> None:
-    decided = deciding.without_model(Policy(), AI, None, None)
+    decided = labelling.without_model(Policy(), AI, None, None)
     assert decided is not None and (decided.label, decided.action, decided.decided_by) == ("fake", "flag", "provenance")
-    assert not deciding.skips_model(Policy(), decided)
-    assert deciding.skips_model(Policy(provenance=ProvenanceRule(skip_model=True)), decided)
+    assert not labelling.skips_model(Policy(), decided)
+    assert labelling.skips_model(Policy(provenance=ProvenanceRule(skip_model=True)), decided)
     assert (
-        deciding.without_model(Policy(provenance=ProvenanceRule(declared_ai="evidence_only")), AI, None, None) is None
+        labelling.without_model(Policy(provenance=ProvenanceRule(declared_ai="evidence_only")), AI, None, None) is None
     )
 
 
 def test_a_capture_claim_never_decides() -> None:
-    assert deciding.without_model(Policy(), CAPTURE, None, None) is None
+    assert labelling.without_model(Policy(), CAPTURE, None, None) is None
 
 
 def test_a_near_duplicate_takes_the_banked_label_or_stays_evidence() -> None:
-    decided = deciding.without_model(Policy(), None, None, match("real"))
+    decided = labelling.without_model(Policy(), None, None, match("real"))
     assert decided is not None and (decided.label, decided.action, decided.decided_by) == ("real", "allow", "match")
     evidence_only = Policy(match=MatchRule(apply="evidence_only"))
-    assert deciding.without_model(evidence_only, None, None, match()) is None
-    by_model = deciding.by_model(evidence_only, 0.9, "fake", match())
+    assert labelling.without_model(evidence_only, None, None, match()) is None
+    by_model = labelling.by_model(evidence_only, 0.9, "fake", match())
     assert (by_model.action, by_model.decided_by, by_model.match) == ("flag", "model", match())
-    assert deciding.without_model(Policy(match=MatchRule(enabled=False)), None, None, match()) is None
+    assert labelling.without_model(Policy(match=MatchRule(enabled=False)), None, None, match()) is None
 
 
 def test_the_model_decides_through_the_tenants_thresholds() -> None:
     strict = Policy(review_threshold=0.1, flag_threshold=0.2)
-    assert deciding.by_model(strict, 0.25, "real").action == "flag"
-    assert deciding.by_model(Policy(), 0.25, "real").action == "allow"
+    assert labelling.by_model(strict, 0.25, "real").action == "flag"
+    assert labelling.by_model(Policy(), 0.25, "real").action == "allow"
