@@ -14,7 +14,6 @@ from typing import Any
 
 import pytest
 from fixtures.console import ConsoleServer
-from pydantic import SecretStr
 
 from moderation.client import event_message, publish, read_outcomes
 from moderation.devkit import localstack
@@ -89,18 +88,9 @@ def test_the_console_serves_any_valid_id_and_key_and_refuses_dot_segments_with_4
 ) -> None:
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
-    from test_review_console import ALICE_TOKEN, produce, verdict_of
+    from test_review_console import ALICE_TOKEN, console_settings, produce, verdict_of
 
-    suffix = uuid.uuid4().hex[:10]
-    settings = lane.settings.model_copy(
-        update={
-            "topic_review": f"review-{suffix}",
-            "topic_decisions": f"decisions-{suffix}",
-            "review_tokens": SecretStr(f"alice:{ALICE_TOKEN}"),
-        }
-    )
-    topics = [settings.topic_review, settings.topic_decisions]
-    asyncio.run(localstack.create_topics(stack.kafka_bootstrap, topics, settings.kafka_topic_partitions))
+    settings, _ = console_settings(lane, stack)
     (image,) = write_samples(tmp_path, 1, seed=4)
     put_good_objects(settings, image)
     good = [verdict_of(e, image, action="flag") for e in events_for(settings, image, GOOD, "")]

@@ -303,16 +303,8 @@ def verdict_of(event: UploadEvent, path: Path, **values: Any) -> Verdict:
     )
 
 
-@pytest.mark.integration
-@pytest.mark.slow
-def test_console_shows_a_flagged_upload_and_records_a_keyboard_decision(
-    lane: Lane, stack: localstack.StackInfo, browser: Any, tmp_path: Path
-) -> None:
-    from selenium.webdriver.common.action_chains import ActionChains
-    from selenium.webdriver.common.by import By
-    from selenium.webdriver.common.keys import Keys
-    from selenium.webdriver.support.ui import WebDriverWait
-
+def console_settings(lane: Lane, stack: localstack.StackInfo) -> tuple[Settings, str]:
+    """The lane's settings with review and decisions topics of their own (created) and alice's token."""
     suffix = uuid.uuid4().hex[:10]
     settings = lane.settings.model_copy(
         update={
@@ -323,6 +315,20 @@ def test_console_shows_a_flagged_upload_and_records_a_keyboard_decision(
     )
     topics = [settings.topic_review, settings.topic_decisions]
     asyncio.run(localstack.create_topics(stack.kafka_bootstrap, topics, settings.kafka_topic_partitions))
+    return settings, suffix
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_console_shows_a_flagged_upload_and_records_a_keyboard_decision(
+    lane: Lane, stack: localstack.StackInfo, browser: Any, tmp_path: Path
+) -> None:
+    from selenium.webdriver.common.action_chains import ActionChains
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    settings, suffix = console_settings(lane, stack)
     outside = f"outside-{suffix}"
     localstack.create_bucket(stack, outside)
     flagged_file, review_file, outside_file = write_samples(tmp_path / "images", 3, seed=7)
