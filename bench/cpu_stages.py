@@ -35,10 +35,12 @@ _SPECIFIC = {
     "tracing": ("worker/tracing.py", "opentelemetry/"),
     "metrics": ("worker/metrics.py", "prometheus_client/"),
     "logging": ("logging/__init__.py", "moderation/logs.py"),
-    "producer": ("worker/publisher.py", "aiokafka/producer/", "producer.send", "murmur2"),
-    "S3 client": ("aiobotocore/", "botocore/", "aiohttp/", "worker/storage.py", "yarl/", "multidict/"),
+    "producer": ("adapters/publisher.py", "aiokafka/producer/", "producer.send", "murmur2"),
+    "S3 client": ("aiobotocore/", "botocore/", "aiohttp/", "adapters/s3.py", "yarl/", "multidict/"),
 }
-_CONSUME = {"Kafka consume (Faust, aiokafka)": ("faust/", "mode/", "aiokafka/", "worker/kafka.py", "worker/acks.py")}
+_CONSUME = {
+    "Kafka consume (Faust, aiokafka)": ("faust/", "mode/", "aiokafka/", "worker/transport.py", "worker/acks.py")
+}
 _OURS = {"pipeline (policy, labelling, verdicts)": ("moderation/",)}
 _LOOP = {"event loop": ("asyncio/", "uvloop", "selectors.py", "concurrent/futures", "threading.py")}
 # The innermost Python frame while uvloop runs its loop in C (`run_forever` below the worker's entry point).

@@ -39,6 +39,8 @@ from aiobotocore.config import AioConfig
 from aiobotocore.session import get_session
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
+from moderation.adapters.kafka import aiokafka_options
+from moderation.adapters.s3 import s3_client_args
 from moderation.client import event_message, publish, upload_images
 from moderation.devkit import localstack
 from moderation.devkit.demo import settings_for, stop_worker
@@ -47,8 +49,6 @@ from moderation.devkit.samples import draw_image, encode
 from moderation.events import UploadEvent
 from moderation.model.imaging import prepare
 from moderation.settings import Settings
-from moderation.worker.kafka import aiokafka_options
-from moderation.worker.storage import s3_client_args
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from cpu_stages import Recording, table  # a sibling script, not a package

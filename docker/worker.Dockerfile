@@ -1,8 +1,9 @@
 # syntax=docker/dockerfile:1
 # The worker image: `moderation worker` (and the other `moderation` commands, e.g. `dlq replay`, and `hf`
-# for the weights Job; `model build-tiny` with LOCK=worker-model). CPU only; FakeVLM runs in Triton.
-# Build from the repository root:
+# for the weights Job; `model build-tiny` with LOCK=worker-model). CPU only; FakeVLM runs in Triton. With
+# LOCK=review, the review console's image (`review serve`), without Faust. Build from the repository root:
 #   docker build -f docker/worker.Dockerfile -t registry.example.com/moderation/worker:0.1.0 .
+#   docker build -f docker/worker.Dockerfile --build-arg LOCK=review -t registry.example.com/moderation/review:0.1.0 .
 ARG PYTHON_VERSION=3.11
 
 FROM python:${PYTHON_VERSION}-slim-bookworm AS build
@@ -14,9 +15,10 @@ RUN python -m venv /opt/moderation
 ENV PATH=/opt/moderation/bin:$PATH
 WORKDIR /src
 # Every dependency from a hashed lock (docker/requirements/, generated from pyproject.toml by its compile.sh).
-# LOCK=worker (the default): the core dependencies and `hf`; no torch, no transformers (FakeVLM runs in
-# Triton). LOCK=worker-model: also the `model` extra, for MODERATION_DETECTOR=inprocess and `moderation model
-# build-tiny` (dev's Triton init container), with PyTorch's CPU build from TORCH_INDEX_URL (PyPI's Linux
+# LOCK=worker (the default): the core dependencies, Faust and `hf`; no torch, no transformers (FakeVLM runs
+# in Triton). LOCK=review: the core dependencies and the review console's, no Faust. LOCK=worker-model: also
+# the `model` extra, for MODERATION_DETECTOR=inprocess and `moderation model build-tiny` (dev's Triton init
+# container), with PyTorch's CPU build from TORCH_INDEX_URL (PyPI's Linux
 # torch would pull several GB of CUDA wheels): pinned by version, not by hash (docker/README.md).
 ARG LOCK=worker
 ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu

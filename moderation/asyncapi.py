@@ -18,6 +18,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import TypeAdapter
 
+from moderation.adapters.deadletters import ATTEMPTS_HEADER, DLQ_HEADER_PREFIX
 from moderation.errors import RETRYABLE, Reason
 from moderation.events import MESSAGES, SCHEMA_VERSION, EventId, json_schemas
 from moderation.settings import Settings
@@ -26,10 +27,6 @@ ASYNCAPI_VERSION = "3.0.0"
 KAFKA_BINDING = "0.5.0"
 DAY_MS = 86_400_000
 
-# The header names the worker and `moderation dlq replay` write (moderation.worker.dlq, which this contract
-# module may not import; tests/test_asyncapi.py checks that the two agree).
-ATTEMPTS_HEADER = "moderation-attempts"
-DLQ_HEADER_PREFIX = "moderation.dlq."
 
 Schema = dict[str, Any]
 

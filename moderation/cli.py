@@ -229,7 +229,7 @@ def scan_files(
     from moderation.model.detectors import running
     from moderation.offline.results import ScanSummary
     from moderation.offline.scan import scan, summary_json
-    from moderation.worker.policy import Policy
+    from moderation.policy import Policy
 
     settings = load_settings(env_file)
     limit = settings.explain_above if explain_above is None else explain_above
@@ -516,7 +516,7 @@ def dlq_inspect(
     from rich.markup import escape
     from rich.table import Table
 
-    from moderation.worker.dlq import read_dead_letters
+    from moderation.offline.dlq import read_dead_letters
 
     stored = _run_or_exit(read_dead_letters(load_settings(env_file), limit=limit, newest_first=not oldest))
     table = Table("event_id", "reason", "retryable", "attempts", "source", "dead letter", "last error", "detail")
@@ -564,7 +564,7 @@ def dlq_replay(
     dry_run: Annotated[bool, typer.Option(help="Show what would be replayed; publish and commit nothing.")] = False,
 ) -> None:
     from moderation.errors import RETRYABLE, Reason
-    from moderation.worker.dlq import Stored, replay
+    from moderation.offline.dlq import Stored, replay
 
     if wrong := [r for r in reason or () if r not in RETRYABLE]:
         retryable = ", ".join(sorted(RETRYABLE))
@@ -709,7 +709,7 @@ app.add_typer(policy_app, name="policy")
 @policy_app.command("schema")
 def policy_schema(write: Annotated[Path | None, typer.Option(help="Write the schema to this file.")] = None) -> None:
     """Print (or write) the JSON Schema of a policy file (schemas/policy.schema.json)."""
-    from moderation.worker.policy import policy_schema
+    from moderation.policy import policy_schema
 
     text = json.dumps(policy_schema(), indent=2, sort_keys=True) + "\n"
     if write is None:
@@ -728,7 +728,8 @@ def policy_check(
     from rich.markup import escape
     from rich.table import Table
 
-    from moderation.worker.policy import InvalidPolicy, Policies
+    from moderation.policy import InvalidPolicy
+    from moderation.worker.policies import Policies
 
     try:
         policies = Policies.from_file(file, load_settings(env_file))

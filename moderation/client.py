@@ -18,14 +18,14 @@ from pathlib import Path
 
 from aiobotocore.config import AioConfig
 from aiobotocore.session import get_session
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.structs import RecordMetadata
 
+from moderation.adapters.kafka import reader
+from moderation.adapters.publisher import Publisher, Record
+from moderation.adapters.s3 import s3_client_args
 from moderation.errors import Reason
 from moderation.events import DeadLetter, Explanation, UploadEvent, Verdict, utcnow
 from moderation.settings import Settings
-from moderation.worker.kafka import aiokafka_options
-from moderation.worker.storage import s3_client_args
 
 Outcome = Verdict | DeadLetter
 
@@ -70,13 +70,12 @@ async def publish(
     settings: Settings, messages: Iterable[tuple[bytes | None, bytes]], *, topic: str | None = None
 ) -> list[RecordMetadata]:
     """Publish (key, value) pairs to the uploads topic; returns where the broker acknowledged each."""
-    producer = AIOKafkaProducer(acks="all", **aiokafka_options(settings))
-    await producer.start()
+    publisher = Publisher(settings)
+    await publisher.start()
     try:
-        futures = [await producer.send(topic or settings.topic_uploads, value=v, key=k) for k, v in messages]
-        return [await future for future in futures]
+        return await publisher.publish([Record(topic or settings.topic_uploads, k, v) for k, v in messages])
     finally:
-        await producer.stop()
+        await publisher.stop()
 
 
 def event_message(event: UploadEvent) -> tuple[bytes, bytes]:
@@ -114,13 +113,7 @@ async def read_outcomes(
     """Read the output topics from the start until every expected event_id (and the given number of
     dead letters without an event_id) has an outcome, or the timeout passes."""
     topics = (settings.topic_verdicts, settings.topic_flagged, settings.topic_dlq)
-    consumer = AIOKafkaConsumer(
-        *topics,
-        group_id=None,
-        auto_offset_reset="earliest",
-        enable_auto_commit=False,
-        **aiokafka_options(settings),
-    )
+    consumer = reader(settings, *topics)
     outcomes = Outcomes()
     await consumer.start()
     try:
@@ -142,14 +135,7 @@ async def read_explanations(
 ) -> tuple[dict[str, Explanation], dict[str, DeadLetter]]:
     """Read the explanations topic (and the explanation_failed dead letters) from the start until every expected
     event_id has one or the other, or the timeout passes."""
-    consumer = AIOKafkaConsumer(
-        settings.topic_explanations,
-        settings.topic_dlq,
-        group_id=None,
-        auto_offset_reset="earliest",
-        enable_auto_commit=False,
-        **aiokafka_options(settings),
-    )
+    consumer = reader(settings, settings.topic_explanations, settings.topic_dlq)
     explained: dict[str, Explanation] = {}
     failed: dict[str, DeadLetter] = {}
     await consumer.start()

@@ -17,7 +17,7 @@ CommaList = Annotated[tuple[str, ...], NoDecode]
 
 # What bounds the worst batch time (`Settings.worst_batch_s`), from the code and the clients it uses;
 # tests/test_settings.py checks each against its source.
-S3_TRIES, S3_BACKOFF_S = 4, 7.0  # moderation/worker/storage.py: botocore's standard mode, 3 retries <= 1, 2, 4 s apart
+S3_TRIES, S3_BACKOFF_S = 4, 7.0  # moderation/adapters/s3.py: botocore's standard mode, 3 retries <= 1, 2, 4 s apart
 FAUST_REQUEST_TIMEOUT_S = 90.0  # Faust's broker_request_timeout: it refuses a longer session timeout
 
 

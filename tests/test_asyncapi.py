@@ -14,21 +14,13 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
-from moderation.asyncapi import (
-    ATTEMPTS_HEADER,
-    CHANNELS,
-    DEAD_LETTER_HEADERS,
-    DLQ_HEADER_PREFIX,
-    default_settings,
-    document,
-)
+from moderation.adapters.deadletters import ATTEMPTS_HEADER, DLQ_HEADER_PREFIX, dead_letter_headers
+from moderation.asyncapi import CHANNELS, DEAD_LETTER_HEADERS, default_settings, document
 from moderation.cli import app
 from moderation.errors import Reason
 from moderation.events import CacheEntry, DeadLetter, ImageInfo, ModelInfo, Timings, Verdict, utcnow
 from moderation.settings import Settings
-from moderation.worker import dlq
 from moderation.worker.cache import cache_key
-from moderation.worker.dlq import dead_letter_headers
 
 ROOT = Path(__file__).parent.parent
 COMMITTED = ROOT / "schemas" / "asyncapi.yaml"
@@ -106,10 +98,6 @@ def test_retention_and_compaction_agree_with_the_topic_job() -> None:
             assert re.search(rf'"\$MODERATION_{channel.setting.upper()}" --config "cleanup.policy=compact"', script)
         else:
             assert config["retention.ms"] == int(env[variable]), variable
-
-
-def test_the_header_names_are_the_ones_the_worker_and_replay_write() -> None:
-    assert (ATTEMPTS_HEADER, DLQ_HEADER_PREFIX) == (dlq.ATTEMPTS_HEADER, dlq.DLQ_HEADER_PREFIX)
 
 
 def test_the_workers_dead_letter_headers_match_their_schema() -> None:

@@ -170,7 +170,7 @@ def test_the_in_process_detector_names_its_weights_by_their_digest(tiny_checkpoi
 
 
 async def cache_records(settings, timeout_s: float = 10.0) -> list[tuple[bytes | None, bytes | None]]:  # type: ignore[no-untyped-def]
-    from moderation.worker.kafka import aiokafka_options
+    from moderation.adapters.kafka import aiokafka_options
 
     consumer = AIOKafkaConsumer(
         settings.topic_cache, group_id=None, auto_offset_reset="earliest", **aiokafka_options(settings)

@@ -14,10 +14,10 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from typer.testing import CliRunner
 
 from moderation import cli
+from moderation.adapters.kafka import aiokafka_options
 from moderation.devkit.demo import stop_worker
 from moderation.events import BankEntry, DeadLetter, Decision, utcnow
 from moderation.offline.precision import ALL, precision_report
-from moderation.worker.kafka import aiokafka_options
 
 SHA = "ab" * 32
 PDQ = "f0" * 32

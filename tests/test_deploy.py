@@ -519,7 +519,9 @@ def test_review_console_deployment(overlay: Path) -> None:
     docs = render(overlay)
     deployment, worker = find(docs, "Deployment", REVIEW), find(docs, "Deployment", WORKER)
     spec, review = pod_spec(deployment), container(deployment, "review")
-    assert review["image"] == container(worker, "worker")["image"], "the worker image runs the console"
+    # Its own image (worker.Dockerfile with LOCK=review: no Faust), released with the worker's tag.
+    worker_image = container(worker, "worker")["image"]
+    assert review["image"] == worker_image.replace("/moderation/worker:", "/moderation/review:"), review["image"]
     assert review["args"] == ["review", "serve", "--host", "0.0.0.0", "--port", "8090"]
     assert {p["name"]: p["containerPort"] for p in review["ports"]} == {"http": 8090}
     for probe, path in (("startupProbe", "/healthz"), ("livenessProbe", "/healthz"), ("readinessProbe", "/readyz")):

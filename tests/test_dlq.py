@@ -15,6 +15,8 @@ import time
 import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
+from moderation.adapters.deadletters import ATTEMPTS_HEADER, attempts_from
+from moderation.adapters.kafka import aiokafka_options
 from moderation.cli import dlq_replay
 from moderation.client import event_message, publish, read_outcomes, upload_images
 from moderation.devkit.demo import stop_worker
@@ -22,8 +24,7 @@ from moderation.devkit.lanes import free_port, wait_for_commits
 from moderation.devkit.samples import write_samples
 from moderation.errors import Reason
 from moderation.events import DeadLetter, Verdict, utcnow
-from moderation.worker.dlq import ATTEMPTS_HEADER, attempts_from, read_dead_letters, replay, replay_group
-from moderation.worker.kafka import aiokafka_options
+from moderation.offline.dlq import read_dead_letters, replay, replay_group
 
 pytestmark = pytest.mark.integration
 

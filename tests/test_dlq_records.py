@@ -11,9 +11,10 @@ from aiokafka import ConsumerRecord
 from hypothesis import given
 from hypothesis import strategies as st
 
+from moderation.adapters.deadletters import ATTEMPTS_HEADER, attempts_from
 from moderation.errors import Reason
 from moderation.events import DeadLetter, utcnow
-from moderation.worker.dlq import ATTEMPTS_HEADER, attempts_from, parse
+from moderation.offline.dlq import parse
 
 NAME = ATTEMPTS_HEADER
 

@@ -10,10 +10,11 @@ from moderation.devkit.samples import draw_image, encode
 from moderation.errors import Reason, Rejected
 from moderation.events import DeadLetter, ExplainRequest, Explanation, ImageInfo, ModelInfo, Timings, Verdict
 from moderation.model.detectors import Detection
+from moderation.policy import Policy
 from moderation.settings import Settings
 from moderation.worker.explainer import Explainer, explained_verdict
 from moderation.worker.pipeline import Backoff, Incoming, Judged, Pipeline
-from moderation.worker.policy import Policies, Policy
+from moderation.worker.policies import Policies
 from moderation.worker.routing import records
 
 NOW = datetime(2026, 12, 7, tzinfo=UTC)

@@ -13,6 +13,7 @@ import pytest
 from aiokafka import AIOKafkaConsumer
 from confluent_kafka import Producer
 
+from moderation.adapters.kafka import aiokafka_options
 from moderation.client import Outcomes, read_explanations
 from moderation.devkit.demo import stop_worker
 from moderation.devkit.lanes import Lane, Published, committed_offsets, outcomes_for, publish_uploads
@@ -20,7 +21,6 @@ from moderation.errors import Reason
 from moderation.events import DeadLetter, ExplainRequest, Explanation
 from moderation.settings import Settings
 from moderation.worker.explainer import explainer_group
-from moderation.worker.kafka import aiokafka_options
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 

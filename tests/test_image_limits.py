@@ -232,8 +232,9 @@ class CountingPool(ThreadPoolExecutor):
 
 
 async def test_large_objects_are_read_and_decoded_on_the_pools_threads_only() -> None:
+    from moderation.policy import Policy
     from moderation.worker.pipeline import Pipeline
-    from moderation.worker.policy import Policies, Policy
+    from moderation.worker.policies import Policies
 
     pool = CountingPool()
     pipeline = Pipeline(

@@ -14,11 +14,11 @@ from pathlib import Path
 import pytest
 from confluent_kafka import Consumer, Producer
 
+from moderation.adapters.deadletters import ATTEMPTS_HEADER
 from moderation.client import upload_images
 from moderation.devkit.lanes import wait_for_commits
 from moderation.devkit.samples import write_samples
 from moderation.events import DeadLetter, Verdict
-from moderation.worker.dlq import ATTEMPTS_HEADER
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 

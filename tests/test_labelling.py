@@ -6,8 +6,8 @@ from __future__ import annotations
 from datetime import UTC, datetime
 
 from moderation.events import BankEntry, C2paEvidence, Match, Provenance
+from moderation.policy import MatchRule, Policy, ProvenanceRule
 from moderation.worker import labelling
-from moderation.worker.policy import MatchRule, Policy, ProvenanceRule
 
 NOW = datetime(2026, 11, 29, tzinfo=UTC)
 AI = Provenance(

@@ -1,5 +1,5 @@
-"""The package layout states the architecture: four sub-packages by what gets deployed, the contracts at the
-top, and import-linter's contracts (pyproject.toml [tool.importlinter]) keeping the imports pointing down."""
+"""The package layout states the architecture: sub-packages by what gets deployed, the adapters every one of
+them uses and the contracts at the top, and import-linter's contracts (pyproject.toml [tool.importlinter]) keeping the imports pointing down."""
 
 from __future__ import annotations
 
@@ -14,9 +14,10 @@ PACKAGE = ROOT / "moderation"
 
 # Where a new module belongs, by what it is: the message a new flat module fails with.
 SUB_PACKAGES = {
-    "worker": "the stream worker: Faust app assembly, acks, pipeline, publishing, cache, storage, policy, metrics",
+    "worker": "the stream worker: Faust app assembly and transport, acks, pipeline, routing, cache, bank, metrics",
+    "adapters": "what every deployable uses to reach Kafka and S3 (no Faust): options, readers, publisher, headers",
     "model": "FakeVLM: scoring, imaging, Triton I/O, detector backends (what the Triton image installs)",
-    "offline": "tools run by hand or in a Job: scan, evaluate, thresholds, model checks",
+    "offline": "tools run by hand or in a Job: scan, evaluate, thresholds, model checks, dead-letter replay",
     "devkit": "the local stack, demo, samples, synthetic images, tiny models, training",
     "review": "the review console: its queue reader, reviewer identity, the ASGI app and its templates",
 }
@@ -27,6 +28,7 @@ TOP_LEVEL = {
     "asyncapi.py": "contract: the topics, as an AsyncAPI document",
     "errors.py": "contract: the exception root and reason codes",
     "settings.py": "contract: every setting",
+    "policy.py": "contract: the per-tenant policy (file format, rules, actions)",
     "cli.py": "the `moderation` command",
     "client.py": "the producer-side client library",
     "logs.py": "logging configuration shared by the command and the worker",
@@ -47,7 +49,7 @@ def test_import_contracts_are_kept() -> None:
     assert "0 broken" in result.stdout
 
 
-def test_the_package_has_four_sub_packages_and_the_contracts_at_the_top() -> None:
+def test_the_package_has_its_sub_packages_and_the_contracts_at_the_top() -> None:
     packages = {p.name for p in PACKAGE.iterdir() if p.is_dir() and (p / "__init__.py").exists()}
     assert packages == set(SUB_PACKAGES), f"sub-packages are {sorted(SUB_PACKAGES)}, found {sorted(packages)}"
     modules = {p.name for p in PACKAGE.glob("*.py")}

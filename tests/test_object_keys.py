@@ -15,13 +15,13 @@ from typing import Any
 import pytest
 from fixtures.console import ConsoleServer
 
+from moderation.adapters.s3 import has_dot_segments
 from moderation.client import event_message, publish, read_outcomes
 from moderation.devkit import localstack
 from moderation.devkit.demo import put_objects, stop_worker
 from moderation.devkit.lanes import Lane
 from moderation.devkit.samples import write_samples
 from moderation.events import UploadEvent
-from moderation.worker.storage import has_dot_segments
 
 # Keys S3 stores as they are; the event ids are schema-valid and `.`/`..` are dot segments in a URL path.
 GOOD = {".": "画像/ünïcödé.png", "..": "a:b/c d.png", "a:b": "x/.hidden/..png"}

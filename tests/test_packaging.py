@@ -68,6 +68,35 @@ def test_the_worker_and_the_client_import_without_torch_or_transformers(tmp_path
     assert "imported" in result.stdout
 
 
+# The `worker` extra's packages: the review console's image (docker/requirements/review.txt) has none of them.
+WORKER_ONLY = ("faust", "mode", "uvloop")
+
+
+def test_the_review_console_serves_without_faust(tmp_path: Path) -> None:
+    """`moderation review serve` as the console's image runs it: Faust, mode and uvloop unimportable (the
+    server's run replaced by a print: the app it is handed is built, settings, stores and routes)."""
+    source = refusing(*WORKER_ONLY, *NOT_IN_A_SLIM_INSTALL) + textwrap.dedent("""
+        import uvicorn
+        uvicorn.run = lambda app, **options: print("serving", type(app).__name__, options["port"])
+        from typer.testing import CliRunner
+        from moderation.cli import app
+        result = CliRunner().invoke(app, ["review", "serve", "--port", "8999"])
+        print(result.output, result.exit_code)
+        print("faust modules:", sorted(n for n in sys.modules if n.split(".")[0] in REFUSED[:3]))
+    """)
+    result = run_python(
+        source, cwd=ROOT, pythonpath=str(ROOT), MODERATION_REVIEW_TOKENS="alice:0123456789abcdef0123"
+    )
+    assert result.returncode == 0, result.stderr
+    assert "serving Starlette 8999" in result.stdout and "faust modules: []" in result.stdout, result.stdout
+
+
+def test_the_review_console_lock_has_no_faust() -> None:
+    pins = pinned(LOCKS / "review.txt")
+    assert {"starlette", "uvicorn", "aiokafka", "aiobotocore"} <= set(pins)
+    assert not {"faust-streaming", "mode-streaming", "uvloop"} & set(pins), sorted(pins)
+
+
 def test_the_in_process_detector_without_the_model_extra_names_it() -> None:
     source = refusing(*NOT_IN_A_SLIM_INSTALL) + textwrap.dedent("""
         from moderation.errors import ModelError
@@ -146,8 +175,9 @@ def module_imports(model_dir: Path) -> set[str]:
 # Each lock: the extras it installs (plus the core dependencies when `core`), and what it leaves to the
 # Dockerfile (torch from the CPU index) or to the base image (the NGC image's CUDA torch and numpy).
 IMAGES = {
-    "worker.txt": {"core": True, "extras": ("hub",), "left_out": ()},
-    "worker-model.txt": {"core": True, "extras": ("hub", "model"), "left_out": ("torch",)},
+    "worker.txt": {"core": True, "extras": ("worker", "hub"), "left_out": ()},
+    "worker-model.txt": {"core": True, "extras": ("worker", "hub", "model"), "left_out": ("torch",)},
+    "review.txt": {"core": True, "extras": ("review",), "left_out": ()},
     "triton.txt": {"core": False, "extras": ("model",), "left_out": ("torch", "numpy")},
 }
 

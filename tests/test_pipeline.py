@@ -10,8 +10,9 @@ from moderation.devkit.samples import draw_image, encode
 from moderation.errors import Reason, Rejected
 from moderation.events import DeadLetter, ModelInfo, Verdict
 from moderation.model.detectors import Detection
+from moderation.policy import Policy
 from moderation.worker.pipeline import MAX_DEAD_LETTER_PAYLOAD, Backoff, Incoming, Pipeline
-from moderation.worker.policy import Policies, Policy
+from moderation.worker.policies import Policies
 
 NOW = datetime(2026, 11, 27, tzinfo=UTC)
 JPEG = encode(draw_image(0, (64, 48)), "JPEG")

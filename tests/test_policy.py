@@ -1,4 +1,4 @@
-"""Per-tenant policy (moderation/worker/policy.py): inheritance, the default for unknown tenants, clear
+"""Per-tenant policy (moderation/policy.py): inheritance, the default for unknown tenants, clear
 validation errors, the reload task, the schema and the example file."""
 
 from __future__ import annotations
@@ -14,17 +14,10 @@ import yaml
 from typer.testing import CliRunner
 
 from moderation.cli import app
+from moderation.policy import InvalidPolicy, MatchRule, Policy, ProvenanceRule, parse_policy, policy_schema
 from moderation.settings import Settings
 from moderation.worker import metrics
-from moderation.worker.policy import (
-    InvalidPolicy,
-    MatchRule,
-    Policies,
-    Policy,
-    ProvenanceRule,
-    parse_policy,
-    policy_schema,
-)
+from moderation.worker.policies import Policies
 
 ROOT = Path(__file__).parent.parent
 EXAMPLE = ROOT / "deploy" / "policy" / "example-policy.yaml"
@@ -167,7 +160,7 @@ def test_a_reload_swaps_a_valid_edit_and_keeps_the_policy_on_a_bad_one(
     assert info("v2") == 1 and info("v1") is None
 
     before = failures()
-    with caplog.at_level(logging.ERROR, logger="moderation.worker.policy"):
+    with caplog.at_level(logging.ERROR, logger="moderation.policy"):
         write(path, POLICY.replace("version: v1", "version: v3").replace("0.3", "0.95"))
         assert not policies.reload()
         assert not policies.reload()  # the same bad content: logged and counted once

@@ -19,6 +19,7 @@ from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 from pydantic import SecretStr
 
+from moderation.adapters.kafka import aiokafka_options
 from moderation.client import upload_images
 from moderation.devkit import localstack
 from moderation.devkit.lanes import Lane
@@ -39,7 +40,6 @@ from moderation.review import auth
 from moderation.review.queue import ReviewQueue
 from moderation.review.reader import QueueReader
 from moderation.settings import Settings
-from moderation.worker.kafka import aiokafka_options
 
 DOCS = Path(__file__).resolve().parents[1] / "docs"
 ALICE_TOKEN = "alice-" + "a1" * 12

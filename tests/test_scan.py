@@ -25,7 +25,7 @@ from moderation.events import ModelInfo, Verdict
 from moderation.model.detectors import Detection, InProcessDetector
 from moderation.offline.results import ScanError, ScanResult
 from moderation.offline.scan import NOT_FOUND, collect_files, scan
-from moderation.worker.policy import Policy
+from moderation.policy import Policy
 
 GOOD = ["sample-000.jpg", "sample-001.png", "sample-002.webp", "sample-003.gif", "nested/deeper/photo.bmp"]
 

@@ -112,8 +112,8 @@ def test_the_worst_batch_time_comes_from_what_bounds_each_part(monkeypatch: pyte
     import faust
 
     from moderation import settings as module
+    from moderation.adapters.s3 import S3Store
     from moderation.worker.app import faust_options
-    from moderation.worker.storage import S3Store
 
     # S3: botocore's total attempts and its standard-mode backoff cap (1, 2, 4 s before the 2nd, 3rd, 4th).
     async def s3_retries() -> dict[str, object]:

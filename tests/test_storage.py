@@ -7,9 +7,9 @@ import asyncio
 import pytest
 from pydantic import SecretStr
 
+from moderation.adapters.s3 import S3Store
 from moderation.devkit.demo import put_objects
 from moderation.errors import Reason, Rejected
-from moderation.worker.storage import S3Store
 
 pytestmark = pytest.mark.integration
 
@@ -49,7 +49,7 @@ def test_fetch_honours_the_allowlist_the_cap_and_the_credentials(lane) -> None:
 def test_a_body_without_a_length_is_read_no_further_than_the_cap() -> None:
     """A chunked answer (no Content-Length, which SeaweedFS never sends) is read in capped steps: an endless
     body costs cap + 1 bytes, which fetch then refuses as too large."""
-    from moderation.worker.storage import _read_capped
+    from moderation.adapters.s3 import _read_capped
 
     class Endless:
         reads = 0

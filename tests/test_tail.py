@@ -21,13 +21,13 @@ from confluent_kafka import Consumer, Producer
 from confluent_kafka.admin import AdminClient
 from typer.testing import CliRunner
 
+from moderation.adapters.kafka import aiokafka_options
 from moderation.cli import app
 from moderation.devkit import localstack
 from moderation.errors import Reason
 from moderation.events import DeadLetter, ExplainRequest, Explanation, ImageInfo, ModelInfo, Timings, Verdict, utcnow
 from moderation.offline.tail import Filters, line, read, to_json, topic_name
 from moderation.settings import Settings
-from moderation.worker.kafka import aiokafka_options
 
 NOW = utcnow()
 GARBAGE = b"\xff\xfe not json {"

@@ -29,7 +29,7 @@ from moderation.events import UploadEvent, Verdict
 from moderation.worker import app, tracing
 from moderation.worker.clients import Clients
 from moderation.worker.pipeline import Incoming
-from moderation.worker.policy import Policies
+from moderation.worker.policies import Policies
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 

@@ -13,12 +13,12 @@ import pytest
 from aiokafka import AIOKafkaConsumer
 from PIL import Image
 
+from moderation.adapters.kafka import aiokafka_options
 from moderation.client import event_message, publish, read_outcomes, upload_images
 from moderation.devkit import provenance_samples
 from moderation.devkit.demo import stop_worker
 from moderation.devkit.samples import draw_image, encode
 from moderation.events import Decision, UploadEvent, Verdict
-from moderation.worker.kafka import aiokafka_options
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 

@@ -9,14 +9,19 @@ compile=(uv pip compile --quiet --generate-hashes --python-platform x86_64-manyl
   --custom-compile-command "docker/requirements/compile.sh" "$@")  # e.g. --upgrade: newer pins within the ranges
 extra() { python3 -c 'import sys, tomllib; print("\n".join(tomllib.load(open("pyproject.toml", "rb"))["project"]["optional-dependencies"][sys.argv[1]]))' "$1"; }
 
-# worker.Dockerfile: the core dependencies, `hub` (the weights Job's `hf`) and `tracing` (OTLP); no torch, no transformers.
-"${compile[@]}" --python-version 3.11 pyproject.toml --extra hub --extra tracing --extra review -o "$out/worker.txt"
+# worker.Dockerfile: the core dependencies, `worker` (Faust), `hub` (the weights Job's `hf`) and `tracing` (OTLP);
+# no torch, no transformers.
+"${compile[@]}" --python-version 3.11 pyproject.toml --extra worker --extra hub --extra tracing -o "$out/worker.txt"
+
+# worker.Dockerfile --build-arg LOCK=review: the review console's image, the core dependencies and `review`;
+# no Faust (tests/test_packaging.py checks that `moderation review serve` runs without it).
+"${compile[@]}" --python-version 3.11 pyproject.toml --extra review -o "$out/review.txt"
 
 # worker.Dockerfile --build-arg LOCK=worker-model: also the `model` extra, for the in-process detector and
 # `moderation model build-tiny` (dev's Triton init container). torch itself is left out: the Dockerfile takes
 # the CPU build from TORCH_INDEX_URL (PyPI's Linux torch is the CUDA one); its dependencies are resolved
 # here from the CPU wheel's metadata, found in TORCH_FIND_LINKS (default: the CPU index).
-"${compile[@]}" --python-version 3.11 pyproject.toml --extra hub --extra tracing --extra review --extra model --no-emit-package torch \
+"${compile[@]}" --python-version 3.11 pyproject.toml --extra worker --extra hub --extra tracing --extra model --no-emit-package torch \
   --find-links "${TORCH_FIND_LINKS:-https://download.pytorch.org/whl/cpu/torch/}" -o "$out/worker-model.txt"
 
 # triton.Dockerfile: the `model` extra alone, for the image's Python (3.12 in the 25.xx images), without

@@ -16,13 +16,14 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import boto3
-from aiokafka import AIOKafkaConsumer
 from PIL import Image
 from rich import box
 from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
+from moderation.adapters.kafka import reader
+from moderation.adapters.s3 import s3_client_args
 from moderation.client import Outcomes, event_message, publish, read_explanations, read_outcomes, upload_images
 from moderation.devkit import localstack, provenance_samples
 from moderation.devkit.checkpoints import default_checkpoint
@@ -30,8 +31,6 @@ from moderation.devkit.samples import bad_uploads
 from moderation.devkit.synthetic import write_images
 from moderation.events import DeadLetter, Decision, Verdict
 from moderation.settings import Settings
-from moderation.worker.kafka import aiokafka_options
-from moderation.worker.storage import s3_client_args
 
 TRAINED_MODEL_NOTE = (
     "The demo serves the tiny FakeVLM this project trains on its own synthetic images (checkerboard and "
@@ -240,9 +239,7 @@ def _reencoded(data: bytes) -> bytes:
 
 
 async def _banked(settings: Settings, sha256: str, timeout_s: float = 60.0) -> bool:
-    consumer = AIOKafkaConsumer(
-        settings.topic_bank, group_id=None, auto_offset_reset="earliest", **aiokafka_options(settings)
-    )
+    consumer = reader(settings, settings.topic_bank)
     await consumer.start()
     deadline = time.monotonic() + timeout_s
     try:

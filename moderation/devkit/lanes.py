@@ -18,13 +18,13 @@ from pathlib import Path
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from prometheus_client.parser import text_string_to_metric_families
 
+from moderation.adapters.kafka import aiokafka_options, reader
 from moderation.client import Outcomes, event_message, publish, read_outcomes, upload_images
 from moderation.devkit import localstack
 from moderation.devkit.demo import put_objects, settings_for, start_worker
 from moderation.devkit.samples import BadUpload, bad_uploads, write_samples
 from moderation.events import UploadEvent
 from moderation.settings import Settings
-from moderation.worker.kafka import aiokafka_options
 
 
 def free_port() -> int:
@@ -196,7 +196,7 @@ def outcomes_for(settings: Settings, published: Published, timeout_s: float = 42
 
 
 async def raw_messages(settings: Settings, topic: str) -> list[bytes]:
-    consumer = AIOKafkaConsumer(topic, group_id=None, auto_offset_reset="earliest", **aiokafka_options(settings))
+    consumer = reader(settings, topic)
     await consumer.start()
     try:
         values: list[bytes] = []

@@ -21,10 +21,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from moderation.adapters.s3 import s3_client_args
 from moderation.devkit import servers
 from moderation.devkit.servers import PROJECT_ROOT, Launch, StackError
 from moderation.settings import Settings
-from moderation.worker.storage import s3_client_args
 
 __all__ = [
     "DEFAULT_TOPICS",

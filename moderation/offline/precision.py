@@ -11,12 +11,12 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
+from aiokafka import ConsumerRecord
 from pydantic import BaseModel, ValidationError, computed_field
 
+from moderation.adapters.kafka import UnknownTopic, high_watermarks, partitions, read_range, reader
 from moderation.events import Decision
 from moderation.settings import Settings
-from moderation.worker.kafka import aiokafka_options, high_watermarks, read_range
 
 ALL = "(all tenants)"
 NO_TENANT = "(none)"
@@ -109,17 +109,15 @@ def read_file(path: Path) -> tuple[list[Decision], int]:
 
 async def read_topic(settings: Settings) -> tuple[list[Decision], int]:
     """Every decision on MODERATION_TOPIC_DECISIONS up to its end now (no consumer group, nothing committed)."""
-    consumer = AIOKafkaConsumer(group_id=None, enable_auto_commit=False, **aiokafka_options(settings))
+    consumer = reader(settings)
     await consumer.start()
     records: list[ConsumerRecord[Any, Any]] = []
     try:
-        topic = settings.topic_decisions
-        await consumer.topics()  # the cluster's metadata, this topic's partitions with it
-        partitions = [TopicPartition(topic, p) for p in sorted(consumer.partitions_for_topic(topic) or ())]
-        if partitions:
-            start = await consumer.beginning_offsets(partitions)
-            stop = await high_watermarks(consumer, partitions)
-            records = [r async for batch in read_range(consumer, start, stop) for r in batch]
+        tps = await partitions(consumer, settings.topic_decisions)
+        start, stop = await consumer.beginning_offsets(tps), await high_watermarks(consumer, tps)
+        records = [r async for batch in read_range(consumer, start, stop) for r in batch]
+    except UnknownTopic:
+        pass  # no decisions yet
     finally:
         await consumer.stop()
     decisions, bad = [], 0

@@ -32,7 +32,7 @@ from moderation.model.imaging import ModelInput, prepare
 from moderation.offline.progress import ProgressBar
 from moderation.offline.report import ScanPage
 from moderation.offline.results import ScanError, ScanResult, ScanSummary
-from moderation.worker.policy import Policy
+from moderation.policy import Policy
 
 # Reason codes of a scan beyond the stream's dead-letter reasons (moderation.errors.Reason).
 NOT_FOUND = "not_found"

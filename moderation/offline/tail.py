@@ -19,16 +19,11 @@ from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
 from pydantic import ValidationError
 from rich.text import Text
 
-from moderation.errors import ModerationError
+from moderation.adapters.kafka import Received, high_watermarks, partitions, reader
 from moderation.events import MESSAGES
 from moderation.settings import Settings
-from moderation.worker.kafka import aiokafka_options, high_watermarks
 
 _SHOWN_CHARS = 160  # of a detail, an explanation or a raw value, on a readable line
-
-
-class UnknownTopic(ModerationError):
-    """A topic to follow does not exist."""
 
 
 def topic_name(name: str, settings: Settings) -> str:
@@ -39,27 +34,16 @@ def topic_name(name: str, settings: Settings) -> str:
 
 
 @dataclass(frozen=True)
-class Tailed:
+class Tailed(Received):
     """One record, and what it holds: `kind` is the message it is (upload_event, verdict, dead_letter,
     cache_entry, explain_request, explanation...), else json (a JSON object of no known message), null (a
     tombstone) or raw."""
 
-    topic: str
-    partition: int
-    offset: int
-    timestamp_ms: int
-    key: bytes | None
-    value: bytes | None
-    headers: tuple[tuple[str, bytes | None], ...]
-    kind: str
-    data: dict[str, Any] | None
+    kind: str = "raw"
+    data: dict[str, Any] | None = None
 
     def get(self, name: str) -> Any:
         return self.data.get(name) if self.data is not None else None
-
-    @property
-    def where(self) -> str:
-        return f"{self.topic}[{self.partition}]@{self.offset}"
 
     @property
     def time(self) -> str:
@@ -78,10 +62,7 @@ def read(record: ConsumerRecord[Any, Any]) -> Tailed:
             data = None
     data = data if isinstance(data, dict) else None
     kind = "null" if value is None else "raw" if data is None else _kind(data)
-    headers = tuple((str(name), v) for name, v in (record.headers or ()))
-    return Tailed(
-        record.topic, record.partition, record.offset, record.timestamp, record.key, value, headers, kind, data
-    )
+    return Tailed(**vars(Received.of(record)), kind=kind, data=data)
 
 
 def _kind(data: dict[str, Any]) -> str:
@@ -150,17 +131,17 @@ async def follow(
     on_ready: Callable[[dict[str, int]], None] | None = None,
 ) -> AsyncGenerator[Tailed, None]:
     """Every record of `topics` from the end (or the beginning) on, each partition in offset order."""
-    consumer = AIOKafkaConsumer(group_id=None, enable_auto_commit=False, **aiokafka_options(settings))
+    consumer = reader(settings)
     await consumer.start()
     try:
-        partitions = await _partitions(consumer, topics)
-        consumer.assign(partitions)
+        tps = await partitions(consumer, *topics)
+        consumer.assign(tps)
         if from_beginning:
-            await consumer.seek_to_beginning(*partitions)
+            await consumer.seek_to_beginning(*tps)
         else:
-            await _seek_to_end(consumer, partitions)
+            await _seek_to_end(consumer, tps)
         if on_ready is not None:
-            on_ready({topic: sum(1 for tp in partitions if tp.topic == topic) for topic in topics})
+            on_ready({topic: sum(1 for tp in tps if tp.topic == topic) for topic in topics})
         while True:
             batch = await consumer.getmany(timeout_ms=1000)
             for records in batch.values():
@@ -168,17 +149,6 @@ async def follow(
                     yield read(record)
     finally:
         await consumer.stop()
-
-
-async def _partitions(consumer: AIOKafkaConsumer, topics: list[str]) -> list[TopicPartition]:
-    await consumer.topics()  # fetches the metadata partitions_for_topic reads
-    found = []
-    for topic in dict.fromkeys(topics):
-        ids = consumer.partitions_for_topic(topic)
-        if not ids:
-            raise UnknownTopic(f"topic {topic} does not exist")
-        found += [TopicPartition(topic, p) for p in sorted(ids)]
-    return found
 
 
 async def _seek_to_end(consumer: AIOKafkaConsumer, partitions: list[TopicPartition]) -> None:

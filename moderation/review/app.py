@@ -8,7 +8,6 @@ reader died), /readyz readiness (green once the reader has caught up with its to
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import hashlib
 import logging
@@ -18,8 +17,6 @@ from dataclasses import dataclass
 from typing import Any, TypeVar, get_args
 from urllib.parse import urlencode
 
-from aiokafka import AIOKafkaProducer
-from aiokafka.errors import KafkaError
 from jinja2 import Environment, PackageLoader, select_autoescape
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.applications import Starlette
@@ -27,6 +24,8 @@ from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
 from starlette.routing import Route
 
+from moderation.adapters.publisher import Publisher, PublishError, Record
+from moderation.adapters.s3 import S3Store
 from moderation.errors import Reason, Rejected
 from moderation.events import Decision, ReviewDecision
 from moderation.review import metrics
@@ -34,8 +33,6 @@ from moderation.review.auth import Identity, Reviewers, Session, Sessions, same_
 from moderation.review.queue import Item, ReviewQueue
 from moderation.review.reader import QueueReader
 from moderation.settings import Settings
-from moderation.worker.kafka import aiokafka_options
-from moderation.worker.storage import S3Store
 
 log = logging.getLogger(__name__)
 _R = TypeVar("_R", bound=Response)
@@ -74,7 +71,7 @@ class Console:
     sessions: Sessions
     reader: QueueReader
     store: S3Store
-    producer: AIOKafkaProducer | None = None
+    publisher: Publisher
 
 
 _templates = Environment(
@@ -92,6 +89,7 @@ def create_app(settings: Settings) -> Starlette:
         Sessions.from_settings(settings),
         QueueReader(settings, queue),
         S3Store(settings),
+        Publisher(settings),
     )
 
     @contextlib.asynccontextmanager
@@ -99,10 +97,8 @@ def create_app(settings: Settings) -> Starlette:
         async with contextlib.AsyncExitStack() as opened:  # closes what did open when a later start fails
             opened.push_async_callback(console.store.stop)
             await console.store.start()
-            producer = AIOKafkaProducer(acks="all", **aiokafka_options(settings))
-            opened.push_async_callback(producer.stop)
-            await producer.start()
-            console.producer = producer
+            opened.push_async_callback(console.publisher.stop)
+            await console.publisher.start()
             opened.push_async_callback(console.reader.stop)
             console.reader.start()
             yield
@@ -265,7 +261,7 @@ async def decide(ctx: _Context) -> Response:
     decision = decision_for(item, choice, note or None, ctx.identity.reviewer)
     try:
         await publish_decision(ctx.console, decision)
-    except (KafkaError, TimeoutError) as exc:
+    except PublishError as exc:
         log.warning("decision not published: %s", exc, extra={"event_id": decision.event_id})
         return ctx.refuse(503, "Not recorded", "The broker did not acknowledge the decision: try again.")
     ctx.console.queue.add_decision(decision)
@@ -281,11 +277,8 @@ def decision_for(item: Item, choice: str, note: str | None, reviewer: str) -> De
 
 async def publish_decision(console: Console, decision: Decision) -> None:
     """Keyed by event_id, acknowledged by the broker (acks=all) within MODERATION_PUBLISH_TIMEOUT_S."""
-    assert console.producer is not None, "the lifespan opens the producer"
-    send = console.producer.send_and_wait(
-        console.settings.topic_decisions, value=decision.to_bytes(), key=decision.event_id.encode()
-    )
-    await asyncio.wait_for(send, console.settings.publish_timeout_s)
+    record = Record(console.settings.topic_decisions, decision.event_id.encode(), decision.to_bytes())
+    await console.publisher.publish([record])
 
 
 async def image(ctx: _Context) -> Response:

@@ -11,13 +11,13 @@ from __future__ import annotations
 import asyncio
 import logging
 
-from aiokafka import AIOKafkaConsumer, ConsumerRecord
+from aiokafka import ConsumerRecord
 from pydantic import ValidationError
 
+from moderation.adapters.kafka import reader, where
 from moderation.events import Decision, Explanation, Verdict
 from moderation.review.queue import ReviewQueue
 from moderation.settings import Settings
-from moderation.worker.kafka import aiokafka_options
 
 log = logging.getLogger(__name__)
 
@@ -46,14 +46,8 @@ class QueueReader:
 
     async def _run(self) -> None:
         topics = (self._settings.topic_review, self._settings.topic_decisions, self._settings.topic_explanations)
-        consumer = AIOKafkaConsumer(
-            *topics,
-            group_id=None,
-            auto_offset_reset="earliest",
-            enable_auto_commit=False,
-            metadata_max_age_ms=30_000,  # topics created after the console started show up within this
-            **aiokafka_options(self._settings),
-        )
+        # metadata_max_age_ms: topics created after the console started show up within this
+        consumer = reader(self._settings, *topics, metadata_max_age_ms=30_000)
         try:
             await consumer.start()
             while True:
@@ -72,7 +66,6 @@ class QueueReader:
             await consumer.stop()
 
     def apply(self, record: ConsumerRecord[bytes, bytes]) -> None:
-        where = f"{record.topic}[{record.partition}]@{record.offset}"
         if record.value is None:
             return  # a tombstone: nothing to show
         try:
@@ -87,7 +80,7 @@ class QueueReader:
                 "skipped a record that is not a %s: %s",
                 _kind(record.topic, self._settings),
                 exc.errors()[:3],
-                extra={"where": where},
+                extra={"where": where(record.topic, record.partition, record.offset)},
             )
 
 

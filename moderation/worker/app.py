@@ -16,7 +16,7 @@ Crash-only: anything that escapes a batch (a bug, outcomes the broker would not 
 ends the process (`moderation.worker.crashonly`); on SIGTERM the batches in flight get MODERATION_SHUTDOWN_GRACE_S
 to be published and acked, and whatever is left un-acked is re-delivered to the group.
 
-Outcomes go out through the worker's own aiokafka producer (`moderation.worker.publisher`), a batch at a time;
+Outcomes go out through the worker's own aiokafka producer (`moderation.adapters.publisher`), a batch at a time;
 the output topics are still declared here, through Faust, when the agent starts.
 """
 
@@ -46,9 +46,9 @@ from moderation.worker.banking import bank_record, hashes_of, letter_record, par
 from moderation.worker.budget import ByteBudget, return_large_frees
 from moderation.worker.clients import Clients
 from moderation.worker.crashonly import crash
-from moderation.worker.kafka import faust_credentials, faust_transport
 from moderation.worker.pipeline import Backoff, Incoming, Pipeline
-from moderation.worker.policy import Policies
+from moderation.worker.policies import Policies
+from moderation.worker.transport import faust_credentials, faust_transport
 
 log = logging.getLogger(__name__)
 

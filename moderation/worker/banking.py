@@ -14,15 +14,15 @@ from datetime import datetime
 from PIL import Image
 from pydantic import ValidationError
 
+from moderation.adapters.deadletters import dead_letter_headers
+from moderation.adapters.publisher import Record
+from moderation.adapters.s3 import ImageStore
 from moderation.errors import Reason, Rejected
 from moderation.events import BankEntry, DeadLetter, Decision, Label, event_id_of
 from moderation.settings import Settings
 from moderation.worker import metrics
-from moderation.worker.dlq import dead_letter_headers
 from moderation.worker.neardup import bank_key, crop_hashes, dihedral_hashes
 from moderation.worker.pipeline import Incoming, dead_letter
-from moderation.worker.publisher import Record
-from moderation.worker.storage import ImageStore
 
 log = logging.getLogger(__name__)
 

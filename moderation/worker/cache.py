@@ -27,10 +27,10 @@ from enum import StrEnum
 from aiokafka import AIOKafkaProducer
 from pydantic import ValidationError
 
+from moderation.adapters.kafka import aiokafka_options
 from moderation.events import CacheEntry, ModelInfo, Verdict
 from moderation.settings import Settings
 from moderation.worker import metrics, tables
-from moderation.worker.kafka import aiokafka_options
 
 log = logging.getLogger(__name__)
 

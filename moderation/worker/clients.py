@@ -8,13 +8,13 @@ import asyncio
 
 from aiokafka import AIOKafkaClient
 
+from moderation.adapters.kafka import aiokafka_options
+from moderation.adapters.publisher import Publisher
+from moderation.adapters.s3 import S3Store
 from moderation.errors import ModelError
 from moderation.model.detectors import InProcessDetector, NullDetector, TritonDetector
 from moderation.settings import Settings
 from moderation.worker.cache import CacheFeed
-from moderation.worker.kafka import aiokafka_options
-from moderation.worker.publisher import Publisher
-from moderation.worker.storage import S3Store
 
 
 class Clients:

@@ -33,6 +33,10 @@ import numpy as np
 from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
 from aiokafka.errors import CommitFailedError
 
+from moderation.adapters.deadletters import dead_letter_headers
+from moderation.adapters.kafka import aiokafka_options
+from moderation.adapters.publisher import Record
+from moderation.adapters.s3 import ImageStore
 from moderation.errors import TRANSIENT, Reason, Rejected
 from moderation.events import DeadLetter, ExplainRequest, Explanation, Verdict, parse_explain_request, utcnow
 from moderation.model import imaging
@@ -42,12 +46,8 @@ from moderation.worker import metrics, tracing
 from moderation.worker.budget import ByteBudget
 from moderation.worker.clients import Clients
 from moderation.worker.crashonly import crash
-from moderation.worker.dlq import dead_letter_headers
 from moderation.worker.examine import examine
-from moderation.worker.kafka import aiokafka_options
 from moderation.worker.pipeline import Backoff, Incoming, checked_sha256, dead_letter
-from moderation.worker.publisher import Record
-from moderation.worker.storage import ImageStore
 
 log = logging.getLogger(__name__)
 
@@ -172,17 +172,6 @@ def explained_verdict(request: ExplainRequest, explanation: Explanation) -> Verd
     )
 
 
-def incoming(record: ConsumerRecord[Any, Any]) -> Incoming:
-    return Incoming(
-        value=record.value,
-        topic=record.topic,
-        partition=record.partition,
-        offset=record.offset,
-        key=record.key,
-        headers=tuple(record.headers or ()),
-    )
-
-
 @dataclass
 class Running:
     """The explainer process: its consumer and clients, and what /live, /ready and /metrics read."""
@@ -207,7 +196,7 @@ class Running:
         """Answer every request, publish every answer, then commit: a request is never committed unanswered."""
         self.busy_since = time.monotonic()
         metrics.EXPLANATIONS_PENDING.set(len(records))
-        messages = [incoming(r) for r in records]
+        messages = [Incoming.of(r) for r in records]
         outcomes = await asyncio.gather(*(self.explainer.answer(m) for m in messages))
         await self.clients.publisher.publish(
             [r for o, m in zip(outcomes, messages, strict=True) for r in self.explainer.records(o, m)]

@@ -18,11 +18,10 @@ from dataclasses import dataclass
 from datetime import datetime
 from enum import StrEnum
 
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
-
+from moderation.adapters.kafka import UnknownTopic, high_watermarks, partitions, read_range, reader
+from moderation.adapters.publisher import Publisher, Record
 from moderation.events import PDQ_PATTERN, BankEntry, Label
 from moderation.settings import Settings
-from moderation.worker.kafka import aiokafka_options, high_watermarks, read_range
 from moderation.worker.neardup import HashBank, bank_key, put_record
 
 TE_SIGNAL_TYPE = "pdq"  # PdqSignal.get_name(): the type column of a ThreatExchange signal file
@@ -135,16 +134,16 @@ def bank_entry(listed: Listed, now: datetime) -> BankEntry:
 async def read_bank(settings: Settings) -> HashBank:
     """The bank as a worker holds it after reading the whole topic (tombstones and ranks applied)."""
     bank = HashBank()
-    consumer = AIOKafkaConsumer(group_id=None, enable_auto_commit=False, **aiokafka_options(settings))
+    consumer = reader(settings)
     await consumer.start()
     try:
-        await consumer.topics()
-        ids = consumer.partitions_for_topic(settings.topic_bank) or ()
-        partitions = [TopicPartition(settings.topic_bank, p) for p in sorted(ids)]
-        start, stop = await consumer.beginning_offsets(partitions), await high_watermarks(consumer, partitions)
+        tps = await partitions(consumer, settings.topic_bank)
+        start, stop = await consumer.beginning_offsets(tps), await high_watermarks(consumer, tps)
         async for records in read_range(consumer, start, stop):
             for record in records:
                 put_record(bank, record.key, record.value)
+    except UnknownTopic:
+        pass  # nothing banked yet
     finally:
         await consumer.stop()
     return bank
@@ -163,11 +162,9 @@ async def remove_source(settings: Settings, source: str) -> int:
 
 
 async def _send(settings: Settings, records: list[tuple[bytes, bytes | None]]) -> None:
-    producer = AIOKafkaProducer(acks="all", **aiokafka_options(settings))
-    await producer.start()
-    try:
-        sent = [await producer.send(settings.topic_bank, value=value, key=key) for key, value in records]
-        for ack in sent:
-            await ack  # every record acknowledged by the broker before the command says it is done
+    publisher = Publisher(settings)
+    await publisher.start()
+    try:  # every record acknowledged by the broker before the command says it is done
+        await publisher.publish([Record(settings.topic_bank, key, value) for key, value in records])
     finally:
-        await producer.stop()
+        await publisher.stop()

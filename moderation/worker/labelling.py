@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from moderation.events import Action, BankEntry, DecidedBy, Label, Match, Provenance
-from moderation.worker.policy import Policy
+from moderation.policy import Policy
 
 DECIDED_ACTION: dict[Label, Action] = {"fake": "flag", "real": "allow"}
 

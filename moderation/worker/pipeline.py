@@ -21,6 +21,9 @@ from typing import TYPE_CHECKING
 
 from opentelemetry.trace import SpanKind
 
+from moderation.adapters.deadletters import attempts_from
+from moderation.adapters.kafka import Received
+from moderation.adapters.s3 import ImageStore
 from moderation.errors import TRANSIENT, Reason, Rejected
 from moderation.events import (
     CacheEntry,
@@ -38,14 +41,13 @@ from moderation.events import (
 )
 from moderation.model.detectors import Detector
 from moderation.model.imaging import CROP_SIZE, DEFAULT_FORMATS, Header, read_header
+from moderation.policy import Policy
 from moderation.worker import labelling, metrics, tracing
 from moderation.worker.budget import ByteBudget
 from moderation.worker.cache import VerdictCache
-from moderation.worker.dlq import attempts_from
 from moderation.worker.examine import Examined, examine, examine_header
 from moderation.worker.neardup import HashBank
-from moderation.worker.policy import Policies, Policy
-from moderation.worker.storage import ImageStore
+from moderation.worker.policies import Policies
 
 if TYPE_CHECKING:
     from opentelemetry.context import Context
@@ -79,25 +81,12 @@ MAX_DEAD_LETTER_PAYLOAD = 512 * 1024
 UNSCORED_MODEL = "none"  # ModelInfo.name of a verdict the policy let be decided without the model
 
 
-Headers = tuple[tuple[str, bytes | None], ...]
-
-
 @dataclass(frozen=True)
-class Incoming:
-    """One record from the uploads topic as the broker gave it: nothing here is parsed or trusted yet
-    (Kafka allows a null or empty value and key, and null or binary header values)."""
+class Incoming(Received):
+    """One record from the uploads topic as the broker gave it, nothing parsed or trusted yet, and the event's
+    own span (`tracing.processing`; None: untraced)."""
 
-    value: bytes | None
-    topic: str
-    partition: int
-    offset: int
-    key: bytes | None = None
-    headers: Headers = ()
-    trace: Context | None = None  # the event's own span (`tracing.processing`); None: untraced
-
-    @property
-    def where(self) -> str:
-        return f"{self.topic}[{self.partition}]@{self.offset}"
+    trace: Context | None = None
 
     def earlier_attempts(self) -> int:
         """Deliveries before this one, from the ATTEMPTS_HEADER a replay sets; 0 when absent or unreadable

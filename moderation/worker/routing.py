@@ -3,12 +3,12 @@ or the dead-letter topic; pure, so that the agent in `moderation.worker.app` onl
 
 from __future__ import annotations
 
+from moderation.adapters.deadletters import dead_letter_headers
+from moderation.adapters.publisher import Record
 from moderation.events import BankEntry, DeadLetter, ExplainRequest, Verdict
 from moderation.settings import Settings
 from moderation.worker import neardup, tracing
-from moderation.worker.dlq import dead_letter_headers
 from moderation.worker.pipeline import Incoming, Judged
-from moderation.worker.publisher import Record
 
 
 def records(settings: Settings, judged: Judged, message: Incoming) -> list[Record]:

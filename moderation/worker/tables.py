@@ -9,10 +9,10 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
-from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka import TopicPartition
 
+from moderation.adapters.kafka import reader, where
 from moderation.settings import Settings
-from moderation.worker.kafka import aiokafka_options
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +51,7 @@ async def load(table: Table, settings: Settings, partitions: Partitions) -> asyn
 
 
 async def _follow(table: Table, settings: Settings, partitions: Partitions, loaded: asyncio.Event) -> None:
-    consumer = AIOKafkaConsumer(group_id=None, auto_offset_reset="earliest", **aiokafka_options(settings))
+    consumer = reader(settings)
     await consumer.start()
     try:
         assigned = [TopicPartition(table.topic, p) for p in sorted(await partitions(table.topic))]
@@ -65,7 +65,7 @@ async def _follow(table: Table, settings: Settings, partitions: Partitions, load
             for records in (await consumer.getmany(timeout_ms=1000)).values():
                 for record in records:
                     if (refusal := table.put(record.key, record.value)) is not None:
-                        table.refused(refusal, f"{record.topic}[{record.partition}]@{record.offset}")
+                        table.refused(refusal, where(record.topic, record.partition, record.offset))
     except asyncio.CancelledError:
         raise
     except Exception:  # both tables are optimisations or extra signals: losing a feed must not stop the worker

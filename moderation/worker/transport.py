@@ -1,32 +1,21 @@
-"""Kafka connection options (plaintext, SSL, SASL) for Faust and for plain aiokafka clients alike, and
-Faust's aiokafka transport with a configurable fetch wait and a lighter per-message delivery."""
+"""Faust's side of Kafka: its credentials from the MODERATION_KAFKA_* settings, and its aiokafka transport
+with a configurable fetch wait, a bounded shutdown and a lighter per-message delivery."""
 
 from __future__ import annotations
 
 import asyncio
-import ssl
 import time
-from collections.abc import AsyncIterator
 from typing import Any, cast
 
 import aiokafka
 import faust
-from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
 from faust.transport.consumer import CONSUMER_FETCHING
 from faust.transport.drivers import aiokafka as faust_aiokafka
 from faust.types import TP, Message
 from mode import Service, ServiceT
 
+from moderation.adapters.kafka import password, ssl_context
 from moderation.settings import Settings
-
-
-def ssl_context(settings: Settings) -> ssl.SSLContext | None:
-    if settings.kafka_security_protocol not in ("SSL", "SASL_SSL"):
-        return None
-    context = ssl.create_default_context(cafile=settings.kafka_ssl_cafile)
-    if settings.kafka_ssl_certfile:
-        context.load_cert_chain(settings.kafka_ssl_certfile, settings.kafka_ssl_keyfile)
-    return context
 
 
 def faust_credentials(settings: Settings) -> faust.types.auth.CredentialsT | None:
@@ -34,31 +23,11 @@ def faust_credentials(settings: Settings) -> faust.types.auth.CredentialsT | Non
     if settings.kafka_security_protocol.startswith("SASL"):
         return faust.SASLCredentials(
             username=settings.kafka_sasl_username,
-            password=_password(settings),
+            password=password(settings),
             ssl_context=context,
             mechanism=settings.kafka_sasl_mechanism,
         )
     return faust.SSLCredentials(context) if context is not None else None
-
-
-def aiokafka_options(settings: Settings) -> dict[str, Any]:
-    """Keyword arguments for AIOKafkaProducer, AIOKafkaConsumer and AIOKafkaAdminClient."""
-    options: dict[str, Any] = {
-        "bootstrap_servers": settings.kafka_bootstrap_servers,
-        "security_protocol": settings.kafka_security_protocol,
-        "ssl_context": ssl_context(settings),
-    }
-    if settings.kafka_security_protocol.startswith("SASL"):
-        options |= {
-            "sasl_mechanism": settings.kafka_sasl_mechanism,
-            "sasl_plain_username": settings.kafka_sasl_username,
-            "sasl_plain_password": _password(settings),
-        }
-    return options
-
-
-def _password(settings: Settings) -> str:
-    return settings.kafka_sasl_password.get_secret_value() if settings.kafka_sasl_password else ""
 
 
 class _ConsumerThread(faust_aiokafka.AIOKafkaConsumerThread):
@@ -183,43 +152,3 @@ def faust_transport(settings: Settings, app: faust.App) -> FaustTransport:
         fetch_max_wait_ms=settings.kafka_fetch_max_wait_ms,
         shutdown_grace_s=settings.shutdown_grace_s,
     )
-
-
-# Reading a topic to its end without a consumer group (dead letters, decisions, `moderation tail`).
-IDLE_FETCHES = 10  # empty fetches in a row before a read gives up on reaching the end offsets
-
-
-async def high_watermarks(consumer: AIOKafkaConsumer, partitions: list[TopicPartition]) -> dict[TopicPartition, int]:
-    """Each partition's end offset (its high watermark), from a fetch: Tansu's ListOffsets answers with the
-    last record batch's base offset + 1, short of the end when that batch holds several records."""
-    listed = await consumer.end_offsets(partitions)
-    consumer.assign(partitions)
-    for tp in partitions:
-        consumer.seek(tp, listed[tp])
-    for _ in range(IDLE_FETCHES):
-        if all(consumer.highwater(tp) is not None for tp in partitions):
-            break
-        await consumer.getmany(timeout_ms=500)  # records or not, the answer carries the high watermark
-    return {tp: max(listed[tp], consumer.highwater(tp) or 0) for tp in partitions}
-
-
-async def read_range(
-    consumer: AIOKafkaConsumer, start: dict[TopicPartition, int], stop: dict[TopicPartition, int]
-) -> AsyncIterator[list[ConsumerRecord[Any, Any]]]:
-    """Records in [start, stop) of each partition, a partition's run at a time, in offset order."""
-    pending = [tp for tp in start if start[tp] < stop[tp]]
-    if not pending:
-        return  # and assign() no empty list: aiokafka's consumer then never stops
-    consumer.assign(pending)
-    for tp in pending:
-        consumer.seek(tp, start[tp])
-    idle = 0
-    while pending:
-        batch = await consumer.getmany(*pending, timeout_ms=1000)
-        idle = 0 if batch else idle + 1
-        if idle >= IDLE_FETCHES:
-            raise TimeoutError(f"no records from {pending} before their end offsets {[stop[tp] for tp in pending]}")
-        for tp, records in batch.items():
-            yield [r for r in records if r.offset < stop[tp]]
-        pending = [tp for tp in pending if await consumer.position(tp) < stop[tp]]
-        consumer.pause(*(tp for tp in consumer.assignment() if tp not in pending))

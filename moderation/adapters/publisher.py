@@ -1,4 +1,5 @@
-"""Publish a batch's outcomes to Kafka at once and wait for the broker to acknowledge every one of them.
+"""Publish records to Kafka at once (a batch's outcomes, a reviewer's decision, a replayed letter, the demo's
+uploads) and wait for the broker to acknowledge every one of them.
 
 One aiokafka producer per worker (acks=all). A batch is enqueued whole, so the producer packs it into a
 few requests, and only the acks are awaited: no task per record. Records the broker did not acknowledge
@@ -16,10 +17,11 @@ from dataclasses import dataclass
 
 from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaError
+from aiokafka.structs import RecordMetadata
 
+from moderation.adapters.kafka import aiokafka_options
 from moderation.errors import ModerationError
 from moderation.settings import Settings
-from moderation.worker.kafka import aiokafka_options
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +37,7 @@ class PublishError(ModerationError):
 class Record:
     topic: str
     key: bytes | None
-    value: bytes
+    value: bytes | None
     headers: list[tuple[str, bytes | None]] | None = None
 
 
@@ -54,33 +56,43 @@ class Publisher:
         if self._producer is not None:
             await self._producer.stop()
 
-    async def publish(self, records: Sequence[Record]) -> None:
-        """Every record acknowledged by the broker (acks=all) within the publish timeout, or PublishError."""
+    async def publish(self, records: Sequence[Record]) -> list[RecordMetadata]:
+        """Every record acknowledged by the broker (acks=all) within the publish timeout, or PublishError;
+        where the broker put each, in the order given."""
         timeout_s = self._settings.publish_timeout_s
         try:
             async with asyncio.timeout(timeout_s):
-                await self._publish(records)
+                return await self._publish(records)
         except TimeoutError as exc:
             raise PublishError(f"{len(records)} records not all acknowledged within {timeout_s:.0f} s") from exc
 
-    async def _publish(self, records: Sequence[Record]) -> None:
-        pending = list(records)
-        for attempt in range(1, ATTEMPTS + 1):
-            results = await asyncio.gather(*[await self._send(r) for r in pending], return_exceptions=True)
-            failed = [(r, e) for r, e in zip(pending, results, strict=True) if isinstance(e, BaseException)]
+    async def _publish(self, records: Sequence[Record]) -> list[RecordMetadata]:
+        acked: dict[int, RecordMetadata] = {}
+        pending, attempt = list(enumerate(records)), 1
+        while True:
+            results = await asyncio.gather(*[await self._send(r) for _, r in pending], return_exceptions=True)
+            failed = []
+            for (index, record), result in zip(pending, results, strict=True):
+                if isinstance(result, BaseException):
+                    failed.append(((index, record), result))
+                else:
+                    acked[index] = result
             if not failed:
-                return
-            pending = [r for r, _ in failed]
+                return [acked[index] for index in range(len(records))]
+            pending = [sent for sent, _ in failed]
             first = failed[0][1]
             if attempt == ATTEMPTS:
-                raise PublishError(f"{len(failed)} records to {pending[0].topic} not acknowledged: {first}") from first
+                raise PublishError(
+                    f"{len(failed)} records to {pending[0][1].topic} not acknowledged: {first}"
+                ) from first
             log.warning("%d records not acknowledged (%s); attempt %d of %d", len(failed), first, attempt + 1, ATTEMPTS)
             await asyncio.sleep(min(0.2 * 2**attempt, 5.0))
+            attempt += 1
 
-    async def _send(self, record: Record) -> asyncio.Future[object]:
+    async def _send(self, record: Record) -> asyncio.Future[RecordMetadata]:
         assert self._producer is not None, "start() first"
         try:
-            future: asyncio.Future[object] = await self._producer.send(
+            future: asyncio.Future[RecordMetadata] = await self._producer.send(
                 record.topic, key=record.key, value=record.value, headers=record.headers
             )
         except KafkaError as exc:  # refused before it was queued (buffer full, no metadata): a failed ack

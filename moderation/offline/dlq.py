@@ -24,89 +24,31 @@ from __future__ import annotations
 
 import binascii
 import logging
-import re
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPartition
+from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
 from pydantic import ValidationError
 
-from moderation.errors import RETRYABLE, ModerationError, Reason
+from moderation.adapters.deadletters import ATTEMPTS_HEADER, DLQ_HEADER_PREFIX
+from moderation.adapters.kafka import Received, aiokafka_options, high_watermarks, partitions, read_range, reader
+from moderation.adapters.publisher import Publisher, Record
+from moderation.errors import RETRYABLE, Reason
 from moderation.events import DeadLetter
 from moderation.settings import Settings
-from moderation.worker.kafka import aiokafka_options, high_watermarks, read_range
 
 log = logging.getLogger(__name__)
 
-ATTEMPTS_HEADER = "moderation-attempts"
-DLQ_HEADER_PREFIX = "moderation.dlq."  # the dead letter's own headers: why and whence (Kafka Connect's way)
 REPLAY_GROUP_SUFFIX = "-dlq-replay"
-_COUNT = re.compile(rb"\s*\+?(\d{1,18})\s*")  # at most 18 digits: an int64 a Kafka client may have written
-
-
-def attempts_from(headers: Mapping[Any, Any] | Iterable[Any] | None) -> int:
-    """Deliveries recorded on a replayed message; 0 for a first delivery. Never raises, whatever a Kafka
-    client sent: a null, non-UTF-8, non-numeric or negative value counts as 0, and of duplicated headers
-    the largest count wins (a stale lower one must not restart the count and lift the cap)."""
-    try:
-        pairs = list(headers.items() if isinstance(headers, Mapping) else (headers or ()))
-    except Exception:  # headers the client could not even list: a first delivery
-        return 0
-    return max((_count(pair) for pair in pairs), default=0)
-
-
-def dead_letter_headers(
-    letter: DeadLetter, original: Sequence[tuple[str, bytes | None]]
-) -> list[tuple[str, bytes | None]]:
-    """The original record's headers, then the dead letter's own (earlier ones of ours replaced)."""
-    ours = {
-        "reason": str(letter.reason),
-        "retryable": "true" if letter.retryable else "false",
-        "attempts": str(letter.attempts),
-        "topic": letter.source_topic,
-        "partition": str(letter.source_partition),
-        "offset": str(letter.source_offset),
-    }
-    kept = [(name, value) for name, value in original if not name.startswith(DLQ_HEADER_PREFIX)]
-    return kept + [(DLQ_HEADER_PREFIX + name, value.encode()) for name, value in ours.items()]
-
-
-def _count(pair: Any) -> int:
-    try:
-        name, value = pair
-    except (TypeError, ValueError):  # not a (name, value) pair
-        return 0
-    if name not in (ATTEMPTS_HEADER, ATTEMPTS_HEADER.encode()):
-        return 0
-    if isinstance(value, str):
-        value = value.encode(errors="replace")
-    if not isinstance(value, bytes | bytearray | memoryview):  # a null value, or something no client sends
-        return 0
-    match = _COUNT.fullmatch(bytes(value))
-    return int(match.group(1)) if match else 0
-
-
-class TopicMissing(ModerationError):
-    """The dead-letter topic does not exist (yet)."""
 
 
 @dataclass(frozen=True)
-class Stored:
+class Stored(Received):
     """One record of the dead-letter topic: its letter, or why it is not one (`problem`)."""
 
-    topic: str
-    partition: int
-    offset: int
-    timestamp_ms: int
-    key: bytes | None
-    letter: DeadLetter | None
+    letter: DeadLetter | None = None
     problem: str = ""
-    headers: tuple[tuple[str, bytes | None], ...] = ()
-
-    @property
-    def where(self) -> str:
-        return f"{self.topic}[{self.partition}]@{self.offset}"
 
 
 def parse(record: ConsumerRecord[Any, Any]) -> Stored:
@@ -122,8 +64,7 @@ def parse(record: ConsumerRecord[Any, Any]) -> Stored:
             letter, problem = None, f"not a dead letter: {_first_error(exc)}"
         except (binascii.Error, ValueError) as exc:
             letter, problem = None, f"payload_base64 is not base64: {exc}"
-    headers = tuple(record.headers or ())
-    return Stored(record.topic, record.partition, record.offset, record.timestamp, record.key, letter, problem, headers)
+    return Stored(**vars(Received.of(record)), letter=letter, problem=problem)
 
 
 def _first_error(exc: ValidationError) -> str:
@@ -135,13 +76,13 @@ def _first_error(exc: ValidationError) -> str:
 async def read_dead_letters(settings: Settings, *, limit: int = 100, newest_first: bool = True) -> list[Stored]:
     """At most `limit` records of the dead-letter topic, the newest (or oldest) first, malformed ones
     included with their problem. Reads at most `limit` records per partition; commits nothing."""
-    consumer = AIOKafkaConsumer(group_id=None, enable_auto_commit=False, **aiokafka_options(settings))
+    consumer = reader(settings)
     await consumer.start()
     try:
-        partitions = await _partitions(consumer, settings.topic_dlq)
-        first, end = await consumer.beginning_offsets(partitions), await high_watermarks(consumer, partitions)
-        start = {tp: max(first[tp], end[tp] - limit) if newest_first else first[tp] for tp in partitions}
-        stop = {tp: min(end[tp], start[tp] + limit) for tp in partitions}
+        tps = await partitions(consumer, settings.topic_dlq)
+        first, end = await consumer.beginning_offsets(tps), await high_watermarks(consumer, tps)
+        start = {tp: max(first[tp], end[tp] - limit) if newest_first else first[tp] for tp in tps}
+        stop = {tp: min(end[tp], start[tp] + limit) for tp in tps}
         stored = [parse(r) async for batch in read_range(consumer, start, stop) for r in batch]
     finally:
         await consumer.stop()
@@ -175,17 +116,17 @@ async def replay(
     report = ReplayReport()
     if not chosen:
         return report
-    reader = AIOKafkaConsumer(group_id=None, enable_auto_commit=False, **aiokafka_options(settings))
+    letters = reader(settings)
     groups = {reason: _progress_consumer(settings, reason) for reason in chosen}
-    producer = AIOKafkaProducer(acks="all", **aiokafka_options(settings))
-    for client in (reader, *groups.values(), producer):
+    producer = Publisher(settings)
+    for client in (letters, *groups.values(), producer):
         await client.start()
     try:
-        partitions = await _partitions(reader, settings.topic_dlq)
-        first, end = await reader.beginning_offsets(partitions), await high_watermarks(reader, partitions)
-        done = {reason: await _committed(group, partitions, first) for reason, group in groups.items()}
-        start = {tp: min(done[reason][tp] for reason in chosen) for tp in partitions}
-        async for batch in read_range(reader, start, end):
+        tps = await partitions(letters, settings.topic_dlq)
+        first, end = await letters.beginning_offsets(tps), await high_watermarks(letters, tps)
+        done = {reason: await _committed(group, tps, first) for reason, group in groups.items()}
+        start = {tp: min(done[reason][tp] for reason in chosen) for tp in tps}
+        async for batch in read_range(letters, start, end):
             for record in batch:
                 stored = parse(record)
                 verdict = _decide(stored, max_attempts, done, chosen)
@@ -204,7 +145,7 @@ async def replay(
                         await group.commit({tp: reached})
                         done[reason][tp] = reached
     finally:
-        for client in (producer, *groups.values(), reader):
+        for client in (producer, *groups.values(), letters):
             await client.stop()
     return report
 
@@ -243,15 +184,7 @@ async def _committed(
     return {tp: max(committed[tp] or 0, first[tp]) for tp in partitions}  # retention may have moved the start
 
 
-async def _partitions(consumer: AIOKafkaConsumer, topic: str) -> list[TopicPartition]:
-    await consumer.topics()  # fetches the metadata partitions_for_topic reads
-    ids = consumer.partitions_for_topic(topic)
-    if not ids:
-        raise TopicMissing(f"topic {topic} does not exist")
-    return [TopicPartition(topic, p) for p in sorted(ids)]
-
-
-async def _republish(producer: AIOKafkaProducer, settings: Settings, stored: Stored) -> None:
+async def _republish(producer: Publisher, settings: Settings, stored: Stored) -> None:
     """The original record again: its key, value and headers (the dead letter's own headers dropped), with the
     deliveries so far in ATTEMPTS_HEADER."""
     letter = stored.letter
@@ -259,7 +192,7 @@ async def _republish(producer: AIOKafkaProducer, settings: Settings, stored: Sto
     kept = [(n, v) for n, v in stored.headers if not n.startswith(DLQ_HEADER_PREFIX) and n != ATTEMPTS_HEADER]
     headers = [*kept, (ATTEMPTS_HEADER, str(letter.attempts).encode())]
     value = None if letter.payload_null else letter.payload()
-    await producer.send_and_wait(replay_topic(settings, letter), value=value, key=stored.key, headers=headers)
+    await producer.publish([Record(replay_topic(settings, letter), stored.key, value, headers)])
 
 
 def replay_topic(settings: Settings, letter: DeadLetter) -> str:

@@ -3,19 +3,15 @@ for provenance declarations and near-duplicate matches.
 
 The rules come from the settings or from a YAML policy file (`PolicyFile`, README: Per-tenant policy). A
 tenant's rules override the file's default field by field, the default overrides the settings, and whatever
-is unset is inherited. `Policies.watch` re-reads the file while the worker runs and swaps a changed file in
-only once all of it validates: a bad edit keeps the policy in force, logged and counted.
+is unset is inherited. The worker's `Policies` (moderation.worker.policies) re-reads the file while it runs.
 """
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 import hashlib
-import logging
 from collections.abc import Hashable, Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
@@ -24,9 +20,6 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from moderation.errors import ModerationError
 from moderation.events import Action
 from moderation.settings import Settings
-from moderation.worker import metrics
-
-log = logging.getLogger(__name__)
 
 DeclaredAi = Literal["label_fake", "evidence_only"]
 MatchApply = Literal["banked_label", "evidence_only"]
@@ -236,7 +229,9 @@ def _resolve(base: Policy, rules: TenantRules, version: str, where: str) -> Poli
 
 
 @dataclass(frozen=True)
-class _Compiled:
+class Compiled:
+    """A policy file compiled over a base policy: the default, each tenant's, and the file's digest."""
+
     default: Policy
     tenants: Mapping[str, Policy]
     digest: str = ""  # sha256 of the file's bytes; empty from the settings alone
@@ -246,117 +241,8 @@ class _Compiled:
         return self.default.version
 
 
-def _compile(text: bytes, base: Policy) -> _Compiled:
+def compile_policy(text: bytes, base: Policy) -> Compiled:
     rules = parse_policy(text)
     default = _resolve(base, rules.default, rules.version, "default")
     tenants = {name: _resolve(default, t, rules.version, f"tenants.{name}") for name, t in rules.tenants.items()}
-    return _Compiled(default, tenants, hashlib.sha256(text).hexdigest())
-
-
-class Policies:
-    """Every tenant's policy. `for_tenant` is what the pipeline asks, once an event; a reload replaces the
-    whole set in one assignment, so an event never sees half of an edit."""
-
-    def __init__(self, compiled: _Compiled, *, path: Path | None = None, base: Policy | None = None) -> None:
-        self._path, self._base = path, base or compiled.default
-        self._failed: str | None = None  # the last refused content (digest or read error): counted once
-        self._install(compiled)
-        self._accept()
-
-    @classmethod
-    def from_settings(cls, settings: Settings) -> Policies:
-        """The global thresholds of the settings for every tenant (version `settings`)."""
-        return cls.of(Policy.from_settings(settings))
-
-    @classmethod
-    def of(cls, policy: Policy) -> Policies:
-        """One policy for every tenant."""
-        return cls(_Compiled(policy, {}))
-
-    @classmethod
-    def from_file(cls, path: Path, settings: Settings) -> Policies:
-        """The file's policy over the settings' thresholds; InvalidPolicy if it cannot be read or validated."""
-        base = Policy.from_settings(settings)
-        try:
-            compiled = _compile(path.read_bytes(), base)
-        except OSError as exc:
-            raise InvalidPolicy(f"cannot read the policy file {path}: {exc}") from exc
-        except InvalidPolicy as exc:
-            raise InvalidPolicy(f"policy file {path}: {exc}") from exc
-        log.info("policy %s from %s: default and %d tenants", compiled.version, path, len(compiled.tenants))
-        return cls(compiled, path=path, base=base)
-
-    @classmethod
-    def load(cls, settings: Settings) -> Policies:
-        """From MODERATION_POLICY_FILE when set, else from the settings alone."""
-        if settings.policy_file is None:
-            return cls.from_settings(settings)
-        return cls.from_file(settings.policy_file, settings)
-
-    @property
-    def version(self) -> str:
-        return self._compiled.version
-
-    @property
-    def default(self) -> Policy:
-        return self._compiled.default
-
-    @property
-    def tenants(self) -> Mapping[str, Policy]:
-        return self._compiled.tenants
-
-    def for_tenant(self, tenant: str | None) -> Policy:
-        compiled = self._compiled
-        return compiled.default if tenant is None else compiled.tenants.get(tenant, compiled.default)
-
-    def reload(self) -> bool:
-        """Swap in the file when its content changed and all of it validates; True when it did. A file that
-        cannot be read or does not validate leaves the policy in force: logged and counted once per content."""
-        if self._path is None:
-            return False
-        try:
-            text = self._path.read_bytes()
-        except OSError as exc:
-            return self._refuse(f"read error {exc.errno}", f"cannot read the policy file {self._path}: {exc}")
-        digest = hashlib.sha256(text).hexdigest()
-        if digest == self._compiled.digest:
-            self._accept()  # back to what is in force: the same bad edit again counts again
-            return False
-        if digest == self._failed:
-            return False
-        try:
-            compiled = _compile(text, self._base)
-        except InvalidPolicy as exc:
-            return self._refuse(digest, f"policy file {self._path}: {exc}")
-        previous = self.version
-        self._install(compiled)
-        self._accept()
-        log.info("policy %s in force (was %s): default and %d tenants", compiled.version, previous, len(self.tenants))
-        return True
-
-    async def watch(self, interval_s: float) -> None:
-        """Reload every `interval_s` seconds until cancelled. The whole file is read each time and compared by
-        digest (a few KB): an mtime can miss an edit made within its resolution, and a Kubernetes ConfigMap
-        volume swaps a symlink rather than the file."""
-        if self._path is None:
-            return
-        while True:
-            await asyncio.sleep(interval_s)
-            await asyncio.to_thread(self.reload)
-
-    def _install(self, compiled: _Compiled) -> None:
-        self._compiled = compiled
-        metrics.POLICY_INFO.clear()
-        metrics.POLICY_INFO.labels(compiled.version).set(1)
-
-    def _accept(self) -> None:
-        self._failed = None
-        metrics.POLICY_FILE_REFUSED.set(0)
-
-    def _refuse(self, content: str, problem: str) -> bool:
-        if content != self._failed:
-            self._failed = content
-            metrics.POLICY_RELOAD_FAILURES.inc()
-            metrics.POLICY_FILE_REFUSED.set(1)
-            log.error("%s; policy %s stays in force", problem, self.version)
-        return False
+    return Compiled(default, tenants, hashlib.sha256(text).hexdigest())
