@@ -1,5 +1,6 @@
 """The package layout states the architecture: sub-packages by what gets deployed, the adapters every one of
-them uses and the contracts at the top, and import-linter's contracts (pyproject.toml [tool.importlinter]) keeping the imports pointing down."""
+them uses and the contracts at the top, and import-linter's contracts (pyproject.toml [tool.importlinter])
+keeping the imports pointing down."""
 
 from __future__ import annotations
 
