@@ -20,6 +20,7 @@ from enum import StrEnum
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
+from moderation.errors import ModerationError
 from moderation.events import PDQ_PATTERN, BankEntry, Label
 from moderation.settings import Settings
 from moderation.worker.kafka import aiokafka_options, high_watermarks, read_range
@@ -36,7 +37,7 @@ class ListFormat(StrEnum):
     CSV = "csv"
 
 
-class InvalidList(ValueError):
+class InvalidList(ModerationError):
     """A hash list that cannot be imported: which line, and why (nothing of it is published)."""
 
 
