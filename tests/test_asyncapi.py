@@ -22,7 +22,7 @@ from moderation.asyncapi import (
     default_settings,
     document,
 )
-from moderation.cli import app
+from moderation.cli.main import app
 from moderation.errors import Reason
 from moderation.events import CacheEntry, DeadLetter, ImageInfo, ModelInfo, Timings, Verdict, utcnow
 from moderation.settings import Settings

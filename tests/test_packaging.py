@@ -57,7 +57,7 @@ NOT_IN_A_SLIM_INSTALL = ("torch", "transformers", "tokenizers", "safetensors", "
 
 def test_the_worker_and_the_client_import_without_torch_or_transformers(tmp_path: Path) -> None:
     source = refusing(*NOT_IN_A_SLIM_INSTALL) + textwrap.dedent("""
-        import moderation.cli, moderation.worker.app, moderation.client
+        import moderation.cli.main, moderation.worker.app, moderation.client
         from moderation.settings import Settings
         from moderation.worker.app import create_app
         create_app(Settings())  # the Triton detector, the exact preprocessing path: the production worker
@@ -86,7 +86,7 @@ def test_the_in_process_detector_without_the_model_extra_names_it() -> None:
 def test_a_worker_with_fast_preprocessing_and_no_torch_refuses_to_start(tmp_path: Path) -> None:
     source = (
         refusing(*NOT_IN_A_SLIM_INSTALL)
-        + "import sys; from moderation.cli import main; sys.argv[1:] = ['worker']; main()"
+        + "import sys; from moderation.cli.main import main; sys.argv[1:] = ['worker']; main()"
     )
     result = run_python(
         source, cwd=ROOT, pythonpath=str(ROOT), MODERATION_DATA_DIR=str(tmp_path), MODERATION_FAST_PREPROCESS="true"

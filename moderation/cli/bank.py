@@ -48,6 +48,7 @@ def import_list(
 
     if label not in get_args(Label):
         raise typer.BadParameter(f"{label!r} is neither fake nor real", param_hint="--label")
+    settings = load_settings(env_file)
     name = source or file.name
     try:
         text = file.read_text()
@@ -55,7 +56,7 @@ def import_list(
         raise InvalidList(f"{file} is not UTF-8 text: {exc}") from exc
     parsed = read_list(text, _list_format(list_format, file), source=name, label=label)  # type: ignore[arg-type]
     now = utcnow()
-    asyncio.run(publish_entries(load_settings(env_file), [bank_entry(h, now) for h in parsed.hashes]))
+    asyncio.run(publish_entries(settings, [bank_entry(h, now) for h in parsed.hashes]))
     skipped = f" ({parsed.other_signals} lines of other signal types skipped)" if parsed.other_signals else ""
     console.print(f"imported {len(parsed.hashes)} PDQ hashes from {escape(name)}{skipped}", highlight=False)
 

@@ -15,6 +15,7 @@ from pydantic import ValidationError
 from typer.core import TyperGroup
 
 from moderation.cli import bank, contracts, demo, dev, dlq, model, offline, policy, review, topics, worker
+from moderation.cli.options import load_settings
 from moderation.cli.output import error
 from moderation.errors import ModerationError
 from moderation.settings import Settings, invalid_settings
@@ -49,7 +50,7 @@ def check_environment() -> None:
     Whether the values agree with each other is the command's own settings' check, as its --env-file may
     complete them."""
     try:
-        Settings()
+        load_settings(None)
     except ValidationError as exc:
         if any(problem["loc"] for problem in exc.errors()):
             raise

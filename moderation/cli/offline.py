@@ -176,9 +176,11 @@ def precision(
         settings = load_settings(env_file)
         found, bad = asyncio.run(precision.read_topic(settings))
         where = f"topic {settings.topic_decisions}"
-    else:
+    elif Path(source).is_file():
         found, bad = precision.read_file(Path(source))
         where = source
+    else:
+        raise typer.BadParameter(f"{source!r} is neither `topic` nor a file", param_hint="SOURCE")
     if bad:
         warn(f"{bad} records are not Decision messages: skipped")
     report = precision.precision_report(found, where)
