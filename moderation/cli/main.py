@@ -25,6 +25,9 @@ COMMAND_MODULES = (worker, demo, topics, offline, contracts, dev, dlq, model, re
 
 
 class _Root(TyperGroup):
+    """Every command, in any group, runs inside the root's `invoke`: its handler is every command's, under the
+    console script and a test's CliRunner alike."""
+
     def invoke(self, ctx: typer.Context) -> Any:  # type: ignore[override]  # Typer's own click Context
         try:
             if not _asks_for_help(ctx):
