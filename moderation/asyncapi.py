@@ -293,7 +293,7 @@ CHANNELS: tuple[Channel, ...] = (
             Operation(
                 WORKER, "receive", "Bank each decision as its image's entry (confirm or overturn).", _worker_group
             ),
-            Operation(OPERATORS, "receive", "`moderation eval --decisions`: the model's precision per tenant."),
+            Operation(OPERATORS, "receive", "`moderation precision`: the model's precision per tenant."),
         ),
         retention_ms=365 * DAY_MS,
     ),

@@ -219,7 +219,7 @@ class Decision(_Message):
         at: datetime | None = None,
     ) -> Decision:
         """A reviewer's decision about a verdict, carrying what the bank needs of it (hash, location) and what
-        the verdict said, for `moderation eval --decisions`."""
+        the verdict said, for `moderation precision`."""
         return cls(
             event_id=verdict.event_id,
             image_sha256=verdict.image_sha256,

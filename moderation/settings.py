@@ -10,10 +10,11 @@ import tempfile
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 CommaList = Annotated[tuple[str, ...], NoDecode]
+ENV_PREFIX = "MODERATION_"
 
 # What bounds the worst batch time (`Settings.worst_batch_s`), from the code and the clients it uses;
 # tests/test_settings.py checks each against its source.
@@ -22,7 +23,7 @@ FAUST_REQUEST_TIMEOUT_S = 90.0  # Faust's broker_request_timeout: it refuses a l
 
 
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="MODERATION_", env_file=None, extra="ignore", frozen=True)
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, env_file=None, extra="ignore", frozen=True)
 
     # Kafka
     kafka_bootstrap_servers: str = Field("127.0.0.1:9092", description="Comma-separated host:port list.")
@@ -303,9 +304,11 @@ class Settings(BaseSettings):
     @model_validator(mode="after")
     def _ordered(self) -> Settings:
         if self.review_threshold > self.flag_threshold:
-            raise ValueError("review_threshold must not exceed flag_threshold")
+            raise ValueError(f"{env_name('review_threshold')} must not exceed {env_name('flag_threshold')}")
         if self.kafka_min_insync_replicas > self.kafka_replication_factor:
-            raise ValueError("kafka_min_insync_replicas must not exceed kafka_replication_factor")
+            raise ValueError(
+                f"{env_name('kafka_min_insync_replicas')} must not exceed {env_name('kafka_replication_factor')}"
+            )
         return self
 
     @property
@@ -381,6 +384,20 @@ class Settings(BaseSettings):
         return self
 
 
+def env_name(field: str) -> str:
+    """The environment variable that sets a field."""
+    return f"{ENV_PREFIX}{field.upper()}"
+
+
+def invalid_settings(exc: ValidationError) -> str:
+    """One line naming each variable at fault and why, never its value (it may be a secret)."""
+    problems = []
+    for problem in exc.errors():
+        why = problem["msg"].removeprefix("Value error, ")  # a validator's own message names its variables
+        problems.append(f"{env_name(str(problem['loc'][0]))}: {why}" if problem["loc"] else why)
+    return "invalid settings: " + "; ".join(problems)
+
+
 def env_table() -> str:
     """Markdown table of every variable with its default and description."""
     rows = ["| Variable | Default | Description |", "| --- | --- | --- |"]
@@ -388,5 +405,5 @@ def env_table() -> str:
         default = field.default
         shown = ", ".join(default) if isinstance(default, tuple) else default
         shown = "(unset)" if shown in (None, "") else f"`{shown}`"
-        rows.append(f"| `MODERATION_{name.upper()}` | {shown} | {field.description or ''} |")
+        rows.append(f"| `{env_name(name)}` | {shown} | {field.description or ''} |")
     return "\n".join(rows)

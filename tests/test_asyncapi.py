@@ -16,7 +16,7 @@ from typer.testing import CliRunner
 
 from moderation.adapters.deadletters import ATTEMPTS_HEADER, DLQ_HEADER_PREFIX, dead_letter_headers
 from moderation.asyncapi import CHANNELS, DEAD_LETTER_HEADERS, default_settings, document
-from moderation.cli import app
+from moderation.cli.main import app
 from moderation.errors import Reason
 from moderation.events import CacheEntry, DeadLetter, ImageInfo, ModelInfo, Timings, Verdict, utcnow
 from moderation.settings import Settings

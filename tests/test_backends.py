@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from moderation import cli
+from moderation.cli.main import app
 from moderation.devkit import checkpoints, localstack
 from moderation.devkit.demo import settings_for
 from moderation.devkit.samples import draw_image
@@ -145,12 +145,12 @@ def test_the_worker_refuses_to_serve_without_weights(tiny_checkpoint: Path) -> N
 def test_the_worker_command_says_why_it_will_not_start(tmp_path: Path) -> None:
     env = tmp_path / "worker.env"
     env.write_text(f"MODERATION_DETECTOR=inprocess\nMODERATION_DATA_DIR={tmp_path}\n")
-    result = CliRunner().invoke(cli.app, ["worker", "--env-file", str(env)])
+    result = CliRunner().invoke(app, ["worker", "--env-file", str(env)])
     assert result.exit_code == 2 and "MODERATION_CHECKPOINT" in result.output
 
 
 def test_offline_tools_want_named_weights(tmp_path: Path) -> None:
-    result = CliRunner().invoke(cli.app, ["scan", str(tmp_path)])
+    result = CliRunner().invoke(app, ["scan", str(tmp_path)])
     assert result.exit_code == 2 and "--model" in result.output
 
 

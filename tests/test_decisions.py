@@ -1,4 +1,4 @@
-"""Reviewer decisions: the worker turns each into its image's bank entry, and `moderation eval --decisions`
+"""Reviewer decisions: the worker turns each into its image's bank entry, and `moderation precision`
 scores the model's fake calls per tenant against them. On the real broker, with the worker as deployed."""
 
 from __future__ import annotations
@@ -13,8 +13,8 @@ import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from typer.testing import CliRunner
 
-from moderation import cli
 from moderation.adapters.kafka import aiokafka_options
+from moderation.cli.main import app
 from moderation.devkit.demo import stop_worker
 from moderation.events import BankEntry, DeadLetter, Decision, utcnow
 from moderation.offline.precision import ALL, precision_report
@@ -142,9 +142,7 @@ def test_a_decision_becomes_the_images_bank_entry_and_eval_reads_the_topic(lane,
     env_file = tmp_path / "stack.env"
     env_file.write_text("\n".join(f"{k}={v}" for k, v in lane.env.items()) + "\n")
     out = tmp_path / "decisions.json"
-    result = CliRunner().invoke(
-        cli.app, ["eval", "--decisions", "topic", "--env-file", str(env_file), "--out", str(out)]
-    )
+    result = CliRunner().invoke(app, ["precision", "topic", "--env-file", str(env_file), "--out", str(out)])
     assert result.exit_code == 0, result.output
     report = json.loads(out.read_text())
     assert report["decisions"] == 3 and report["tenants"][0]["overall"]["confirmed"] == 1

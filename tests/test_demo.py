@@ -15,7 +15,7 @@ import pytest
 from rich.console import Console
 from typer.testing import CliRunner
 
-from moderation import cli
+from moderation.cli.main import app
 from moderation.client import Outcomes
 from moderation.devkit.demo import logs_to, outcome_table
 from moderation.errors import Reason
@@ -28,7 +28,7 @@ NOW = datetime(2026, 12, 7, 12, 0, tzinfo=UTC)
 @pytest.mark.slow
 def test_the_demo_runs_start_to_finish(tmp_path: Path) -> None:
     args = ["demo", "--workdir", str(tmp_path / "demo"), "--images", "8"]
-    result = CliRunner().invoke(cli.app, args, env={"COLUMNS": "250"})  # rich wraps its table to the width
+    result = CliRunner().invoke(app, args, env={"COLUMNS": "250"})  # rich wraps its table to the width
     assert result.exit_code == 0, result.output[-4000:]
     out = result.output
     assert "provenance (C2PA)" in out  # the signed AI-declared upload

@@ -17,7 +17,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
 from moderation.adapters.deadletters import ATTEMPTS_HEADER, attempts_from
 from moderation.adapters.kafka import aiokafka_options
-from moderation.cli import dlq_replay
+from moderation.cli.dlq import replay_letters
 from moderation.client import event_message, publish, read_outcomes, upload_images
 from moderation.devkit.demo import stop_worker
 from moderation.devkit.lanes import free_port, wait_for_commits
@@ -243,7 +243,7 @@ def test_a_transient_dead_letter_from_a_worker_is_replayed_with_the_defaults_and
     assert transient.reason == Reason.STORAGE_UNAVAILABLE and transient.retryable
     assert transient.attempts == 1, "attempts counts deliveries, not the retries within one batch"
 
-    defaults = {name: p.default for name, p in inspect.signature(dlq_replay).parameters.items()}
+    defaults = {name: p.default for name, p in inspect.signature(replay_letters).parameters.items()}
     report = asyncio.run(replay(settings, max_attempts=defaults["max_attempts"]))
     assert report.replayed == 1, "a transient letter is replayable with the CLI's default --max-attempts"
 

@@ -13,7 +13,7 @@ import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
-from moderation.cli import app
+from moderation.cli.main import app
 from moderation.devkit import localstack
 from moderation.devkit.samples import write_samples
 from moderation.events import ModelInfo

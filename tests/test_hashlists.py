@@ -19,7 +19,7 @@ from threatexchange.signal_type.pdq.pdq_index2 import PDQIndex2
 from threatexchange.signal_type.pdq.signal import PdqSignal
 from typer.testing import CliRunner
 
-from moderation import cli
+from moderation.cli.main import app
 from moderation.devkit.demo import DEMO_SEED, stop_worker
 from moderation.devkit.samples import draw_image, encode
 from moderation.devkit.synthetic import make_sample
@@ -167,9 +167,7 @@ def test_an_imported_list_decides_matches_on_the_worker_below_reviews_until_remo
     env_file, runner = env_file_of(lane, tmp_path), CliRunner()
     worker = lane.worker()
     try:
-        result = runner.invoke(
-            cli.app, ["bank", "import", str(te_file), "--source", "other", "--env-file", str(env_file)]
-        )
+        result = runner.invoke(app, ["bank", "import", str(te_file), "--source", "other", "--env-file", str(env_file)])
         assert result.exit_code == 0 and "imported 2 PDQ hashes from other" in result.output, result.output
         time.sleep(2)  # the worker's bank follower reads the list
         first = upload(lane, tmp_path, {"a1.jpg": reencoded(shared["a.jpg"]), "b1.jpg": shared["b.jpg"]})
@@ -195,7 +193,7 @@ def test_an_imported_list_decides_matches_on_the_worker_below_reviews_until_remo
 
         exported = tmp_path / "ours.csv"
         result = runner.invoke(
-            cli.app, ["bank", "export", "--label", "real", "--out", str(exported), "--env-file", str(env_file)]
+            app, ["bank", "export", "--label", "real", "--out", str(exported), "--env-file", str(env_file)]
         )
         assert result.exit_code == 0, result.output
         assert read_list(exported.read_text(), ListFormat.CSV, source="x", label="fake").hashes == [
@@ -203,11 +201,11 @@ def test_an_imported_list_decides_matches_on_the_worker_below_reviews_until_remo
         ]
         te_out = tmp_path / "imports.te"
         result = runner.invoke(
-            cli.app, ["bank", "export", "--decided-by", "import", "--out", str(te_out), "--env-file", str(env_file)]
+            app, ["bank", "export", "--decided-by", "import", "--out", str(te_out), "--env-file", str(env_file)]
         )
         assert te_reads(te_out) == {line.split()[1] for line in te_file.read_text().splitlines()}
 
-        result = runner.invoke(cli.app, ["bank", "remove", "--source", "other", "--env-file", str(env_file)])
+        result = runner.invoke(app, ["bank", "remove", "--source", "other", "--env-file", str(env_file)])
         assert result.exit_code == 0 and "removed 2 PDQ hashes" in result.output, result.output
         time.sleep(2)
         again = upload(lane, tmp_path, {"a2.jpg": reencoded(shared["a.jpg"])})

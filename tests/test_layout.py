@@ -21,6 +21,7 @@ SUB_PACKAGES = {
     "offline": "tools run by hand or in a Job: scan, evaluate, thresholds, model checks, dead-letter replay",
     "devkit": "the local stack, demo, samples, synthetic images, tiny models, training",
     "review": "the review console: its queue reader, reviewer identity, the ASGI app and its templates",
+    "cli": "the `moderation` command: its root (main.py) and one module per command group",
 }
 TOP_LEVEL = {
     "__init__.py": "the package",
@@ -30,7 +31,6 @@ TOP_LEVEL = {
     "errors.py": "contract: the exception root and reason codes",
     "settings.py": "contract: every setting",
     "policy.py": "contract: the per-tenant policy (file format, rules, actions)",
-    "cli.py": "the `moderation` command",
     "client.py": "the producer-side client library",
     "logs.py": "logging configuration shared by the command and the worker",
 }

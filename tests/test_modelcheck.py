@@ -8,12 +8,12 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from moderation.cli import app
+from moderation.cli.main import app
 from moderation.devkit.synthetic import samples, write_images
 from moderation.devkit.training import trained_checkpoint
 from moderation.model.fakevlm import FakeVLM
 from moderation.model.imaging import crop
-from moderation.offline.modelcheck import Answer, check, summarise
+from moderation.offline.modelcheck import VALID_SHARE, Answer, CheckReport, check, summarise
 
 
 def test_summary_counts_prefix_agreement_and_margins() -> None:
@@ -29,6 +29,17 @@ def test_summary_counts_prefix_agreement_and_margins() -> None:
     assert report.agreement == pytest.approx(2 / 3)
     assert report.margin_mean == pytest.approx(0.1) and report.margin_max == pytest.approx(0.1)
     assert summarise([], 0.5).agreement is None
+    assert not report.verdict_first_valid
+
+
+def test_verdict_first_is_valid_when_free_answers_start_with_the_prefix_and_agree() -> None:
+    def report(prefix_share: float, agreement: float | None) -> CheckReport:
+        return CheckReport(8, prefix_share, 8, agreement, 0, None, None, [])
+
+    assert report(VALID_SHARE, VALID_SHARE).verdict_first_valid and report(1.0, 1.0).verdict_first_valid
+    assert not report(VALID_SHARE - 0.01, 1.0).verdict_first_valid
+    assert not report(1.0, VALID_SHARE - 0.01).verdict_first_valid
+    assert not report(1.0, None).verdict_first_valid, "no labelled answer: nothing shows the verdict agrees"
 
 
 def test_verdict_first_agrees_with_the_trained_models_free_answers() -> None:

@@ -57,7 +57,7 @@ NOT_IN_A_SLIM_INSTALL = ("torch", "transformers", "tokenizers", "safetensors", "
 
 def test_the_worker_and_the_client_import_without_torch_or_transformers(tmp_path: Path) -> None:
     source = refusing(*NOT_IN_A_SLIM_INSTALL) + textwrap.dedent("""
-        import moderation.cli, moderation.worker.app, moderation.client
+        import moderation.cli.main, moderation.worker.app, moderation.client
         from moderation.settings import Settings
         from moderation.worker.app import create_app
         create_app(Settings())  # the Triton detector, the exact preprocessing path: the production worker
@@ -79,16 +79,23 @@ def test_the_review_console_serves_without_faust(tmp_path: Path) -> None:
         import uvicorn
         uvicorn.run = lambda app, **options: print("serving", type(app).__name__, options["port"])
         from typer.testing import CliRunner
-        from moderation.cli import app
+        from moderation.cli.main import app
         result = CliRunner().invoke(app, ["review", "serve", "--port", "8999"])
         print(result.output, result.exit_code)
         print("faust modules:", sorted(n for n in sys.modules if n.split(".")[0] in REFUSED[:3]))
     """)
-    result = run_python(
-        source, cwd=ROOT, pythonpath=str(ROOT), MODERATION_REVIEW_TOKENS="alice:0123456789abcdef0123"
-    )
+    result = run_python(source, cwd=ROOT, pythonpath=str(ROOT), MODERATION_REVIEW_TOKENS="alice:0123456789abcdef0123")
     assert result.returncode == 0, result.stderr
     assert "serving Starlette 8999" in result.stdout and "faust modules: []" in result.stdout, result.stdout
+
+
+@pytest.mark.parametrize("command", ["worker", "explainer"])
+def test_a_stream_process_without_the_worker_extra_names_it(command: str, tmp_path: Path) -> None:
+    source = refusing(*WORKER_ONLY) + f"from moderation.cli.main import main; sys.argv[1:] = [{command!r}]; main()"
+    result = run_python(source, cwd=ROOT, pythonpath=str(ROOT), MODERATION_DATA_DIR=str(tmp_path))
+    message = " ".join((result.stdout + result.stderr).split())  # rich wraps long lines
+    assert result.returncode == 2, message
+    assert "pip install 'moderation[worker]'" in message and "Traceback" not in message, message
 
 
 def test_the_review_console_lock_has_no_faust() -> None:
@@ -115,7 +122,7 @@ def test_the_in_process_detector_without_the_model_extra_names_it() -> None:
 def test_a_worker_with_fast_preprocessing_and_no_torch_refuses_to_start(tmp_path: Path) -> None:
     source = (
         refusing(*NOT_IN_A_SLIM_INSTALL)
-        + "import sys; from moderation.cli import main; sys.argv[1:] = ['worker']; main()"
+        + "import sys; from moderation.cli.main import main; sys.argv[1:] = ['worker']; main()"
     )
     result = run_python(
         source, cwd=ROOT, pythonpath=str(ROOT), MODERATION_DATA_DIR=str(tmp_path), MODERATION_FAST_PREPROCESS="true"

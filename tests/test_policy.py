@@ -13,7 +13,7 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
-from moderation.cli import app
+from moderation.cli.main import app
 from moderation.policy import InvalidPolicy, MatchRule, Policy, ProvenanceRule, parse_policy, policy_schema
 from moderation.settings import Settings
 from moderation.worker import metrics
@@ -249,6 +249,6 @@ def test_cli_check_and_schema(tmp_path: Path) -> None:
     assert ok.exit_code == 0, ok.output
     assert "valid, 3 tenants" in ok.output and "newsroom" in ok.output
     bad = runner.invoke(app, ["policy", "check", str(write(tmp_path / "bad.yaml", "version: v1\nx: 1\n"))])
-    assert bad.exit_code == 1 and "x: unknown field" in bad.output
+    assert bad.exit_code == 2 and "x: unknown field" in bad.output
     printed = runner.invoke(app, ["policy", "schema"])
     assert printed.exit_code == 0 and json.loads(printed.output) == json.loads(SCHEMA.read_text())

@@ -24,7 +24,7 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoProcessor
 from typer.testing import CliRunner
 
-from moderation.cli import app
+from moderation.cli.main import app
 from moderation.devkit import localstack
 from moderation.devkit.demo import settings_for
 from moderation.devkit.synthetic import samples, write_images

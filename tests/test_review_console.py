@@ -209,7 +209,7 @@ def test_tokens_are_pairs_of_reviewer_and_a_long_token() -> None:
         ("alice:short", "under 16"),
         (f"alice:{ALICE_TOKEN},bob:{ALICE_TOKEN}", "share"),
     ]:
-        with pytest.raises(ValueError, match=said):
+        with pytest.raises(auth.InvalidTokens, match=said):
             auth.parse_tokens(bad)
 
 

@@ -18,7 +18,7 @@ import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
-from moderation.cli import app
+from moderation.cli.main import app
 from moderation.devkit.samples import draw_image, encode, write_samples
 from moderation.errors import Reason, Rejected
 from moderation.events import ModelInfo, Verdict

@@ -22,7 +22,7 @@ from confluent_kafka.admin import AdminClient
 from typer.testing import CliRunner
 
 from moderation.adapters.kafka import aiokafka_options
-from moderation.cli import app
+from moderation.cli.main import app
 from moderation.devkit import localstack
 from moderation.errors import Reason
 from moderation.events import DeadLetter, ExplainRequest, Explanation, ImageInfo, ModelInfo, Timings, Verdict, utcnow
@@ -268,7 +268,7 @@ def test_tail_follows_from_the_end(lane, tmp_path: Path) -> None:  # type: ignor
 @pytest.mark.integration
 def test_an_unknown_topic_is_one_clear_error(lane, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     result = CliRunner().invoke(app, ["tail", "no-such-topic", "--env-file", str(env_file(lane, tmp_path))])
-    assert result.exit_code == 1 and "topic no-such-topic does not exist" in result.output
+    assert result.exit_code == 2 and "topic no-such-topic does not exist" in result.output
 
 
 @pytest.mark.integration

@@ -21,7 +21,7 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from typer.testing import CliRunner
 
-from moderation import cli
+from moderation.cli.main import app as command
 from moderation.client import upload_images
 from moderation.devkit.demo import stop_worker
 from moderation.devkit.samples import write_samples
@@ -207,5 +207,5 @@ def test_an_unknown_exporter_stops_the_worker_with_a_clear_error(
 ) -> None:
     monkeypatch.setenv("OTEL_TRACES_EXPORTER", "nonesuch")
     monkeypatch.setenv("MODERATION_DATA_DIR", str(tmp_path))
-    result = CliRunner().invoke(cli.app, ["worker"])
+    result = CliRunner().invoke(command, ["worker"])
     assert result.exit_code == 2 and "nonesuch" in result.output

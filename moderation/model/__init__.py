@@ -8,6 +8,7 @@ import importlib.util
 from moderation.errors import ModelError
 
 MODEL_EXTRA = "pip install 'moderation[model]'"
+EVAL_MAX_NEW_TOKENS = 256  # free answers' length in FakeVLM's scripts/eval.py
 
 
 def require_model_extra(purpose: str, modules: tuple[str, ...] = ("torch", "transformers")) -> None:

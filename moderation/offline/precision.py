@@ -1,4 +1,4 @@
-"""How good were the model's calls, by the reviewers' decisions: `moderation eval --decisions`.
+"""How good were the model's calls, by the reviewers' decisions: `moderation precision`.
 
 Precision of the model's "fake" calls per tenant (and per action): confirmed / (confirmed + overturned),
 from the latest decision about each event. Escalations are counted, never scored; verdicts decided by

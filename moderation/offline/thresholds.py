@@ -12,6 +12,10 @@ from html import escape
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
+# The precision the proposed review and flag thresholds aim for, unless asked otherwise.
+DEFAULT_REVIEW_PRECISION = 0.80
+DEFAULT_FLAG_PRECISION = 0.95
+
 CAVEAT = (
     "The lowest threshold meeting a target is the most recall that target allows on this set; on a"
     " small or cleanly separated set it sits at the edge of the real images' scores: use a set like"

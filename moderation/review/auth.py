@@ -20,11 +20,16 @@ from dataclasses import dataclass
 from typing import Literal
 from urllib.parse import urlsplit
 
+from moderation.errors import ModerationError
 from moderation.settings import Settings
 
 SESSION_TTL_S = 12 * 3600
 MIN_TOKEN_CHARS = 16
 MAX_REVIEWER_CHARS = 200  # Decision.reviewer's limit
+
+
+class InvalidTokens(ModerationError):
+    """MODERATION_REVIEW_TOKENS that the console cannot start with."""
 
 
 @dataclass(frozen=True)
@@ -84,11 +89,13 @@ def parse_tokens(raw: str) -> dict[str, str]:
         reviewer, sep, token = pair.partition(":")
         reviewer, token = reviewer.strip(), token.strip()
         if not sep or not reviewer or len(reviewer) > MAX_REVIEWER_CHARS:
-            raise ValueError("MODERATION_REVIEW_TOKENS: each entry is reviewer:token (reviewer up to 200 characters)")
+            raise InvalidTokens(
+                "MODERATION_REVIEW_TOKENS: each entry is reviewer:token (reviewer up to 200 characters)"
+            )
         if len(token) < MIN_TOKEN_CHARS:
-            raise ValueError(f"MODERATION_REVIEW_TOKENS: {reviewer}'s token is under {MIN_TOKEN_CHARS} characters")
+            raise InvalidTokens(f"MODERATION_REVIEW_TOKENS: {reviewer}'s token is under {MIN_TOKEN_CHARS} characters")
         if token in tokens:
-            raise ValueError("MODERATION_REVIEW_TOKENS: two reviewers share a token")
+            raise InvalidTokens("MODERATION_REVIEW_TOKENS: two reviewers share a token")
         tokens[token] = reviewer
     return tokens
 

@@ -20,6 +20,7 @@ from enum import StrEnum
 
 from moderation.adapters.kafka import UnknownTopic, high_watermarks, partitions, read_range, reader
 from moderation.adapters.publisher import Publisher, Record
+from moderation.errors import ModerationError
 from moderation.events import PDQ_PATTERN, BankEntry, Label
 from moderation.settings import Settings
 from moderation.worker.neardup import HashBank, bank_key, put_record
@@ -35,7 +36,7 @@ class ListFormat(StrEnum):
     CSV = "csv"
 
 
-class InvalidList(ValueError):
+class InvalidList(ModerationError):
     """A hash list that cannot be imported: which line, and why (nothing of it is published)."""
 
 
