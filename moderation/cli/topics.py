@@ -59,7 +59,6 @@ def tail(
     """Follow topics and show each record readably (or as JSON lines); never commits, never moves a group."""
     from moderation.offline import tail as tailing
 
-    logging.getLogger("aiokafka").setLevel(logging.WARNING)  # its assignment chatter is not the records
     settings = load_settings(env_file)
     names = [tailing.topic_name(t, settings) for t in topics]
     filters = tailing.Filters(tenant or (), action or (), [str(r) for r in reason or ()])
@@ -77,7 +76,12 @@ def tail(
     work = tailing.tail(
         settings, names, emit, filters=filters, limit=limit, from_beginning=from_beginning, on_ready=ready
     )
+    chatter = logging.getLogger("aiokafka")  # its assignment lines are not the records
+    level = chatter.level
+    chatter.setLevel(logging.WARNING)
     try:
         asyncio.run(work)
     except KeyboardInterrupt:
         status.print("Stopped.")
+    finally:
+        chatter.setLevel(level)  # for whoever runs commands in this process next (the tests do)
