@@ -5,7 +5,6 @@ of that frame; a still image is judged exactly as before."""
 from __future__ import annotations
 
 import asyncio
-import io
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -167,9 +166,7 @@ def test_a_worker_flags_the_fake_frame_and_its_explanation_is_of_that_frame(make
     for name, data in files.items():
         (tmp_path / name).write_bytes(data)
     settings = lane.settings
-    events = asyncio.run(
-        upload_images(settings, [tmp_path / n for n in files], bucket=settings.s3_allowed_buckets[0])
-    )
+    events = asyncio.run(upload_images(settings, [tmp_path / n for n in files], bucket=settings.s3_allowed_buckets[0]))
     by_name = {Path(e.key).name: e.event_id for e in events}
     model = {"MODERATION_DETECTOR": "inprocess", "MODERATION_CHECKPOINT": str(trained_checkpoint())}
     worker, explainer = lane.worker(**model), lane.explainer(**model)
