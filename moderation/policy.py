@@ -56,10 +56,10 @@ class Policy:
     review_threshold: float = 0.5
     flag_threshold: float = 0.8
     explain_above: float = 0.5
-    frames: int = 8  # of an animated or multi-page image judged at most (within MODERATION_MAX_FRAMES)
     version: str = SETTINGS_VERSION
     provenance: ProvenanceRule = field(default_factory=ProvenanceRule)
     match: MatchRule = field(default_factory=MatchRule)
+    frames: int = 8  # of an animated or multi-page image judged at most (within MODERATION_MAX_FRAMES)
 
     def __post_init__(self) -> None:
         if self.review_threshold > self.flag_threshold:
