@@ -137,29 +137,29 @@ def sample(header: Header, frame_plan: FramePlan, *, preview: int = 0) -> Sample
 
 
 def _walk(header: Header, frame_plan: FramePlan, preview: int) -> Sampled:
-    image, wanted = header.image, set(frame_plan.indices)
+    image, wanted, room = header.image, set(frame_plan.indices), frame_plan.scene_changes
     crops: dict[int, np.ndarray] = {}
     scenes: list[tuple[float, int, np.ndarray]] = []  # a min-heap: the biggest changes seen so far
     previous: np.ndarray | None = None
     small: Image.Image | None = None
     decodes = 0
     for index in range(frame_plan.decodes):
-        rgb = _frame_rgb(image, index, header.format)
-        if rgb is None:
+        if not _loaded(image, index, header.format):
             break
         decodes += 1
-        if index == 0 and preview > 0:
-            small = _own_preview(rgb, image, preview)
-        thumb = _thumb(rgb) if frame_plan.scene_changes else None
-        if index in wanted:
-            crops[index] = crop(rgb)
-        elif thumb is not None and previous is not None:
-            change = float(np.abs(thumb - previous).mean())
-            if len(scenes) < frame_plan.scene_changes:
-                heapq.heappush(scenes, (change, index, crop(rgb)))
-            elif change > scenes[0][0]:
-                heapq.heapreplace(scenes, (change, index, crop(rgb)))
+        thumb = _thumb(image) if room else None
+        change = float(np.abs(thumb - previous).mean()) if thumb is not None and previous is not None else 0.0
         previous = thumb
+        if index in wanted:
+            rgb = to_rgb(image)
+            crops[index] = crop(rgb)
+            small = _own_preview(rgb, image, preview) if index == 0 and preview > 0 else small
+        elif room and index and (len(scenes) < room or change > scenes[0][0]):
+            scene = (change, index, crop(to_rgb(image)))
+            if len(scenes) < room:
+                heapq.heappush(scenes, scene)
+            else:
+                heapq.heapreplace(scenes, scene)
     crops.update((index, pixels) for _, index, pixels in scenes)
     return Sampled(_ordered(crops), small, decodes)
 
@@ -169,26 +169,26 @@ def _pages_sampled(header: Header, frame_plan: FramePlan, preview: int) -> Sampl
     crops: dict[int, np.ndarray] = {}
     small: Image.Image | None = None
     for index in frame_plan.indices:
-        rgb = _frame_rgb(image, index, header.format)
-        if rgb is None:
+        if not _loaded(image, index, header.format):
             break
+        rgb = to_rgb(image)
         if index == 0 and preview > 0:
             small = _own_preview(rgb, image, preview)
         crops[index] = crop(rgb)
     return Sampled(_ordered(crops), small, len(crops))
 
 
-def _frame_rgb(image: Image.Image, index: int, fmt: str) -> Image.Image | None:
-    """Frame `index` in RGB (Pillow's own image when the frame is RGB already: read it before the next seek);
-    None when it cannot be decoded and it is not the first; the first's failure is the image's."""
+def _loaded(image: Image.Image, index: int, fmt: str) -> bool:
+    """Frame `index` decoded into Pillow's image (read it before the next seek); False when it cannot be and
+    it is not the first: the first's failure is the image's."""
     try:
         image.seek(index)
         image.load()
-        return to_rgb(image)
+        return True
     except Exception as exc:
         if index == 0:
             raise Rejected(Reason.INVALID_IMAGE, f"corrupt or truncated {fmt} image: {exc}") from exc
-        return None
+        return False
 
 
 def _own_preview(rgb: Image.Image, image: Image.Image, size: int) -> Image.Image:
@@ -197,8 +197,9 @@ def _own_preview(rgb: Image.Image, image: Image.Image, size: int) -> Image.Image
     return small.copy() if small is image else small
 
 
-def _thumb(rgb: Image.Image) -> np.ndarray:
-    return np.asarray(rgb.resize(_THUMB, Image.Resampling.BOX), dtype=np.int16)
+def _thumb(image: Image.Image) -> np.ndarray:
+    """The frame shrunk in its own mode, then made RGB: only compared, so no whole-frame conversion."""
+    return np.asarray(image.resize(_THUMB, Image.Resampling.BOX).convert("RGB"), dtype=np.int16)
 
 
 def _ordered(crops: dict[int, np.ndarray]) -> tuple[Frame, ...]:
