@@ -99,7 +99,7 @@ def main() -> None:
     vlm.score(crops[:1], [2.0])  # warm-up
     one, many = paired(lambda: vlm.score(crops[:1], [2.0]), lambda: vlm.score(crops, [2.0] * FRAMES), args.repeat)
     extra = (many - one) / (FRAMES - 1)
-    print(f"score (tiny FakeVLM, CPU) 1 crop {one:6.2f} ms, {FRAMES} crops {many:6.2f} ms: {extra:5.2f} ms an extra frame")
+    print(f"score (tiny FakeVLM, CPU) 1 crop {one:6.2f} ms, {FRAMES} crops {many:6.2f} ms: {extra:5.2f} ms a frame")
     summary["score_extra_frame_ms"] = round(extra, 2)
 
     long_gif = animations.animation([real[i % FRAMES] for i in range(1000)], "GIF", duration=40)
