@@ -218,7 +218,10 @@ class Pipeline:
         """Every frame judged at once (concurrent requests: one batch for the detector); the highest P(fake)
         is the image's, and its frame is named when the image has more than one."""
         with metrics.INFLIGHT.track_inprogress(), tracing.span_in(trace, "inference", SpanKind.CLIENT):
-            detections = await asyncio.gather(*(self.detector.detect(f.pixels) for f in examined.frames))
+            if len(examined.frames) == 1:  # a still image: no task to schedule, as before frames were judged
+                detections = [await self.detector.detect(examined.frames[0].pixels)]
+            else:
+                detections = await asyncio.gather(*(self.detector.detect(f.pixels) for f in examined.frames))
         worst = max(range(len(detections)), key=lambda i: detections[i].score)
         detection = detections[worst]
         entry = CacheEntry(
