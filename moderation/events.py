@@ -18,6 +18,7 @@ from moderation.errors import Reason, Rejected
 SCHEMA_VERSION: Literal[1] = 1
 SUPPORTED_SCHEMA_VERSIONS = frozenset({SCHEMA_VERSION})
 MAX_ATTRIBUTES = 32
+MAX_FRAMES_JUDGED = 256  # the most frames of one image a policy may ask to judge
 
 Label = Literal["fake", "real"]
 Action = Literal["allow", "review", "flag"]
@@ -87,6 +88,18 @@ class ImageInfo(_Message):
         description="PDQ perceptual hash (256 bits, hex) for near-duplicate matching.",
     )
     pdq_quality: int | None = Field(default=None, ge=0, le=100, description="PDQ's own quality: below 50, unmatched.")
+    frames: int = Field(
+        default=1,
+        ge=1,
+        description="Frames (or pages) the file holds: 1 for a still image. Counted no further than "
+        "MODERATION_MAX_FRAME_DECODES + 1, so that number means 'at least'.",
+    )
+    frames_judged: list[int] = Field(
+        default_factory=list,
+        max_length=MAX_FRAMES_JUDGED,
+        description="The 0-based frames the model judged (the pdq hash is the first frame's); empty in records "
+        "written before frames were judged, which judged the first frame only.",
+    )
 
 
 class C2paEvidence(_Message):
@@ -161,6 +174,13 @@ class Verdict(_Message):
     image_sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
     label: Label
     score: float = Field(ge=0.0, le=1.0, description="P(fake) from the verdict token's logits.")
+    frame: int | None = Field(
+        default=None,
+        ge=0,
+        description="For an animated or multi-page image, the 0-based frame whose P(fake) is the score, the "
+        "highest of the frames judged (image.frames_judged), and the frame an explanation is asked for; null "
+        "for a still image.",
+    )
     action: Action
     explanation: str | None = Field(
         description="FakeVLM's answer text when it was already known for these bytes (a cache hit); otherwise null, "
@@ -330,6 +350,7 @@ class Explanation(_Message):
     verdict_score: float = Field(ge=0.0, le=1.0, description="The explained verdict's P(fake), as published.")
     verdict_action: Action
     verdict_decided_at: AwareDatetime = Field(description="With event_id, names the verdict this explains.")
+    frame: int | None = Field(default=None, ge=0, description="The frame explained: the verdict's `frame`.")
     explanation: str = Field(description="FakeVLM's answer, greedy, from 'This is a ...'.")
     answer_label: Label | None = Field(
         default=None, description="The label the explanation's first sentence states (official eval rule)."
@@ -348,6 +369,7 @@ class CacheEntry(_Message):
     image_sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
     label: Label
     score: float = Field(ge=0.0, le=1.0)
+    frame: int | None = Field(default=None, ge=0, description="As the verdict's: the frame the score is of.")
     explanation: str | None
     answer_label: Label | None = None
     model: ModelInfo
@@ -361,6 +383,7 @@ class CacheEntry(_Message):
             image_sha256=verdict.image_sha256,
             label=verdict.label,
             score=verdict.score,
+            frame=verdict.frame,
             explanation=verdict.explanation,
             answer_label=verdict.answer_label,
             model=verdict.model,

@@ -18,7 +18,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from moderation.errors import ModerationError
-from moderation.events import Action
+from moderation.events import MAX_FRAMES_JUDGED, Action
 from moderation.settings import Settings
 
 DeclaredAi = Literal["label_fake", "evidence_only"]
@@ -59,6 +59,7 @@ class Policy:
     version: str = SETTINGS_VERSION
     provenance: ProvenanceRule = field(default_factory=ProvenanceRule)
     match: MatchRule = field(default_factory=MatchRule)
+    frames: int = 8  # of an animated or multi-page image judged at most (within MODERATION_MAX_FRAMES)
 
     def __post_init__(self) -> None:
         if self.review_threshold > self.flag_threshold:
@@ -130,6 +131,14 @@ class TenantRules(_Rules):
     flag_threshold: float | None = Field(default=None, ge=0, le=1, description="P(fake) at or above this is flagged.")
     explain_above: float | None = Field(
         default=None, ge=0, description="Explain when P(fake) is at or above this (0: always, above 1: never)."
+    )
+    frames: int | None = Field(
+        default=None,
+        ge=1,
+        le=MAX_FRAMES_JUDGED,
+        description="Frames of an animated or multi-page image judged at most (the first, the last, evenly "
+        "between and the biggest scene changes); the verdict takes the highest P(fake). 1: the first frame "
+        "only. Never more than the worker's MODERATION_MAX_FRAMES.",
     )
     provenance: ProvenanceOverrides = Field(default_factory=ProvenanceOverrides)
     match: MatchOverrides = Field(default_factory=MatchOverrides)

@@ -122,6 +122,20 @@ class Settings(BaseSettings):
         description="Comma-separated Pillow format names parsed at all; any other is an unsupported_format dead "
         "letter. Names the installed Pillow cannot read (HEIF without the pillow-heif plugin) are left out.",
     )
+    max_frames: int = Field(
+        16,
+        ge=1,
+        le=256,
+        description="Frames of an animated or multi-page image judged at most, whatever a tenant's policy asks "
+        "(its `frames`, 8 by default): each is one more verdict pass. 1: the first frame only.",
+    )
+    max_frame_decodes: int = Field(
+        128,
+        ge=1,
+        description="Frames of one image decoded at most to reach the frames judged: a GIF, APNG or WebP frame "
+        "is decoded after every frame before it, so those formats are judged within their first this many "
+        "frames. Decoded frames count against MODERATION_MAX_IMAGE_PIXELS too.",
+    )
     decode_threads: int = Field(
         2, ge=1, description="Threads that decode images: the worker's own pool, not asyncio's (sized by the node)."
     )

@@ -119,7 +119,8 @@ def animated(fmt: str) -> bytes:
 
 
 @pytest.mark.parametrize("fmt", ["GIF", "WEBP", "PNG", "TIFF"])
-def test_animated_and_multi_frame_images_are_judged_on_their_first_frame(fmt: str) -> None:
+def test_decode_reads_the_first_frame_of_an_animated_or_multi_frame_image(fmt: str) -> None:
+    # the worker judges the others too (moderation.model.frames, tests/test_frames.py)
     decoded = decode(animated(fmt), max_pixels=CAP)
     assert decoded.image.size == (40, 30)
     assert tuple(np.asarray(decoded.image)[0, 0]) == pytest.approx((0, 10, 200), abs=8)

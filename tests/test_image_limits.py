@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from PIL import Image, features
 
-from moderation.devkit import hostile_images
+from moderation.devkit import animations, hostile_images
 from moderation.devkit.samples import draw_image, encode
 from moderation.errors import Reason, Rejected
 from moderation.model import structure
@@ -232,6 +232,7 @@ class CountingPool(ThreadPoolExecutor):
 
 
 async def test_large_objects_are_read_and_decoded_on_the_pools_threads_only() -> None:
+    from moderation.model.frames import CAPS
     from moderation.policy import Policy
     from moderation.worker.pipeline import Pipeline
     from moderation.worker.policies import Policies
@@ -243,18 +244,20 @@ async def test_large_objects_are_read_and_decoded_on_the_pools_threads_only() ->
     for side in (96, 336):  # a thumbnail, and FakeVLM's own input size (~0.8 ms with PDQ): prepared on the loop
         small = encode(draw_image(1, (side, side)), "JPEG")
         assert len(small) <= INLINE_MAX_BYTES and side * side <= INLINE_MAX_PIXELS
-        await pipeline._examine(small)
+        await pipeline._examine(small, CAPS)
     assert pool.submitted == 0
     larger = encode(draw_image(1, (448, 448)), "JPEG")  # small in bytes, but more pixels: the threads
     assert len(larger) <= INLINE_MAX_BYTES and INLINE_MAX_PIXELS < 448 * 448
-    await pipeline._examine(larger)
+    await pipeline._examine(larger, CAPS)
     assert pool.submitted == 1
     bomb = hostile_images.png_with_private_chunks(200_000)  # its header walk never touches the loop
     with pytest.raises(Rejected):
-        await pipeline._examine(bomb)
+        await pipeline._examine(bomb, CAPS)
     large = encode(draw_image(1, (1200, 900)), "PNG")
-    prepared = await pipeline._examine(large)
-    assert pool.submitted == 3 and prepared.pixels.shape == (336, 336, 3)
+    [frame] = (await pipeline._examine(large, CAPS)).frames
+    assert pool.submitted == 3 and frame.pixels.shape == (336, 336, 3)
+    animated = animations.flat((64, 48), 3)  # tiny, but its frames are the threads' work
+    assert len((await pipeline._examine(animated, CAPS)).frames) == 3 and pool.submitted == 4
     pool.shutdown()
     await asyncio.sleep(0)
 

@@ -144,7 +144,8 @@ def _rgb_array(image: Image.Image, fmt: str) -> np.ndarray:
 
 def _first_frame_8bit(image: Image.Image) -> Image.Image:
     """The first frame, loaded, 16-bit and float images scaled to 8 bits (the wide image freed at once)."""
-    # Multi-frame images are judged on their first frame, like FakeVLM's eval (Image.open().convert).
+    # The first frame, as FakeVLM's eval reads an image (Image.open().convert); moderation.model.frames
+    # judges the others.
     image.seek(0)
     image.load()
     if image.mode not in _WIDE_MODES:
@@ -294,7 +295,7 @@ def prepare_header(header: Header, *, fast: bool = False, preview: int = 0) -> M
         width=header.width,
         height=header.height,
         format=header.format,
-        preview=_preview(rgb, preview) if rgb is not None else None,
+        preview=preview_of(rgb, preview) if rgb is not None and preview > 0 else None,
     )
 
 
@@ -325,9 +326,8 @@ def center_crop(rgb: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(rgb[top : top + CROP_SIZE, left : left + CROP_SIZE])
 
 
-def _preview(rgb: Image.Image, size: int) -> Image.Image | None:
-    if size <= 0:
-        return None
+def preview_of(rgb: Image.Image, size: int) -> Image.Image:
+    """The whole picture, longest side <= `size` px (`rgb` itself when it is that small)."""
     if max(rgb.size) <= size:
         return rgb  # read only, by the hash
     # reducing_gap: a box reduction first, then the filter over a few times the target size only
@@ -376,7 +376,7 @@ def model_input(header: Header, *, reducing_gap: float = REDUCING_GAP, preview: 
     else:
         rgb = _rgb_array(image, fmt)
     pixels = _resize_crop(rgb, extent, (new_width, new_height))
-    small = _preview(Image.fromarray(rgb), preview) if preview > 0 else None
+    small = preview_of(Image.fromarray(rgb), preview) if preview > 0 else None
     return ModelInput(pixels=pixels, width=width, height=height, format=fmt, preview=small)
 
 

@@ -97,12 +97,43 @@ def _check_jpeg(data: bytes) -> None:
         raise _over(f"a JPEG of {scans} scans, the budget is {MAX_JPEG_SCANS}")
 
 
+def gif_frames(data: bytes, limit: int) -> int:
+    """The frames (image descriptors) of a GIF, counted no further than `limit`: Pillow's `n_frames` walks
+    every frame in Python, and a 25 MB GIF of tiny frames holds a million of them."""
+    position, frames = _gif_blocks_start(data), 0
+    while position < len(data) and frames < limit:
+        introducer = data[position]
+        if introducer == 0x2C:  # an image descriptor, its local colour table, the LZW code size, its data
+            if position + 10 > len(data):
+                break
+            frames += 1
+            packed = data[position + 9]
+            position += 10 + ((3 << ((packed & 0x07) + 1)) if packed & 0x80 else 0) + 1
+        elif introducer == 0x21:  # an extension: its label, then sub-blocks
+            position += 2
+        else:  # the trailer, or bytes Pillow stops at too
+            break
+        position = _after_sub_blocks(data, position)
+    return frames
+
+
+def _gif_blocks_start(data: bytes) -> int:
+    """Where the blocks start: after the header, the logical screen descriptor and a global colour table."""
+    if len(data) < 13:
+        return len(data)
+    return 13 + ((3 << ((data[10] & 0x07) + 1)) if data[10] & 0x80 else 0)
+
+
+def _after_sub_blocks(data: bytes, position: int) -> int:
+    while position < len(data) and (size := data[position]) != 0:
+        position += 1 + size
+    return position + 1  # the terminating empty sub-block
+
+
 def _check_gif(data: bytes) -> None:
     if len(data) < 13:
         return
-    position = 13
-    if data[10] & 0x80:  # a global colour table follows the logical screen descriptor
-        position += 3 << ((data[10] & 0x07) + 1)
+    position = _gif_blocks_start(data)
     blocks = 0
     while position < len(data) and data[position] == 0x21:  # an extension, until the first frame (0x2C)
         position += 2  # introducer and label

@@ -39,6 +39,7 @@ from PIL import Image
 
 from moderation.events import DeadLetter, utcnow
 from moderation.model import imaging
+from moderation.model.frames import FrameLimits
 from moderation.settings import Settings
 from moderation.worker import cache, metrics, neardup, provenance, routing, tracing
 from moderation.worker.acks import OrderedAcks
@@ -242,6 +243,7 @@ async def start(settings: Settings, clients: Clients, policies: Policies) -> Run
         image_formats=imaging.readable(s.image_formats),
         decode_pool=decode_pool,
         decode_budget=ByteBudget(s.decode_budget_mib * 1024 * 1024),
+        frame_caps=FrameLimits(judged=s.max_frames, decodes=s.max_frame_decodes),
     )
     worker = Running(pipeline, decode_pool)
     await clients.start()

@@ -1,16 +1,14 @@
-"""What the decode threads learn from an image's bytes: FakeVLM's input, the image's size, format and PDQ
-hash, and the file's provenance claims. CPU-bound: run in the worker's decode pool (or inline for tiny
-images), within its byte budget for decoded pixels."""
+"""What the decode threads learn from an image's bytes: FakeVLM's input (a crop for each frame judged), the
+image's size, format, frames and PDQ hash, and the file's provenance claims. CPU-bound: run in the worker's
+decode pool (or inline for tiny still images), within its byte budget for decoded pixels."""
 
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass
 
-import numpy as np
-
 from moderation.events import ImageInfo, Provenance
-from moderation.model.imaging import DEFAULT_FORMATS, Header, decode_bytes, prepare_header, read_header
+from moderation.model.frames import STILL, Frame, FrameLimits, FramePlan, frames_decode_bytes, plan, sample
+from moderation.model.imaging import DEFAULT_FORMATS, Header, prepare_header, read_header
 from moderation.worker.budget import ByteBudget
 from moderation.worker.neardup import pdq_of
 from moderation.worker.provenance import read_provenance
@@ -20,7 +18,7 @@ PREVIEW_PX = 512  # PDQ is computed on the image shrunk to this (its own first s
 
 @dataclass(frozen=True)
 class Examined:
-    pixels: np.ndarray  # FakeVLM's pixel_values
+    frames: tuple[Frame, ...]  # FakeVLM's crops of the frames judged, by index (one for a still image)
     image: ImageInfo  # with its PDQ hash when asked for
     provenance: Provenance | None
 
@@ -33,22 +31,42 @@ def examine(
     fast: bool = False,
     formats: tuple[str, ...] = DEFAULT_FORMATS,
     hashing: bool = True,
+    frames: FrameLimits = STILL,
 ) -> Examined:
-    """Read the header, then decode once the image's pixels fit in `budget` (None: unbounded). A Header is
-    the object's header read already (by the event loop, to choose where to decode it): not read twice."""
+    """Read the header, plan the frames to judge, then decode once their pixels fit in `budget` (None:
+    unbounded). A Header is the object's header read already (by the event loop, to choose where to decode
+    it): not read twice."""
     header = data if isinstance(data, Header) else read_header(data, max_pixels=max_pixels, formats=formats)
-    reserved = budget.reserve(decode_bytes(header)) if budget is not None else contextlib.nullcontext()
-    with reserved:
-        try:
-            return examine_header(header, fast=fast, hashing=hashing)
-        finally:
-            header.image.close()  # its pixels go before the budget is given back
+    try:
+        frame_plan = plan(header, frames, max_pixels)
+        if budget is None:
+            return examine_header(header, frame_plan, fast=fast, hashing=hashing)
+        with budget.reserve(frames_decode_bytes(header, frame_plan)):
+            try:
+                return examine_header(header, frame_plan, fast=fast, hashing=hashing)
+            finally:
+                header.image.close()  # its pixels go before the budget is given back
+    finally:
+        header.image.close()
 
 
-def examine_header(header: Header, *, fast: bool = False, hashing: bool = True) -> Examined:
-    prepared = prepare_header(header, fast=fast, preview=PREVIEW_PX if hashing else 0)
-    pdq, quality = pdq_of(prepared.preview) if prepared.preview is not None else (None, None)
+def examine_header(header: Header, frame_plan: FramePlan, *, fast: bool = False, hashing: bool = True) -> Examined:
+    preview = PREVIEW_PX if hashing else 0
+    judged: tuple[Frame, ...]
+    if frame_plan.still:  # the single-image path, fast JPEG decoding and all
+        prepared = prepare_header(header, fast=fast, preview=preview)
+        judged, small = (Frame(0, prepared.pixels),), prepared.preview
+    else:
+        sampled = sample(header, frame_plan, preview=preview)
+        judged, small = sampled.frames, sampled.preview
+    pdq, quality = pdq_of(small) if small is not None else (None, None)
     image = ImageInfo(
-        width=prepared.width, height=prepared.height, format=prepared.format, pdq=pdq, pdq_quality=quality
+        width=header.width,
+        height=header.height,
+        format=header.format,
+        pdq=pdq,
+        pdq_quality=quality,
+        frames=frame_plan.total,
+        frames_judged=[frame.index for frame in judged],
     )
-    return Examined(prepared.pixels, image, read_provenance(header.data, header.format))
+    return Examined(judged, image, read_provenance(header.data, header.format))

@@ -41,6 +41,7 @@ from moderation.errors import TRANSIENT, Reason, Rejected
 from moderation.events import DeadLetter, ExplainRequest, Explanation, Verdict, parse_explain_request, utcnow
 from moderation.model import imaging
 from moderation.model.detectors import Detector
+from moderation.model.frames import STILL, FrameLimits
 from moderation.settings import Settings
 from moderation.worker import metrics, tracing
 from moderation.worker.budget import ByteBudget
@@ -92,7 +93,7 @@ class Explainer:
         verdict = request.verdict
         data = await self.store.fetch(verdict.bucket, verdict.key)
         checked_sha256(data, verdict.image_sha256)  # the object was replaced since: its verdict is not about it
-        crop = await self._crop(data)
+        crop = await self._crop(data, verdict.frame)
         detection = await self.detector.explain(crop)
         if detection.explanation is None:
             raise Rejected(Reason.INFERENCE_FAILED, "the explain model answered without an explanation")
@@ -104,6 +105,7 @@ class Explainer:
             verdict_score=verdict.score,
             verdict_action=verdict.action,
             verdict_decided_at=verdict.decided_at,
+            frame=verdict.frame,
             explanation=detection.explanation,
             answer_label=detection.answer_label,
             model=self.detector.explain_model,
@@ -112,7 +114,8 @@ class Explainer:
             explain_ms=round((time.monotonic() - started) * 1000, 3),
         )
 
-    async def _crop(self, data: bytes) -> np.ndarray:
+    async def _crop(self, data: bytes, frame: int | None) -> np.ndarray:
+        """The crop the verdict scored: of its frame, for an animated or multi-page image."""
         work = functools.partial(
             examine,
             data,
@@ -121,8 +124,10 @@ class Explainer:
             fast=self.settings.fast_preprocess,
             formats=imaging.readable(self.settings.image_formats),
             hashing=False,
+            frames=STILL if frame is None else FrameLimits(decodes=self.settings.max_frame_decodes, at=frame),
         )
-        return (await asyncio.get_running_loop().run_in_executor(self.decode_pool, work)).pixels
+        [judged] = (await asyncio.get_running_loop().run_in_executor(self.decode_pool, work)).frames
+        return judged.pixels
 
     def _dead_letter(
         self, message: Incoming, request: ExplainRequest | None, failure: Rejected, first: datetime | None

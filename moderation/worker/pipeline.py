@@ -40,6 +40,7 @@ from moderation.events import (
     utcnow,
 )
 from moderation.model.detectors import Detector
+from moderation.model.frames import CAPS, FrameLimits, animated, plan
 from moderation.model.imaging import CROP_SIZE, DEFAULT_FORMATS, Header, read_header
 from moderation.policy import Policy
 from moderation.worker import labelling, metrics, tracing
@@ -122,6 +123,9 @@ class Pipeline:
     image_formats: tuple[str, ...] = DEFAULT_FORMATS
     decode_pool: Executor | None = None  # the worker's bounded pool; None: asyncio's default (tests, tools)
     decode_budget: ByteBudget | None = None  # bytes of decoded pixels in flight; None: unbounded
+    # frames of one image judged and decoded at most, whatever a policy asks (MODERATION_MAX_FRAMES and
+    # MODERATION_MAX_FRAME_DECODES)
+    frame_caps: FrameLimits = CAPS
 
     async def moderate_batch(self, batch: Sequence[Incoming]) -> list[Outcome]:
         """One outcome per message, in order (`judge_batch` without the policies)."""
@@ -169,7 +173,7 @@ class Pipeline:
         try:
             event = parse_upload(message.value)
             policy = self.policies.for_tenant(event.tenant)
-            if self.trust_event_sha256 and event.sha256 and (hit := self._cached(event.sha256)):
+            if self.trust_event_sha256 and event.sha256 and (hit := self._cached(event.sha256, policy)):
                 return self._from_cache(event, hit, policy, _timings(time.perf_counter()))
             return event
         except Exception as exc:
@@ -197,10 +201,10 @@ class Pipeline:
             data = await self.store.fetch(event.bucket, event.key)
         fetched = time.perf_counter()
         digest = checked_sha256(data, event.sha256)
-        if hit := self._cached(digest):
+        if hit := self._cached(digest, policy):
             return self._from_cache(event, hit, policy, _timings(started, fetched))
         with tracing.span_in(trace, "decode"):
-            examined = await self._examine(data)
+            examined = await self._examine(data, self._frames(policy))
         decoded = time.perf_counter()
         decided, match = self._evidence(digest, examined.image, examined.provenance, policy)
         if labelling.skips_model(policy, decided):
@@ -211,12 +215,20 @@ class Pipeline:
         return self._verdict(event, entry, policy, decided, cached=False, timings=_timings(started, fetched, decoded))
 
     async def _detect(self, digest: str, examined: Examined, trace: Context | None) -> CacheEntry:
+        """Every frame judged at once (concurrent requests: one batch for the detector); the highest P(fake)
+        is the image's, and its frame is named when the image has more than one."""
         with metrics.INFLIGHT.track_inprogress(), tracing.span_in(trace, "inference", SpanKind.CLIENT):
-            detection = await self.detector.detect(examined.pixels)
+            if len(examined.frames) == 1:  # a still image: no task to schedule, as before frames were judged
+                detections = [await self.detector.detect(examined.frames[0].pixels)]
+            else:
+                detections = await asyncio.gather(*(self.detector.detect(f.pixels) for f in examined.frames))
+        worst = max(range(len(detections)), key=lambda i: detections[i].score)
+        detection = detections[worst]
         entry = CacheEntry(
             image_sha256=digest,
             label=detection.label,
             score=detection.score,
+            frame=examined.frames[worst].index if examined.image.frames > 1 else None,
             explanation=detection.explanation,
             answer_label=detection.answer_label,
             model=self.detector.model,
@@ -228,12 +240,16 @@ class Pipeline:
             self.cache.put(entry)
         return entry
 
-    async def _examine(self, data: bytes) -> Examined:
+    def _frames(self, policy: Policy) -> FrameLimits:
+        caps = self.frame_caps
+        return FrameLimits(judged=min(policy.frames, caps.judged), decodes=caps.decodes)
+
+    async def _examine(self, data: bytes, frames: FrameLimits) -> Examined:
         read: bytes | Header = data
         if len(data) <= INLINE_MAX_BYTES:
             read = read_header(data, max_pixels=self.max_image_pixels, formats=self.image_formats)
-            if read.pixels <= INLINE_MAX_PIXELS:
-                return examine_header(read, fast=self.fast_preprocess)
+            if read.pixels <= INLINE_MAX_PIXELS and not animated(read):  # frames: the decode threads' work
+                return examine_header(read, plan(read, frames, self.max_image_pixels), fast=self.fast_preprocess)
         work = functools.partial(
             examine,
             read,
@@ -241,13 +257,18 @@ class Pipeline:
             fast=self.fast_preprocess,
             formats=self.image_formats,
             budget=self.decode_budget,
+            frames=frames,
         )
         return await asyncio.get_running_loop().run_in_executor(self.decode_pool, work)
 
-    def _cached(self, sha256: str) -> CacheEntry | None:
+    def _cached(self, sha256: str, policy: Policy) -> CacheEntry | None:
+        """The cached entry, if it judged as many frames as this policy asks (of those the image has)."""
         if self.cache is None:
             return None
-        return self.cache.get(sha256, model=self.detector.model)
+        hit = self.cache.get(sha256, model=self.detector.model)
+        if hit is None or len(hit.image.frames_judged) < min(self._frames(policy).judged, hit.image.frames):
+            return None
+        return hit
 
     def _evidence(
         self, sha256: str, image: ImageInfo, provenance: Provenance | None, policy: Policy
@@ -288,6 +309,7 @@ class Pipeline:
             image_sha256=entry.image_sha256,
             label=decided.label,
             score=entry.score,
+            frame=entry.frame,
             action=decided.action,
             explanation=entry.explanation,
             answer_label=entry.answer_label,
