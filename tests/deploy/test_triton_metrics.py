@@ -15,7 +15,7 @@ from moderation.devkit import localstack
 
 pytestmark = pytest.mark.integration
 
-LISTED = Path(__file__).resolve().parents[1] / "deploy" / "observability" / "triton-metrics.txt"
+LISTED = Path(__file__).resolve().parents[2] / "deploy" / "observability" / "triton-metrics.txt"
 
 
 def scrape(url: str, patience_s: float = 30.0) -> str:

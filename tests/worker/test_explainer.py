@@ -1,5 +1,5 @@
 """The explainer's logic with in-memory stand-ins for S3 and Triton, and the worker's routing of explain requests;
-the same paths run against the real stack (Tansu, SeaweedFS, Triton's fakevlm_explain) in tests/test_explanations.py."""
+the same paths run against the real stack (Tansu, SeaweedFS, Triton's fakevlm_explain) in tests/stream/test_explanations.py."""
 
 import hashlib
 from datetime import UTC, datetime

@@ -1,5 +1,5 @@
 """Who decides a verdict's label, by the tenant's policy (pure logic; the end-to-end run on the real stack is
-tests/test_trust_and_safety.py)."""
+tests/stream/test_trust_and_safety.py)."""
 
 from __future__ import annotations
 

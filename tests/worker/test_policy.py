@@ -26,7 +26,7 @@ from moderation.worker.policy import (
     policy_schema,
 )
 
-ROOT = Path(__file__).parent.parent
+ROOT = Path(__file__).parents[2]
 EXAMPLE = ROOT / "deploy" / "policy" / "example-policy.yaml"
 SCHEMA = ROOT / "schemas" / "policy.schema.json"
 SETTINGS = Settings(review_threshold=0.4, flag_threshold=0.9, explain_above=0.7)

@@ -11,7 +11,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from fixtures.console import ConsoleServer
 from PIL import Image
 from pydantic import SecretStr
 
@@ -20,6 +19,7 @@ from moderation.devkit.demo import stop_worker
 from moderation.devkit.lanes import Lane
 from moderation.devkit.samples import draw_image, encode
 from moderation.events import UploadEvent, Verdict
+from tests.fixtures.console import ConsoleServer
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 

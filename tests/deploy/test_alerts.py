@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 import yaml
 
-OBSERVABILITY = Path(__file__).resolve().parents[1] / "deploy" / "observability"
+OBSERVABILITY = Path(__file__).resolve().parents[2] / "deploy" / "observability"
 RULES, UNIT_TESTS = OBSERVABILITY / "alerts.yaml", OBSERVABILITY / "tests" / "alerts-test.yaml"
 
 

@@ -16,7 +16,7 @@ from moderation.devkit.lanes import outcomes_for, publish_uploads, raw_messages,
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 SCHEMAS = {
-    name: json.loads((Path(__file__).parent.parent / "schemas" / f"{name}.schema.json").read_text())
+    name: json.loads((Path(__file__).parents[2] / "schemas" / f"{name}.schema.json").read_text())
     for name in ("verdict", "dead_letter")
 }
 
@@ -57,7 +57,7 @@ def test_every_upload_gets_exactly_one_outcome_and_offsets_are_committed(lane, t
     assert samples[("moderation_end_to_end_seconds_count", ())] == len(events)
     assert samples[("moderation_ready", ())] == 1
     exported = {family.name: family.type for family in text_string_to_metric_families(scraped)}
-    for line in (Path(__file__).parent.parent / "deploy/observability/worker-metrics.txt").read_text().splitlines():
+    for line in (Path(__file__).parents[2] / "deploy/observability/worker-metrics.txt").read_text().splitlines():
         if line.strip() and not line.startswith("#"):
             name, kind = line.split()[:2]
             family = name.removesuffix("_total") if kind == "counter" else name
@@ -79,7 +79,7 @@ def test_every_upload_gets_exactly_one_outcome_and_offsets_are_committed(lane, t
         assert letter.reason == case.reason, (case.name, letter.detail)
         assert letter.payload() == case.value, "dead letters carry the original bytes"
     for verdict in (v for vs in outcomes.verdicts.values() for v in vs):
-        assert verdict.explanation is None and verdict.explanation_requested  # tests/test_explanations.py: the text
+        assert verdict.explanation is None and verdict.explanation_requested  # tests/stream/test_explanations.py: the text
         assert verdict.image.width in (640, 480) and verdict.tenant == "t1"
         assert verdict.model.name == settings.triton_model
 

@@ -14,7 +14,6 @@ from typing import Any
 
 import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord
-from fixtures.console import ConsoleServer
 from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 from pydantic import SecretStr
@@ -40,8 +39,9 @@ from moderation.review.queue import ReviewQueue
 from moderation.review.reader import QueueReader
 from moderation.settings import Settings
 from moderation.worker.kafka import aiokafka_options
+from tests.fixtures.console import ConsoleServer
 
-DOCS = Path(__file__).resolve().parents[1] / "docs"
+DOCS = Path(__file__).resolve().parents[2] / "docs"
 ALICE_TOKEN = "alice-" + "a1" * 12
 T0 = datetime(2026, 11, 1, 12, 0, tzinfo=UTC)
 AI_SOURCE = "http://cv.iptc.org/newscodes/digitalsourcetype/trainedAlgorithmicMedia"

@@ -19,7 +19,7 @@ onnx = pytest.importorskip("onnx", reason="needs the onnx extra (onnx, onnxrunti
 ort = pytest.importorskip("onnxruntime", reason="needs the onnx extra (onnx, onnxruntime, onnxscript)")
 pytest.importorskip("onnxscript", reason="needs the onnx extra (onnx, onnxruntime, onnxscript)")
 
-SCRIPT = Path(__file__).resolve().parents[1] / "triton_models" / "build" / "export_vision_onnx.py"
+SCRIPT = Path(__file__).resolve().parents[2] / "triton_models" / "build" / "export_vision_onnx.py"
 
 
 @pytest.fixture(scope="module")

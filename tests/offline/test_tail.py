@@ -247,7 +247,7 @@ def test_tail_follows_from_the_end(lane, tmp_path: Path) -> None:  # type: ignor
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
-        env=os.environ | {"PYTHONPATH": str(Path(__file__).parent.parent)},
+        env=os.environ | {"PYTHONPATH": str(Path(__file__).parents[2])},
     )
     try:
         assert process.stderr is not None

@@ -6,7 +6,6 @@ import io
 
 import numpy as np
 import pytest
-from fixtures.models import LLAVA_PREPROCESSOR
 from PIL import Image
 from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 
@@ -22,6 +21,7 @@ from moderation.model.imaging import (
     normalise,
     preprocess,
 )
+from tests.fixtures.models import LLAVA_PREPROCESSOR
 
 CAP = 10**8
 ONE_LEVEL = 1 / 255 / min(CLIP_STD) + 1e-6  # one 8-bit level, in normalised units

@@ -29,7 +29,7 @@ from moderation.errors import RETRYABLE, Reason
 from moderation.settings import Settings
 from moderation.worker.explainer import explainer_group
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"
 OBSERVABILITY = DEPLOY / "observability"
 MODEL_DIR = ROOT / "triton_models" / "fakevlm"

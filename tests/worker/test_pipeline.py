@@ -1,5 +1,5 @@
 """Pipeline logic with in-memory stand-ins for S3 and Triton; the same paths run against the real stack in
-tests/test_stream.py."""
+tests/stream/test_stream.py."""
 
 import json
 from datetime import UTC, datetime

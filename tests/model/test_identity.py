@@ -133,5 +133,5 @@ def test_the_weights_job_writes_the_manifest_of_a_downloaded_checkpoint(tmp_path
     (weights / "model.safetensors").write_bytes(b"w")
     main([str(weights), "--gpu", "none"])
     assert json.loads((weights / MANIFEST).read_text())["dtype"] == "bfloat16"
-    job = (Path(__file__).resolve().parents[1] / "deploy" / "weights" / "job.yaml").read_text()
+    job = (Path(__file__).resolve().parents[2] / "deploy" / "weights" / "job.yaml").read_text()
     assert "python -m moderation.model.manifest /weights/fakevlm --gpu none;" in job

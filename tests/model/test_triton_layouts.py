@@ -27,7 +27,7 @@ from moderation.model import bls_calls
 from moderation.model.imaging import normalise
 from moderation.model.manifest import write_manifest
 
-ROOT = Path(__file__).resolve().parents[1] / "triton_models"
+ROOT = Path(__file__).resolve().parents[2] / "triton_models"
 GPU = ROOT / "gpu"
 # config.pbtxt of each model, and the alternatives Triton selects with --model-config-name (configs/*.pbtxt).
 CONFIGS = sorted(ROOT.rglob("*.pbtxt"))

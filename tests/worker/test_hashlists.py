@@ -157,7 +157,7 @@ def reencoded(data: bytes) -> bytes:
 @pytest.mark.integration
 @pytest.mark.slow
 def test_an_imported_list_decides_matches_on_the_worker_below_reviews_until_removed(lane, tmp_path: Path) -> None:
-    from test_trust_and_safety import decide, moderated, upload  # the end-to-end helpers of the T&S test
+    from tests.stream.test_trust_and_safety import decide, moderated, upload  # the end-to-end helpers of the T&S test
 
     shared = {"a.jpg": encode(draw_image(5, (640, 480)), "JPEG"), "b.jpg": encode(draw_image(12, (640, 480)), "JPEG")}
     for name, data in shared.items():

@@ -14,7 +14,7 @@ import pytest
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2
 
-MODELS = Path(__file__).resolve().parents[1] / "triton_models"
+MODELS = Path(__file__).resolve().parents[2] / "triton_models"
 MODEL_DIR = MODELS / "fakevlm"
 EXPLAIN_DIR = MODELS / "fakevlm_explain"
 CONFIG = MODEL_DIR / "config.pbtxt"

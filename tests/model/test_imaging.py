@@ -2,13 +2,13 @@ import io
 
 import numpy as np
 import pytest
-from fixtures.models import LLAVA_PREPROCESSOR
 from PIL import Image
 from transformers import CLIPImageProcessor
 
 from moderation.devkit.samples import draw_image, encode
 from moderation.errors import Reason, Rejected
 from moderation.model.imaging import CROP_SIZE, decode, normalise, prepare, preprocess
+from tests.fixtures.models import LLAVA_PREPROCESSOR
 
 
 @pytest.fixture(scope="module")

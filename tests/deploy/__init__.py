@@ -1,0 +1,1 @@
+"""deploy/ and docker/: the Kubernetes manifests, the Dockerfiles, the alert rules and the metrics they use."""
