@@ -7,16 +7,14 @@ import asyncio
 import io
 import os
 import time
-import uuid
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import pytest
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord
+from aiokafka import AIOKafkaConsumer, ConsumerRecord
 from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
-from pydantic import SecretStr
 
 from moderation.client import upload_images
 from moderation.devkit import localstack
@@ -26,12 +24,8 @@ from moderation.events import (
     C2paEvidence,
     Decision,
     Explanation,
-    ImageInfo,
     Match,
-    ModelInfo,
     Provenance,
-    Timings,
-    UploadEvent,
     Verdict,
 )
 from moderation.review import auth
@@ -40,38 +34,10 @@ from moderation.review.reader import QueueReader
 from moderation.settings import Settings
 from moderation.worker.kafka import aiokafka_options
 from tests.fixtures.console import ConsoleServer
+from tests.fixtures.review import ALICE_TOKEN, console_settings, produce, verdict, verdict_of
 
 DOCS = Path(__file__).resolve().parents[2] / "docs"
-ALICE_TOKEN = "alice-" + "a1" * 12
-T0 = datetime(2026, 11, 1, 12, 0, tzinfo=UTC)
 AI_SOURCE = "http://cv.iptc.org/newscodes/digitalsourcetype/trainedAlgorithmicMedia"
-
-
-def verdict(
-    event_id: str,
-    *,
-    action: str = "flag",
-    tenant: str | None = "t1",
-    minutes: int = 0,
-    sha: str = "a" * 64,
-    **more: Any,
-) -> Verdict:
-    values: dict[str, Any] = {
-        "event_id": event_id,
-        "bucket": "bucket-x",
-        "key": f"uploads/{event_id}.png",
-        "tenant": tenant,
-        "image_sha256": sha,
-        "label": "fake" if action == "flag" else "real",
-        "score": 0.93 if action == "flag" else 0.61,
-        "action": action,
-        "explanation": "This is a fake image: the skin texture is waxy and the background text is garbled.",
-        "model": ModelInfo(name="fakevlm", version="1 (tiny)"),
-        "image": ImageInfo(width=64, height=48, format="PNG", pdq="ab" * 32, pdq_quality=90),
-        "timings": Timings(fetch_ms=1, decode_ms=1, inference_ms=1, total_ms=3),
-        "decided_at": T0 + timedelta(minutes=minutes),
-    }
-    return Verdict(**(values | more))
 
 
 def decision_about(item: Verdict, choice: str, *, reviewer: str = "bob", minutes: int = 1) -> Decision:
@@ -252,19 +218,6 @@ def test_same_origin_wants_our_host_in_origin_or_referer() -> None:
 # The console against the real stack, in a real browser
 
 
-def produce(settings: Settings, topic: str, messages: list[Verdict | Decision | Explanation]) -> None:
-    async def run() -> None:
-        producer = AIOKafkaProducer(acks="all", **aiokafka_options(settings))
-        await producer.start()
-        try:
-            for message in messages:
-                await producer.send_and_wait(topic, message.to_bytes(), key=message.event_id.encode())
-        finally:
-            await producer.stop()
-
-    asyncio.run(run())
-
-
 def read_decisions(settings: Settings, want: int, timeout_s: float = 60) -> list[tuple[bytes, Decision]]:
     async def run() -> list[tuple[bytes, Decision]]:
         consumer = AIOKafkaConsumer(
@@ -292,30 +245,6 @@ def save_screenshot(browser: Any, path: Path) -> None:
     only with UPDATE_SCREENSHOTS=1, so that a test run leaves the checkout as it found it."""
     with Image.open(io.BytesIO(browser.get_screenshot_as_png())) as shot:
         shot.convert("RGB").quantize(256).save(path, optimize=True)
-
-
-def verdict_of(event: UploadEvent, path: Path, **values: Any) -> Verdict:
-    with Image.open(path) as image:
-        info = ImageInfo(width=image.width, height=image.height, format=image.format or "", pdq="c3" * 32)
-    assert event.sha256 is not None
-    return verdict(
-        event.event_id, sha=event.sha256, bucket=event.bucket, key=event.key, tenant=event.tenant, image=info, **values
-    )
-
-
-def console_settings(lane: Lane, stack: localstack.StackInfo) -> tuple[Settings, str]:
-    """The lane's settings with review and decisions topics of their own (created) and alice's token."""
-    suffix = uuid.uuid4().hex[:10]
-    settings = lane.settings.model_copy(
-        update={
-            "topic_review": f"review-{suffix}",
-            "topic_decisions": f"decisions-{suffix}",
-            "review_tokens": SecretStr(f"alice:{ALICE_TOKEN}"),
-        }
-    )
-    topics = [settings.topic_review, settings.topic_decisions]
-    asyncio.run(localstack.create_topics(stack.kafka_bootstrap, topics, settings.kafka_topic_partitions))
-    return settings, suffix
 
 
 @pytest.mark.integration

@@ -22,6 +22,7 @@ from moderation.devkit.samples import write_samples
 from moderation.events import UploadEvent
 from moderation.worker.storage import has_dot_segments
 from tests.fixtures.console import ConsoleServer
+from tests.fixtures.review import ALICE_TOKEN, console_settings, produce, verdict_of
 
 # Keys S3 stores as they are; the event ids are schema-valid and `.`/`..` are dot segments in a URL path.
 GOOD = {".": "画像/ünïcödé.png", "..": "a:b/c d.png", "a:b": "x/.hidden/..png"}
@@ -88,8 +89,6 @@ def test_the_console_serves_any_valid_id_and_key_and_refuses_dot_segments_with_4
 ) -> None:
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
-
-    from tests.review.test_review_console import ALICE_TOKEN, console_settings, produce, verdict_of
 
     settings, _ = console_settings(lane, stack)
     (image,) = write_samples(tmp_path, 1, seed=4)

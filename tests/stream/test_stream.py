@@ -79,7 +79,7 @@ def test_every_upload_gets_exactly_one_outcome_and_offsets_are_committed(lane, t
         assert letter.reason == case.reason, (case.name, letter.detail)
         assert letter.payload() == case.value, "dead letters carry the original bytes"
     for verdict in (v for vs in outcomes.verdicts.values() for v in vs):
-        assert verdict.explanation is None and verdict.explanation_requested  # tests/stream/test_explanations.py: the text
+        assert verdict.explanation is None and verdict.explanation_requested  # the text: test_explanations.py
         assert verdict.image.width in (640, 480) and verdict.tenant == "t1"
         assert verdict.model.name == settings.triton_model
 

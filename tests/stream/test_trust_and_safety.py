@@ -13,12 +13,12 @@ import pytest
 from aiokafka import AIOKafkaConsumer
 from PIL import Image
 
-from moderation.client import event_message, publish, read_outcomes, upload_images
 from moderation.devkit import provenance_samples
 from moderation.devkit.demo import stop_worker
 from moderation.devkit.samples import draw_image, encode
-from moderation.events import Decision, UploadEvent, Verdict
+from moderation.events import Verdict
 from moderation.worker.kafka import aiokafka_options
+from tests.fixtures.uploads import decide, moderated, upload
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -31,25 +31,6 @@ tenants:
     review_threshold: 0.0
     flag_threshold: 0.0
 """
-
-
-def upload(lane, tmp_path: Path, files: dict[str, bytes], tenant: str | None = None) -> list[UploadEvent]:
-    paths = []
-    for name, data in files.items():
-        (tmp_path / name).write_bytes(data)
-        paths.append(tmp_path / name)
-    bucket = lane.settings.s3_allowed_buckets[0]
-    return asyncio.run(upload_images(lane.settings, paths, bucket=bucket, tenant=tenant))
-
-
-def moderated(lane, events: list[UploadEvent]) -> dict[str, Verdict]:
-    async def go() -> dict[str, Verdict]:
-        await publish(lane.settings, [event_message(e) for e in events])
-        outcomes = await read_outcomes(lane.settings, {e.event_id for e in events}, timeout_s=240)
-        assert not outcomes.dead_letters, outcomes.dead_letters
-        return {event_id: found[-1] for event_id, found in outcomes.verdicts.items()}
-
-    return asyncio.run(go())
 
 
 def review_queue(settings, count: int, timeout_s: float = 60) -> list[Verdict]:
@@ -69,11 +50,6 @@ def review_queue(settings, count: int, timeout_s: float = 60) -> list[Verdict]:
         return found
 
     return asyncio.run(go())
-
-
-def decide(settings, verdict: Verdict, decision: str) -> None:
-    message = Decision.about(verdict, decision, "alice@example.com")  # type: ignore[arg-type]
-    asyncio.run(publish(settings, [(message.event_id.encode(), message.to_bytes())], topic=settings.topic_decisions))
 
 
 def variant(data: bytes) -> bytes:

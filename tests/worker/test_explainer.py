@@ -1,5 +1,6 @@
 """The explainer's logic with in-memory stand-ins for S3 and Triton, and the worker's routing of explain requests;
-the same paths run against the real stack (Tansu, SeaweedFS, Triton's fakevlm_explain) in tests/stream/test_explanations.py."""
+the same paths run against the real stack (Tansu, SeaweedFS, Triton's fakevlm_explain) in
+tests/stream/test_explanations.py."""
 
 import hashlib
 from datetime import UTC, datetime
@@ -15,6 +16,7 @@ from moderation.worker.explainer import Explainer, explained_verdict
 from moderation.worker.pipeline import Backoff, Incoming, Judged, Pipeline
 from moderation.worker.policy import Policies, Policy
 from moderation.worker.routing import records
+from tests.fixtures.fakes import MemoryStore
 
 NOW = datetime(2026, 12, 7, tzinfo=UTC)
 JPEG = encode(draw_image(0, (64, 48)), "JPEG")
@@ -22,16 +24,6 @@ MODEL = ModelInfo(name="fakevlm", version="1", weights="sha256:" + "1" * 64)
 SETTINGS = Settings(explain_deadline_s=5.0)
 FAST = Backoff(deadline_s=5.0, base_s=0.001, cap_s=0.01)
 TEXT = "This is a fake image. The fur melts into the background."
-
-
-class MemoryStore:
-    def __init__(self, objects: dict[str, bytes]) -> None:
-        self.objects = objects
-
-    async def fetch(self, bucket: str, key: str) -> bytes:
-        if key not in self.objects:
-            raise Rejected(Reason.OBJECT_MISSING, key)
-        return self.objects[key]
 
 
 class Explaining:

@@ -27,6 +27,7 @@ from moderation.events import BankEntry
 from moderation.worker import neardup
 from moderation.worker.hashlists import InvalidList, Listed, ListFormat, bank_entry, read_list, write_list
 from moderation.worker.neardup import DEFAULT_MAX_DISTANCE, HashBank, hamming
+from tests.fixtures.uploads import decide, moderated, upload
 
 NOW = datetime(2026, 12, 7, tzinfo=UTC)
 THREATEXCHANGE = Path(sys.executable).parent / "threatexchange"
@@ -157,8 +158,6 @@ def reencoded(data: bytes) -> bytes:
 @pytest.mark.integration
 @pytest.mark.slow
 def test_an_imported_list_decides_matches_on_the_worker_below_reviews_until_removed(lane, tmp_path: Path) -> None:
-    from tests.stream.test_trust_and_safety import decide, moderated, upload  # the end-to-end helpers of the T&S test
-
     shared = {"a.jpg": encode(draw_image(5, (640, 480)), "JPEG"), "b.jpg": encode(draw_image(12, (640, 480)), "JPEG")}
     for name, data in shared.items():
         (tmp_path / name).write_bytes(data)

@@ -8,45 +8,15 @@ import numpy as np
 
 from moderation.devkit.samples import draw_image, encode
 from moderation.errors import Reason, Rejected
-from moderation.events import DeadLetter, ModelInfo, Verdict
+from moderation.events import DeadLetter, Verdict
 from moderation.model.detectors import Detection
 from moderation.worker.pipeline import MAX_DEAD_LETTER_PAYLOAD, Backoff, Incoming, Pipeline
 from moderation.worker.policy import Policies, Policy
+from tests.fixtures.fakes import FixedDetector, MemoryStore
 
 NOW = datetime(2026, 11, 27, tzinfo=UTC)
 JPEG = encode(draw_image(0, (64, 48)), "JPEG")
 FAST = Backoff(deadline_s=5.0, base_s=0.001, cap_s=0.01)
-
-
-class MemoryStore:
-    def __init__(self, objects: dict[str, bytes]) -> None:
-        self.objects = objects
-
-    async def fetch(self, bucket: str, key: str) -> bytes:
-        if bucket != "uploads":
-            raise Rejected(Reason.FORBIDDEN_BUCKET, bucket)
-        if key not in self.objects:
-            raise Rejected(Reason.OBJECT_MISSING, key)
-        return self.objects[key]
-
-
-class FixedDetector:
-    model = ModelInfo(name="fixed", version="1", weights="sha256:fixed")
-    explain_model = model
-
-    def __init__(self, score: float, fail: Exception | None = None, failures: int = 10**9) -> None:
-        self.score, self.fail, self.failures, self.calls = score, fail, failures, 0
-
-    async def detect(self, crop: np.ndarray) -> Detection:
-        self.calls += 1
-        assert crop.shape == (336, 336, 3) and crop.dtype == np.uint8
-        if self.fail and self.calls <= self.failures:
-            raise self.fail
-        return Detection(self.score, "fake" if self.score >= 0.5 else "real", None, None)
-
-    async def explain(self, crop: np.ndarray) -> Detection:
-        verdict = await self.detect(crop)
-        return Detection(verdict.score, verdict.label, "This is a fake image. Odd textures.", "fake")
 
 
 def message(body: object, offset: int = 0) -> Incoming:
