@@ -5,23 +5,21 @@ for the two engines."""
 from __future__ import annotations
 
 import asyncio
-import importlib.util
 import json
 import math
 import re
 import subprocess
 import sys
-import types
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
-import torch
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2
 
-from moderation.devkit import localstack
+from moderation.devkit import localstack, pb_utils
+from moderation.devkit.pb_utils import InferenceResponse, Tensor, TritonError, outputs
 from moderation.devkit.tinymodel import IMAGE_SEQ_LENGTH
 from moderation.model import bls_calls
 from moderation.model.imaging import normalise
@@ -202,44 +200,8 @@ def test_the_local_stack_copies_only_the_cpu_models(tmp_path: Path) -> None:
         assert config.parameters["checkpoint"].string_value == str((tmp_path / "ckpt").resolve())
 
 
-# The BLS model against stand-ins for triton_python_backend_utils and the two engines.
-
-
-class _Error:
-    INVALID_ARG, UNAVAILABLE = "INVALID_ARG", "UNAVAILABLE"
-
-    def __init__(self, message: str, code: str = "INTERNAL") -> None:
-        self._message, self.code = message, code
-
-    def message(self) -> str:
-        return self._message
-
-
-class _Tensor:
-    def __init__(self, name: str, array: np.ndarray) -> None:
-        self.name, self.array = name, np.asarray(array)
-
-    def as_numpy(self) -> np.ndarray:
-        return self.array
-
-    def is_cpu(self) -> bool:
-        return True
-
-    @staticmethod
-    def from_dlpack(name: str, capsule: Any) -> _Tensor:
-        return _Tensor(name, torch.utils.dlpack.from_dlpack(capsule).numpy().copy())
-
-
-class _Response:
-    def __init__(self, output_tensors: list[_Tensor] | None = None, error: Any = None) -> None:
-        self.outputs = {t.name: t for t in output_tensors or []}
-        self._error = error
-
-    def has_error(self) -> bool:
-        return self._error is not None
-
-    def error(self) -> Any:
-        return self._error
+# The BLS model against the stand-in for triton_python_backend_utils (moderation.devkit.pb_utils), its BLS
+# calls answered by stand-ins for the two engines.
 
 
 class _Engines:
@@ -252,17 +214,18 @@ class _Engines:
         self.fail_llm = False
         self.late_logits = False  # generation_logits one step late, as TensorRT-LLM before #3205
 
-    def answer_request(self, model: str, inputs: dict[str, np.ndarray]) -> _Response:
+    def answer_request(self, model: str, values: dict[str, Any]) -> InferenceResponse:
+        inputs = {name: np.asarray(value) for name, value in values.items()}  # DLPack hands torch tensors over
         if model == "multimodal_encoders":
             pixels = inputs["IMAGE"]
             self.vision_calls.append(pixels)
             features = np.broadcast_to(pixels[:, 0, :1, :1, :1].reshape(-1, 1, 1), (len(pixels), IMAGE_SEQ_LENGTH, 8))
             vocab = np.full((len(pixels), 1), IMAGE_SEQ_LENGTH, np.int32)
-            table = _Tensor("OUT_PROMPT_EMBEDDING_TABLE", features.astype(np.float16))
-            return _Response([table, _Tensor("OUT_PROMPT_VOCAB_SIZE", vocab)])
+            table = Tensor("OUT_PROMPT_EMBEDDING_TABLE", features.astype(np.float16))
+            return InferenceResponse([table, Tensor("OUT_PROMPT_VOCAB_SIZE", vocab)])
         self.llm_calls.append(inputs)
         if self.fail_llm:
-            return _Response(error=_Error("engine fell over"))
+            return InferenceResponse(error=TritonError("engine fell over"))
         new_tokens = int(inputs["request_output_len"].reshape(-1)[0])
         logits = np.zeros((1, 1, 1, self.vocab), dtype=np.float32)
         logits[..., self.fake_id] = float(inputs["prompt_embedding_table"].reshape(-1)[0])
@@ -270,39 +233,13 @@ class _Engines:
         if self.late_logits:
             logits = np.roll(logits, 1, axis=-1)  # the next step's logits: they did not choose `first`
         ids = [first, *([*self.answer, self.fake_id] * new_tokens)[: new_tokens - 2], self.eos][:new_tokens]
-        return _Response(
+        return InferenceResponse(
             [
-                _Tensor("output_ids", np.array([[[*ids, 0, 0]]], dtype=np.int32)),
-                _Tensor("sequence_length", np.array([[len(ids)]], dtype=np.int32)),
-                _Tensor("generation_logits", logits),
+                Tensor("output_ids", np.array([[[*ids, 0, 0]]], dtype=np.int32)),
+                Tensor("sequence_length", np.array([[len(ids)]], dtype=np.int32)),
+                Tensor("generation_logits", logits),
             ]
         )
-
-
-def _pb_utils(engines: _Engines) -> types.ModuleType:
-    module = types.ModuleType("triton_python_backend_utils")
-
-    class InferenceRequest:
-        def __init__(self, model_name: str, requested_output_names: list[str], inputs: list[_Tensor]) -> None:
-            self.model, self.inputs = model_name, {t.name: t.array for t in inputs}
-
-        def exec(self) -> _Response:
-            return engines.answer_request(self.model, self.inputs)
-
-        async def async_exec(self) -> _Response:
-            await asyncio.sleep(0)
-            return engines.answer_request(self.model, self.inputs)
-
-    module.TritonError = _Error  # type: ignore[attr-defined]
-    module.Tensor = _Tensor  # type: ignore[attr-defined]
-    module.InferenceResponse = _Response  # type: ignore[attr-defined]
-    module.InferenceRequest = InferenceRequest  # type: ignore[attr-defined]
-    module.get_input_tensor_by_name = lambda request, name: request.get(name)  # type: ignore[attr-defined]
-    module.get_output_tensor_by_name = lambda response, name: response.outputs.get(name)  # type: ignore[attr-defined]
-    module.Logger = types.SimpleNamespace(  # type: ignore[attr-defined]
-        log_info=lambda msg: None, log_warn=lambda msg: None, log_error=lambda msg: None
-    )
-    return module
 
 
 def engines_dir(directory: Path, tiny_checkpoint: Path, vocab: int, engine: bytes = b"llm") -> Path:
@@ -326,23 +263,18 @@ def _load_bls(tiny_checkpoint: Path, role: str, engines: Path | None = None) -> 
     answer = tokenizer.encode(" image.", add_special_tokens=False)
     built = engines or engines_dir(tiny_checkpoint.parent / "engines", tiny_checkpoint, vocab)
     stand_ins = _Engines(vocab, fake_id, real_id, answer, tokenizer.eos_token_id)
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setitem(sys.modules, "triton_python_backend_utils", _pb_utils(stand_ins))
-        spec = importlib.util.spec_from_file_location(f"fakevlm_gpu_bls_{role}", GPU / "fakevlm" / "1" / "model.py")
-        assert spec is not None and spec.loader is not None
-        module = importlib.util.module_from_spec(spec)
-        mp.setitem(sys.modules, spec.name, module)  # dataclasses look their module up while it loads
-        spec.loader.exec_module(module)
-        model = module.TritonPythonModel()
-        params = {
-            "role": role,
-            "tokenizer": str(tiny_checkpoint),
-            "engines": str(built),
-            "max_new_tokens": "6",
-            "threshold": "0.5",
-        }
-        config = {"parameters": {k: {"string_value": v} for k, v in params.items()}}
-        model.initialize({"model_config": json.dumps(config), "model_repository": str(GPU / "fakevlm")})
+    pb = pb_utils.stand_in(stand_ins.answer_request)
+    module = pb_utils.load_model(GPU / "fakevlm" / "1" / "model.py", pb, f"fakevlm_gpu_bls_{role}")
+    model = module.TritonPythonModel()
+    params = {
+        "role": role,
+        "tokenizer": str(tiny_checkpoint),
+        "engines": str(built),
+        "max_new_tokens": "6",
+        "threshold": "0.5",
+    }
+    config = {"parameters": {k: {"string_value": v} for k, v in params.items()}}
+    model.initialize({"model_config": json.dumps(config), "model_repository": str(GPU / "fakevlm")})
     return model, stand_ins
 
 
@@ -360,10 +292,10 @@ def bls_explain(tiny_checkpoint: Path) -> Any:
     model.finalize()
 
 
-def _request(values: list[int]) -> dict[str, _Tensor]:
+def _request(values: list[int]) -> dict[str, Tensor]:
     """Images whose every pixel is `value`: the stand-in engines make logit(fake) their normalised red."""
     crops = np.stack([np.full((336, 336, 3), v, dtype=np.uint8) for v in values])
-    return {"IMAGE": _Tensor("IMAGE", crops)}
+    return {"IMAGE": Tensor("IMAGE", crops)}
 
 
 def _expected(values: list[int]) -> list[float]:
@@ -376,12 +308,12 @@ def test_bls_one_vision_pass_then_one_verdict_request_per_image(bls: Any) -> Non
     model, engines = bls
     engines.vision_calls.clear()
     engines.llm_calls.clear()
-    as_float = {"IMAGE": _Tensor("IMAGE", np.zeros((1, 336, 336, 3), np.float32))}
+    as_float = {"IMAGE": Tensor("IMAGE", np.zeros((1, 336, 336, 3), np.float32))}
     requests = [_request([200, 40]), as_float, _request([150]), _request([250])]
     responses = asyncio.run(model.execute(requests))
     assert len(responses) == 4
     first, bad, third, fourth = responses
-    assert bad.error().code == "INVALID_ARG" and "UINT8" in bad.error().message()
+    assert bad.error().code() == "INVALID_ARG" and "UINT8" in bad.error().message()
     # ONE vision pass over the valid rows, normalised, in fp16.
     (pixels,) = engines.vision_calls
     assert pixels.shape == (4, 1, 3, 336, 336) and pixels.dtype == np.float16  # one image per row
@@ -398,22 +330,22 @@ def test_bls_one_vision_pass_then_one_verdict_request_per_image(bls: Any) -> Non
         assert (extra[image] != 0).all() and (np.delete(extra, image) == 0).all()
     keys = {int(c["prompt_table_extra_ids"].reshape(-1)[image[0]]) for c in verdicts}
     assert len(keys) == 4  # four different images, four different KV-reuse keys
-    scores = [r.outputs["SCORE"].array[:, 0] for r in (first, third, fourth)]
+    scores = [outputs(r)["SCORE"][:, 0] for r in (first, third, fourth)]
     np.testing.assert_allclose(np.concatenate(scores), _expected([200, 40, 150, 250]), rtol=1e-2)  # fp16 features
-    assert [v.decode() for v in first.outputs["LABEL"].array[:, 0]] == ["fake", "real"]
-    assert set(first.outputs) == {"SCORE", "LABEL", "WEIGHTS"}
+    assert [v.decode() for v in outputs(first)["LABEL"][:, 0]] == ["fake", "real"]
+    assert set(outputs(first)) == {"SCORE", "LABEL", "WEIGHTS"}
 
 
 def test_bls_explain_role_explains_every_row(bls_explain: Any) -> None:
     model, engines = bls_explain
     engines.llm_calls.clear()
     (response,) = asyncio.run(model.execute([_request([200, 40, 250])]))
-    explanations = [v.decode() for v in response.outputs["EXPLANATION"].array[:, 0]]
+    explanations = [v.decode() for v in outputs(response)["EXPLANATION"][:, 0]]
     generating = [c for c in engines.llm_calls if int(c["request_output_len"].reshape(-1)[0]) == 6]
     assert len(generating) == 3  # every row, whatever its score
     assert all(text.startswith("This is a") for text in explanations)
-    assert [v.decode() for v in response.outputs["ANSWER_LABEL"].array[:, 0]] == ["fake", "fake", "fake"]
-    np.testing.assert_allclose(response.outputs["SCORE"].array[:, 0], _expected([200, 40, 250]), rtol=1e-2)
+    assert [v.decode() for v in outputs(response)["ANSWER_LABEL"][:, 0]] == ["fake", "fake", "fake"]
+    np.testing.assert_allclose(outputs(response)["SCORE"][:, 0], _expected([200, 40, 250]), rtol=1e-2)
     verdict_key = engines.llm_calls[0]["prompt_table_extra_ids"]
     np.testing.assert_array_equal(generating[0]["prompt_table_extra_ids"], verdict_key)  # reuse its prefill
 
@@ -425,7 +357,7 @@ def test_bls_a_failing_engine_fails_the_batch_not_the_server(bls: Any) -> None:
         responses = asyncio.run(model.execute([_request([100]), _request([200])]))
     finally:
         engines.fail_llm = False
-    assert [r.error().code for r in responses] == ["UNAVAILABLE", "UNAVAILABLE"]
+    assert [r.error().code() for r in responses] == ["UNAVAILABLE", "UNAVAILABLE"]
 
 
 def test_bls_refuses_logits_that_did_not_choose_the_first_token(bls: Any) -> None:
@@ -436,7 +368,7 @@ def test_bls_refuses_logits_that_did_not_choose_the_first_token(bls: Any) -> Non
         (response,) = asyncio.run(model.execute([_request([200, 150])]))
     finally:
         engines.late_logits = False
-    assert response.error().code == "UNAVAILABLE"
+    assert response.error().code() == "UNAVAILABLE"
     assert "not the last prompt position's logits" in response.error().message()
 
 

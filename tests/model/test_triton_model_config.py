@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
-import types
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +10,9 @@ import numpy as np
 import pytest
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2
+
+from moderation.devkit import pb_utils
+from moderation.devkit.pb_utils import Tensor, outputs
 
 MODELS = Path(__file__).resolve().parents[2] / "triton_models"
 MODEL_DIR = MODELS / "fakevlm"
@@ -114,50 +114,12 @@ def test_parameters(model_dir: Path, checkpoint: str, role: str, yielding: dict[
     assert f'key: "checkpoint"\n  value: {{ string_value: "{checkpoint}" }}' in (model_dir / "config.pbtxt").read_text()
 
 
-# model.py against a stand-in for the stub's triton_python_backend_utils: enough to check that
-# every request gets its own response, in order, and that errors stay with their request.
-
-
-class _TritonError:
-    INVALID_ARG, UNAVAILABLE = "INVALID_ARG", "UNAVAILABLE"
-
-    def __init__(self, message: str, code: str = "INTERNAL") -> None:
-        self.message, self.code = message, code
-
-
-class _Tensor:
-    def __init__(self, name: str, array: np.ndarray) -> None:
-        self.name, self.array = name, array
-
-    def as_numpy(self) -> np.ndarray:
-        return self.array
-
-
-class _Response:
-    def __init__(self, output_tensors: list[_Tensor] | None = None, error: Any = None) -> None:
-        self.outputs = {t.name: t.array for t in output_tensors or []}
-        self.error = error
-
-
-def _fake_pb_utils() -> types.ModuleType:
-    module = types.ModuleType("triton_python_backend_utils")
-    module.TritonError = _TritonError  # type: ignore[attr-defined]
-    module.Tensor = _Tensor  # type: ignore[attr-defined]
-    module.InferenceResponse = _Response  # type: ignore[attr-defined]
-    module.get_input_tensor_by_name = lambda request, name: request.get(name)  # type: ignore[attr-defined]
-    module.Logger = types.SimpleNamespace(  # type: ignore[attr-defined]
-        log_info=lambda msg: None, log_warn=lambda msg: None, log_error=lambda msg: None
-    )
-    return module
+# model.py against the stand-in for the stub's triton_python_backend_utils (moderation.devkit.pb_utils): enough
+# to check that every request gets its own response, in order, and that errors stay with their request.
 
 
 def _load(tiny_checkpoint: Path, role: str) -> Any:
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setitem(sys.modules, "triton_python_backend_utils", _fake_pb_utils())
-        spec = importlib.util.spec_from_file_location("fakevlm_triton_model", MODEL_DIR / "1" / "model.py")
-        assert spec is not None and spec.loader is not None
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
+    module = pb_utils.load_model(MODEL_DIR / "1" / "model.py", pb_utils.stand_in(), "fakevlm_triton_model")
     model = module.TritonPythonModel()
     parameters = {"checkpoint": str(tiny_checkpoint), "role": role, "threshold": "0.5", "max_new_tokens": "8"}
     model.initialize(
@@ -185,40 +147,41 @@ def explain_model(tiny_checkpoint: Path) -> Any:
     model.finalize()
 
 
-def _request(rows: int, *, seed: int = 0) -> dict[str, _Tensor]:
+def _request(rows: int, *, seed: int = 0) -> dict[str, Tensor]:
     crops = np.random.default_rng(seed).integers(0, 256, (rows, 336, 336, 3), dtype=np.uint8)
-    return {"IMAGE": _Tensor("IMAGE", crops)}
+    return {"IMAGE": Tensor("IMAGE", crops)}
 
 
 def test_execute_answers_each_request_in_order(triton_model: Any) -> None:
-    as_float = {"IMAGE": _Tensor("IMAGE", _request(1, seed=3)["IMAGE"].array.astype(np.float32))}
-    chw = {"IMAGE": _Tensor("IMAGE", np.zeros((1, 3, 336, 336), np.uint8))}
+    as_float = {"IMAGE": Tensor("IMAGE", _request(1, seed=3)["IMAGE"].as_numpy().astype(np.float32))}
+    chw = {"IMAGE": Tensor("IMAGE", np.zeros((1, 3, 336, 336), np.uint8))}
     requests = [_request(2, seed=1), as_float, _request(1, seed=2), chw, {}]
     responses = triton_model.execute(requests)
     assert len(responses) == 5
     first, bad_dtype, third, bad_shape, missing = responses
-    assert first.error is None and first.outputs["SCORE"].shape == (2, 1)
-    assert set(first.outputs) == VERDICT_OUTPUTS  # a verdict, never an explanation
-    assert set(first.outputs["LABEL"].ravel()) <= {b"fake", b"real"}
+    assert not first.has_error() and outputs(first)["SCORE"].shape == (2, 1)
+    assert set(outputs(first)) == VERDICT_OUTPUTS  # a verdict, never an explanation
+    assert set(outputs(first)["LABEL"].ravel()) <= {b"fake", b"real"}
     for bad, why in ((bad_dtype, "UINT8"), (bad_shape, "[n, 336, 336, 3]"), (missing, "missing input IMAGE")):
-        assert bad.error is not None and bad.error.code == "INVALID_ARG" and why in bad.error.message
-    assert third.error is None
+        error = bad.error()
+        assert error is not None and error.code() == "INVALID_ARG" and why in error.message()
+    assert not third.has_error()
     alone = triton_model.execute([_request(1, seed=2)])[0]
-    np.testing.assert_allclose(alone.outputs["SCORE"], third.outputs["SCORE"], atol=1e-4)
+    np.testing.assert_allclose(outputs(alone)["SCORE"], outputs(third)["SCORE"], atol=1e-4)
 
 
 def test_the_explain_role_explains_every_row_with_the_verdict_score(triton_model: Any, explain_model: Any) -> None:
     [verdict] = triton_model.execute([_request(2, seed=7)])
     [explained] = explain_model.execute([_request(2, seed=7)])
-    assert set(explained.outputs) == EXPLAIN_OUTPUTS
-    assert all(text.startswith(b"This is a") for text in explained.outputs["EXPLANATION"][:, 0])
-    np.testing.assert_allclose(explained.outputs["SCORE"], verdict.outputs["SCORE"], atol=1e-5)
+    assert set(outputs(explained)) == EXPLAIN_OUTPUTS
+    assert all(text.startswith(b"This is a") for text in outputs(explained)["EXPLANATION"][:, 0])
+    np.testing.assert_allclose(outputs(explained)["SCORE"], outputs(verdict)["SCORE"], atol=1e-5)
 
 
 def test_every_answer_names_the_weights_that_gave_it(triton_model: Any, explain_model: Any) -> None:
     [response] = triton_model.execute([_request(2, seed=6)])
     assert triton_model._weights.startswith("sha256:")  # the tiny checkpoint's digest, computed at load
-    assert response.outputs["WEIGHTS"][:, 0].tolist() == [triton_model._weights.encode()] * 2
+    assert outputs(response)["WEIGHTS"][:, 0].tolist() == [triton_model._weights.encode()] * 2
     assert explain_model._weights == triton_model._weights
 
 
@@ -228,7 +191,7 @@ def test_a_failed_forward_pass_fails_its_batch_not_the_server(triton_model: Any,
 
     monkeypatch.setattr(triton_model._model, "score", broken)
     responses = triton_model.execute([_request(1), _request(1, seed=5)])
-    assert [r.error.code for r in responses] == ["UNAVAILABLE", "UNAVAILABLE"]
+    assert [r.error().code() for r in responses] == ["UNAVAILABLE", "UNAVAILABLE"]
 
 
 def test_an_unknown_role_fails_the_load(tiny_checkpoint: Path) -> None:
