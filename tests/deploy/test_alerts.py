@@ -42,7 +42,7 @@ def test_promtool_unit_tests_pass(tmp_path: Path) -> None:
     spec = yaml.safe_load(RULES.read_text())["spec"]
     for group in spec["groups"]:
         for rule in group["rules"]:
-            rule.pop("annotations", None)  # their text is checked by tests/test_deploy.py and promtool check
+            rule.pop("annotations", None)  # their text is checked by test_observability.py and promtool check
     (tmp_path / "moderation-rules.yml").write_text(yaml.safe_dump(spec))
     shutil.copy(UNIT_TESTS, tmp_path / UNIT_TESTS.name)
     result = subprocess.run(
