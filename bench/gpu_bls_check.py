@@ -3,8 +3,9 @@
 A device lent here has a GPU but no tritonserver and no TensorRT-LLM, so this drives the GPU model's own
 code (triton_models/gpu/fakevlm/1/model.py, as both gpu/fakevlm (role verdict) and gpu/fakevlm_explain
 (role explain): the uint8 crops normalised on the GPU, its prompt ids, prompt-table ids, DLPack hand-offs,
-verdict from the logits, explanation decoding) with a stand-in for triton_python_backend_utils whose two engines
-are the checkpoint's own PyTorch modules on the GPU:
+verdict from the logits, explanation decoding) with the stand-in for triton_python_backend_utils
+(moderation.devkit.pb_utils, which the tests use too) whose two engines are the checkpoint's own PyTorch modules
+on the GPU:
 - multimodal_encoders: `get_image_features` in fp16 (the vision engine is built --fp16), output left on the GPU;
 - tensorrt_llm: the language model in --dtype, image tokens (ids >= vocab_size) looked up in the
   request's prompt_embedding_table, greedy decoding, generation_logits[0] = the logits at the last
@@ -25,21 +26,20 @@ from __future__ import annotations
 import argparse
 import asyncio
 import atexit
-import importlib.util
 import json
 import re
 import shutil
 import sys
 import tempfile
 import time
-import types
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from torch.utils import dlpack
 
+from moderation.devkit import pb_utils
+from moderation.devkit.pb_utils import InferenceResponse, Tensor, outputs
 from moderation.devkit.synthetic import samples
 from moderation.devkit.tinymodel import build_tiny_checkpoint
 from moderation.devkit.training import TRAINED_CHECKPOINT
@@ -54,51 +54,6 @@ GPU_MODEL = ROOT / "triton_models" / "gpu" / "fakevlm" / "1" / "model.py"
 SEED = 20_251_129  # neither the training stream nor the held-out one
 
 
-class Tensor:
-    """pb_utils.Tensor over a numpy array or a (GPU) torch tensor."""
-
-    def __init__(self, name: str, value: Any) -> None:
-        self._name, self.value = name, value
-
-    def name(self) -> str:
-        return self._name
-
-    def as_numpy(self) -> np.ndarray:
-        return self.value.cpu().numpy() if isinstance(self.value, torch.Tensor) else np.asarray(self.value)
-
-    def is_cpu(self) -> bool:
-        return not (isinstance(self.value, torch.Tensor) and self.value.is_cuda)
-
-    def to_dlpack(self) -> Any:
-        return dlpack.to_dlpack(self.value)
-
-    @staticmethod
-    def from_dlpack(name: str, capsule: Any) -> Tensor:
-        return Tensor(name, dlpack.from_dlpack(capsule))
-
-
-class Response:
-    def __init__(self, output_tensors: list[Tensor] | None = None, error: Any = None) -> None:
-        self.outputs = {t.name(): t for t in output_tensors or []}
-        self._error = error
-
-    def has_error(self) -> bool:
-        return self._error is not None
-
-    def error(self) -> Any:
-        return self._error
-
-
-class TritonError:
-    INVALID_ARG, UNAVAILABLE, INTERNAL = "INVALID_ARG", "UNAVAILABLE", "INTERNAL"
-
-    def __init__(self, message: str, code: str = "INTERNAL") -> None:
-        self._message, self.code = message, code
-
-    def message(self) -> str:
-        return self._message
-
-
 class Engines:
     """The two engines of the GPU layout, as PyTorch modules of one checkpoint."""
 
@@ -110,13 +65,13 @@ class Engines:
         self.vision_batches: list[int] = []
         self.llm_requests = 0
 
-    def answer(self, model: str, inputs: dict[str, Any]) -> Response:
+    def answer(self, model: str, inputs: dict[str, Any]) -> InferenceResponse:
         with torch.inference_mode():
             if model == "multimodal_encoders":
                 return self._vision(torch.as_tensor(inputs["IMAGE"]).flatten(0, 1))  # one image per row
             return self._llm(inputs)
 
-    def _vision(self, pixels: Any) -> Response:
+    def _vision(self, pixels: Any) -> InferenceResponse:
         self.vision_batches.append(len(pixels))
         config = self.model.config
         on_gpu = self.device.type == "cuda"  # fp16 as the TensorRT plan; a CPU run (a dry run) keeps the model's dtype
@@ -129,9 +84,11 @@ class Engines:
         features = torch.stack(list(out.pooler_output)).to(torch.float16)
         vocab = np.full((len(features), 1), features.shape[1], np.int32)
         # The table stays on the GPU, as the engine's output does.
-        return Response([Tensor("OUT_PROMPT_EMBEDDING_TABLE", features), Tensor("OUT_PROMPT_VOCAB_SIZE", vocab)])
+        return InferenceResponse(
+            [Tensor("OUT_PROMPT_EMBEDDING_TABLE", features), Tensor("OUT_PROMPT_VOCAB_SIZE", vocab)]
+        )
 
-    def _llm(self, inputs: dict[str, Any]) -> Response:
+    def _llm(self, inputs: dict[str, Any]) -> InferenceResponse:
         self.llm_requests += 1
         ids = torch.as_tensor(np.asarray(inputs["input_ids"]).reshape(-1).astype(np.int64)).to(self.device)
         table = torch.as_tensor(inputs["prompt_embedding_table"]).to(self.device)[0]
@@ -159,38 +116,13 @@ class Engines:
         logits = torch.stack(rows)[None, None].cpu().numpy()
         padded = np.full((1, 1, new_tokens), end_id, dtype=np.int32)
         padded[0, 0, : len(generated)] = generated
-        return Response(
+        return InferenceResponse(
             [
                 Tensor("output_ids", padded),
                 Tensor("sequence_length", np.array([[len(generated)]], dtype=np.int32)),
                 Tensor("generation_logits", logits),
             ]
         )
-
-
-def stand_in_pb_utils(engines: Engines) -> types.ModuleType:
-    """The smallest triton_python_backend_utils the GPU model uses, its BLS calls answered by `engines`."""
-    module = types.ModuleType("triton_python_backend_utils")
-
-    class InferenceRequest:
-        def __init__(self, model_name: str, requested_output_names: list[str], inputs: list[Tensor]) -> None:
-            self.model, self.inputs = model_name, {t.name(): t.value for t in inputs}
-
-        def exec(self) -> Response:
-            return engines.answer(self.model, self.inputs)
-
-        async def async_exec(self) -> Response:
-            await asyncio.sleep(0)
-            return engines.answer(self.model, self.inputs)
-
-    module.TritonError = TritonError  # type: ignore[attr-defined]
-    module.Tensor = Tensor  # type: ignore[attr-defined]
-    module.InferenceResponse = Response  # type: ignore[attr-defined]
-    module.InferenceRequest = InferenceRequest  # type: ignore[attr-defined]
-    module.get_input_tensor_by_name = lambda request, name: request.get(name)  # type: ignore[attr-defined]
-    module.get_output_tensor_by_name = lambda response, name: response.outputs.get(name)  # type: ignore[attr-defined]
-    module.Logger = types.SimpleNamespace(log_info=print, log_warn=print, log_error=print)  # type: ignore[attr-defined]
-    return module
 
 
 def engines_dir(engines: Engines, checkpoint: Path) -> Path:
@@ -204,12 +136,8 @@ def engines_dir(engines: Engines, checkpoint: Path) -> Path:
 
 
 def load_gpu_model(engines: Engines, checkpoint: Path, max_new_tokens: int, role: str = "verdict") -> Any:
-    sys.modules["triton_python_backend_utils"] = stand_in_pb_utils(engines)
-    spec = importlib.util.spec_from_file_location(f"fakevlm_gpu_bls_{id(engines)}", GPU_MODEL)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up while it loads
-    spec.loader.exec_module(module)
+    pb = pb_utils.stand_in(engines.answer, log=print)
+    module = pb_utils.load_model(GPU_MODEL, pb, f"fakevlm_gpu_bls_{id(engines)}")
     model = module.TritonPythonModel()
     params = {
         "role": role,
@@ -241,7 +169,7 @@ def bls_score(model: Any, crops: np.ndarray, per_request: int) -> list[dict[str,
         if response.has_error():
             rows.append({"error": response.error().message()})
             continue
-        out = {name: t.as_numpy()[:, 0] for name, t in response.outputs.items()}
+        out = {name: value[:, 0] for name, value in outputs(response).items()}
         for i in range(len(out["SCORE"])):
             explanation = out["EXPLANATION"][i].decode() if "EXPLANATION" in out else None
             rows.append({"score": float(out["SCORE"][i]), "explanation": explanation})

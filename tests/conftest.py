@@ -2,8 +2,8 @@
 one real local stack per session, every test its own topics, bucket and consumer group."""
 
 pytest_plugins = [
-    "fixtures.models",
-    "fixtures.stack",
-    "fixtures.lanes",
-    "fixtures.console",
+    "tests.fixtures.models",
+    "tests.fixtures.stack",
+    "tests.fixtures.lanes",
+    "tests.fixtures.console",
 ]

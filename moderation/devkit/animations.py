@@ -33,7 +33,7 @@ def flat(size: tuple[int, int], frames: int, fmt: str = "GIF") -> bytes:
 
 def pictures(count: int, label: str, seed: int = 7) -> list[Sample]:
     """`count` synthetic samples of this label at SIZE, in stream order (the trained tiny model is right about
-    them: `tests/test_frames.py` checks the ones it uses)."""
+    them: `tests/model/test_frames.py` checks the ones it uses)."""
     found: list[Sample] = []
     index = 0
     while len(found) < count:

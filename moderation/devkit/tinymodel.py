@@ -210,7 +210,7 @@ def build_tiny_processor() -> LlavaProcessor:
         # What llava-hf's processor_config.json holds today (24*24 + 1 CLS - 1 dropped = 576). NOT what
         # lingcco/fakeVLM ships: saved by transformers 4.45, its file has no such field, and transformers 5
         # then expands to 575. The prompt never relies on it (moderation.model.fakevlm.build_prompt expands to
-        # the model's image_seq_length); tests/test_published_checkpoint.py loads the 4.45 layout.
+        # the model's image_seq_length); tests/model/test_published_checkpoint.py loads the 4.45 layout.
         num_additional_image_tokens=1,
     )
 

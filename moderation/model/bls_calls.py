@@ -1,7 +1,7 @@
 """The calls the GPU layout's BLS model (triton_models/gpu/fakevlm/1/model.py) makes, declared once.
 
 The BLS builds every request through `request_inputs` and asks for exactly `output_names`, so what it sends
-and reads is what is declared here; tests/test_triton_layouts.py checks each declaration against the
+and reads is what is declared here; tests/model/test_triton_layouts.py checks each declaration against the
 config.pbtxt of the model the BLS config names (names, data types, and shapes against dims and reshape).
 A shape is the whole request's, batch dimension first; -1 is any size.
 """

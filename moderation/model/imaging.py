@@ -2,7 +2,7 @@
 
 FakeVLM (llava-hf/llava-1.5-7b-hf's CLIPImageProcessor, no pad-to-square in the released eval):
 resize the shortest edge to 336 (bicubic), center-crop 336x336, scale by 1/255, normalise with
-CLIP's mean and std. `tests/test_imaging.py` pins this against transformers' own processor. JPEGs in
+CLIP's mean and std. `tests/model/test_imaging.py` pins this against transformers' own processor. JPEGs in
 YCbCr or grey (nearly every upload) are decoded by libjpeg-turbo straight into numpy (`jpeg_rgb`): the same
 pixels as Pillow's, for less CPU.
 `decode_for_model` goes from bytes to the same pixels (within a stated tolerance) several times faster:
@@ -248,7 +248,7 @@ def crop(image: Image.Image) -> np.ndarray:
 # lossless formats: one 8-bit level where the image shrinks, two where it is enlarged (torch's and
 # Pillow's fixed-point rounding). JPEG, decoded at reduced scale in the DCT domain at REDUCING_GAP 2,
 # on 1 to 12 MP photo-like images: measured max 0.142 (a few pixels on sharp edges), mean 0.0037.
-# tests/test_fast_preprocess.py and bench/preprocess.py check both.
+# tests/model/test_fast_preprocess.py and bench/preprocess.py check both.
 FAST_MAX_ABS_DIFF = 0.15
 FAST_MEAN_ABS_DIFF = 0.005
 # A drafted JPEG keeps its shortest edge at least this many times 336, so that the bicubic step that
@@ -301,7 +301,7 @@ def prepare_header(header: Header, *, fast: bool = False, preview: int = 0) -> M
 
 def jpeg_rgb(header: Header) -> np.ndarray | None:
     """The RGB pixels of a YCbCr or greyscale JPEG, decoded by libjpeg-turbo through simplejpeg straight into
-    a numpy array: the pixels Pillow decodes (the same library, IDCT and upsampling; tests/test_imaging.py
+    a numpy array: the pixels Pillow decodes (the same library, IDCT and upsampling; tests/model/test_imaging.py
     pins them equal), at two thirds of the CPU, without Pillow's 4-byte buffer and its copy into numpy, and
     with the GIL let go once instead of at every step. None where Pillow decides as before: another colour
     space (CMYK, YCCK), a size libjpeg reads differently from Pillow, or any file libjpeg warns about (Pillow

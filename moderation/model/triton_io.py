@@ -4,7 +4,7 @@ The contract: IMAGE [n, 336, 336, 3] UINT8 in (the HWC RGB crop of `moderation.m
 normalises it on its own device), SCORE, LABEL and WEIGHTS (what the loaded weights are,
 `moderation.model.identity`) out, and for the explain role (`fakevlm_explain`) EXPLANATION and ANSWER_LABEL too.
 An image is 336 * 336 * 3 = 338,688 bytes on the wire, where the float32 PIXEL_VALUES [3, 336, 336] it replaced
-were 1,354,752 (tests/test_imaging.py holds both figures).
+were 1,354,752 (tests/model/test_imaging.py holds both figures).
 A request that cannot be read gets its own INVALID_ARG error; a batch whose inference fails gets UNAVAILABLE for
 its readable requests; neither touches the other requests.
 Each function takes the model's `triton_python_backend_utils` module (`pb`), which exists only inside

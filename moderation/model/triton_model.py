@@ -3,7 +3,8 @@
 `triton_models/fakevlm` (role verdict) answers SCORE, LABEL and WEIGHTS and never generates;
 `triton_models/fakevlm_explain` (role explain) explains every row. They are separate models so that a
 generation never holds a verdict of the same dynamic batch hostage. Their model.py files only hand this class
-the stub's `triton_python_backend_utils`, which exists only inside Triton (the tests hand in a stand-in).
+the stub's `triton_python_backend_utils`, which exists only inside Triton (the tests and bench/gpu_bls_check.py
+hand in moderation.devkit.pb_utils, a stand-in).
 """
 
 from __future__ import annotations

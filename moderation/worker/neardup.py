@@ -34,7 +34,7 @@ from moderation.worker import metrics, tables
 
 log = logging.getLogger(__name__)
 
-# HMA's confident-match distance for PDQ is 31 of 256 bits. Measured (tests/test_neardup.py): JPEG q70
+# HMA's confident-match distance for PDQ is 31 of 256 bits. Measured (tests/worker/test_neardup.py): JPEG q70
 # copies within 10 bits, 0.75x within 20, 0.5x within 16, 5% crops within 6 of a crop hash; unrelated demo,
 # Pillow-style and synthetic images never closer than 86.
 DEFAULT_MAX_DISTANCE = 31
@@ -43,7 +43,7 @@ MIN_QUALITY = 50  # below this PDQ's own quality the hash is noise (HMA's QUALIT
 # full size; we keep the aspect ratio (measured closer to the full-size hash than its 512x512 squash).
 DOWNSAMPLE_PX = 512
 # PDQ filters (Jarosz) and decimates any image to 64x64 luma, whatever its aspect ratio; a BOX reduction of
-# Pillow's luma to the same square stands in for it (tests/test_neardup.py: within a median 8 bits of PDQ on
+# Pillow's luma to the same square stands in for it (tests/worker/test_neardup.py: within a median 8 bits of PDQ on
 # the full image, copies of a fake no further apart, unrelated pairs no closer), at a fifth of the cost.
 PDQ_PX = 64
 # A reviewed entry this many bits further than the closest model entry still wins: near-duplicates of one

@@ -8,7 +8,7 @@ strategy), then the 2-layer gelu projector. Contract of the production layout (t
     encoder_output  [batch, 576, hidden]   image features in the LLM's embedding space (hidden 4096)
 
 ONNX opset 17, as tensorrtllm_backend's multimodal flow uses. `--verify` runs the exported file with
-onnxruntime on random pixels and compares it with PyTorch (tests/test_onnx_export.py does this on the
+onnxruntime on random pixels and compares it with PyTorch (tests/model/test_onnx_export.py does this on the
 tiny checkpoint). Runs on a CPU; for the production fp16 export of the real weights a GPU is faster
 but not needed (`--dtype float16 --device cuda`).
 

@@ -1,0 +1,1 @@
+"""bench/: the benchmarks run at tiny sizes."""

@@ -1,0 +1,1 @@
+"""moderation.devkit: the embedded local stack, the demo and the synthetic images."""

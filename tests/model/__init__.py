@@ -1,0 +1,1 @@
+"""moderation.model: FakeVLM, imaging, weights identity, the detector backends and the Triton models."""

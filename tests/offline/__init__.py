@@ -1,0 +1,1 @@
+"""moderation.offline: scan, eval, the reports, model check and tail."""

@@ -1,0 +1,1 @@
+"""moderation.review: the review console."""

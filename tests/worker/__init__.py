@@ -1,0 +1,1 @@
+"""moderation.worker: the pipeline, policy, cache, dead letters, storage, banks and hash lists, tracing, metrics."""
