@@ -31,9 +31,10 @@ def banked(label: str, decided_by: str = "review", sha256: str = "ab" * 32) -> B
 
 
 def evidence(
-    provenance: Provenance | None = None, reviewed: BankEntry | None = None, near: BankEntry | None = None
+    provenance: Provenance | None = None, same: BankEntry | None = None, near: BankEntry | None = None
 ) -> Evidence:
-    return Evidence(SHA, IMAGE, provenance, reviewed, (near, 12) if near is not None else None)
+    """`same`: the bank's entry for these very bytes; `near`: a banked image 12 bits away."""
+    return Evidence(SHA, IMAGE, provenance, same, (near, 12) if near is not None else None)
 
 
 def said(score: float, explanation: str | None = None) -> CacheEntry:
@@ -72,7 +73,7 @@ def test_a_reviewers_decision_on_these_bytes_comes_first_and_never_skips_the_mod
 
 
 def test_a_model_flag_in_the_bank_is_not_a_review() -> None:
-    choice = choose(Policy(), evidence(reviewed=banked("fake", "model")), said(0.1))
+    choice = choose(Policy(), evidence(same=banked("fake", "model")), said(0.1))
     assert (choice.label, choice.decided_by) == ("real", "model")
 
 

@@ -27,13 +27,14 @@ _UNSCORED: dict[DecidedBy, ModelInfo] = {
 @dataclass(frozen=True, slots=True)
 class Evidence:
     """What is known of one upload's bytes besides the model's say: their sha256, size, format, PDQ hash and
-    provenance (examined now, or remembered by the cache), the bank's entry for these very bytes, and the
-    nearest banked image within the policy's distance with that distance in bits."""
+    provenance (examined now, or remembered by the cache), the bank's entry for these very bytes (a reviewer's
+    decision decides; a model's flag or an imported hash does not), and the nearest banked image within the
+    policy's distance with that distance in bits."""
 
     image_sha256: str
     image: ImageInfo
     provenance: Provenance | None
-    reviewed: BankEntry | None = None
+    banked: BankEntry | None = None
     nearest: tuple[BankEntry, int] | None = None
 
 
@@ -87,9 +88,9 @@ def choose(policy: Policy, evidence: Evidence, said: CacheEntry | None) -> Choic
 def _without_model(policy: Policy, evidence: Evidence, match: Match | None) -> _Decided | None:
     """The decision when something other than the model makes it, else None; `match` is the nearest banked
     image's, None where only who decides matters."""
-    reviewed, provenance = evidence.reviewed, evidence.provenance
-    if reviewed is not None and reviewed.decided_by == "review":
-        return reviewed.label, DECIDED_ACTION[reviewed.label], "review", _match(reviewed, 0)
+    banked, provenance = evidence.banked, evidence.provenance
+    if banked is not None and banked.decided_by == "review":
+        return banked.label, DECIDED_ACTION[banked.label], "review", _match(banked, 0)
     if provenance is not None and provenance.declares_ai and policy.provenance.declared_ai == "label_fake":
         return "fake", "flag", "provenance", match
     if evidence.nearest is not None and policy.match.enabled and policy.match.apply == "banked_label":
