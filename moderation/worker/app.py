@@ -1,9 +1,11 @@
 """The worker, assembled in this one place, and its Faust topology, top to bottom: uploads -> moderate a
 batch -> verdicts / flagged / dead letters.
 
-`create_app` declares the topics and the agent; `start` opens the clients (`moderation.worker.clients`) and
-builds the pipeline with its policy, cache and decode pool; `moderate_and_publish` is one batch's step;
-`moderation.worker.routing` says where each outcome goes, by the policy that decided it.
+`create_app` wires the topics, the two agents and the health server; `Agents` is what the agents do. The
+uploads agent runs `start` (the clients of `moderation.worker.clients`, the pipeline with its policy, cache
+and decode pool) and then `moderate_and_publish`, one batch's step, where `moderation.worker.routing` says
+where each outcome goes, by the policy that decided it. The decisions agent hands each reviewer's decision
+to `moderation.worker.banking`.
 
 Offsets: the agent takes batches without acking (`noack_take`) and acks an event only after the
 broker acknowledged every outcome published for it, so a committed offset always means a delivered
@@ -28,158 +30,167 @@ import dataclasses
 import functools
 import gc
 import logging
-from collections.abc import AsyncIterator, Callable, Coroutine, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, cast
 
 import faust
 from faust.types import TP, EventT
-from PIL import Image
 
-from moderation.events import DeadLetter, utcnow
 from moderation.model import imaging
 from moderation.model.frames import FrameLimits
 from moderation.settings import Settings
 from moderation.worker import cache, metrics, neardup, provenance, routing, tracing
 from moderation.worker.acks import OrderedAcks
-from moderation.worker.banking import bank_record, hashes_of, letter_record, parse_decision
+from moderation.worker.banking import DecisionBanker
 from moderation.worker.budget import ByteBudget, return_large_frees
 from moderation.worker.clients import Clients
-from moderation.worker.crashonly import crash
+from moderation.worker.crashonly import crash, crash_only, supervised
 from moderation.worker.pipeline import Backoff, Incoming, Pipeline
 from moderation.worker.policies import Policies
 from moderation.worker.transport import faust_credentials, faust_transport
 
 log = logging.getLogger(__name__)
 
-Header = tuple[str, bytes | None]
-
 LOOP_LAG_PROBE_S = 0.05  # how often the loop-lag probe wakes: a stall is measured to within this
 
 
 def create_app(settings: Settings) -> faust.App:
+    """The worker's topology: its topics, the uploads and decisions agents, and the health server."""
     app = faust.App(settings.kafka_consumer_group, **faust_options(settings))
     app.transport = transport = faust_transport(settings, app)
     if settings.fast_preprocess:
         imaging.require_fast_path()
-    clients = Clients(settings)
-    policies = Policies.load(settings)  # an invalid policy file stops the worker here, before it consumes
-    running: list[Running] = []  # once the agent started the worker: readiness reads it
-    acking: list[OrderedAcks] = []  # the agent's, once it runs: /live reads it
+    topics = Topics.of(app, settings)
+    agents = Agents(settings, app, transport.shutdown.left, Policies.load(settings))  # a bad policy file stops it
 
-    def topic(name: str, *, compacting: bool | None = None) -> faust.TopicT:
-        return app.topic(
-            name,
-            key_type=bytes,
-            value_type=bytes,
-            partitions=settings.kafka_topic_partitions,
-            replicas=settings.kafka_replication_factor,
-            config={"min.insync.replicas": str(settings.kafka_min_insync_replicas)},
-            compacting=compacting,
-        )
-
-    uploads, verdicts = topic(settings.topic_uploads), topic(settings.topic_verdicts)
-    flagged, dead_letters = topic(settings.topic_flagged), topic(settings.topic_dlq)
-    review, decisions = topic(settings.topic_review), topic(settings.topic_decisions)
-    cache_topic, bank = topic(settings.topic_cache, compacting=True), topic(settings.topic_bank, compacting=True)
-    explain_requests, explanations = topic(settings.topic_explain_requests), topic(settings.topic_explanations)
-    started = asyncio.Event()  # the clients are open: the uploads agent opens them
-
-    @app.agent(uploads, concurrency=1)
+    @app.agent(topics.uploads, concurrency=1)
     async def moderate_uploads(stream: faust.StreamT[bytes]) -> None:
-        try:
-            await moderate(stream)
-        except asyncio.CancelledError:
-            raise  # the worker is stopping: `moderate` drained what it could
-        except BaseException as exc:  # never Faust's in-process restart on the same stream
-            crash("the uploads agent failed", exc)
+        await crash_only(agents.moderate_uploads(stream, topics.outputs), "the uploads agent failed")
 
-    async def moderate(stream: faust.StreamT[bytes]) -> None:
-        # faust-streaming types noack_take as yielding values; it yields the events, acked by OrderedAcks.
-        batches: AsyncIterator[list[EventT]] = cast(Any, stream).noack_take(
-            settings.batch_size, within=settings.batch_wait_s
-        )
-        for output in (
-            (verdicts, flagged, dead_letters, review, cache_topic, bank, explain_requests, explanations)
-            if settings.kafka_declare_topics
-            else ()
-        ):
-            await output.maybe_declare()
-        worker = await start(settings, clients, policies)
-        running.append(worker)
-        started.set()
-        in_flight = OrderedAcks(
-            stream.ack, settings.max_inflight_batches, on_failure=lambda exc: crash("outcomes not published", exc)
-        )
-        acking.append(in_flight)
-
-        async def handle(events: list[EventT], moderated: Callable[[], None]) -> None:
-            await moderate_and_publish(settings, worker, clients, [incoming(event) for event in events], moderated)
-
-        try:
-            async for events in batches:
-                metrics.EVENTS_IN.inc(len(events))
-                metrics.BATCH_SIZE.observe(len(events))
-                await in_flight.submit(events, functools.partial(handle, events))
-                record_lag(app, events)
-        except asyncio.CancelledError:
-            left = await in_flight.drain(transport.shutdown.left())
-            log.log(
-                logging.WARNING if left else logging.INFO,
-                "stopping: %d events left un-acked after the %.0f s grace (the group re-delivers them)",
-                left,
-                settings.shutdown_grace_s,
-            )
-            await worker.stop()
-            await clients.stop()
-            raise
-
-    @app.agent(decisions, concurrency=1)
+    @app.agent(topics.decisions, concurrency=1)
     async def bank_decisions(stream: faust.StreamT[bytes]) -> None:
-        """Each reviewer decision becomes its image's bank entry, published before the decision is acked."""
-        try:
-            await started.wait()
-            async for event in stream.events():
-                message = incoming(event)
-                decision = parse_decision(message, utcnow())
-                if isinstance(decision, DeadLetter):
-                    await clients.publisher.publish([letter_record(settings, decision, message)])
-                    continue
-                hashes = await hashes_of(decision, clients.store, _decoded_for(settings))
-                if (out := bank_record(settings, decision, hashes)) is not None:
-                    await clients.publisher.publish([out])
-                    metrics.DECISIONS_BANKED.labels(decision.decision).inc()
-        except asyncio.CancelledError:
-            raise
-        except BaseException as exc:
-            crash("the decisions agent failed", exc)
+        await crash_only(agents.bank_decisions(stream), "the decisions agent failed")
 
-    @app.on_partitions_revoked.connect  # type: ignore[arg-type]  # faust's signal typing wants a `signal` kwarg
-    async def forget_lag(sender: Any, revoked: set[TP], **_: Any) -> None:
-        # A partition another worker now owns must not keep reporting this worker's last lag.
-        for tp in revoked:
-            with contextlib.suppress(KeyError):
-                metrics.CONSUMER_LAG.remove(tp.topic, str(tp.partition))
-
-    async def readiness() -> dict[str, bool]:
-        return await clients.readiness() if running else {"started": False}
-
-    def liveness() -> dict[str, bool]:
-        return {"acking": not any(a.stalled(settings.ack_stall_s) for a in acking)}
+    app.on_partitions_revoked.connect(forget_lag)  # type: ignore[arg-type]  # faust's typing wants a `signal` kwarg
 
     if settings.metrics_port:
 
         @app.task
         async def serve_metrics_and_health() -> None:
-            server = metrics.HealthServer(settings.metrics_port, readiness, live=liveness)
-            await server.start()
-            try:
-                await asyncio.Event().wait()  # until the worker stops and cancels this task
-            finally:
-                await server.stop()
+            await serve_health(metrics.HealthServer(settings.metrics_port, agents.readiness, live=agents.liveness))
 
     return app
+
+
+@dataclass(frozen=True)
+class Topics:
+    """The worker's topics, raw bytes both ways: the two its agents consume, and those it publishes to, which
+    the uploads agent declares as it starts (MODERATION_KAFKA_DECLARE_TOPICS)."""
+
+    uploads: faust.TopicT
+    decisions: faust.TopicT
+    outputs: tuple[faust.TopicT, ...]
+
+    @classmethod
+    def of(cls, app: faust.App, settings: Settings) -> Topics:
+        s = settings
+        outputs = [_topic(app, s, name) for name in (s.topic_verdicts, s.topic_flagged, s.topic_dlq, s.topic_review)]
+        outputs += [_topic(app, s, name, compacting=True) for name in (s.topic_cache, s.topic_bank)]
+        outputs += [_topic(app, s, name) for name in (s.topic_explain_requests, s.topic_explanations)]
+        return cls(_topic(app, s, s.topic_uploads), _topic(app, s, s.topic_decisions), tuple(outputs))
+
+
+def _topic(app: faust.App, settings: Settings, name: str, *, compacting: bool | None = None) -> faust.TopicT:
+    return app.topic(
+        name,
+        key_type=bytes,
+        value_type=bytes,
+        partitions=settings.kafka_topic_partitions,
+        replicas=settings.kafka_replication_factor,
+        config={"min.insync.replicas": str(settings.kafka_min_insync_replicas)},
+        compacting=compacting,
+    )
+
+
+class Agents:
+    """What the worker's two agents do, and what they share. The uploads agent opens the clients and starts the
+    pipeline, then moderates batch after batch, each acked in order once its outcomes are published; the
+    decisions agent waits for the clients, then banks each reviewer's decision (`DecisionBanker`). Readiness
+    and liveness read how the uploads agent is doing."""
+
+    def __init__(self, settings: Settings, app: faust.App, grace_left: Callable[[], float], policies: Policies) -> None:
+        self.settings, self.app, self.policies = settings, app, policies
+        self.grace_left = grace_left  # seconds of MODERATION_SHUTDOWN_GRACE_S left, once the shutdown began
+        self.clients = Clients(settings)
+        self.banker = DecisionBanker(settings, self.clients.store, self.clients.publisher)
+        self.started = asyncio.Event()  # the clients are open and the pipeline is built
+        self.running: Running | None = None
+        self.acks: OrderedAcks | None = None
+
+    async def moderate_uploads(self, stream: faust.StreamT[bytes], outputs: Sequence[faust.TopicT]) -> None:
+        s = self.settings
+        # faust-streaming types noack_take as yielding values; it yields the events, acked by OrderedAcks.
+        batches: AsyncIterator[list[EventT]] = cast(Any, stream).noack_take(s.batch_size, within=s.batch_wait_s)
+        for output in outputs if s.kafka_declare_topics else ():
+            await output.maybe_declare()
+        self.running = worker = await start(s, self.clients, self.policies)
+        self.started.set()
+        self.acks = in_flight = OrderedAcks(stream.ack, s.max_inflight_batches, on_failure=_unpublished)
+        try:
+            async for events in batches:
+                metrics.EVENTS_IN.inc(len(events))
+                metrics.BATCH_SIZE.observe(len(events))
+                await in_flight.submit(events, functools.partial(self._moderate, worker, events))
+                record_lag(self.app, events)
+        except asyncio.CancelledError:
+            left = await in_flight.drain(self.grace_left())
+            log.log(
+                logging.WARNING if left else logging.INFO,
+                "stopping: %d events left un-acked after the %.0f s grace (the group re-delivers them)",
+                left,
+                s.shutdown_grace_s,
+            )
+            await worker.stop()
+            await self.clients.stop()
+            raise
+
+    async def _moderate(self, worker: Running, events: list[EventT], moderated: Callable[[], None]) -> None:
+        messages = [incoming(event) for event in events]
+        await moderate_and_publish(self.settings, worker, self.clients, messages, moderated)
+
+    async def bank_decisions(self, stream: faust.StreamT[bytes]) -> None:
+        """Each reviewer decision becomes its image's bank entry, published before the decision is acked."""
+        await self.started.wait()
+        async for event in stream.events():
+            await self.banker.take(incoming(event))
+
+    async def readiness(self) -> dict[str, bool]:
+        return await self.clients.readiness() if self.running is not None else {"started": False}
+
+    def liveness(self) -> dict[str, bool]:
+        return {"acking": self.acks is None or not self.acks.stalled(self.settings.ack_stall_s)}
+
+
+def _unpublished(exc: BaseException) -> None:
+    crash("outcomes not published", exc)
+
+
+async def serve_health(server: metrics.HealthServer) -> None:
+    """/metrics, /live and /ready until the worker stops and cancels the task."""
+    await server.start()
+    try:
+        await asyncio.Event().wait()
+    finally:
+        await server.stop()
+
+
+async def forget_lag(sender: Any, revoked: set[TP], **_: Any) -> None:
+    """A partition another worker now owns must not keep reporting this worker's last lag."""
+    for tp in revoked:
+        with contextlib.suppress(KeyError):
+            metrics.CONSUMER_LAG.remove(tp.topic, str(tp.partition))
 
 
 async def moderate_and_publish(
@@ -253,7 +264,7 @@ async def start(settings: Settings, clients: Clients, policies: Policies) -> Run
         worker.tasks.append(await cache.load(pipeline.cache, s, clients.partitions))
     assert pipeline.bank is not None
     worker.tasks.append(await neardup.load(pipeline.bank, s, clients.partitions))
-    worker.tasks.append(_supervised(policies.watch(s.policy_reload_s), "policy-reload"))
+    worker.tasks.append(supervised(policies.watch(s.policy_reload_s), "policy-reload"))
     # Start-up's objects (some 240,000, torch's and botocore's) live as long as the worker: out of the
     # collector's reach, a full collection no longer walks them and stalls the loop 130 ms.
     gc.collect()
@@ -262,24 +273,6 @@ async def start(settings: Settings, clients: Clients, policies: Policies) -> Run
     # the GIL in a decode thread) come before the first event and are not counted.
     worker.tasks.append(asyncio.create_task(metrics.watch_loop_lag(LOOP_LAG_PROBE_S), name="loop-lag-probe"))
     return worker
-
-
-def _decoded_for(settings: Settings) -> Callable[[bytes], Image.Image]:
-    """Decode an image under the worker's own limits (formats, pixel cap, structure budgets)."""
-    formats = imaging.readable(settings.image_formats)
-    return lambda data: imaging.decode(data, max_pixels=settings.max_image_pixels, formats=formats).image
-
-
-def _supervised(work: Coroutine[Any, Any, None], name: str) -> asyncio.Task[None]:
-    """A background task whose unexpected failure ends the worker (crash-only), as a failing agent would."""
-
-    def done(task: asyncio.Task[None]) -> None:
-        if not task.cancelled() and (exc := task.exception()) is not None:
-            crash(f"the {name} task failed", exc)
-
-    task = asyncio.create_task(work, name=name)
-    task.add_done_callback(done)
-    return task
 
 
 def record_lag(app: faust.App, events: list[EventT]) -> None:

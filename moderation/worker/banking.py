@@ -1,10 +1,12 @@
 """Reviewer decisions -> the near-duplicate bank. A decision about an image becomes that image's bank entry
 (keyed by its sha256 on the compacted bank topic): every worker follows the bank, so the decision overrides
-the verdict for these bytes and decides near-duplicates of them. `escalate` decides nothing."""
+the verdict for these bytes and decides near-duplicates of them. `escalate` decides nothing. `DecisionBanker`
+is the decisions agent's work, one record at a time."""
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
 import logging
 from collections.abc import Callable
@@ -15,10 +17,11 @@ from PIL import Image
 from pydantic import ValidationError
 
 from moderation.adapters.deadletters import dead_letter_headers
-from moderation.adapters.publisher import Record
+from moderation.adapters.publisher import Publisher, Record
 from moderation.adapters.s3 import ImageStore
 from moderation.errors import Reason, Rejected
-from moderation.events import BankEntry, DeadLetter, Decision, Label, event_id_of
+from moderation.events import BankEntry, DeadLetter, Decision, Label, event_id_of, utcnow
+from moderation.model import imaging
 from moderation.settings import Settings
 from moderation.worker import metrics
 from moderation.worker.neardup import bank_key, crop_hashes, dihedral_hashes
@@ -35,6 +38,29 @@ class ImageHashes:
 
     crops: list[str] = field(default_factory=list)
     dihedral: list[str] = field(default_factory=list)
+
+
+class DecisionBanker:
+    """Each record of the decisions topic in turn: a reviewer's decision becomes its image's bank entry, a
+    record that is not a decision a dead letter; either is published before `take` returns, so before the
+    record is acked."""
+
+    def __init__(self, settings: Settings, store: ImageStore, publisher: Publisher) -> None:
+        self.settings, self.store, self.publisher = settings, store, publisher
+        # The decided image is decoded under the worker's own limits (formats, pixel cap, structure budgets).
+        self._decode = functools.partial(
+            _decoded, max_pixels=settings.max_image_pixels, formats=imaging.readable(settings.image_formats)
+        )
+
+    async def take(self, message: Incoming) -> None:
+        decision = parse_decision(message, utcnow())
+        if isinstance(decision, DeadLetter):
+            await self.publisher.publish([letter_record(self.settings, decision, message)])
+            return
+        hashes = await hashes_of(decision, self.store, self._decode)
+        if (out := bank_record(self.settings, decision, hashes)) is not None:
+            await self.publisher.publish([out])
+            metrics.DECISIONS_BANKED.labels(decision.decision).inc()
 
 
 def parse_decision(message: Incoming, now: datetime) -> Decision | DeadLetter:
@@ -92,6 +118,10 @@ async def hashes_of(decision: Decision, store: ImageStore, examine: Callable[[by
     except Rejected as exc:
         log.warning("decision %s banked without crop hashes: %s", decision.event_id, exc.detail)
         return ImageHashes()
+
+
+def _decoded(data: bytes, *, max_pixels: int, formats: tuple[str, ...]) -> Image.Image:
+    return imaging.decode(data, max_pixels=max_pixels, formats=formats).image
 
 
 def _hashes(image: Image.Image) -> ImageHashes:

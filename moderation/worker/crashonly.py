@@ -9,10 +9,12 @@ everything after the last committed offset, which only ever covers published out
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import sys
 import threading
+from collections.abc import Awaitable, Coroutine
 from typing import Any, NoReturn
 
 import faust
@@ -34,6 +36,29 @@ def crash(what: str, exc: BaseException | None = None) -> NoReturn:
         exc_info=exc,
     )
     _exit(EXIT_CRASHED)
+
+
+async def crash_only(work: Awaitable[None], what: str) -> None:
+    """An agent's work: cancelled, it stops (the worker is stopping, and `work` drained what it could); failed,
+    the process ends, never Faust's in-process restart on the same stream."""
+    try:
+        await work
+    except asyncio.CancelledError:
+        raise
+    except BaseException as exc:
+        crash(what, exc)
+
+
+def supervised(work: Coroutine[Any, Any, None], name: str) -> asyncio.Task[None]:
+    """A background task whose unexpected failure ends the worker, as a failing agent would."""
+
+    def done(task: asyncio.Task[None]) -> None:
+        if not task.cancelled() and (exc := task.exception()) is not None:
+            crash(f"the {name} task failed", exc)
+
+    task = asyncio.create_task(work, name=name)
+    task.add_done_callback(done)
+    return task
 
 
 def _exit(code: int) -> NoReturn:

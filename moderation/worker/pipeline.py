@@ -1,7 +1,9 @@
 """Moderate a batch of raw upload messages: pure orchestration over narrow interfaces, no Faust, no boto.
 
 Every message yields exactly one outcome, a Verdict or a DeadLetter; nothing here raises, so one
-bad upload can never take the batch, or the worker, down with it.
+bad upload can never take the batch, or the worker, down with it. Here is the I/O of each upload (fetch,
+examine, the cache, the bank's lookups, the detector); what its verdict says is the worker's choice
+(`labelling.choose`), made once per upload from what that I/O found.
 """
 
 from __future__ import annotations
@@ -29,8 +31,6 @@ from moderation.events import (
     CacheEntry,
     DeadLetter,
     ImageInfo,
-    Match,
-    ModelInfo,
     Provenance,
     Timings,
     UploadEvent,
@@ -79,7 +79,6 @@ INLINE_MAX_PIXELS = CROP_SIZE * CROP_SIZE
 INLINE_MAX_BYTES = 64 * 1024
 # base64 makes this 683 KiB: with the other fields a dead letter stays under Kafka's default 1 MB message cap.
 MAX_DEAD_LETTER_PAYLOAD = 512 * 1024
-UNSCORED_MODEL = "none"  # ModelInfo.name of a verdict the policy let be decided without the model
 
 
 @dataclass(frozen=True)
@@ -206,17 +205,14 @@ class Pipeline:
         with tracing.span_in(trace, "decode"):
             examined = await self._examine(data, self._frames(policy))
         decoded = time.perf_counter()
-        decided, match = self._evidence(digest, examined.image, examined.provenance, policy)
-        if labelling.skips_model(policy, decided):
-            entry = _unscored(digest, examined, decided, self.clock())
-        else:
-            entry = await self._detect(digest, examined, trace)
-        decided = decided or labelling.by_model(policy, entry.score, entry.label, match)
-        return self._verdict(event, entry, policy, decided, cached=False, timings=_timings(started, fetched, decoded))
+        evidence = self._evidence(digest, examined.image, examined.provenance, policy)
+        said = await self._score(digest, examined, trace) if labelling.needs_model(policy, evidence) else None
+        return self._verdict(event, policy, evidence, said, cached=False, timings=_timings(started, fetched, decoded))
 
-    async def _detect(self, digest: str, examined: Examined, trace: Context | None) -> CacheEntry:
-        """Every frame judged at once (concurrent requests: one batch for the detector); the highest P(fake)
-        is the image's, and its frame is named when the image has more than one."""
+    async def _score(self, digest: str, examined: Examined, trace: Context | None) -> CacheEntry:
+        """What the model says about the examined image, remembered in the cache for the same bytes: every
+        frame judged at once (concurrent requests: one batch for the detector); the highest P(fake) is the
+        image's, and its frame is named when the image has more than one."""
         with metrics.INFLIGHT.track_inprogress(), tracing.span_in(trace, "inference", SpanKind.CLIENT):
             if len(examined.frames) == 1:  # a still image: no task to schedule, as before frames were judged
                 detections = [await self.detector.detect(examined.frames[0].pixels)]
@@ -272,61 +268,59 @@ class Pipeline:
 
     def _evidence(
         self, sha256: str, image: ImageInfo, provenance: Provenance | None, policy: Policy
-    ) -> tuple[labelling.Decided | None, Match | None]:
-        """What decides without the model, if anything, and the nearest banked image: one bank lookup each."""
-        match = self._match(image, policy)
-        reviewed = self.bank.by_sha256(sha256) if self.bank is not None else None
-        return labelling.without_model(policy, provenance, reviewed, match), match
+    ) -> labelling.Evidence:
+        """The image as examined (or cached) and what the bank knows of it: one lookup by its sha256, one by its
+        PDQ hash when the policy matches near-duplicates and the hash is good enough."""
+        if self.bank is None:
+            return labelling.Evidence(sha256, image, provenance)
+        rule, nearest = policy.match, None
+        if rule.enabled and image.pdq is not None and (image.pdq_quality or 0) >= rule.min_quality:
+            nearest = self.bank.nearest(image.pdq, rule.max_distance, rule.min_quality, quality=image.pdq_quality or 0)
+        return labelling.Evidence(sha256, image, provenance, self.bank.by_sha256(sha256), nearest)
 
     def _from_cache(self, event: UploadEvent, hit: CacheEntry, policy: Policy, timings: Timings) -> Judged:
-        decided, match = self._evidence(hit.image_sha256, hit.image, hit.provenance, policy)
-        decided = decided or labelling.by_model(policy, hit.score, hit.label, match)
-        return self._verdict(event, hit, policy, decided, cached=True, timings=timings)
-
-    def _match(self, image: ImageInfo, policy: Policy) -> Match | None:
-        """The nearest banked image within the policy's distance, when matching is on and the hash is good."""
-        rule = policy.match
-        if self.bank is None or not rule.enabled or image.pdq is None or (image.pdq_quality or 0) < rule.min_quality:
-            return None
-        found = self.bank.nearest(image.pdq, rule.max_distance, rule.min_quality, quality=image.pdq_quality or 0)
-        return labelling.as_match(*found) if found is not None else None
+        evidence = self._evidence(hit.image_sha256, hit.image, hit.provenance, policy)
+        return self._verdict(event, policy, evidence, hit, cached=True, timings=timings)
 
     def _verdict(
         self,
         event: UploadEvent,
-        entry: CacheEntry,
         policy: Policy,
-        decided: labelling.Decided,
+        evidence: labelling.Evidence,
+        said: CacheEntry | None,
         *,
         cached: bool,
         timings: Timings,
     ) -> Judged:
+        """The upload's verdict, by the worker's choice from its evidence and what the model said (None: not
+        asked), with the policy that made the choice."""
+        choice = labelling.choose(policy, evidence, said)
         verdict = Verdict(
             event_id=event.event_id,
             bucket=event.bucket,
             key=event.key,
             tenant=event.tenant,
-            image_sha256=entry.image_sha256,
-            label=decided.label,
-            score=entry.score,
-            frame=entry.frame,
-            action=decided.action,
-            explanation=entry.explanation,
-            answer_label=entry.answer_label,
-            explanation_requested=wants_explanation(entry, policy),
-            model=entry.model,
+            image_sha256=evidence.image_sha256,
+            label=choice.label,
+            score=choice.score,
+            frame=choice.frame,
+            action=choice.action,
+            explanation=choice.explanation,
+            answer_label=choice.answer_label,
+            explanation_requested=choice.explanation_requested,
+            model=choice.model,
             cached=cached,
-            image=entry.image,
+            image=evidence.image,
             timings=timings,
             uploaded_at=event.uploaded_at,
             decided_at=self.clock(),
             attributes=event.attributes,
-            decided_by=decided.decided_by,
-            provenance=entry.provenance,
-            match=decided.match,
-            policy_version=policy.version,
+            decided_by=choice.decided_by,
+            provenance=evidence.provenance,
+            match=choice.match,
+            policy_version=choice.policy.version,
         )
-        return Judged(verdict, policy)
+        return Judged(verdict, choice.policy)
 
     def _dead_letter(
         self, message: Incoming, event: UploadEvent | None, exc: Rejected, first: datetime | None
@@ -368,33 +362,11 @@ def _log_outcome(outcome: Outcome, message: Incoming) -> None:
         log.debug("verdict %s %.3f %s", outcome.label, outcome.score, outcome.action, extra=context)
 
 
-def wants_explanation(entry: CacheEntry, policy: Policy) -> bool:
-    """The policy's explain band, for what a model said (an image decided without one has nothing to explain)
-    and only while the text is not known yet (a cache hit may carry it)."""
-    return entry.model.name != UNSCORED_MODEL and entry.explanation is None and entry.score >= policy.explain_above
-
-
 def checked_sha256(data: bytes, expected: str | None) -> str:
     digest = hashlib.sha256(data).hexdigest()
     if expected is not None and digest != expected:
         raise Rejected(Reason.CHECKSUM_MISMATCH, f"object sha256 is {digest}, the event says {expected}")
     return digest
-
-
-def _unscored(digest: str, examined: Examined, decided: labelling.Decided | None, now: datetime) -> CacheEntry:
-    """The entry of an image the policy let be decided without the model: its score is the decision (1 or 0),
-    and the model named is none. Never cached: the cache holds what a model said."""
-    assert decided is not None
-    return CacheEntry(
-        image_sha256=digest,
-        label=decided.label,
-        score=1.0 if decided.label == "fake" else 0.0,
-        explanation=None,
-        model=ModelInfo(name=UNSCORED_MODEL, version=f"not run: decided by {decided.decided_by}"),
-        image=examined.image,
-        decided_at=now,
-        provenance=examined.provenance,
-    )
 
 
 def _timings(started: float, fetched: float | None = None, decoded: float | None = None) -> Timings:

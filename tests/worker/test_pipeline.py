@@ -131,23 +131,27 @@ async def test_an_oversized_message_is_dead_lettered_with_its_start_so_the_broke
 
 async def test_what_is_routed_and_banked_follows_the_policy_that_judged_across_a_reload(tmp_path) -> None:  # type: ignore[no-untyped-def]
     """The policy file is reloaded between judging an upload and publishing its outcome: the verdict's
-    policy_version, its routing and its banking all follow the policy that decided it (the publisher used to
-    ask for the tenant's policy again, and could bank a model flag under a policy that says not to)."""
+    policy_version, its action, the explanation it asks for, its routing and its banking all follow the policy
+    that made the worker's choice (the publisher used to ask for the tenant's policy again, and could bank a
+    model flag under a policy that says not to)."""
     from moderation.settings import Settings
     from moderation.worker.routing import records
 
     path = tmp_path / "policy.yaml"
 
-    def write(version: str, banks: str) -> None:
-        path.write_text(f'version: "{version}"\ndefault:\n  match:\n    bank_model_flags: {banks}\n')
+    def write(version: str, banks: str, threshold: float) -> None:
+        path.write_text(
+            f'version: "{version}"\ndefault:\n  review_threshold: {threshold}\n  flag_threshold: {threshold}\n'
+            f"  explain_above: {threshold}\n  match:\n    bank_model_flags: {banks}\n"
+        )
 
-    write("banks", "true")
+    write("banks", "true", 0.8)
     settings = Settings()
     policies = Policies.from_file(path, settings)
 
     class Reloading(FixedDetector):
         async def detect(self, crop: np.ndarray) -> Detection:
-            write("does-not-bank", "false")
+            write("does-not-bank", "false", 0.99)
             assert policies.reload()
             return await super().detect(crop)
 
@@ -156,5 +160,7 @@ async def test_what_is_routed_and_banked_follows_the_policy_that_judged_across_a
     verdict = judged.outcome
     assert policies.default.version == "does-not-bank"
     assert isinstance(verdict, Verdict) and verdict.action == "flag" and verdict.decided_by == "model"
+    assert verdict.explanation_requested  # by the judging policy's band; the reloaded one's starts at 0.99
     assert judged.policy is not None and verdict.policy_version == judged.policy.version == "banks"
-    assert settings.topic_bank in [r.topic for r in records(settings, judged, message(event("e1")))]
+    routed, s = {r.topic for r in records(settings, judged, message(event("e1")))}, settings
+    assert {s.topic_verdicts, s.topic_flagged, s.topic_review, s.topic_explain_requests, s.topic_bank} <= routed
