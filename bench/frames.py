@@ -22,11 +22,11 @@ import io
 import json
 import platform
 import statistics
-import time
 from collections.abc import Callable
 
 import numpy as np
 from PIL import Image, ImageFile
+from provenance import median_ms  # a sibling script, not a package
 
 from moderation.devkit import animations
 from moderation.devkit.samples import draw_image, encode
@@ -38,15 +38,6 @@ from moderation.worker.examine import examine
 CAP = 50_000_000
 FRAMES = 8
 EIGHT = FrameLimits(judged=FRAMES, decodes=CAPS.decodes)
-
-
-def median_ms(fn: Callable[[], object], repeat: int) -> float:
-    timings = []
-    for _ in range(repeat):
-        started = time.perf_counter()
-        fn()
-        timings.append((time.perf_counter() - started) * 1000)
-    return statistics.median(timings)
 
 
 def paired(one: Callable[[], object], many: Callable[[], object], repeat: int) -> tuple[float, float]:
