@@ -83,8 +83,9 @@ def float_tiff(size: tuple[int, int]) -> bytes:
 
 
 def animated_gif(size: tuple[int, int], frames: int) -> bytes:
-    """An animated GIF of `frames` full-size frames (flat colours, so small however large)."""
-    pictures = [Image.new("P", size, index * 7 % 256) for index in range(frames)]
+    """An animated GIF of `frames` full-size frames (flat greys, so small however large; each frame a grey of its
+    own, as Pillow merges identical frames into one)."""
+    pictures = [Image.new("L", size, index * 61 % 256) for index in range(frames)]
     return save(pictures[0], "GIF", save_all=True, append_images=pictures[1:], duration=100, loop=0)
 
 
