@@ -40,7 +40,8 @@ class Received:
     timestamp_ms: int = 0
 
     @classmethod
-    def of(cls, record: ConsumerRecord[Any, Any]) -> Self:
+    def of(cls, record: ConsumerRecord[Any, Any], **more: Any) -> Self:
+        """The consumed record, with what a subclass adds (`more`)."""
         return cls(
             record.value,
             record.topic,
@@ -49,6 +50,7 @@ class Received:
             record.key,
             tuple(record.headers or ()),
             record.timestamp,
+            **more,
         )
 
     @property
@@ -146,3 +148,20 @@ async def read_range(
             yield [r for r in records if r.offset < stop[tp]]
         pending = [tp for tp in pending if await consumer.position(tp) < stop[tp]]
         consumer.pause(*(tp for tp in consumer.assignment() if tp not in pending))
+
+
+async def read_to_end(settings: Settings, topic: str) -> AsyncIterator[list[ConsumerRecord[Any, Any]]]:
+    """Every record of `topic` from its beginning to its end as it is now, a partition's run at a time, without a
+    consumer group; nothing for a topic that does not exist (yet)."""
+    consumer = reader(settings)
+    await consumer.start()
+    try:
+        try:
+            tps = await partitions(consumer, topic)
+        except UnknownTopic:
+            return
+        start, stop = await consumer.beginning_offsets(tps), await high_watermarks(consumer, tps)
+        async for records in read_range(consumer, start, stop):
+            yield records
+    finally:
+        await consumer.stop()

@@ -64,7 +64,7 @@ def parse(record: ConsumerRecord[Any, Any]) -> Stored:
             letter, problem = None, f"not a dead letter: {_first_error(exc)}"
         except (binascii.Error, ValueError) as exc:
             letter, problem = None, f"payload_base64 is not base64: {exc}"
-    return Stored(**vars(Received.of(record)), letter=letter, problem=problem)
+    return Stored.of(record, letter=letter, problem=problem)
 
 
 def _first_error(exc: ValidationError) -> str:

@@ -9,12 +9,10 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Any
 
-from aiokafka import ConsumerRecord
 from pydantic import BaseModel, ValidationError, computed_field
 
-from moderation.adapters.kafka import UnknownTopic, high_watermarks, partitions, read_range, reader
+from moderation.adapters.kafka import read_to_end
 from moderation.events import Decision
 from moderation.settings import Settings
 
@@ -109,17 +107,7 @@ def read_file(path: Path) -> tuple[list[Decision], int]:
 
 async def read_topic(settings: Settings) -> tuple[list[Decision], int]:
     """Every decision on MODERATION_TOPIC_DECISIONS up to its end now (no consumer group, nothing committed)."""
-    consumer = reader(settings)
-    await consumer.start()
-    records: list[ConsumerRecord[Any, Any]] = []
-    try:
-        tps = await partitions(consumer, settings.topic_decisions)
-        start, stop = await consumer.beginning_offsets(tps), await high_watermarks(consumer, tps)
-        records = [r async for batch in read_range(consumer, start, stop) for r in batch]
-    except UnknownTopic:
-        pass  # no decisions yet
-    finally:
-        await consumer.stop()
+    records = [r async for batch in read_to_end(settings, settings.topic_decisions) for r in batch]
     decisions, bad = [], 0
     for record in sorted(records, key=lambda r: r.timestamp):  # a later decision about an event replaces it
         try:

@@ -62,7 +62,7 @@ def read(record: ConsumerRecord[Any, Any]) -> Tailed:
             data = None
     data = data if isinstance(data, dict) else None
     kind = "null" if value is None else "raw" if data is None else _kind(data)
-    return Tailed(**vars(Received.of(record)), kind=kind, data=data)
+    return Tailed.of(record, kind=kind, data=data)
 
 
 def _kind(data: dict[str, Any]) -> str:

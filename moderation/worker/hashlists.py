@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from enum import StrEnum
 
-from moderation.adapters.kafka import UnknownTopic, high_watermarks, partitions, read_range, reader
+from moderation.adapters.kafka import read_to_end
 from moderation.adapters.publisher import Publisher, Record
 from moderation.errors import ModerationError
 from moderation.events import PDQ_PATTERN, BankEntry, Label
@@ -135,18 +135,9 @@ def bank_entry(listed: Listed, now: datetime) -> BankEntry:
 async def read_bank(settings: Settings) -> HashBank:
     """The bank as a worker holds it after reading the whole topic (tombstones and ranks applied)."""
     bank = HashBank()
-    consumer = reader(settings)
-    await consumer.start()
-    try:
-        tps = await partitions(consumer, settings.topic_bank)
-        start, stop = await consumer.beginning_offsets(tps), await high_watermarks(consumer, tps)
-        async for records in read_range(consumer, start, stop):
-            for record in records:
-                put_record(bank, record.key, record.value)
-    except UnknownTopic:
-        pass  # nothing banked yet
-    finally:
-        await consumer.stop()
+    async for records in read_to_end(settings, settings.topic_bank):
+        for record in records:
+            put_record(bank, record.key, record.value)
     return bank
 
 
